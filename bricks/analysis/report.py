@@ -33,7 +33,8 @@ report.json schema (version 1)::
       "ablation": {                      # absent with a single domain
         "fraction": 0.05, "domains": [...], "baseline": [ppl per domain],
         "ablated_ppl": [[ablated][evaluated]], "relative_change": [[ablated][evaluated]],
-        "diagonal_dominates": true
+        "diagonal_dominates": true,      # every row's largest change is on its own domain
+        "min_diagonal_margin": 2.6       # smallest ratio own-domain change / largest other change
       },
       "coactivation": {"k": 16, "per_layer": [{"modularity", "communities", "largest"}], "mean_modularity": ..}
     }
@@ -145,7 +146,11 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         abl = ablation_matrix(model, scores, [d.windows for d in heldout], names, cfg.ablate_fraction,
                               cfg.batch_size, baseline=dense_per_domain)
         rc = abl["relative_change"]
-        abl["diagonal_dominates"] = all(rc[k][k] > max(rc[j][k] for j in range(len(names)) if j != k) for k in range(len(names)))
+        others = lambda k: [rc[k][j] for j in range(len(names)) if j != k]  # noqa: E731
+        # Zeroing a domain's top neurons hurts that domain more than any other domain.
+        abl["diagonal_dominates"] = all(rc[k][k] > max(others(k)) for k in range(len(names)))
+        # How much more, at worst: own-domain change over the largest other-domain change.
+        abl["min_diagonal_margin"] = min(rc[k][k] / max(max(others(k)), 1e-9) for k in range(len(names)))
         report["ablation"] = abl
     else:
         report["specialization"] = None

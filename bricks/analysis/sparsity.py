@@ -93,8 +93,8 @@ def threshold_hook(eps: torch.Tensor, down_norms: torch.Tensor, counter: dict | 
     def fn(i, a):
         keep = a.abs() * down_norms[i].to(a.device, a.dtype) >= eps[i]
         if counter is not None:
-            counter["active"][i] += float(keep.float().mean()) * a.shape[0] * a.shape[1]
-            counter["tokens"][i] += a.shape[0] * a.shape[1]
+            counter["active"][i] += float(keep.sum()) / a.shape[-1]
+            counter["tokens"][i] += a.numel() / a.shape[-1]
         return a * keep
     return fn
 
@@ -114,6 +114,31 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=No
             nll += torch.tensor([float(loss), target.numel()], dtype=torch.float64)
     all_reduce_(nll)
     return math.exp(nll[0] / nll[1])
+
+
+def _next_cett(tried: list[tuple[float, float]], target: float) -> float:
+    """Next CETT to try, from a power-law fit of perplexity increase against CETT.
+
+    For small perturbations the loss increase is about quadratic in the relative
+    output error, so increase ~ k * CETT^b with b near 2; with two or more
+    points b is fitted from the two closest to the target, and the step is
+    kept inside the bracket of points already known to lie on either side.
+    """
+    pos = [(c, i) for c, i in tried if i > 0]
+    if len(pos) >= 2:
+        (c1, i1), (c2, i2) = sorted(pos, key=lambda t: abs(math.log(t[1] / target)))[:2]
+        b = math.log(i2 / i1) / math.log(c2 / c1) if c1 != c2 and i1 != i2 else 2.0
+        b = min(max(b, 0.5), 6.0)
+    else:
+        b = 2.0
+    c0, i0 = min(pos, key=lambda t: abs(math.log(t[1] / target))) if pos else (tried[-1][0], 0.0)
+    guess = c0 * (target / i0) ** (1 / b) if i0 > 0 else c0 * 2
+    below = [c for c, i in tried if i < target]
+    above = [c for c, i in tried if i > target]
+    lo, hi = (max(below) if below else 0.0), (min(above) if above else 1.0)
+    if not lo < guess < hi:
+        guess = (lo + hi) / 2
+    return guess
 
 
 class _null:
@@ -161,23 +186,24 @@ def cett_ppl_search(model: nn.Module, calib_acts: list[torch.Tensor], eval_ids: 
     if ppl_dense is None:
         ppl_dense = perplexity(model, eval_ids, batch_size)
     target = p / 100
-    lo, hi = 0.0, min(float(c.cett[-1]) for c in curves)
     history: list[dict] = []
     best = None
-    cett = 0.2 if hi > 0.2 else hi / 2  # typical CETT-PPL-1% values are 0.1-0.3
+    tried: list[tuple[float, float]] = []  # (cett, increase)
+    cett = 0.15  # typical CETT-PPL-1% values are 0.1-0.3
     for _ in progress(range(max_steps), "CETT-PPL search"):
         eps = torch.tensor([c.eps_for(cett) for c in curves])
-        counter = {"active": [0.0] * len(blocks), "tokens": [0] * len(blocks)}
+        counter = {"active": torch.zeros(len(blocks), dtype=torch.float64), "tokens": torch.zeros(len(blocks), dtype=torch.float64)}
         ppl = perplexity(model, eval_ids, batch_size, threshold_hook(eps, down_norms, counter))
-        ratio = [a / max(t, 1) for a, t in zip(counter["active"], counter["tokens"])]
+        all_reduce_(counter["active"]), all_reduce_(counter["tokens"])
+        ratio = (counter["active"] / counter["tokens"].clamp(min=1)).tolist()
         inc = ppl / ppl_dense - 1
         history.append({"cett": cett, "ppl": ppl, "increase": inc, "mean_activation_ratio": sum(ratio) / len(ratio)})
         if best is None or abs(inc - target) < abs(best[1] - target):
             best = (cett, inc, eps, ratio, ppl)
         if abs(inc - target) <= tolerance * target:
             break
-        lo, hi = (cett, hi) if inc < target else (lo, cett)
-        cett = (lo + hi) / 2
+        tried.append((cett, inc))
+        cett = _next_cett(tried, target)
     cett, inc, eps, ratio, ppl = best
     result = CETTResult(target, cett, eps.tolist(), ratio, ppl_dense, ppl, history)
     return result, curves
