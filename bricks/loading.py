@@ -137,6 +137,9 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(spec)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading a local checkpoint takes a second: no bar needed
     torch_dtype = parse_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,106 @@
+"""The command line on tiny models: outputs, JSON, one-line errors, no partial output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import bricks
+from bricks.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result):
+    assert result.exit_code != 0
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("info", "analyze", "partition"):
+        assert cmd in r.output
+
+
+def test_info_json(tiny_dirs):
+    r = run("info", tiny_dirs["phi3"], "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["model_type"] == "phi3" and data["ffn"]["gated"] and data["d_ff"] == 64
+
+
+def test_analyze_tiny(llama_dir, tmp_path):
+    out = tmp_path / "a"
+    r = run("analyze", llama_dir, "--data", "code=builtin:code", "--data", "math=builtin:math", "--out", out,
+            "--windows", 6, "--eval-windows", 2, "--seq-len", 32, "--calib-tokens", 64, "--ppl-increase", 5, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(r.stdout)["sparsity"]["cett"] == report["sparsity"]["cett"]
+    assert len(report["sparsity"]["activation_ratio"]) == 2
+    assert set(report["specialization"]["per_domain"]) == {"code", "math"}
+    assert len(report["ablation"]["relative_change"]) == 2
+    for png in ("sparsity", "specialization", "ablation", "modularity"):
+        assert (out / f"{png}.png").stat().st_size > 1000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_partition_cli(llama_dir, tmp_path):
+    out = tmp_path / "bs"
+    r = run("partition", llama_dir, "--method", "coactivation", "--bricks", 4, "--shared", 0.125,
+            "--data", "code=builtin:code", "--windows", 4, "--seq-len", 32, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    bs = bricks.BrickSet.load(out)
+    assert bs.n_bricks(0) == 5 and bs.shared[0] == 4
+    assert json.loads(r.stdout)["bricks_per_layer"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["partition", "{model}", "--method", "metis", "--bricks", 4, "--out", "{out}"], "unknown partition method"),
+    (["partition", "{model}", "--method", "coactivation", "--bricks", 4, "--out", "{out}"], "needs activation data"),
+    (["partition", "{bert}", "--method", "random", "--bricks", 4, "--out", "{out}"], "unsupported architecture"),
+    (["analyze", "{model}", "--data", "x={empty}", "--out", "{out}"], "contains no text"),
+    (["analyze", "{model}", "--data", "x=builtin:code", "--out", "{out}", "--ppl-increase", -1], "invalid options"),
+    (["analyze", "/no/such/model", "--data", "x=builtin:code", "--out", "{out}"], "not found on disk"),
+    (["info", "{broken}"], "cannot load the weights"),
+])
+def test_bad_input_one_line_no_output(llama_dir, tmp_path, args, message):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(bert)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in llama_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:200] if f.name.endswith(".safetensors") else f.read_bytes())
+    out = tmp_path / "out"
+    fill = dict(model=llama_dir, bert=bert, empty=empty, out=out, broken=broken)
+    line = one_line_error(run(*[str(a).format(**fill) for a in args]))
+    assert message in line
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_brickset_from_other_model_refused(tiny_dirs, tmp_path):
+    from bricks.routing import assemble_bricked
+
+    assert run("partition", tiny_dirs["llama"], "--method", "random", "--bricks", 4, "--out", tmp_path / "bs").exit_code == 0
+    other, _ = bricks.load_model(tiny_dirs["qwen2"])
+    with pytest.raises(bricks.BricksError, match="not from this model"):
+        assemble_bricked(other, bricks.BrickSet.load(tmp_path / "bs"))
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed `bricks` entry point exits non-zero with one line on stderr."""
+    r = subprocess.run([sys.executable, "-m", "bricks.cli", "partition", "nowhere", "--method", "random",
+                        "--bricks", "2", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "not found on disk" in r.stderr
