@@ -42,11 +42,11 @@ def _user_errors(fn):
 
 
 def _load(model, device, dtype, device_map):
-    from .analysis.capture import init_distributed
+    from .analysis.capture import init_distributed, local_device
     from .loading import load_model
 
     init_distributed()
-    return load_model(model, device=device, dtype=dtype, device_map=device_map)
+    return load_model(model, device=local_device(device), dtype=dtype, device_map=device_map)
 
 
 def _emit(as_json: bool, data: dict, human: str) -> None:

@@ -73,13 +73,27 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed() -> None:
-    """Join the process group when started by `accelerate launch` or torchrun."""
+    """Join the process group when started by `accelerate launch --multi_gpu` or `torchrun`.
+
+    Works on CPU too (gloo backend): `accelerate launch --multi_gpu --num_processes 2`
+    starts the processes through torchrun whether or not a GPU is present.
+    """
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
-        from accelerate import PartialState
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
 
-        PartialState()  # initialises torch.distributed (gloo on CPU, nccl on GPU)
+
+def local_device(device: str | None) -> str | None:
+    """With several processes on one machine, `cuda` means this process's own GPU."""
+    import os
+
+    if device == "cuda" and world()[1] > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
