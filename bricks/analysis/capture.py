@@ -147,7 +147,7 @@ class NeuronStats:
 
     def __init__(self, n_layers: int, d_ff: int, domains: list[str], sample_domain: torch.Tensor,
                  thresholds: torch.Tensor | None = None, down_norms: torch.Tensor | None = None,
-                 coactivation: bool = True, coactivation_stride: int = 4):
+                 coactivation: bool = True, coactivation_stride: int = 8):
         self.domains = list(domains)
         self.sample_domain = sample_domain.long()
         n_samples, n_domains = len(sample_domain), len(domains)
@@ -188,7 +188,10 @@ class NeuronStats:
         self.abs_sum[layer].index_add_(0, d, (per_sample * a.shape[1]).double())
         if self.coact is not None:
             b = active[:, :: self.coactivation_stride].reshape(-1, a.shape[-1]).float()  # [tokens, d_ff]
-            self.coact[layer] += (b.t() @ b).cpu()
+            if self.coact.device == b.device:
+                self.coact[layer].addmm_(b.t(), b)  # in place: no [d_ff, d_ff] temporary per batch
+            else:
+                self.coact[layer] += (b.t() @ b).cpu()
 
     def reduce(self) -> "NeuronStats":
         """Sum statistics over data-parallel processes (each saw a different shard)."""
@@ -217,7 +220,7 @@ class NeuronStats:
 
 @torch.no_grad()
 def capture_stats(model: nn.Module, domains, batch_size: int = 8, thresholds: torch.Tensor | None = None,
-                  coactivation: bool = True, coactivation_stride: int = 4, desc: str = "capturing activations") -> NeuronStats:
+                  coactivation: bool = True, coactivation_stride: int = 8, desc: str = "capturing activations") -> NeuronStats:
     """Run every domain's windows through the model and accumulate `NeuronStats`.
 
     Args:

@@ -71,7 +71,7 @@ class AnalyzeConfig(BaseModel):
     ppl_increase: float = Field(1.0, gt=0, le=50, description="p of CETT-PPL-p%, in percent")
     ablate_fraction: float = Field(0.05, gt=0, lt=1, description="share of each layer's neurons ablated per domain")
     specialization_threshold: float = Field(0.8, gt=0, lt=1)
-    coactivation_stride: int = Field(4, ge=1, description="count co-activation on every k-th token")
+    coactivation_stride: int = Field(8, ge=1, description="count co-activation on every k-th token")
     graph_k: int = Field(16, ge=1, description="neighbours kept per neuron in the co-activation graph")
     seed: int = 0
 
