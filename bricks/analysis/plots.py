@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -47,14 +48,16 @@ def plot_ablation(report: dict, path: Path) -> None:
     abl = report["ablation"]
     names = abl["domains"]
     m = [[100 * x for x in row] for row in abl["relative_change"]]
+    # Colour by log2 of the perplexity ratio: one domain's huge change must not wash out the others.
+    colour = [[math.log2(1 + x) for x in row] for row in abl["relative_change"]]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5))
-    im = ax.imshow(m, cmap="Reds")
+    im = ax.imshow(colour, cmap="Reds", vmin=0)
     for i, row in enumerate(m):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=9)
     ax.set(xticks=range(len(names)), xticklabels=names, yticks=range(len(names)), yticklabels=names,
            xlabel="evaluated on", ylabel=f"top {100 * abl['fraction']:g}% neurons of ... zeroed", title="perplexity change")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="log2(PPL ablated / PPL)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

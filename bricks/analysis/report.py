@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 
 from ..brick import atomic_dir, model_fingerprint
 from ..data import DataSpec, load_domains
+from ..errors import BricksError
 from ..loading import model_info
 from .capture import capture_stats, progress, world
 from .coactivation import coactivation_graph, graph_modularity
@@ -88,8 +89,6 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
     """
     cfg = config or AnalyzeConfig()
     if out is not None and Path(out).exists() and not overwrite:
-        from ..errors import BricksError
-
         raise BricksError(f"output {out} already exists: choose another --out or remove it")
     torch.manual_seed(cfg.seed)
     train = load_domains(data, tokenizer, "train", cfg.seq_len, cfg.windows)

