@@ -16,7 +16,7 @@ from .brick import Brick, BrickSet, model_fingerprint
 from .data import DataSpec, Domain, load_domains, windows
 from .errors import BricksError
 from .loading import load_model, model_info
-from .routing import BrickedFFN, assemble_bricked
+from .routing import BrickedFFN, assemble_bricked, bricked, verify_bricks
 
 __version__ = "0.1.0"
 
@@ -24,5 +24,5 @@ __all__ = [
     "AnalyzeConfig", "NeuronStats", "analyze", "capture_stats", "cett_ppl_search", "ffn_hooks", "func_scores",
     "partition", "perplexity", "ARCHITECTURES", "FFN", "ffns", "layout_for", "supported_model_types", "Brick",
     "BrickSet", "model_fingerprint", "DataSpec", "Domain", "load_domains", "windows", "BricksError", "load_model",
-    "model_info", "BrickedFFN", "assemble_bricked",
+    "model_info", "BrickedFFN", "assemble_bricked", "bricked", "verify_bricks",
 ]

@@ -128,6 +128,14 @@ class FFN:
             return None if b is None else b[: b.shape[0] // 2]
         return None if self.gate is None else self.gate.bias
 
+    def neuron_parts(self) -> dict[str, torch.Tensor]:
+        """Every weight on the neuron axis, as `[d_ff, ...]` views (writes go through to the model)."""
+        parts = {"up": self.up_weight(), "down": self.down_weight().t()}
+        for name, t in (("gate", self.gate_weight()), ("gate_bias", self.gate_bias()), ("up_bias", self.up_bias())):
+            if t is not None:
+                parts[name] = t
+        return parts
+
     def neuron_features(self) -> torch.Tensor:
         """[d_ff, k*hidden]: each neuron's input weights (gate and up rows), for clustering."""
         parts = [self.up_weight()]

@@ -134,6 +134,30 @@ class BrickSet:
                 f"(fingerprint {fp}); run `bricks partition` on this model instead"
             )
 
+    # ---- weights
+    def brick_weights(self, model, layer: int) -> list[dict[str, torch.Tensor]]:
+        """Copies of each brick's weight slices in `layer`: neuron indices plus gate/up rows, down columns, biases."""
+        f = ffns(model)[layer]
+        parts = f.neuron_parts()
+        return [{"neurons": b.neurons.clone(), **{k: v.detach()[b.neurons.to(v.device)].clone() for k, v in parts.items()}}
+                for b in self.bricks(layer)]
+
+    @torch.no_grad()
+    def reassemble(self, model, pieces: list[list[dict[str, torch.Tensor]]]) -> None:
+        """Write bricks' weight slices (from `brick_weights`) back into `model`'s FFNs, in place.
+
+        Every neuron-axis weight is cleared first, so a neuron that no brick
+        covers would stay zero: with an exact cover the FFN is rebuilt bit for bit.
+        """
+        self.check_model(model)
+        for f, layer_pieces in zip(ffns(model), pieces):
+            parts = f.neuron_parts()
+            for t in parts.values():
+                t.zero_()
+            for piece in layer_pieces:
+                for k, t in parts.items():
+                    t[piece["neurons"].to(t.device)] = piece[k].to(t.device, t.dtype)
+
     # ---- disk format
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the BrickSet directory atomically."""

@@ -104,3 +104,23 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bricks.cli", "partition", "nowhere", "--method", "random",
                         "--bricks", "2", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "not found on disk" in r.stderr
+
+
+def test_verify(tiny_dirs, tmp_path):
+    bs_dir = tmp_path / "bs"
+    assert run("partition", tiny_dirs["llama"], "--method", "param-kmeans", "--bricks", 4, "--out", bs_dir).exit_code == 0
+    r = run("verify", tiny_dirs["llama"], bs_dir, "--seq-len", 16, "--json")
+    assert r.exit_code == 0, r.output
+    err = json.loads(r.stdout)["max_abs_logit_difference"]
+    assert err["reassembled"] == 0.0 and err["brickwise"] <= 1e-5
+    line = one_line_error(run("verify", tiny_dirs["mistral"], bs_dir))
+    assert "not from this model" in line
+
+
+def test_missing_weights(llama_dir, tmp_path):
+    d = tmp_path / "noweights"
+    d.mkdir()
+    for f in llama_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (d / f.name).write_bytes(f.read_bytes())
+    assert "cannot load the weights" in one_line_error(run("info", d))

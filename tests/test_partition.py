@@ -102,3 +102,19 @@ def test_all_bricks_reproduce_dense_logits(tiny_dirs, family):
         assemble_bricked(model, bs)
         bricked = model(ids).logits
     assert (bricked - dense).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "opt"])
+def test_reassembled_bricks_are_the_dense_ffn(tiny_dirs, family):
+    """Cut the FFN weights into bricks, clear them, write them back: the model is unchanged."""
+    model, _ = bricks.load_model(tiny_dirs[family])
+    bs = bricks.partition(model, "random", 5, seed=3)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        pieces = [bs.brick_weights(model, layer) for layer in range(bs.n_layers)]
+        bs.reassemble(model, pieces)
+        assert torch.equal(model(ids).logits, dense)
+        pieces[1].pop(2)  # a brick missing: its neurons stay cleared
+        bs.reassemble(model, pieces)
+        assert (model(ids).logits - dense).abs().max() > 1e-4

@@ -1,5 +1,5 @@
 """Routing: executing FFNs as emergent bricks."""
 
-from .bricked_ffn import BrickedFFN, assemble_bricked
+from .bricked_ffn import BrickedFFN, assemble_bricked, bricked, verify_bricks
 
-__all__ = ["BrickedFFN", "assemble_bricked"]
+__all__ = ["BrickedFFN", "assemble_bricked", "bricked", "verify_bricks"]

@@ -9,6 +9,7 @@ the module computes exactly the dense FFN, up to summation order.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -74,8 +75,11 @@ class BrickedFFN(nn.Module):
         return out
 
 
-def assemble_bricked(model: nn.Module, brickset: BrickSet) -> nn.Module:
-    """Replace every FFN of `model` (in place) by a `BrickedFFN` built from `brickset`."""
+def assemble_bricked(model: nn.Module, brickset: BrickSet) -> list[nn.Module]:
+    """Replace every FFN of `model` (in place) by a `BrickedFFN` built from `brickset`.
+
+    Returns the original FFN modules, in layer order (see `bricked` to swap back).
+    """
     brickset.check_model(model)
     layout = layout_for(model)
     if not layout.mlp:
@@ -85,6 +89,48 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet) -> nn.Module:
     if brickset.n_layers != len(blocks):
         raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(blocks)}")
     layers = decoder_layers(model, layout)
+    originals = []
     for f, a in zip(blocks, brickset.assignments):
+        originals.append(f.module)
         setattr(layers[f.layer], layout.mlp, BrickedFFN(f, a))
-    return model
+    return originals
+
+
+@contextlib.contextmanager
+def bricked(model: nn.Module, brickset: BrickSet):
+    """Run `model` with brick-wise FFNs inside the block; the dense FFNs come back on exit.
+
+    Example:
+        >>> with bricked(model, bs):
+        ...     logits = model(ids).logits
+    """
+    layout = layout_for(model)
+    layers = decoder_layers(model, layout)
+    originals = assemble_bricked(model, brickset)
+    try:
+        yield model
+    finally:
+        for layer, module in zip(layers, originals):
+            setattr(layer, layout.mlp, module)
+
+
+@torch.no_grad()
+def verify_bricks(model: nn.Module, brickset: BrickSet, ids: torch.Tensor) -> dict[str, float]:
+    """Max |logit difference| to the dense model of the model rebuilt from all bricks, two ways.
+
+    - `reassembled`: every FFN's weights cut into the bricks' slices, cleared, and
+      written back from the slices; 0 when the bricks are an exact cover.
+    - `brickwise`: FFNs executed as a sum of per-brick outputs (`BrickedFFN`);
+      exact in real arithmetic, in fp32 it differs by summation order (about
+      the model's own fp32 rounding noise: permuting the neurons of the dense
+      model changes SmolLM2's logits by ~1e-4).
+    """
+    from ..analysis.capture import run_model
+
+    dense = run_model(model, ids, logits=True).float()
+    pieces = [brickset.brick_weights(model, layer) for layer in range(brickset.n_layers)]
+    brickset.reassemble(model, pieces)
+    reassembled = run_model(model, ids, logits=True).float()
+    with bricked(model, brickset):
+        brickwise = run_model(model, ids, logits=True).float()
+    return {"reassembled": float((dense - reassembled).abs().max()), "brickwise": float((dense - brickwise).abs().max())}
