@@ -103,11 +103,14 @@ _DATA_HELP = "NAME=SOURCE, repeatable; SOURCE: builtin:code|prose|math, a text f
 @click.option("--ppl-increase", default=1.0, show_default=True, help="p of CETT-PPL-p%, in percent")
 @click.option("--ablate-fraction", default=0.05, show_default=True, help="share of neurons zeroed per domain")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of AnalyzeConfig fields (flags given on the command line win)")
 @_model_options
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
 @_user_errors
-def analyze(model, data, out, windows, eval_windows, seq_len, calib_tokens, batch_size, ppl_increase,
-            ablate_fraction, seed, device, dtype, device_map, as_json):
+def analyze(ctx, model, data, out, windows, eval_windows, seq_len, calib_tokens, batch_size, ppl_increase,
+            ablate_fraction, seed, config_file, device, dtype, device_map, as_json):
     """Measure activation sparsity (CETT-PPL-p%), per-domain specialization (FuncScore),
     its ablation check and co-activation modularity; write report.json and plots to OUT."""
     from pathlib import Path
@@ -116,14 +119,31 @@ def analyze(model, data, out, windows, eval_windows, seq_len, calib_tokens, batc
     from .analysis.report import analyze as run
     from .data import parse_data_specs
 
-    cfg = AnalyzeConfig(windows=windows, eval_windows=eval_windows, seq_len=seq_len, calib_tokens=calib_tokens,
-                        batch_size=batch_size, ppl_increase=ppl_increase, ablate_fraction=ablate_fraction, seed=seed)
+    fields = dict(windows=windows, eval_windows=eval_windows, seq_len=seq_len, calib_tokens=calib_tokens,
+                  batch_size=batch_size, ppl_increase=ppl_increase, ablate_fraction=ablate_fraction, seed=seed)
+    settings = _read_yaml(config_file) if config_file else {}
+    for name, value in fields.items():  # explicit flags override the file; defaults do not
+        if name not in settings or ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            settings[name] = value
+    cfg = AnalyzeConfig(**settings)
     specs = parse_data_specs(data)
     if Path(out).exists():
         raise BricksError(f"output {out} already exists: choose another --out or remove it")
     m, tok = _load(model, device, dtype, device_map)
     report = run(m, tok, specs, cfg, out=out, spec=model)
     _emit(as_json, report, _summary(report, out))
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise BricksError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise BricksError(f"{path} must hold a mapping of option names to values")
+    return data
 
 
 def _summary(r: dict, out: str) -> str:

@@ -124,3 +124,17 @@ def test_missing_weights(llama_dir, tmp_path):
         if not f.name.endswith(".safetensors"):
             (d / f.name).write_bytes(f.read_bytes())
     assert "cannot load the weights" in one_line_error(run("info", d))
+
+
+def test_analyze_config_file(llama_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("windows: 6\nwindow_size: 32\n")
+    out = tmp_path / "o"
+    line = one_line_error(run("analyze", llama_dir, "--data", "code=builtin:code", "--out", out, "--config", bad))
+    assert "window_size" in line and "Extra inputs" in line and not out.exists()
+    good = tmp_path / "good.yaml"
+    good.write_text("windows: 4\neval_windows: 1\nseq_len: 32\ncalib_tokens: 64\nppl_increase: 5\n")
+    r = run("analyze", llama_dir, "--data", "code=builtin:code", "--out", out, "--config", good, "--windows", 5)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "report.json").read_text())["config"]
+    assert cfg["windows"] == 5 and cfg["seq_len"] == 32  # the flag wins over the file
