@@ -76,3 +76,13 @@ def test_cett_curve_and_threshold_hook(llama_dir, tokenizer):
     dense = perplexity(model, ids)
     assert perplexity(model, ids, hook=threshold_hook(torch.zeros(2), norms)) == pytest.approx(dense, rel=1e-6)
     assert perplexity(model, ids, hook=threshold_hook(torch.full((2,), 1e3), norms)) != pytest.approx(dense, rel=1e-3)
+
+
+def test_capture_on_device_map_auto_model(llama_dir, tokenizer):
+    """Models dispatched by accelerate (device_map="auto") are captured like plain ones."""
+    plain, _ = bricks.load_model(llama_dir)
+    dispatched, _ = bricks.load_model(llama_dir, device_map="auto")
+    domains = bricks.load_domains(["prose=builtin:prose"], tokenizer, seq_len=16, max_windows=4)
+    a = capture_stats(plain, domains, coactivation=False)
+    b = capture_stats(dispatched, domains, coactivation=False)
+    torch.testing.assert_close(a.sample_mean, b.sample_mean)
