@@ -18,7 +18,6 @@ import torch
 
 import bricks
 from bricks.analysis.capture import batches, capture_stats, run_model
-from bricks.analysis.partition import activation_statistics  # noqa: F401  (documents the real caller)
 
 
 def plain(model, ids, batch_size):

@@ -52,7 +52,7 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:24]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: compare neurons explicitly
 class Brick:
     """One emergent brick: a set of neurons of one layer's FFN."""
 

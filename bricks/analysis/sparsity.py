@@ -10,6 +10,7 @@ rises by p%, and the activation ratio at that point is the reported sparsity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -103,7 +104,7 @@ def threshold_hook(eps: torch.Tensor, down_norms: torch.Tensor, counter: dict | 
 def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=None, desc: str | None = None) -> float:
     """Perplexity of token windows `[n, seq_len]` (data-parallel under accelerate)."""
     nll = torch.zeros(2, dtype=torch.float64)
-    ctx = ffn_hooks(model, hook) if hook is not None else _null()
+    ctx = ffn_hooks(model, hook) if hook is not None else contextlib.nullcontext()
     with ctx:
         rows_list = batches(len(ids), batch_size)
         for rows in (progress(rows_list, desc) if desc else rows_list):
@@ -139,14 +140,6 @@ def _next_cett(tried: list[tuple[float, float]], target: float) -> float:
     if not lo < guess < hi:
         guess = (lo + hi) / 2
     return guess
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @dataclass
