@@ -250,5 +250,41 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
                         f"  (over {ids.numel()} held-out tokens)")
 
 
+@main.group()
+def bench():
+    """Benchmarks whose ratios are measured in one run."""
+
+
+@bench.command("ffn")
+@click.option("--shape", "shapes", multiple=True, default=("576x1536", "4096x11008"), show_default=True, help="HIDDENxD_FF, repeatable")
+@click.option("--dtype", "dtypes", multiple=True, default=("float32", "bfloat16"), show_default=True)
+@click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
+@click.option("--active", "actives", multiple=True, type=float, default=(0.5, 0.25), show_default=True)
+@click.option("--bricks", "n_bricks", default=64, show_default=True)
+@click.option("--router", default="centroid", show_default=True)
+@click.option("--reps", default=20, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON rows")
+@_user_errors
+def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, as_json):
+    """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""
+    from .routing.bench import bench_ffn
+
+    parsed = []
+    for s in shapes:
+        try:
+            hidden, d_ff = (int(v) for v in s.lower().split("x"))
+        except ValueError:
+            raise BricksError(f"bad --shape {s!r}: expected HIDDENxD_FF, e.g. 4096x11008") from None
+        parsed.append((hidden, d_ff))
+    for a in actives:
+        if not 0 < a <= 1:
+            raise BricksError(f"active fraction must be in (0, 1], got {a}")
+    rows = bench_ffn(parsed, dtypes, batches, actives, n_bricks, router, reps, device,
+                     progress=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+
+
 if __name__ == "__main__":
     main()

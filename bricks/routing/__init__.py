@@ -1,5 +1,7 @@
-"""Routing: executing FFNs as emergent bricks."""
+"""Routing: executing FFNs as emergent bricks, all of them or those a router selects."""
 
-from .bricked_ffn import BrickedFFN, assemble_bricked, bricked, verify_bricks
+from .bricked_ffn import BrickedFFN, assemble_bricked, bricked, compute_fraction, verify_bricks
+from .routers import ROUTERS, Router, make_router
 
-__all__ = ["BrickedFFN", "assemble_bricked", "bricked", "verify_bricks"]
+__all__ = ["BrickedFFN", "assemble_bricked", "bricked", "compute_fraction", "verify_bricks", "ROUTERS", "Router",
+           "make_router"]

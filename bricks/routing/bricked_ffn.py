@@ -1,18 +1,28 @@
-"""The bricked FFN: an FFN executed as a sum of emergent bricks.
+"""The bricked FFN: an FFN executed brick by brick, optionally only the bricks a router selects.
 
-Weights are stored brick-major and contiguous: the neurons of brick b occupy
-rows `offsets[b]:offsets[b+1]` of every stored matrix (input projections as
-`[d_ff, hidden]`, the output projection transposed to `[d_ff, hidden]`), so a
-brick's weights are plain views, never gathered copies. With every brick active
-the module computes exactly the dense FFN, up to summation order.
+Storage is brick-major and contiguous, so that a brick's weights are plain
+views, never gathered copies:
+
+- `w_in`   `[n_bricks, k*size, hidden]`: per brick its gate rows then its up rows
+           (k = 2 for gated FFNs), so one matmul per brick gives both;
+- `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T.
+
+Bricks are padded to one size with zero rows (a zero down row contributes
+nothing, whatever the activation), which keeps every brick the same shape.
+An always-active shared brick (see `BrickSet.shared`) is stored apart and is
+computed for every token.
+
+Execution: with one token (batch-1 decode) a loop over the selected bricks
+reads only their weights; with several tokens, tokens are grouped by brick and
+each brick runs once on its group (standard torch ops, CPU or CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..arch import FFN, decoder_layers, ffns, layout_for
@@ -26,56 +36,157 @@ class BrickedFFN(nn.Module):
     Args:
         ffn: handle on the dense FFN (weights are copied brick-major).
         assignment: `[d_ff]` brick index of every neuron.
+        shared: index of the always-active shared brick, if any.
+        router: name of a router in `bricks.routing.ROUTERS` (None: all bricks run).
+        active: share of the routed bricks each token runs, in (0, 1].
     """
 
-    def __init__(self, ffn: FFN, assignment: torch.Tensor):
+    def __init__(self, ffn: FFN, assignment: torch.Tensor, shared: int | None = None, router: str | None = None,
+                 active: float = 1.0):
         super().__init__()
+        if not 0.0 < active <= 1.0:
+            raise BricksError(f"active fraction must be in (0, 1], got {active}")
         assignment = assignment.to(torch.int64).cpu()
-        order = torch.argsort(assignment, stable=True)  # neurons grouped by brick
-        sizes = torch.bincount(assignment)
-        self.register_buffer("order", order, persistent=False)
-        self.offsets = [0] + torch.cumsum(sizes, 0).tolist()
-        dev = ffn.down_weight().device
-        take = lambda w: None if w is None else nn.Parameter(w.detach()[order.to(dev)].clone().contiguous(), requires_grad=False)  # noqa: E731
-        self.w_gate = take(ffn.gate_weight())  # [d_ff, hidden] or None
-        self.b_gate = take(ffn.gate_bias())
-        self.w_up = take(ffn.up_weight())  # [d_ff, hidden]
-        self.b_up = take(ffn.up_bias())
-        self.w_down = take(ffn.down_weight().t())  # [d_ff, hidden]: row i = neuron i's output direction
+        n_all = int(assignment.max()) + 1
+        routed = [b for b in range(n_all) if b != shared]
+        members = [torch.nonzero(assignment == b).flatten() for b in routed]
+        size = max(len(m) for m in members)
+        dev, dtype = ffn.down_weight().device, ffn.down_weight().dtype
+        hidden = ffn.down_weight().shape[0]
+        self.gated = ffn.gate_weight() is not None
+        self.act = ffn.act
+        self.brick_size = size
+        self.d_ff = assignment.numel()
+        parts_in = [ffn.gate_weight(), ffn.up_weight()] if self.gated else [ffn.up_weight()]
+        bias_in = [ffn.gate_bias(), ffn.up_bias()] if self.gated else [ffn.up_bias()]
+        w_down_t = ffn.down_weight().detach().t()  # [d_ff, hidden]
+
+        def pack(rows: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
+            out = rows.new_zeros(length, *rows.shape[1:])
+            out[: len(idx)] = rows[idx.to(rows.device)]
+            return out
+
+        self.w_in = nn.Parameter(torch.stack([torch.cat([pack(p.detach(), m, size) for p in parts_in]) for m in members]),
+                                 requires_grad=False)  # [n, k*size, hidden]
+        self.b_in = None
+        if any(b is not None for b in bias_in):
+            bias_in = [b if b is not None else torch.zeros(self.d_ff, device=dev, dtype=dtype) for b in bias_in]
+            self.b_in = nn.Parameter(torch.stack([torch.cat([pack(b.detach(), m, size) for b in bias_in]) for m in members]),
+                                     requires_grad=False)  # [n, k*size]
+        self.w_down = nn.Parameter(torch.stack([pack(w_down_t, m, size) for m in members]), requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
-        self.act = ffn.act
+        self.register_buffer("sizes", torch.tensor([len(m) for m in members], device=dev), persistent=False)
+        self.register_buffer("down_norms", self.w_down.float().norm(dim=-1), persistent=False)  # [n, size]
+        # The shared brick: plain dense slices, run for every token.
+        self.shared_in = self.shared_b_in = self.shared_down = None
+        if shared is not None:
+            m = torch.nonzero(assignment == shared).flatten()
+            self.shared_in = nn.Parameter(torch.cat([p.detach()[m.to(dev)] for p in parts_in]), requires_grad=False)
+            if self.b_in is not None:
+                self.shared_b_in = nn.Parameter(torch.cat([b.detach()[m.to(dev)] for b in bias_in]), requires_grad=False)
+            self.shared_down = nn.Parameter(w_down_t[m.to(dev)].clone(), requires_grad=False)
+        self.hidden = hidden
+        self.active = active
+        self.router = None
+        if router is not None:
+            from .routers import make_router
 
+            self.router = make_router(router, self)
+        self.last_compute_fraction: float | None = None
+
+    # ------------------------------------------------------------------ pieces
     @property
     def n_bricks(self) -> int:
-        return len(self.offsets) - 1
+        return self.w_in.shape[0]
 
-    def brick_output(self, x: torch.Tensor, b: int) -> torch.Tensor:
-        """Contribution of brick b to the FFN output, `[..., hidden]`."""
-        s, e = self.offsets[b], self.offsets[b + 1]
-        h = x @ self.w_up[s:e].t()
-        if self.b_up is not None:
-            h = h + self.b_up[s:e]
-        if self.w_gate is not None:
-            g = x @ self.w_gate[s:e].t()
-            if self.b_gate is not None:
-                g = g + self.b_gate[s:e]
-            h = self.act(g) * h
+    @property
+    def k_active(self) -> int:
+        return max(1, round(self.active * self.n_bricks))
+
+    def _act(self, h: torch.Tensor, size: int) -> torch.Tensor:
+        """h [..., k*size] -> activations [..., size]."""
+        if self.gated:
+            return self.act(h[..., :size]) * h[..., size:]
+        return self.act(h)
+
+    def brick_activations(self, x: torch.Tensor, bricks: torch.Tensor | None) -> torch.Tensor:
+        """Activations `[tokens, n_sel, size]` of the given bricks (all when None), computed densely."""
+        w = self.w_in if bricks is None else self.w_in[bricks]
+        h = torch.einsum("th,nkh->tnk", x, w)
+        if self.b_in is not None:
+            h = h + (self.b_in if bricks is None else self.b_in[bricks])
+        return self._act(h, self.brick_size)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_in is None:
+            return None
+        h = F.linear(x, self.shared_in, self.shared_b_in)
+        return self._act(h, self.shared_down.shape[0]) @ self.shared_down
+
+    def select(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Brick indices `[tokens, k]` each token runs (None = all bricks)."""
+        if self.k_active >= self.n_bricks:
+            return None
+        if self.router is None:
+            raise BricksError("this bricked FFN has no router: give one (e.g. router='centroid') to run fewer than all bricks")
+        return self.router(x).topk(self.k_active, dim=-1).indices
+
+    # ------------------------------------------------------------------ execution
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [tokens, hidden]
+        sel = self.select(x2)
+        y = x2.new_zeros(x2.shape[0], self.hidden)
+        shared = self._shared(x2)
+        if shared is not None:
+            y += shared
+        if x2.shape[0] == 1:
+            self._decode(x2, sel, y)
         else:
-            h = self.act(h)
-        return h @ self.w_down[s:e]
-
-    def forward(self, x: torch.Tensor, bricks: Sequence[int] | None = None) -> torch.Tensor:
-        chosen = range(self.n_bricks) if bricks is None else bricks
-        out = torch.zeros(*x.shape[:-1], self.w_down.shape[1], dtype=x.dtype, device=x.device)
-        for b in chosen:
-            out = out + self.brick_output(x, b)
+            self._grouped(x2, sel, y)
         if self.b_down is not None:
-            out = out + self.b_down
-        return out
+            y += self.b_down
+        self.last_compute_fraction = self.compute_fraction()
+        return y.reshape(*shape[:-1], self.hidden)
+
+    def _run_brick(self, xb: torch.Tensor, b: int) -> torch.Tensor:
+        h = F.linear(xb, self.w_in[b], None if self.b_in is None else self.b_in[b])
+        return self._act(h, self.brick_size) @ self.w_down[b]
+
+    def _decode(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
+        """One token: read only the selected bricks' weights (views of the brick-major storage)."""
+        bricks = range(self.n_bricks) if sel is None else sorted(sel[0].tolist())
+        for b in bricks:
+            h = F.linear(x, self.w_in[b], None if self.b_in is None else self.b_in[b])
+            y.addmm_(self._act(h, self.brick_size), self.w_down[b])
+
+    def _grouped(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
+        """Many tokens: each brick runs once on the tokens that selected it."""
+        if sel is None:
+            for b in range(self.n_bricks):
+                y += self._run_brick(x, b)
+            return
+        mask = torch.zeros(x.shape[0], self.n_bricks, dtype=torch.bool, device=x.device)
+        mask.scatter_(1, sel, True)
+        for b in torch.nonzero(mask.any(0)).flatten().tolist():
+            rows = torch.nonzero(mask[:, b]).flatten()
+            y.index_add_(0, rows, self._run_brick(x[rows], b))
+
+    # ------------------------------------------------------------------ accounting
+    def dense_macs_per_token(self) -> int:
+        return (3 if self.gated else 2) * self.d_ff * self.hidden
+
+    def compute_fraction(self) -> float:
+        """FFN multiply-accumulates per token actually executed (router + bricks + shared) over dense."""
+        k = self.n_bricks if self.k_active >= self.n_bricks else self.k_active
+        per_brick = self.w_in.shape[1] * self.hidden + self.w_down.shape[1] * self.hidden
+        shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()
+        router = self.router.macs_per_token() if self.router is not None and k < self.n_bricks else 0
+        return (k * per_brick + shared + router) / self.dense_macs_per_token()
 
 
-def assemble_bricked(model: nn.Module, brickset: BrickSet) -> list[nn.Module]:
+def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0) -> list[nn.Module]:
     """Replace every FFN of `model` (in place) by a `BrickedFFN` built from `brickset`.
 
     Returns the original FFN modules, in layer order (see `bricked` to swap back).
@@ -89,29 +200,38 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet) -> list[nn.Module]:
     if brickset.n_layers != len(blocks):
         raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(blocks)}")
     layers = decoder_layers(model, layout)
+    new = [BrickedFFN(f, a, s, router, active) for f, a, s in zip(blocks, brickset.assignments, brickset.shared)]
     originals = []
-    for f, a in zip(blocks, brickset.assignments):
+    for f, module in zip(blocks, new):
         originals.append(f.module)
-        setattr(layers[f.layer], layout.mlp, BrickedFFN(f, a))
+        setattr(layers[f.layer], layout.mlp, module)
     return originals
 
 
 @contextlib.contextmanager
-def bricked(model: nn.Module, brickset: BrickSet):
-    """Run `model` with brick-wise FFNs inside the block; the dense FFNs come back on exit.
+def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0):
+    """Run `model` with bricked FFNs inside the block; the dense FFNs come back on exit.
 
     Example:
-        >>> with bricked(model, bs):
+        >>> with bricked(model, bs, router="centroid", active=0.5):
         ...     logits = model(ids).logits
     """
     layout = layout_for(model)
     layers = decoder_layers(model, layout)
-    originals = assemble_bricked(model, brickset)
+    originals = assemble_bricked(model, brickset, router, active)
     try:
         yield model
     finally:
         for layer, module in zip(layers, originals):
             setattr(layer, layout.mlp, module)
+
+
+def compute_fraction(model: nn.Module) -> float:
+    """Mean compute fraction of the bricked FFNs of `model` in their last forward pass."""
+    fr = [m.last_compute_fraction for m in model.modules() if isinstance(m, BrickedFFN) and m.last_compute_fraction is not None]
+    if not fr:
+        raise BricksError("the model has no bricked FFN that has run yet")
+    return sum(fr) / len(fr)
 
 
 @torch.no_grad()

@@ -1,0 +1,69 @@
+"""FFN latency: dense vs bricked, measured in one run so that ratios are fair on a shared machine."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..arch import ffns
+from ..brick import BrickSet, model_fingerprint
+from .bricked_ffn import BrickedFFN
+
+
+def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = "cpu"):
+    """A one-layer Llama with random weights: speed does not depend on the weights' values."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    heads = max(1, hidden // 128)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=1, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=8, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def _median_time(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"), batches=(1, 32),
+              actives=(0.5, 0.25), n_bricks: int = 64, router: str = "centroid", reps: int = 20,
+              device: str = "cpu", progress=print) -> list[dict]:
+    """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked."""
+    from ..loading import parse_dtype
+
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    rows = []
+    for hidden, d_ff in shapes:
+        for dtype_name in dtypes:
+            dtype = parse_dtype(dtype_name)
+            model = random_ffn_model(hidden, d_ff, dtype, device)
+            f = ffns(model)[0]
+            g = torch.Generator().manual_seed(0)
+            assignment = torch.randperm(d_ff, generator=g) % n_bricks  # balanced random bricks
+            dense = f.module
+            for batch in batches:
+                x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
+                t_dense = _median_time(lambda: dense(x), reps, sync)
+                for active in actives:
+                    bricked = BrickedFFN(f, assignment, router=router, active=active)
+                    t = _median_time(lambda: bricked(x), reps, sync)
+                    row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
+                           "router": router, "n_bricks": n_bricks, "compute_fraction": round(bricked.compute_fraction(), 4),
+                           "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
+                           "speedup": round(t_dense / t, 3)}
+                    rows.append(row)
+                    if progress:
+                        progress(f"{hidden}x{d_ff} {dtype_name:>8} batch {batch:>2} active {active:.2f}: dense {row['dense_ms']:8.3f} ms, "
+                                 f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (compute {row['compute_fraction']:.3f})")
+                    del bricked
+            del model, f, dense
+    return rows

@@ -1,0 +1,128 @@
+"""Routed bricked FFNs: equivalence at full activity, decode == grouped == masked reference, accounting."""
+
+import pytest
+import torch
+
+import bricks
+from bricks.arch import ffns
+from bricks.routing import ROUTERS, BrickedFFN, bricked, compute_fraction
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return bricks.load_model(llama_dir)
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_full_activity_is_the_dense_model(tiny_dirs, family, router):
+    model, _ = bricks.load_model(tiny_dirs[family])
+    bs = bricks.partition(model, "param-kmeans", 8)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with bricked(model, bs, router=router, active=1.0):
+            routed = model(ids).logits
+            assert compute_fraction(model) == pytest.approx(1.0)
+    assert (routed - dense).abs().max() <= 1e-5
+
+
+def _masked_reference(f, x, chosen, shared_neurons):
+    """Dense FFN output with every neuron outside the chosen bricks zeroed, token by token."""
+    h = x @ f.up_weight().t()
+    a = f.act(x @ f.gate_weight().t()) * h
+    keep = torch.zeros_like(a)
+    for t, neurons in enumerate(chosen):
+        keep[t, neurons] = 1
+        keep[t, shared_neurons] = 1
+    return (a * keep) @ f.down_weight().t()
+
+
+@pytest.mark.parametrize("router", ["oracle", "centroid"])
+@pytest.mark.parametrize("shared", [0.0, 0.125])
+def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokenizer):
+    model, tok = llama
+    stats = None
+    if shared:
+        from bricks.analysis.partition import activation_statistics
+
+        stats = activation_statistics(model, tok, ["code=builtin:code"], windows=4, seq_len=16)
+    bs = bricks.partition(model, "random", 7, stats, shared_fraction=shared)  # sizes 8 and 9: padding in use
+    f = ffns(model)[0]
+    ffn = BrickedFFN(f, bs.assignments[0], bs.shared[0], router=router, active=0.4)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        sel = ffn.select(x)  # [5, k]
+        assert sel.shape == (5, round(0.4 * 7))
+        grouped = ffn(x)
+        decoded = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
+        routed = [b for b in bs.bricks(0) if not b.shared]
+        chosen = [torch.cat([routed[b].neurons for b in s.tolist()]) for s in sel]
+        shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]
+        ref = _masked_reference(f, x, chosen, shared_neurons[0] if shared_neurons else torch.empty(0, dtype=torch.long))
+    torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decoded, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_oracle_picks_the_heaviest_bricks(llama):
+    model, _ = llama
+    bs = bricks.partition(model, "random", 8)
+    f = ffns(model)[1]
+    ffn = BrickedFFN(f, bs.assignments[1], router="oracle", active=0.25)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        a = f.act(x @ f.gate_weight().t()) * (x @ f.up_weight().t())
+        contrib = a.abs() * f.down_weight().norm(dim=0)
+        mass = torch.stack([contrib[:, b.neurons].sum(1) for b in bs.bricks(1)], 1)
+        expected = mass.topk(2, dim=1).indices.sort(1).values
+        assert torch.equal(ffn.select(x).sort(1).values, expected)
+
+
+def test_compute_fraction_counts_router_and_bricks(llama):
+    model, _ = llama
+    bs = bricks.partition(model, "random", 8)  # 8 bricks of 8 neurons, no padding
+    ffn = BrickedFFN(ffns(model)[0], bs.assignments[0], router="centroid", active=0.5)
+    with torch.no_grad():
+        ffn(torch.randn(4, 32))
+    dense = 3 * 64 * 32
+    assert ffn.last_compute_fraction == pytest.approx((4 * 3 * 8 * 32 + 8 * 32) / dense)
+
+
+def test_bad_routing_requests(llama):
+    model, _ = llama
+    bs = bricks.partition(model, "random", 4)
+    f = ffns(model)[0]
+    for active in (0.0, 1.5, -0.1):
+        with pytest.raises(bricks.BricksError, match=r"active fraction must be in \(0, 1\]"):
+            BrickedFFN(f, bs.assignments[0], router="centroid", active=active)
+    with pytest.raises(bricks.BricksError, match="unknown router 'magic'.*centroid"):
+        BrickedFFN(f, bs.assignments[0], router="magic", active=0.5)
+    with pytest.raises(bricks.BricksError, match="no router"):
+        BrickedFFN(f, bs.assignments[0], active=0.5)(torch.randn(2, 32))
+
+
+def test_generate_with_routed_bricks(llama):
+    model, _ = llama
+    bs = bricks.partition(model, "param-kmeans", 8)
+    ids = torch.randint(0, 300, (1, 6))
+    with bricked(model, bs, router="centroid", active=0.5):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, 11)
+        assert compute_fraction(model) < 0.6
+    assert all(not isinstance(m, BrickedFFN) for m in model.modules())  # dense FFNs back
+
+
+def test_bench_ffn_cli_small():
+    import json
+
+    from click.testing import CliRunner
+
+    from bricks.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "ffn", "--shape", "64x256", "--dtype", "float32", "--batch", "1",
+                                  "--batch", "4", "--active", "0.5", "--bricks", "8", "--reps", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 2 and all(row["speedup"] > 0 and 0.5 < row["compute_fraction"] < 0.7 for row in rows)
+    bad = CliRunner().invoke(main, ["bench", "ffn", "--active", "2"])
+    assert bad.exit_code == 1 and "active fraction" in bad.stderr
