@@ -126,3 +126,16 @@ def test_bench_ffn_cli_small():
     assert len(rows) == 2 and all(row["speedup"] > 0 and 0.5 < row["compute_fraction"] < 0.7 for row in rows)
     bad = CliRunner().invoke(main, ["bench", "ffn", "--active", "2"])
     assert bad.exit_code == 1 and "active fraction" in bad.stderr
+
+
+def test_half_precision_layout(llama_dir):
+    """bf16 stores down blocks transposed (a faster CPU kernel); results match the dense bf16 FFN."""
+    model, _ = bricks.load_model(llama_dir, dtype="bfloat16")
+    bs = bricks.partition(model, "random", 8)
+    f = ffns(model)[0]
+    ffn = BrickedFFN(f, bs.assignments[0], router="centroid", active=1.0)
+    assert not ffn.down_rows and ffn.w_down.shape == (8, 32, 8)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(ffn(x[:1]).float(), f.module(x[:1]).float(), rtol=2e-2, atol=2e-3)

@@ -5,7 +5,8 @@ views, never gathered copies:
 
 - `w_in`   `[n_bricks, k*size, hidden]`: per brick its gate rows then its up rows
            (k = 2 for gated FFNs), so one matmul per brick gives both;
-- `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T.
+- `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T (fp32), or
+           `[n_bricks, hidden, size]` for bf16/fp16, whose CPU kernels want that layout.
 
 Bricks are padded to one size with zero rows (a zero down row contributes
 nothing, whatever the activation), which keeps every brick the same shape.
@@ -73,11 +74,15 @@ class BrickedFFN(nn.Module):
             bias_in = [b if b is not None else torch.zeros(self.d_ff, device=dev, dtype=dtype) for b in bias_in]
             self.b_in = nn.Parameter(torch.stack([torch.cat([pack(b.detach(), m, size) for b in bias_in]) for m in members]),
                                      requires_grad=False)  # [n, k*size]
-        self.w_down = nn.Parameter(torch.stack([pack(w_down_t, m, size) for m in members]), requires_grad=False)
+        w_down = torch.stack([pack(w_down_t, m, size) for m in members])  # [n, size, hidden]
+        # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest, while
+        # bf16/fp16 fall off a cliff there (~20x slower than F.linear on [hidden, size] blocks).
+        self.down_rows = dtype == torch.float32
+        self.w_down = nn.Parameter(w_down if self.down_rows else w_down.transpose(1, 2).contiguous(), requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         self.register_buffer("sizes", torch.tensor([len(m) for m in members], device=dev), persistent=False)
-        self.register_buffer("down_norms", self.w_down.float().norm(dim=-1), persistent=False)  # [n, size]
+        self.register_buffer("down_norms", w_down.float().norm(dim=-1), persistent=False)  # [n, size]
         # The shared brick: plain dense slices, run for every token.
         self.shared_in = self.shared_b_in = self.shared_down = None
         if shared is not None:
@@ -85,7 +90,8 @@ class BrickedFFN(nn.Module):
             self.shared_in = nn.Parameter(torch.cat([p.detach()[m.to(dev)] for p in parts_in]), requires_grad=False)
             if self.b_in is not None:
                 self.shared_b_in = nn.Parameter(torch.cat([b.detach()[m.to(dev)] for b in bias_in]), requires_grad=False)
-            self.shared_down = nn.Parameter(w_down_t[m.to(dev)].clone(), requires_grad=False)
+            sd = w_down_t[m.to(dev)]  # [n_shared, hidden]
+            self.shared_down = nn.Parameter(sd.clone() if self.down_rows else sd.t().contiguous(), requires_grad=False)
         self.hidden = hidden
         self.active = active
         self.router = None
@@ -122,7 +128,11 @@ class BrickedFFN(nn.Module):
         if self.shared_in is None:
             return None
         h = F.linear(x, self.shared_in, self.shared_b_in)
-        return self._act(h, self.shared_down.shape[0]) @ self.shared_down
+        return self._down(self._act(h, self.shared_in.shape[0] // (2 if self.gated else 1)), self.shared_down)
+
+    def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """a [tokens, size] through one brick's down block (stored per `down_rows`)."""
+        return a @ w if self.down_rows else F.linear(a, w)
 
     def select(self, x: torch.Tensor) -> torch.Tensor | None:
         """Brick indices `[tokens, k]` each token runs (None = all bricks)."""
@@ -152,14 +162,18 @@ class BrickedFFN(nn.Module):
 
     def _run_brick(self, xb: torch.Tensor, b: int) -> torch.Tensor:
         h = F.linear(xb, self.w_in[b], None if self.b_in is None else self.b_in[b])
-        return self._act(h, self.brick_size) @ self.w_down[b]
+        return self._down(self._act(h, self.brick_size), self.w_down[b])
 
     def _decode(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
         """One token: read only the selected bricks' weights (views of the brick-major storage)."""
         bricks = range(self.n_bricks) if sel is None else sorted(sel[0].tolist())
         for b in bricks:
             h = F.linear(x, self.w_in[b], None if self.b_in is None else self.b_in[b])
-            y.addmm_(self._act(h, self.brick_size), self.w_down[b])
+            a = self._act(h, self.brick_size)
+            if self.down_rows:
+                y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
+            else:
+                y += F.linear(a, self.w_down[b])
 
     def _grouped(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
@@ -180,8 +194,8 @@ class BrickedFFN(nn.Module):
     def compute_fraction(self) -> float:
         """FFN multiply-accumulates per token actually executed (router + bricks + shared) over dense."""
         k = self.n_bricks if self.k_active >= self.n_bricks else self.k_active
-        per_brick = self.w_in.shape[1] * self.hidden + self.w_down.shape[1] * self.hidden
-        shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()
+        per_brick = self.w_in.shape[1] * self.hidden + self.brick_size * self.hidden
+        shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()  # MACs = weights read
         router = self.router.macs_per_token() if self.router is not None and k < self.n_bricks else 0
         return (k * per_brick + shared + router) / self.dense_macs_per_token()
 
