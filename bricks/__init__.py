@@ -13,6 +13,7 @@ from .analysis import (AnalyzeConfig, NeuronStats, analyze, capture_stats, cett_
                        partition, perplexity)
 from .arch import ARCHITECTURES, FFN, ffns, layout_for, supported_model_types
 from .brick import Brick, BrickSet, model_fingerprint
+from .configured import moefy, save_configured
 from .data import DataSpec, Domain, load_domains, windows
 from .errors import BricksError
 from .loading import load_model, model_info
@@ -24,5 +25,5 @@ __all__ = [
     "AnalyzeConfig", "NeuronStats", "analyze", "capture_stats", "cett_ppl_search", "ffn_hooks", "func_scores",
     "partition", "perplexity", "ARCHITECTURES", "FFN", "ffns", "layout_for", "supported_model_types", "Brick",
     "BrickSet", "model_fingerprint", "DataSpec", "Domain", "load_domains", "windows", "BricksError", "load_model",
-    "model_info", "BrickedFFN", "assemble_bricked", "bricked", "verify_bricks",
+    "model_info", "moefy", "save_configured", "BrickedFFN", "assemble_bricked", "bricked", "verify_bricks",
 ]

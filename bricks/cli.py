@@ -250,6 +250,78 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
                         f"  (over {ids.numel()} held-out tokens)")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--bricks", "brickset", required=True, type=click.Path(), help="BrickSet directory made from MODEL (bricks partition)")
+@click.option("--router", default="centroid", show_default=True, help="router name (see bricks.routing.ROUTERS)")
+@click.option("--active", default=0.5, show_default=True, help="share of routed bricks each token runs, in (0, 1]")
+@click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def moefy(model, brickset, router, active, out, device, dtype, device_map, as_json):
+    """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
+    from pathlib import Path
+
+    from .brick import BrickSet
+    from .configured import moefy as run
+    from .configured import save_configured
+    from .routing import ROUTERS
+
+    if not 0 < active <= 1:
+        raise BricksError(f"--active must be in (0, 1], got {active}")
+    if router not in ROUTERS:
+        raise BricksError(f"unknown router {router!r}: choose from {', '.join(ROUTERS)}")
+    if Path(out).exists():
+        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    bs = BrickSet.load(brickset)
+    m, tok = _load(model, device, dtype, device_map)
+    run(m, bs, router, active)
+    save_configured(m, tok, out)
+    data = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers}
+    _emit(as_json, data, f"wrote {out}: {bs.n_layers} layers, {bs.n_bricks(0)} bricks per layer, router {router}, "
+                         f"{active:g} of the routed bricks per token; open it with bricks.load_model({str(out)!r})")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True, help=_DATA_HELP)
+@click.option("--windows", default=16, show_default=True, help="held-out windows per domain")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--baseline", is_flag=True, help="also evaluate the dense base model and print ratios")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype, device_map, as_json):
+    """Per-domain held-out perplexity, FFN compute fraction and tokens/s (with --baseline: dense figures and ratios)."""
+    from .data import load_domains, parse_data_specs
+    from .evaluate import evaluate
+
+    specs = parse_data_specs(data)
+    m, tok = _load(model, device, dtype, device_map)
+    domains = load_domains(specs, tok, "heldout", seq_len, windows)
+    result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
+    if baseline:
+        del m
+        from .loading import load_model
+
+        base, _ = load_model(model, device=device, dtype=dtype, device_map=device_map, configured=False)
+        result["baseline"] = evaluate(base, domains, batch_size)
+        result["ratio"] = {
+            "ppl": {d: result["model_eval"]["ppl"][d] / result["baseline"]["ppl"][d] for d in result["model_eval"]["ppl"]},
+            "tokens_per_s": result["model_eval"]["tokens_per_s"] / result["baseline"]["tokens_per_s"],
+        }
+    lines = [f"{model}: FFN compute fraction {result['model_eval']['compute_fraction']:.3f}, "
+             f"{result['model_eval']['tokens_per_s']:.0f} tokens/s"]
+    for d, p in result["model_eval"]["ppl"].items():
+        extra = f"  (dense {result['baseline']['ppl'][d]:.3f}, ratio {result['ratio']['ppl'][d]:.3f})" if baseline else ""
+        lines.append(f"  {d:>10}: perplexity {p:.3f}{extra}")
+    if baseline:
+        lines.append(f"  tokens/s ratio to dense: {result['ratio']['tokens_per_s']:.2f}")
+    _emit(as_json, result, "\n".join(lines))
+
+
 @main.group()
 def bench():
     """Benchmarks whose ratios are measured in one run."""

@@ -119,7 +119,8 @@ def _converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype="float32", device_map=None):
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype="float32", device_map=None,
+               configured: bool = True):
     """Load a causal LM and its tokenizer from local files.
 
     Args:
@@ -127,6 +128,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
         device: "cpu", "cuda", "cuda:1", ...; ignored when `device_map` is given.
         dtype: "float32", "bfloat16" or "float16" (or a torch dtype).
         device_map: e.g. "auto" to spread a large model over the available devices.
+        configured: re-apply the bricks configuration of a directory written by
+            `bricks moefy` (False: the dense base model it holds).
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -163,6 +166,10 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    if configured and (path / "bricks_model.json").is_file():
+        from .configured import load_configured
+
+        load_configured(path, model)
     return model, tokenizer
 
 

@@ -25,6 +25,7 @@ class Router(nn.Module):
     """Base class: `forward(x [tokens, hidden]) -> scores [tokens, n_bricks]`."""
 
     name = "router"
+    trainable = False  # True when the router has learned parameters to save with the model
 
     def macs_per_token(self) -> int:
         """Multiply-accumulates per token spent on scoring."""

@@ -1,0 +1,93 @@
+"""Configured models: a base checkpoint plus the bricks configuration that `bricks.load_model` re-applies.
+
+A configured-model directory is a plain Hugging Face checkpoint of the base
+model (so transformers alone still opens it, as the dense model) plus:
+
+- `bricks_model.json`: format, kind ("moe"), router name, active fraction;
+- `bricks/`: the BrickSet (with the base model's fingerprint);
+- `router.safetensors`: trained router parameters, when the router has any.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .brick import BrickSet, atomic_dir
+from .errors import BricksError
+from .routing import BrickedFFN, assemble_bricked
+
+FORMAT = "bricks.configured"
+VERSION = 1
+MARKER = "bricks_model.json"
+
+
+def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5):
+    """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
+
+    Example:
+        >>> bs = bricks.BrickSet.load("runs/bricks")
+        >>> bricks.moefy(model, bs, router="centroid", active=0.5)
+        >>> bricks.save_configured(model, tok, "runs/moe")
+    """
+    originals = assemble_bricked(model, brickset, router=router, active=active)
+    # Plain attributes (not sub-modules): kept out of the state dict, used to save the dense base.
+    object.__setattr__(model, "bricks_dense_ffns", originals)
+    model.bricks_config = {"kind": "moe", "router": router, "active": active}
+    model.bricks_brickset = brickset
+    return model
+
+
+def _bricked_layers(model) -> list[BrickedFFN]:
+    return [m for m in model.modules() if isinstance(m, BrickedFFN)]
+
+
+def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a configured model directory atomically (see the module docstring)."""
+    if not hasattr(model, "bricks_config"):
+        raise BricksError("this model has no bricks configuration to save: build one with bricks.moefy first")
+    layers = _bricked_layers(model)
+    from .arch import layout_for
+
+    layout = layout_for(model)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        # The checkpoint holds the dense base: the original FFN tensors replace the bricked ones.
+        state = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
+        for i, dense in enumerate(model.bricks_dense_ffns):
+            state.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        model.bricks_brickset.save(tmp / "bricks", overwrite=True)
+        router_state = {f"layers.{i}.{k}": v.detach().cpu().contiguous()
+                        for i, layer in enumerate(layers) if layer.router is not None
+                        for k, v in layer.router.state_dict().items() if layer.router.trainable}
+        if router_state:
+            save_file(router_state, str(tmp / "router.safetensors"))
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "version": VERSION, **model.bricks_config}, indent=1))
+    return Path(out)
+
+
+def load_configured(path: Path, model) -> "torch.nn.Module":
+    """Re-apply the configuration stored in `path` to its freshly loaded base `model`."""
+    try:
+        cfg = json.loads((path / MARKER).read_text())
+    except json.JSONDecodeError as exc:
+        raise BricksError(f"{path / MARKER} is not valid JSON: the configured model is corrupt") from exc
+    if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
+        raise BricksError(f"{path / MARKER} is not a bricks configuration this version reads (format {cfg.get('format')!r})")
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active"}
+    if unknown:
+        raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
+    brickset = BrickSet.load(path / "bricks")
+    moefy(model, brickset, cfg["router"], cfg["active"])
+    router_file = path / "router.safetensors"
+    if router_file.is_file():
+        state = load_file(str(router_file))
+        for i, layer in enumerate(_bricked_layers(model)):
+            own = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
+            if own:
+                layer.router.load_state_dict(own)
+    return model

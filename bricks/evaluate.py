@@ -1,0 +1,21 @@
+"""Evaluation of a (possibly bricked) model: held-out perplexity per domain, compute fraction, speed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .analysis.sparsity import perplexity
+from .routing import BrickedFFN
+
+
+def evaluate(model, domains, batch_size: int = 8) -> dict:
+    """Perplexity per domain, FFN compute fraction (1.0 when dense) and tokens/s of the forward passes."""
+    t = time.perf_counter()
+    ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
+    seconds = time.perf_counter() - t
+    tokens = sum(d.windows.numel() for d in domains)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    fraction = sum(m.compute_fraction() for m in layers) / len(layers) if layers else 1.0
+    return {"ppl": ppl, "compute_fraction": fraction, "tokens_per_s": tokens / seconds, "tokens": tokens}

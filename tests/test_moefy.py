@@ -1,0 +1,79 @@
+"""Configured MoE models: moefy, save, reload in a fresh process with the same logits; eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bricks
+from bricks.cli import main
+from bricks.routing import BrickedFFN
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def brickset_dir(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bs") / "bs"
+    assert run("partition", llama_dir, "--method", "param-kmeans", "--bricks", 8, "--out", out).exit_code == 0
+    return out
+
+
+def test_moefy_save_reload_same_logits(llama_dir, brickset_dir, tmp_path):
+    out = tmp_path / "moe"
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, "--router", "centroid", "--active", 0.5, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    model, tok = bricks.load_model(out)
+    assert sum(isinstance(m, BrickedFFN) for m in model.modules()) == 2
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (f"import torch, bricks; m, _ = bricks.load_model({str(out)!r}); "
+              f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "l.pt"), logits)
+    # The dense base inside is the original model; the MoE differs from it at active 0.5.
+    dense, _ = bricks.load_model(out, configured=False)
+    original, _ = bricks.load_model(llama_dir)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, original(ids).logits)
+        assert not torch.allclose(dense(ids).logits, logits)
+    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 16)
+
+
+def test_eval_with_baseline(llama_dir, brickset_dir, tmp_path):
+    out = tmp_path / "moe"
+    assert run("moefy", llama_dir, "--bricks", brickset_dir, "--active", 1.0, "--out", out).exit_code == 0
+    r = run("eval", out, "--data", "code=builtin:code", "--data", "math=builtin:math", "--windows", 2, "--seq-len", 32,
+            "--baseline", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["model_eval"]["compute_fraction"] == pytest.approx(1.0)
+    for d in ("code", "math"):  # all bricks active: the dense model's perplexity
+        assert res["ratio"]["ppl"][d] == pytest.approx(1.0, abs=1e-5)
+    assert res["baseline"]["compute_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--router", "centroid", "--active", 0], "--active must be in (0, 1]"),
+    (["--router", "centroid", "--active", 1.5], "--active must be in (0, 1]"),
+    (["--router", "telepathy", "--active", 0.5], "unknown router 'telepathy'"),
+])
+def test_moefy_bad_input(llama_dir, brickset_dir, tmp_path, args, message):
+    out = tmp_path / "moe"
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, *args, "--out", out)
+    assert r.exit_code == 1 and message in r.stderr and not out.exists()
+
+
+def test_moefy_brickset_from_other_model(tiny_dirs, brickset_dir, tmp_path):
+    out = tmp_path / "moe"
+    r = run("moefy", tiny_dirs["qwen2"], "--bricks", brickset_dir, "--out", out)
+    assert r.exit_code == 1 and "not from this model" in r.stderr and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
