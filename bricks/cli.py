@@ -256,16 +256,21 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--router", default="centroid", show_default=True, help="router name (see bricks.routing.ROUTERS)")
 @click.option("--active", default=0.5, show_default=True, help="share of routed bricks each token runs, in (0, 1]")
 @click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
+@click.option("--data", "data", multiple=True, help=_DATA_HELP + " (train split; trains the mlp router)")
+@click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--epochs", default=20, show_default=True, help="router training epochs")
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
-def moefy(model, brickset, router, active, out, device, dtype, device_map, as_json):
+def moefy(model, brickset, router, active, out, data, windows, seq_len, epochs, device, dtype, device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
     from pathlib import Path
 
     from .brick import BrickSet
     from .configured import moefy as run
     from .configured import save_configured
+    from .data import load_domains, parse_data_specs
     from .routing import ROUTERS
 
     if not 0 < active <= 1:
@@ -274,13 +279,20 @@ def moefy(model, brickset, router, active, out, device, dtype, device_map, as_js
         raise BricksError(f"unknown router {router!r}: choose from {', '.join(ROUTERS)}")
     if Path(out).exists():
         raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    specs = parse_data_specs(data) if data else []
+    if ROUTERS[router].trainable and not specs:
+        raise BricksError(f"router {router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
     bs = BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
-    run(m, bs, router, active)
+    domains = load_domains(specs, tok, "train", seq_len, windows) if specs and ROUTERS[router].trainable else None
+    run(m, bs, router, active, train_domains=domains, epochs=epochs)
     save_configured(m, tok, out)
-    data = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers}
-    _emit(as_json, data, f"wrote {out}: {bs.n_layers} layers, {bs.n_bricks(0)} bricks per layer, router {router}, "
-                         f"{active:g} of the routed bricks per token; open it with bricks.load_model({str(out)!r})")
+    report = getattr(m, "bricks_router_report", [])
+    result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,
+              "router_training": report}
+    recall = f"; router recall of the oracle's top bricks {sum(r['recall_at_k'] for r in report) / len(report):.3f}" if report else ""
+    _emit(as_json, result, f"wrote {out}: {bs.n_layers} layers, {bs.n_bricks(0)} bricks per layer, router {router}, "
+                           f"{active:g} of the routed bricks per token{recall}; open it with bricks.load_model({str(out)!r})")
 
 
 @main.command("eval")

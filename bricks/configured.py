@@ -25,8 +25,13 @@ VERSION = 1
 MARKER = "bricks_model.json"
 
 
-def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5):
+def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
+          epochs: int = 20):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
+
+    Trainable routers (`mlp`) are trained on `train_domains` (token windows,
+    `bricks.load_domains(..., split="train")`); the per-layer training report
+    is kept in `model.bricks_router_report`.
 
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
@@ -38,6 +43,10 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     object.__setattr__(model, "bricks_dense_ffns", originals)
     model.bricks_config = {"kind": "moe", "router": router, "active": active}
     model.bricks_brickset = brickset
+    if train_domains is not None:
+        from .routing import train_routers
+
+        model.bricks_router_report = train_routers(model, train_domains, epochs=epochs)
     return model
 
 

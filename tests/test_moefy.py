@@ -77,3 +77,30 @@ def test_moefy_brickset_from_other_model(tiny_dirs, brickset_dir, tmp_path):
     r = run("moefy", tiny_dirs["qwen2"], "--bricks", brickset_dir, "--out", out)
     assert r.exit_code == 1 and "not from this model" in r.stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
+
+
+def test_mlp_router_trains_saves_and_reloads(llama_dir, brickset_dir, tmp_path):
+    out = tmp_path / "moe"
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, "--router", "mlp", "--active", 0.25, "--out", out)
+    assert r.exit_code == 1 and "must be trained" in r.stderr and not out.exists()
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, "--router", "mlp", "--active", 0.25, "--out", out,
+            "--data", "code=builtin:code", "--data", "math=builtin:math", "--windows", 8, "--seq-len", 32, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)["router_training"]
+    assert len(report) == 2 and all(0 <= x["recall_at_k"] <= 1 for x in report)
+    # Better than chance (k/n = 0.25) at finding the oracle's top bricks.
+    assert sum(x["recall_at_k"] for x in report) / 2 > 0.35
+    model, _ = bricks.load_model(out)
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        a = model(ids).logits
+        b = bricks.load_model(out)[0](ids).logits
+    assert torch.equal(a, b)
+
+
+def test_untrained_mlp_router_refuses(llama_dir):
+    model, _ = bricks.load_model(llama_dir)
+    bs = bricks.partition(model, "random", 4)
+    with bricks.bricked(model, bs, router="mlp", active=0.5):
+        with pytest.raises(bricks.BricksError, match="untrained"):
+            model(torch.randint(0, 300, (1, 4)))

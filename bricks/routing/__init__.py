@@ -1,7 +1,7 @@
 """Routing: executing FFNs as emergent bricks, all of them or those a router selects."""
 
 from .bricked_ffn import BrickedFFN, assemble_bricked, bricked, compute_fraction, verify_bricks
-from .routers import ROUTERS, Router, make_router
+from .routers import ROUTERS, Router, make_router, train_routers
 
 __all__ = ["BrickedFFN", "assemble_bricked", "bricked", "compute_fraction", "verify_bricks", "ROUTERS", "Router",
-           "make_router"]
+           "make_router", "train_routers"]
