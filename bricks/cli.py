@@ -291,7 +291,9 @@ def moefy(model, brickset, router, active, out, data, windows, seq_len, epochs, 
     result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,
               "router_training": report}
     recall = f"; router recall of the oracle's top bricks {sum(r['recall_at_k'] for r in report) / len(report):.3f}" if report else ""
-    _emit(as_json, result, f"wrote {out}: {bs.n_layers} layers, {bs.n_bricks(0)} bricks per layer, router {router}, "
+    shared = " + a shared brick" if bs.shared[0] is not None else ""
+    routed = bs.n_bricks(0) - (1 if bs.shared[0] is not None else 0)
+    _emit(as_json, result, f"wrote {out}: {bs.n_layers} layers, {routed} routed bricks{shared} per layer, router {router}, "
                            f"{active:g} of the routed bricks per token{recall}; open it with bricks.load_model({str(out)!r})")
 
 
