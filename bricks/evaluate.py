@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from .analysis.sparsity import perplexity
 from .routing import BrickedFFN

@@ -1,7 +1,6 @@
 """The command line on tiny models: outputs, JSON, one-line errors, no partial output."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,6 +1,5 @@
 """Model loading: local directories only, clear errors for bad input."""
 
-import json
 
 import pytest
 import torch

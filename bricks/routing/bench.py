@@ -7,7 +7,6 @@ import time
 import torch
 
 from ..arch import ffns
-from ..brick import BrickSet, model_fingerprint
 from .bricked_ffn import BrickedFFN
 
 
@@ -21,13 +20,13 @@ def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = 
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
-def _median_time(fn, reps: int, sync) -> float:
-    fn()
+def _median_time(module, x, reps: int, sync) -> float:
+    module(x)
     sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        module(x)
         sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
@@ -52,10 +51,10 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
             dense = f.module
             for batch in batches:
                 x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
-                t_dense = _median_time(lambda: dense(x), reps, sync)
+                t_dense = _median_time(dense, x, reps, sync)
                 for active in actives:
                     bricked = BrickedFFN(f, assignment, router=router, active=active)
-                    t = _median_time(lambda: bricked(x), reps, sync)
+                    t = _median_time(bricked, x, reps, sync)
                     row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
                            "router": router, "n_bricks": n_bricks, "compute_fraction": round(bricked.compute_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),

@@ -15,12 +15,15 @@ FFN reports includes the router.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from ..errors import BricksError
+
+if TYPE_CHECKING:
+    from .bricked_ffn import BrickedFFN
 
 
 class Router(nn.Module):
