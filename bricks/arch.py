@@ -77,11 +77,11 @@ def _get(obj: nn.Module, dotted: str) -> nn.Module:
 class FFN:
     """Handle on one layer's FFN: its modules and its weights on the neuron axis."""
 
-    def __init__(self, model: nn.Module, layer: int, layout: FFNLayout | None = None):
+    def __init__(self, model: nn.Module | None, layer: int, layout: FFNLayout | None = None, module: nn.Module | None = None):
+        """Handle on `model`'s FFN of `layer`, or (with `module` and `layout`) on a detached FFN module."""
         self.layout = layout or layout_for(model)
         self.layer = layer
-        block = decoder_layers(model, self.layout)[layer]
-        self.module = _get(block, self.layout.mlp)
+        self.module = module if module is not None else _get(decoder_layers(model, self.layout)[layer], self.layout.mlp)
         lay = self.layout
         self.down = getattr(self.module, lay.down)
         self.up = getattr(self.module, lay.up) if lay.up else None

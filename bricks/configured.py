@@ -10,12 +10,14 @@ model (so transformers alone still opens it, as the dense model) plus:
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .arch import FFN
 from .brick import BrickSet, atomic_dir
 from .errors import BricksError
 from .routing import BrickedFFN, assemble_bricked
@@ -39,8 +41,9 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
         >>> bricks.save_configured(model, tok, "runs/moe")
     """
     originals = assemble_bricked(model, brickset, router=router, active=active)
-    # Plain attributes (not sub-modules): kept out of the state dict, used to save the dense base.
-    object.__setattr__(model, "bricks_dense_ffns", originals)
+    # Keep the dense modules' structure only (weights on the meta device, no memory):
+    # saving rebuilds their tensors from the bricks, which hold every weight exactly once.
+    object.__setattr__(model, "bricks_dense_ffns", [m.to("meta") for m in originals])
     model.bricks_config = {"kind": "moe", "router": router, "active": active}
     model.bricks_brickset = brickset
     if train_domains is not None:
@@ -65,7 +68,9 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         # The checkpoint holds the dense base: the original FFN tensors replace the bricked ones.
         state = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
-        for i, dense in enumerate(model.bricks_dense_ffns):
+        for i, (skeleton, bricked) in enumerate(zip(model.bricks_dense_ffns, layers)):
+            dense = copy.deepcopy(skeleton).to_empty(device=bricked.w_in.device)
+            bricked.write_dense(FFN(None, i, layout, module=dense))
             state.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

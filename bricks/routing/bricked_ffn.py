@@ -82,6 +82,11 @@ class BrickedFFN(nn.Module):
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         self.register_buffer("sizes", torch.tensor([len(m) for m in members], device=dev), persistent=False)
+        # Where each stored row came from, to rebuild the dense tensors (-1 = padding).
+        self.register_buffer("members", torch.stack([F.pad(m, (0, size - len(m)), value=-1) for m in members]),
+                             persistent=False)  # [n, size]
+        self.register_buffer("shared_members", torch.nonzero(assignment == shared).flatten() if shared is not None
+                             else torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("down_norms", w_down.float().norm(dim=-1), persistent=False)  # [n, size]
         # The shared brick: plain dense slices, run for every token.
         self.shared_in = self.shared_b_in = self.shared_down = None
@@ -186,6 +191,32 @@ class BrickedFFN(nn.Module):
         for b in torch.nonzero(mask.any(0)).flatten().tolist():
             rows = torch.nonzero(mask[:, b]).flatten()
             y.index_add_(0, rows, self._run_brick(x[rows], b))
+
+    @torch.no_grad()
+    def write_dense(self, dense: FFN) -> None:
+        """Write this FFN's weights back, in the original neuron order, into a dense FFN of the same shape."""
+        parts = dense.neuron_parts()  # [d_ff, ...] views: gate, up, down (as rows), biases
+        k = 2 if self.gated else 1
+        size = self.brick_size
+
+        def put(rows_in, rows_down, bias_in, neurons):
+            names = ["gate", "up"] if self.gated else ["up"]
+            for j, name in enumerate(names):
+                parts[name][neurons] = rows_in[j * len(rows_in) // k : (j + 1) * len(rows_in) // k].to(parts[name].dtype)
+                if bias_in is not None and f"{name}_bias" in parts:
+                    parts[f"{name}_bias"][neurons] = bias_in[j * len(bias_in) // k : (j + 1) * len(bias_in) // k]
+            parts["down"][neurons] = (rows_down if self.down_rows else rows_down.t()).to(parts["down"].dtype)
+
+        for b in range(self.n_bricks):
+            n = int(self.sizes[b])
+            idx = self.members[b, :n]
+            sel = torch.cat([torch.arange(n) + j * size for j in range(k)]).to(self.w_in.device)
+            down = self.w_down[b, :n] if self.down_rows else self.w_down[b, :, :n]
+            put(self.w_in[b][sel], down, None if self.b_in is None else self.b_in[b][sel], idx)
+        if self.shared_in is not None:
+            put(self.shared_in, self.shared_down, self.shared_b_in, self.shared_members)
+        if self.b_down is not None:
+            dense.down_bias().copy_(self.b_down)
 
     # ------------------------------------------------------------------ accounting
     def dense_macs_per_token(self) -> int:
