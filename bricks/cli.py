@@ -255,6 +255,8 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--bricks", "brickset", required=True, type=click.Path(), help="BrickSet directory made from MODEL (bricks partition)")
 @click.option("--router", default="centroid", show_default=True, help="router name (see bricks.routing.ROUTERS)")
 @click.option("--active", default=0.5, show_default=True, help="share of routed bricks each token runs, in (0, 1]")
+@click.option("--compute", default=None, type=float,
+              help="instead of --active: FFN compute fraction per layer, router and shared brick included, in (0, 1]")
 @click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
 @click.option("--data", "data", multiple=True, help=_DATA_HELP + " (train split; trains the mlp router)")
 @click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
@@ -263,7 +265,8 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
-def moefy(model, brickset, router, active, out, data, windows, seq_len, epochs, device, dtype, device_map, as_json):
+def moefy(model, brickset, router, active, compute, out, data, windows, seq_len, epochs, device, dtype, device_map,
+          as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
     from pathlib import Path
 
@@ -275,6 +278,8 @@ def moefy(model, brickset, router, active, out, data, windows, seq_len, epochs, 
 
     if not 0 < active <= 1:
         raise BricksError(f"--active must be in (0, 1], got {active}")
+    if compute is not None and not 0 < compute <= 1:
+        raise BricksError(f"--compute must be in (0, 1], got {compute}")
     if router not in ROUTERS:
         raise BricksError(f"unknown router {router!r}: choose from {', '.join(ROUTERS)}")
     if Path(out).exists():
@@ -285,7 +290,9 @@ def moefy(model, brickset, router, active, out, data, windows, seq_len, epochs, 
     bs = BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
     domains = load_domains(specs, tok, "train", seq_len, windows) if specs and ROUTERS[router].trainable else None
-    run(m, bs, router, active, train_domains=domains, epochs=epochs)
+    run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute)
+    if compute is not None:
+        active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)
     report = getattr(m, "bricks_router_report", [])
     result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,

@@ -28,7 +28,7 @@ MARKER = "bricks_model.json"
 
 
 def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
-          epochs: int = 20):
+          epochs: int = 20, compute: float | None = None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`) are trained on `train_domains` (token windows,
@@ -40,11 +40,20 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
         >>> bricks.moefy(model, bs, router="centroid", active=0.5)
         >>> bricks.save_configured(model, tok, "runs/moe")
     """
-    originals = assemble_bricked(model, brickset, router=router, active=active)
+    per_layer = isinstance(active, (list, tuple))
+    originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else active, compute=compute)
+    layers = _bricked_layers(model)
+    if per_layer:
+        if len(active) != len(layers):
+            raise BricksError(f"{len(active)} active fractions for {len(layers)} layers")
+        for m, a in zip(layers, active):
+            m.active = a
+    if compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
+        active = [m.active for m in layers]
     # Keep the dense modules' structure only (weights on the meta device, no memory):
     # saving rebuilds their tensors from the bricks, which hold every weight exactly once.
     object.__setattr__(model, "bricks_dense_ffns", [m.to("meta") for m in originals])
-    model.bricks_config = {"kind": "moe", "router": router, "active": active}
+    model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute}
     model.bricks_brickset = brickset
     if train_domains is not None:
         from .routing import train_routers
@@ -92,7 +101,7 @@ def load_configured(path: Path, model) -> "torch.nn.Module":
         raise BricksError(f"{path / MARKER} is not valid JSON: the configured model is corrupt") from exc
     if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise BricksError(f"{path / MARKER} is not a bricks configuration this version reads (format {cfg.get('format')!r})")
-    unknown = set(cfg) - {"format", "version", "kind", "router", "active"}
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = BrickSet.load(path / "bricks")

@@ -104,3 +104,22 @@ def test_untrained_mlp_router_refuses(llama_dir):
     with bricks.bricked(model, bs, router="mlp", active=0.5):
         with pytest.raises(bricks.BricksError, match="untrained"):
             model(torch.randint(0, 300, (1, 4)))
+
+
+def test_moefy_compute_target(llama_dir, tmp_path):
+    bs_dir = tmp_path / "bs"
+    assert run("partition", llama_dir, "--method", "random", "--bricks", 8, "--shared", 0.125,
+               "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--out", bs_dir).exit_code == 0
+    out = tmp_path / "moe"
+    r = run("moefy", llama_dir, "--bricks", bs_dir, "--compute", 0.5, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    model, _ = bricks.load_model(out)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    for m in layers:  # as many bricks as fit: one more would exceed the target
+        assert m.compute_fraction() <= 0.5
+        m.active += 1 / m.n_bricks
+        assert m.compute_fraction() > 0.5
+    cfg = json.loads((out / "bricks_model.json").read_text())
+    assert cfg["compute"] == 0.5 and len(cfg["active"]) == 2
+    r = run("moefy", llama_dir, "--bricks", bs_dir, "--compute", 0.1, "--out", tmp_path / "moe2")
+    assert r.exit_code == 1 and "leaves no room" in r.stderr and not (tmp_path / "moe2").exists()

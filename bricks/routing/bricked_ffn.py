@@ -222,17 +222,33 @@ class BrickedFFN(nn.Module):
     def dense_macs_per_token(self) -> int:
         return (3 if self.gated else 2) * self.d_ff * self.hidden
 
-    def compute_fraction(self) -> float:
-        """FFN multiply-accumulates per token actually executed (router + bricks + shared) over dense."""
-        k = self.n_bricks if self.k_active >= self.n_bricks else self.k_active
+    def _macs(self, k: int) -> int:
+        """MACs per token with k routed bricks: bricks + shared brick + router (when it routes)."""
         per_brick = self.w_in.shape[1] * self.hidden + self.brick_size * self.hidden
         shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()  # MACs = weights read
         router = self.router.macs_per_token() if self.router is not None and k < self.n_bricks else 0
-        return (k * per_brick + shared + router) / self.dense_macs_per_token()
+        return k * per_brick + shared + router
+
+    def compute_fraction(self) -> float:
+        """FFN multiply-accumulates per token actually executed (router + bricks + shared) over dense."""
+        return self._macs(min(self.k_active, self.n_bricks)) / self.dense_macs_per_token()
+
+    def set_compute(self, target: float) -> None:
+        """Choose the active share so that the compute fraction (router and shared brick included) is at most `target`."""
+        dense = self.dense_macs_per_token()
+        fits = [k for k in range(1, self.n_bricks + 1) if self._macs(k) <= target * dense]
+        if not fits:
+            raise BricksError(f"a compute fraction of {target} leaves no room for one routed brick after the shared brick "
+                              f"and the router ({self._macs(1) / dense:.3f} at least): raise --compute or use less shared neurons")
+        self.active = max(fits) / self.n_bricks
 
 
-def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0) -> list[nn.Module]:
+def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0,
+                     compute: float | None = None) -> list[nn.Module]:
     """Replace every FFN of `model` (in place) by a `BrickedFFN` built from `brickset`.
+
+    `compute`, when given, overrides `active`: each layer runs as many routed
+    bricks as fit in that FFN compute fraction (router and shared brick included).
 
     Returns the original FFN modules, in layer order (see `bricked` to swap back).
     """
@@ -246,6 +262,11 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = 
         raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(blocks)}")
     layers = decoder_layers(model, layout)
     new = [BrickedFFN(f, a, s, router, active) for f, a, s in zip(blocks, brickset.assignments, brickset.shared)]
+    if compute is not None:
+        if not 0.0 < compute <= 1.0:
+            raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
+        for m in new:
+            m.set_compute(compute)
     originals = []
     for f, module in zip(blocks, new):
         originals.append(f.module)
