@@ -6,7 +6,7 @@ import time
 
 
 from .analysis.sparsity import perplexity
-from .routing import BrickedFFN
+from .routing import compute_fraction
 
 
 def evaluate(model, domains, batch_size: int = 8) -> dict:
@@ -15,6 +15,4 @@ def evaluate(model, domains, batch_size: int = 8) -> dict:
     ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
     seconds = time.perf_counter() - t
     tokens = sum(d.windows.numel() for d in domains)
-    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
-    fraction = sum(m.compute_fraction() for m in layers) / len(layers) if layers else 1.0
-    return {"ppl": ppl, "compute_fraction": fraction, "tokens_per_s": tokens / seconds, "tokens": tokens}
+    return {"ppl": ppl, "compute_fraction": compute_fraction(model), "tokens_per_s": tokens / seconds, "tokens": tokens}

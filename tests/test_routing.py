@@ -85,7 +85,7 @@ def test_compute_fraction_counts_router_and_bricks(llama):
     with torch.no_grad():
         ffn(torch.randn(4, 32))
     dense = 3 * 64 * 32
-    assert ffn.last_compute_fraction == pytest.approx((4 * 3 * 8 * 32 + 8 * 32) / dense)
+    assert ffn.compute_fraction() == pytest.approx((4 * 3 * 8 * 32 + 8 * 32) / dense)
 
 
 def test_bad_routing_requests(llama):

@@ -162,6 +162,7 @@ class NeuronStats:
         self.sample_mean = torch.zeros(n_layers, n_samples, d_ff)  # mean |a| over each sample's tokens
         self.coact = torch.zeros(n_layers, d_ff, d_ff) if coactivation else None
         self._samples: torch.Tensor | None = None
+        self._norms_on: dict[int, torch.Tensor] = {}
 
     def set_batch(self, sample_ids: Sequence[int], tokens_per_sample: int) -> None:
         """Declare which samples the next forward pass holds."""
@@ -174,8 +175,13 @@ class NeuronStats:
     def is_active(self, layer: int, a_abs: torch.Tensor) -> torch.Tensor:
         if self.thresholds is None:
             return a_abs > 0
-        t = self.thresholds[layer] / self.down_norms[layer].to(a_abs.device)  # per-neuron threshold on |a|
-        return a_abs >= t
+        return a_abs * self._down_norm(layer, a_abs.device) >= self.thresholds[layer]
+
+    def _down_norm(self, layer: int, device) -> torch.Tensor:
+        """W_down column norms of a layer on `device`, moved there once rather than every batch."""
+        if self._norms_on.get(layer) is None or self._norms_on[layer].device != device:
+            self._norms_on[layer] = self.down_norms[layer].to(device)
+        return self._norms_on[layer]
 
     @torch.no_grad()
     def update(self, layer: int, acts: torch.Tensor) -> None:

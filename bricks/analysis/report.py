@@ -43,6 +43,7 @@ report.json schema (version 1)::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -101,7 +102,11 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
     calib_ids = torch.cat([d.windows[:per_domain] for d in train])
     calib = activation_sample(model, calib_ids, cfg.calib_tokens, cfg.batch_size)
     dense_per_domain = [perplexity(model, d.windows, cfg.batch_size) for d in progress(heldout, "dense perplexity")]
-    cett, curves = cett_ppl_search(model, calib, eval_ids, cfg.ppl_increase, batch_size=cfg.batch_size)
+    # Perplexity of all held-out windows together, from the per-domain ones (no second dense pass).
+    n_pred = [len(d.windows) * (cfg.seq_len - 1) for d in heldout]
+    ppl_mixed = math.exp(sum(n * math.log(p) for n, p in zip(n_pred, dense_per_domain)) / sum(n_pred))
+    cett, curves = cett_ppl_search(model, calib, eval_ids, cfg.ppl_increase, batch_size=cfg.batch_size,
+                                   ppl_dense=ppl_mixed)
     del calib
 
     # 2. Neuron statistics on the train windows, "active" meaning above the CETT threshold.

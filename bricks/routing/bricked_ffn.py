@@ -104,7 +104,6 @@ class BrickedFFN(nn.Module):
             from .routers import make_router
 
             self.router = make_router(router, self)
-        self.last_compute_fraction: float | None = None
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -121,13 +120,12 @@ class BrickedFFN(nn.Module):
             return self.act(h[..., :size]) * h[..., size:]
         return self.act(h)
 
-    def brick_activations(self, x: torch.Tensor, bricks: torch.Tensor | None) -> torch.Tensor:
-        """Activations `[tokens, n_sel, size]` of the given bricks (all when None), computed densely."""
-        w = self.w_in if bricks is None else self.w_in[bricks]
-        h = torch.einsum("th,nkh->tnk", x, w)
+    def brick_mass(self, x: torch.Tensor) -> torch.Tensor:
+        """True output mass `[tokens, n_bricks]` of every brick, sum_i |a_i|·||W_down[:, i]|| (computes all of `a`)."""
+        h = torch.einsum("th,nkh->tnk", x, self.w_in)
         if self.b_in is not None:
-            h = h + (self.b_in if bricks is None else self.b_in[bricks])
-        return self._act(h, self.brick_size)
+            h = h + self.b_in
+        return (self._act(h, self.brick_size).abs() * self.down_norms).sum(-1)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared_in is None:
@@ -162,7 +160,6 @@ class BrickedFFN(nn.Module):
             self._grouped(x2, sel, y)
         if self.b_down is not None:
             y += self.b_down
-        self.last_compute_fraction = self.compute_fraction()
         return y.reshape(*shape[:-1], self.hidden)
 
     def _run_brick(self, xb: torch.Tensor, b: int) -> torch.Tensor:
@@ -293,11 +290,13 @@ def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, act
 
 
 def compute_fraction(model: nn.Module) -> float:
-    """Mean compute fraction of the bricked FFNs of `model` in their last forward pass."""
-    fr = [m.last_compute_fraction for m in model.modules() if isinstance(m, BrickedFFN) and m.last_compute_fraction is not None]
-    if not fr:
-        raise BricksError("the model has no bricked FFN that has run yet")
-    return sum(fr) / len(fr)
+    """Mean FFN compute fraction over the layers of `model` (1.0 for a dense model).
+
+    Every token runs the same number of bricks, so the fraction follows from
+    the configuration; no forward pass is needed to know it.
+    """
+    fr = [m.compute_fraction() for m in model.modules() if isinstance(m, BrickedFFN)]
+    return sum(fr) / len(fr) if fr else 1.0
 
 
 @torch.no_grad()

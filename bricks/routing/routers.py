@@ -47,9 +47,7 @@ class OracleRouter(Router):
         self._ffn = [ffn]  # a list: do not register the FFN as a sub-module (it owns the router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self._ffn[0]
-        a = f.brick_activations(x, None)  # [tokens, n_bricks, size]
-        return (a.abs() * f.down_norms).sum(-1)
+        return self._ffn[0].brick_mass(x)
 
     def macs_per_token(self) -> int:
         f = self._ffn[0]
@@ -142,7 +140,7 @@ def _training_data(model, domains, max_tokens: int, batch_size: int):
     out = []
     for m, chunks in zip(layers, xs):
         x = torch.cat(chunks)
-        mass = torch.cat([(m.brick_activations(c, None).abs() * m.down_norms).sum(-1) for c in x.split(1024)])
+        mass = torch.cat([m.brick_mass(c) for c in x.split(1024)])
         out.append((x, mass))
     return layers, out
 
