@@ -55,9 +55,24 @@ def test_brickwise_execution_is_exact_in_float64():
     ids = bricks.windows(tok, "builtin:code", "heldout", seq_len=32, max_windows=1)
     with torch.no_grad():
         dense = model(ids).logits
-        with bricks.bricked(model, bs):
+        with bricks.bricked(model, bs, brickwise=True):
             rebuilt = model(ids).logits
     assert (rebuilt - dense).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize("router", sorted(bricks.routing.ROUTERS))
+def test_full_activity_reproduces_dense_logits(model_tok, router):
+    """Active fraction 1.0, any router: the dense model's logits within 1e-5 in fp32 (order-preserving path)."""
+    model, tok = model_tok
+    from bricks.analysis.partition import activation_statistics as stats_of
+
+    bs = bricks.partition(model, "random", 64, stats_of(model, tok, DATA[:1], windows=1, seq_len=32), shared_fraction=0.0625)
+    ids = bricks.windows(tok, "builtin:math", "heldout", seq_len=64, max_windows=2)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with bricks.bricked(model, bs, router=router, active=1.0):
+            full = model(ids).logits
+    assert (full - dense).abs().max().item() <= 1e-5
 
 
 @pytest.mark.slow

@@ -13,18 +13,27 @@ def llama(llama_dir):
     return bricks.load_model(llama_dir)
 
 
+def _shared_brickset(model, tok, n=8, shared=0.125, method="param-kmeans"):
+    from bricks.analysis.partition import activation_statistics
+
+    stats = activation_statistics(model, tok, ["code=builtin:code"], windows=4, seq_len=16)
+    return bricks.partition(model, method, n, stats, shared_fraction=shared)
+
+
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_full_activity_is_the_dense_model(tiny_dirs, family, router):
-    model, _ = bricks.load_model(tiny_dirs[family])
-    bs = bricks.partition(model, "param-kmeans", 8)
+    model, tok = bricks.load_model(tiny_dirs[family])
+    bs = _shared_brickset(model, tok)
     ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         dense = model(ids).logits
         with bricked(model, bs, router=router, active=1.0):
             routed = model(ids).logits
+            step = model(ids[:1, :1]).logits  # the batch-1 decode shape too
             assert compute_fraction(model) == pytest.approx(1.0)
     assert (routed - dense).abs().max() <= 1e-5
+    assert (step - dense[:1, :1]).abs().max() <= 1e-5
 
 
 def _masked_reference(f, x, chosen, shared_neurons):
@@ -38,7 +47,7 @@ def _masked_reference(f, x, chosen, shared_neurons):
     return (a * keep) @ f.down_weight().t()
 
 
-@pytest.mark.parametrize("router", ["oracle", "centroid"])
+@pytest.mark.parametrize("router", ["oracle", "centroid", "threshold"])
 @pytest.mark.parametrize("shared", [0.0, 0.125])
 def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokenizer):
     model, tok = llama
@@ -52,12 +61,16 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
     ffn = BrickedFFN(f, bs.assignments[0], bs.shared[0], router=router, active=0.4)
     x = torch.randn(5, 32)
     with torch.no_grad():
-        sel = ffn.select(x)  # [5, k]
-        assert sel.shape == (5, round(0.4 * 7))
+        if ffn.router.trainable:
+            ffn.router.fit(torch.randn(64, 32), None, ffn.k_active, 1, 0.0, torch.Generator())
+        sel = ffn.select(x)  # [5, n] mask
+        assert sel.shape == (5, 7) and sel.any(1).all()
+        if router != "threshold":
+            assert (sel.sum(1) == round(0.4 * 7)).all()
         grouped = ffn(x)
         decoded = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
         routed = [b for b in bs.bricks(0) if not b.shared]
-        chosen = [torch.cat([routed[b].neurons for b in s.tolist()]) for s in sel]
+        chosen = [torch.cat([routed[b].neurons for b in torch.nonzero(s).flatten().tolist()]) for s in sel]
         shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]
         ref = _masked_reference(f, x, chosen, shared_neurons[0] if shared_neurons else torch.empty(0, dtype=torch.long))
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
@@ -75,7 +88,46 @@ def test_oracle_picks_the_heaviest_bricks(llama):
         contrib = a.abs() * f.down_weight().norm(dim=0)
         mass = torch.stack([contrib[:, b.neurons].sum(1) for b in bs.bricks(1)], 1)
         expected = mass.topk(2, dim=1).indices.sort(1).values
-        assert torch.equal(ffn.select(x).sort(1).values, expected)
+        assert torch.equal(torch.nonzero(ffn.select(x))[:, 1].view(3, 2), expected)
+
+
+def test_threshold_router_calibrates_to_the_target_share(llama):
+    """CATS-style gating: per-layer threshold from calibration quantiles; bricks reuse the router's gate rows."""
+    model, _ = llama
+    bs = bricks.partition(model, "random", 16)
+    f = ffns(model)[0]
+    ffn = BrickedFFN(f, bs.assignments[0], router="threshold", active=0.25)
+    calib = torch.randn(4000, 32)
+    with torch.no_grad():
+        with pytest.raises(bricks.BricksError, match="uncalibrated"):
+            ffn(calib[:2])
+        ffn.router.fit(calib, None, ffn.k_active, 1, 0.0, torch.Generator())
+        x = torch.randn(4000, 32)
+        for active in (0.25, 0.5):
+            ffn.active = active
+            share = ffn.select(x).float().mean()
+            assert share == pytest.approx(active, abs=0.02)  # same distribution as calibration: the target share
+        # One threshold per layer: every brick chosen on its own merit outscores every brick left out
+        # (a token whose bricks all fall short still runs its best one).
+        scores, sel = ffn.router(x[:100]), ffn.select(x[:100])
+        several = sel.sum(1) > 1
+        assert scores[several][sel[several]].min() >= scores[~sel].max()
+        ffn.counts.zero_()
+        ffn(x[:100])
+        ran = float(sel.sum()) / 100
+        assert ffn.executed_fraction() == pytest.approx(ffn._macs(ran) / ffn.dense_macs_per_token())
+        # Gate rows are computed once (router) and not again by the bricks: 2 of 3 blocks per brick.
+        per_brick = 2 * ffn.brick_size * 32
+        assert ffn._macs(2) == 2 * per_brick + 16 * ffn.brick_size * 32
+
+
+def test_hybrid_router_needs_a_shared_brick(llama, tokenizer):
+    model, tok = llama
+    f = ffns(model)[0]
+    with pytest.raises(bricks.BricksError, match="shared brick.*--shared"):
+        BrickedFFN(f, bricks.partition(model, "random", 4).assignments[0], router="hybrid", active=0.5)
+    bs = _shared_brickset(model, tok, n=5, shared=0.25, method="random")
+    assert BrickedFFN(f, bs.assignments[0], bs.shared[0], router="hybrid", active=0.5).router.trainable
 
 
 def test_compute_fraction_counts_router_and_bricks(llama):

@@ -15,7 +15,10 @@ computed for every token.
 
 Execution: with one token (batch-1 decode) a loop over the selected bricks
 reads only their weights; with several tokens, tokens are grouped by brick and
-each brick runs once on its group (standard torch ops, CPU or CUDA).
+each brick runs once on its group (standard torch ops, CPU or CUDA). When every
+brick runs (active fraction 1.0) the FFN is computed densely with its neurons
+in their original order, so that it reproduces the dense model bit for bit
+(a brick-wise sum reorders fp32 additions: ~1e-4 on SmolLM2's logits).
 """
 
 from __future__ import annotations
@@ -99,6 +102,13 @@ class BrickedFFN(nn.Module):
             self.shared_down = nn.Parameter(sd.clone() if self.down_rows else sd.t().contiguous(), requires_grad=False)
         self.hidden = hidden
         self.active = active
+        # At full activity: run the dense FFN in the original neuron order (bit-exact), or, when
+        # False, still brick by brick (what `verify_bricks` measures).
+        self.dense_at_full = True
+        self._dense_cache: dict[str, torch.Tensor] | None = None
+        # Tokens seen and routed bricks run, for the compute fraction actually executed (threshold
+        # routers run a variable number of bricks per token). Device tensors: counting never syncs.
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=dev), persistent=False)
         self.router = None
         if router is not None:
             from .routers import make_router
@@ -138,80 +148,119 @@ class BrickedFFN(nn.Module):
         return a @ w if self.down_rows else F.linear(a, w)
 
     def select(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Brick indices `[tokens, k]` each token runs (None = all bricks)."""
+        """Bool mask `[tokens, n_bricks]` of the bricks each token runs (None = all bricks)."""
         if self.k_active >= self.n_bricks:
             return None
         if self.router is None:
             raise BricksError("this bricked FFN has no router: give one (e.g. router='centroid') to run fewer than all bricks")
-        return self.router(x).topk(self.k_active, dim=-1).indices
+        return self.router.select(x, self.k_active)
 
     # ------------------------------------------------------------------ execution
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [tokens, hidden]
         sel = self.select(x2)
+        if sel is None and self.dense_at_full:
+            y = self._dense(x2)
+            self.counts += torch.tensor([x2.shape[0], x2.shape[0] * self.n_bricks], dtype=self.counts.dtype,
+                                        device=self.counts.device)
+            return y.reshape(*shape[:-1], self.hidden)
+        self._dense_cache = None  # routing again: drop the full-activity copy
+        if sel is None:
+            sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
+        self.counts[0] += x2.shape[0]
+        self.counts[1] += sel.sum()
+        reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
+        gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         y = x2.new_zeros(x2.shape[0], self.hidden)
         shared = self._shared(x2)
         if shared is not None:
             y += shared
         if x2.shape[0] == 1:
-            self._decode(x2, sel, y)
+            self._decode(x2, sel, y, gate)
         else:
-            self._grouped(x2, sel, y)
+            self._grouped(x2, sel, y, gate)
+        if gate is not None:
+            self.router.gate = None  # [tokens, d_ff]: not worth keeping
         if self.b_down is not None:
             y += self.b_down
         return y.reshape(*shape[:-1], self.hidden)
 
-    def _run_brick(self, xb: torch.Tensor, b: int) -> torch.Tensor:
-        h = F.linear(xb, self.w_in[b], None if self.b_in is None else self.b_in[b])
-        return self._down(self._act(h, self.brick_size), self.w_down[b])
-
-    def _decode(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
-        """One token: read only the selected bricks' weights (views of the brick-major storage)."""
-        bricks = range(self.n_bricks) if sel is None else sorted(sel[0].tolist())
-        for b in bricks:
-            h = F.linear(x, self.w_in[b], None if self.b_in is None else self.b_in[b])
+    def _brick_act(self, xb: torch.Tensor, b: int, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations `[tokens, size]` of brick b on tokens xb; `gate`: its gate pre-activations, if known."""
+        if gate is None:
+            h = F.linear(xb, self.w_in[b], None if self.b_in is None else self.b_in[b])
             a = self._act(h, self.brick_size)
+        elif self.gated:  # only the up rows are left to compute
+            s = self.brick_size
+            a = self.act(gate) * F.linear(xb, self.w_in[b, s:], None if self.b_in is None else self.b_in[b, s:])
+        else:  # ungated: the router's "gate" rows are the up rows, the activation is complete
+            a = self.act(gate)
+        return a
+
+    def _decode(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """One token: read only the selected bricks' weights (views of the brick-major storage)."""
+        for b in torch.nonzero(sel[0]).flatten().tolist():
+            a = self._brick_act(x, b, None if gate is None else gate[:, b])
             if self.down_rows:
                 y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
             else:
                 y += F.linear(a, self.w_down[b])
 
-    def _grouped(self, x: torch.Tensor, sel: torch.Tensor | None, y: torch.Tensor) -> None:
+    def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
-        if sel is None:
-            for b in range(self.n_bricks):
-                y += self._run_brick(x, b)
-            return
-        mask = torch.zeros(x.shape[0], self.n_bricks, dtype=torch.bool, device=x.device)
-        mask.scatter_(1, sel, True)
-        for b in torch.nonzero(mask.any(0)).flatten().tolist():
-            rows = torch.nonzero(mask[:, b]).flatten()
-            y.index_add_(0, rows, self._run_brick(x[rows], b))
+        for b in torch.nonzero(sel.any(0)).flatten().tolist():
+            rows = torch.nonzero(sel[:, b]).flatten()
+            a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
+            y.index_add_(0, rows, self._down(a, self.w_down[b]))
+
+    # ------------------------------------------------------------------ dense, original neuron order
+    @torch.no_grad()
+    def neuron_order(self) -> dict[str, torch.Tensor]:
+        """The FFN's tensors in the original neuron order: `gate`/`up` `[d_ff, hidden]` (+ `*_bias`), `down` `[hidden, d_ff]`."""
+        k = 2 if self.gated else 1
+        size = self.brick_size
+        names = ["gate", "up"] if self.gated else ["up"]
+        rows = self.w_in.new_zeros(k, self.d_ff, self.hidden)
+        bias = None if self.b_in is None else self.b_in.new_zeros(k, self.d_ff)
+        down = self.w_in.new_zeros(self.d_ff, self.hidden)
+        real = self.members >= 0
+        idx = self.members[real]  # neuron ids, brick by brick
+        w_in = self.w_in.view(self.n_bricks, k, size, self.hidden)
+        rows[:, idx] = w_in.transpose(0, 1)[:, real]
+        if bias is not None:
+            bias[:, idx] = self.b_in.view(self.n_bricks, k, size).transpose(0, 1)[:, real]
+        down[idx] = (self.w_down if self.down_rows else self.w_down.transpose(1, 2))[real]
+        if self.shared_in is not None:
+            m = self.shared_members
+            rows[:, m] = self.shared_in.view(k, len(m), self.hidden)
+            if bias is not None:
+                bias[:, m] = self.shared_b_in.view(k, len(m))
+            down[m] = self.shared_down if self.down_rows else self.shared_down.t()
+        out = {name: rows[j] for j, name in enumerate(names)}
+        if bias is not None:
+            out.update({f"{name}_bias": bias[j] for j, name in enumerate(names)})
+        out["down"] = down.t().contiguous()
+        return out
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every brick: the dense FFN with the original neuron order (the same kernels as the model's own FFN)."""
+        if self._dense_cache is None:
+            self._dense_cache = self.neuron_order()
+        w = self._dense_cache
+        if self.gated:
+            a = self.act(F.linear(x, w["gate"], w.get("gate_bias"))) * F.linear(x, w["up"], w.get("up_bias"))
+        else:
+            a = self.act(F.linear(x, w["up"], w.get("up_bias")))
+        return F.linear(a, w["down"], self.b_down)
 
     @torch.no_grad()
     def write_dense(self, dense: FFN) -> None:
         """Write this FFN's weights back, in the original neuron order, into a dense FFN of the same shape."""
         parts = dense.neuron_parts()  # [d_ff, ...] views: gate, up, down (as rows), biases
-        k = 2 if self.gated else 1
-        size = self.brick_size
-
-        def put(rows_in, rows_down, bias_in, neurons):
-            names = ["gate", "up"] if self.gated else ["up"]
-            for j, name in enumerate(names):
-                parts[name][neurons] = rows_in[j * len(rows_in) // k : (j + 1) * len(rows_in) // k].to(parts[name].dtype)
-                if bias_in is not None and f"{name}_bias" in parts:
-                    parts[f"{name}_bias"][neurons] = bias_in[j * len(bias_in) // k : (j + 1) * len(bias_in) // k]
-            parts["down"][neurons] = (rows_down if self.down_rows else rows_down.t()).to(parts["down"].dtype)
-
-        for b in range(self.n_bricks):
-            n = int(self.sizes[b])
-            idx = self.members[b, :n]
-            sel = torch.cat([torch.arange(n) + j * size for j in range(k)]).to(self.w_in.device)
-            down = self.w_down[b, :n] if self.down_rows else self.w_down[b, :, :n]
-            put(self.w_in[b][sel], down, None if self.b_in is None else self.b_in[b][sel], idx)
-        if self.shared_in is not None:
-            put(self.shared_in, self.shared_down, self.shared_b_in, self.shared_members)
+        for name, t in self.neuron_order().items():
+            if name in parts:
+                parts[name].copy_(t.t() if name == "down" else t)
         if self.b_down is not None:
             dense.down_bias().copy_(self.b_down)
 
@@ -219,16 +268,30 @@ class BrickedFFN(nn.Module):
     def dense_macs_per_token(self) -> int:
         return (3 if self.gated else 2) * self.d_ff * self.hidden
 
-    def _macs(self, k: int) -> int:
+    def _macs(self, k: float) -> float:
         """MACs per token with k routed bricks: bricks + shared brick + router (when it routes)."""
-        per_brick = self.w_in.shape[1] * self.hidden + self.brick_size * self.hidden
+        if k >= self.n_bricks:
+            return self.dense_macs_per_token()
+        reused = self.router is not None and self.router.reuses_gate  # the router computed the gate rows already
+        per_brick = (self.w_in.shape[1] - (self.brick_size if reused else 0) + self.brick_size) * self.hidden
         shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()  # MACs = weights read
-        router = self.router.macs_per_token() if self.router is not None and k < self.n_bricks else 0
+        router = self.router.macs_per_token() if self.router is not None else 0
         return k * per_brick + shared + router
 
     def compute_fraction(self) -> float:
-        """FFN multiply-accumulates per token actually executed (router + bricks + shared) over dense."""
+        """FFN multiply-accumulates per token (router + bricks + shared) over dense, as configured.
+
+        For a threshold router the number of bricks varies per token: this is the
+        calibrated mean; `executed_fraction` gives what the forward passes ran.
+        """
         return self._macs(min(self.k_active, self.n_bricks)) / self.dense_macs_per_token()
+
+    def executed_fraction(self) -> float | None:
+        """Compute fraction of the tokens run since `counts` was last zeroed (None when none ran)."""
+        tokens, run = self.counts.tolist()
+        if tokens == 0:
+            return None
+        return self._macs(run / tokens) / self.dense_macs_per_token()
 
     def set_compute(self, target: float) -> None:
         """Choose the active share so that the compute fraction (router and shared brick included) is at most `target`."""
@@ -272,8 +335,12 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = 
 
 
 @contextlib.contextmanager
-def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0):
+def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0,
+            brickwise: bool = False):
     """Run `model` with bricked FFNs inside the block; the dense FFNs come back on exit.
+
+    `brickwise` runs every FFN brick by brick even at full activity (instead of
+    the bit-exact dense computation in the original neuron order).
 
     Example:
         >>> with bricked(model, bs, router="centroid", active=0.5):
@@ -282,6 +349,9 @@ def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, act
     layout = layout_for(model)
     layers = decoder_layers(model, layout)
     originals = assemble_bricked(model, brickset, router, active)
+    for m in model.modules():
+        if isinstance(m, BrickedFFN):
+            m.dense_at_full = not brickwise
     try:
         yield model
     finally:
@@ -296,6 +366,21 @@ def compute_fraction(model: nn.Module) -> float:
     the configuration; no forward pass is needed to know it.
     """
     fr = [m.compute_fraction() for m in model.modules() if isinstance(m, BrickedFFN)]
+    return sum(fr) / len(fr) if fr else 1.0
+
+
+def executed_fraction(model: nn.Module, reset: bool = False) -> float:
+    """Mean FFN compute fraction the forward passes actually ran (1.0 for a dense model).
+
+    Differs from `compute_fraction` only for routers that run a variable number
+    of bricks per token (threshold). `reset` zeroes the counts afterwards.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    fr = [m.executed_fraction() for m in layers]
+    if reset:
+        for m in layers:
+            m.counts.zero_()
+    fr = [f if f is not None else m.compute_fraction() for f, m in zip(fr, layers)]
     return sum(fr) / len(fr) if fr else 1.0
 
 
@@ -316,6 +401,6 @@ def verify_bricks(model: nn.Module, brickset: BrickSet, ids: torch.Tensor) -> di
     pieces = [brickset.brick_weights(model, layer) for layer in range(brickset.n_layers)]
     brickset.reassemble(model, pieces)
     reassembled = run_model(model, ids, logits=True).float()
-    with bricked(model, brickset):
+    with bricked(model, brickset, brickwise=True):
         brickwise = run_model(model, ids, logits=True).float()
     return {"reassembled": float((dense - reassembled).abs().max()), "brickwise": float((dense - brickwise).abs().max())}

@@ -1,16 +1,26 @@
-"""Routers: score each token's bricks so that a `BrickedFFN` runs only the best ones.
+"""Routers: choose, per token, the bricks a `BrickedFFN` runs.
 
 Registered by name in `ROUTERS`. A router maps hidden states `[tokens, hidden]`
-to brick scores `[tokens, n_bricks]` (higher = more needed) and says what that
-costs in multiply-accumulates per token, so that the compute fraction a bricked
-FFN reports includes the router.
+to brick scores `[tokens, n_bricks]` (higher = more needed), selects bricks from
+them, and says what scoring costs in multiply-accumulates per token, so that
+the compute fraction a bricked FFN reports includes the router.
 
 - `oracle`    the true activation mass of each brick (computes the whole FFN
               activation: for analysis, never faster than dense);
 - `centroid`  similarity of the token to each brick's mean input weight vector
               (MoEfication's parameter-centroid selection), almost free;
 - `mlp`       a small MLP trained on captured activations to predict each
-              token's most active bricks (MoEfication's learned router).
+              token's most active bricks (MoEfication's learned router);
+- `threshold` neuron-level gating from the gate projection (CATS): a brick runs
+              when the activation mass of its gate, sum_i |act(gate_i · x)|,
+              passes a per-layer threshold calibrated to the target share; the
+              number of bricks varies per token, and the gate rows computed for
+              routing are reused by the bricks that run;
+- `hybrid`    always-on shared neurons (the BrickSet's shared brick) plus
+              routed bricks chosen by a trained MLP.
+
+Routers that need data (`trainable`) are fitted by `train_routers` and refuse
+to route before that.
 """
 
 from __future__ import annotations
@@ -27,14 +37,23 @@ if TYPE_CHECKING:
 
 
 class Router(nn.Module):
-    """Base class: `forward(x [tokens, hidden]) -> scores [tokens, n_bricks]`."""
+    """Base class: `forward(x [tokens, hidden]) -> scores [tokens, n_bricks]`; `select` keeps the top k."""
 
     name = "router"
-    trainable = False  # True when the router has learned parameters to save with the model
+    trainable = False  # True when the router is fitted on data and has state to save with the model
+    reuses_gate = False  # True when routing computes the gate pre-activations (kept in `self.gate`)
 
     def macs_per_token(self) -> int:
         """Multiply-accumulates per token spent on scoring."""
         raise NotImplementedError
+
+    def select(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Bool mask `[tokens, n_bricks]` of the bricks to run."""
+        scores = self(x)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=-1).indices, True)
+
+    def fit(self, x: torch.Tensor, mass: torch.Tensor, k: int, epochs: int, lr: float, generator: torch.Generator) -> None:
+        """Fit on FFN inputs `x` and the oracle brick masses `mass` for a budget of k bricks per token."""
 
 
 class OracleRouter(Router):
@@ -76,8 +95,8 @@ class CentroidRouter(Router):
 class MLPRouter(Router):
     """A small MLP trained on captured activations to predict which bricks matter (MoEfication).
 
-    Trained by `train_routers` with a binary cross-entropy against the oracle's
-    top-k bricks of each token; refuses to route before it has been trained.
+    Trained with a binary cross-entropy against the oracle's top-k bricks of
+    each token; refuses to route before it has been trained.
     """
 
     name = "mlp"
@@ -92,14 +111,97 @@ class MLPRouter(Router):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.trained):
-            raise BricksError("the mlp router is untrained: train it on data first (bricks moefy ... --data NAME=SOURCE)")
+            raise BricksError(f"the {self.name} router is untrained: train it on data first (bricks moefy ... --data NAME=SOURCE)")
         return self.net(x)
 
     def macs_per_token(self) -> int:
         return sum(m.weight.numel() for m in self.net if isinstance(m, nn.Linear))
 
+    def fit(self, x, mass, k, epochs, lr, generator):
+        labels = torch.zeros_like(mass, dtype=torch.float32).scatter_(1, mass.topk(k, dim=1).indices, 1.0)
+        dtype = self.net[0].weight.dtype
+        x32 = x.float()
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.net.float().train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for idx in torch.randperm(len(x), generator=generator).split(256):
+                    loss = nn.functional.binary_cross_entropy_with_logits(self.net(x32[idx]), labels[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        self.net.to(dtype).eval()
+        self.trained.fill_(True)
 
-ROUTERS: dict[str, Callable[..., Router]] = {"oracle": OracleRouter, "centroid": CentroidRouter, "mlp": MLPRouter}
+
+class HybridRouter(MLPRouter):
+    """Shared always-on neurons plus MLP-routed bricks: the BrickSet must have a shared brick."""
+
+    name = "hybrid"
+
+    def __init__(self, ffn: "BrickedFFN", width: int = 128):
+        if ffn.shared_in is None:
+            raise BricksError("the hybrid router needs a BrickSet with a shared brick: partition with --shared F (e.g. 0.0625)")
+        super().__init__(ffn, width)
+
+
+class ThresholdRouter(Router):
+    """CATS-style gating: a brick runs when its gate activation mass passes a calibrated per-layer threshold.
+
+    Calibration keeps quantiles of the scores on training tokens, so any
+    target share (the FFN's active fraction) maps to a threshold without
+    re-calibrating. Every token runs at least its best brick.
+    """
+
+    name = "threshold"
+    trainable = True
+    reuses_gate = True
+    QUANTILES = 1025
+
+    def __init__(self, ffn: "BrickedFFN"):
+        super().__init__()
+        self._ffn = [ffn]
+        self.register_buffer("quantiles", torch.zeros(self.QUANTILES, device=ffn.w_in.device))
+        self.register_buffer("trained", torch.zeros((), dtype=torch.bool, device=ffn.w_in.device))
+        self.gate: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self._ffn[0]
+        s = f.brick_size
+        gate = torch.einsum("th,nsh->tns", x, f.w_in[:, :s])
+        if f.b_in is not None:
+            gate = gate + f.b_in[:, :s]
+        self.gate = gate  # [tokens, n, size]: the bricks that run reuse it
+        # Gated FFNs gate with act(gate); ungated ones have only act(up), the activation itself.
+        return f.act(gate).abs().sum(-1)
+
+    def select(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if not bool(self.trained):
+            raise BricksError("the threshold router is uncalibrated: calibrate it on data first (bricks moefy ... --data NAME=SOURCE)")
+        scores = self(x)
+        share = k / scores.shape[1]
+        q = self.quantiles
+        pos = (1.0 - share) * (len(q) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(q) - 1)
+        threshold = q[lo] + (pos - lo) * (q[hi] - q[lo])
+        mask = scores >= threshold.to(scores.dtype)
+        return mask.scatter_(1, scores.argmax(1, keepdim=True), True)
+
+    def macs_per_token(self) -> int:
+        f = self._ffn[0]
+        return f.n_bricks * f.brick_size * f.hidden  # the gate rows (reused, not recomputed, by the bricks)
+
+    def fit(self, x, mass, k, epochs, lr, generator):
+        scores = torch.cat([self(c) for c in x.split(1024)]).float().flatten()
+        self.gate = None
+        self.quantiles.copy_(torch.quantile(scores[torch.randperm(len(scores), generator=generator)[:1 << 24]].cpu(),
+                                            torch.linspace(0, 1, self.QUANTILES)).to(self.quantiles.device))
+        self.trained.fill_(True)
+
+
+ROUTERS: dict[str, Callable[..., Router]] = {"oracle": OracleRouter, "centroid": CentroidRouter, "mlp": MLPRouter,
+                                             "threshold": ThresholdRouter, "hybrid": HybridRouter}
 
 
 def make_router(name: str, ffn) -> Router:
@@ -147,11 +249,12 @@ def _training_data(model, domains, max_tokens: int, batch_size: int):
 
 def train_routers(model, domains, epochs: int = 20, lr: float = 3e-3, max_tokens: int = 16384, batch_size: int = 8,
                   seed: int = 0) -> list[dict]:
-    """Train every trainable router of a bricked `model` on the train windows of `domains`.
+    """Train or calibrate every trainable router of a bricked `model` on the train windows of `domains`.
 
-    Each router learns to put each token's oracle top-k bricks (k = its active
-    count) above the others (binary cross-entropy). Returns per layer the
-    recall of the oracle's top-k bricks on a held-back tenth of the tokens.
+    Each router is fitted on 9/10 of the captured tokens for its layer's budget
+    (k bricks per token). Returns per layer, on the held-back tenth: the recall
+    of the oracle's top-k bricks (`recall_at_k`) and the mean share of bricks
+    the router selected (`active_share`; variable-count routers may differ from k/n).
     """
     layers, data = _training_data(model, domains, max_tokens, batch_size)
     report = []
@@ -160,25 +263,15 @@ def train_routers(model, domains, epochs: int = 20, lr: float = 3e-3, max_tokens
         if m.router is None or not m.router.trainable:
             continue
         k = min(m.k_active, m.n_bricks)
-        labels = torch.zeros_like(mass).scatter_(1, mass.topk(k, dim=1).indices, 1.0)
         perm = torch.randperm(len(x), generator=g)
         n_val = max(1, len(x) // 10)
         val, train = perm[:n_val], perm[n_val:]
-        net = m.router.net
-        x32 = x.float()
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        net.float().train()
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for idx in train[torch.randperm(len(train), generator=g)].split(256):
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x32[idx]), labels[idx].float())
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-        net.to(m.w_in.dtype).eval()
-        m.router.trained.fill_(True)
+        m.router.fit(x[train], mass[train], k, epochs, lr, g)
         with torch.no_grad():
-            pred = m.router(x[val]).topk(k, dim=1).indices
-            recall = float(labels[val].gather(1, pred).sum() / (len(val) * k))
-        report.append({"layer": i, "tokens": len(x), "recall_at_k": round(recall, 4)})
+            chosen = m.router.select(x[val], k)
+            m.router.gate = None
+            top = torch.zeros_like(chosen).scatter_(1, mass[val].topk(k, dim=1).indices, True)
+            recall = float((chosen & top).sum() / (n_val * k))
+            share = float(chosen.float().mean())
+        report.append({"layer": i, "tokens": len(x), "recall_at_k": round(recall, 4), "active_share": round(share, 4)})
     return report
