@@ -257,15 +257,18 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--active", default=0.5, show_default=True, help="share of routed bricks each token runs, in (0, 1]")
 @click.option("--compute", default=None, type=float,
               help="instead of --active: FFN compute fraction per layer, router and shared brick included, in (0, 1]")
+@click.option("--budget", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
+              help="with --compute: the same share in every layer, or per-layer shares by calibrated sensitivity")
 @click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
-@click.option("--data", "data", multiple=True, help=_DATA_HELP + " (train split; trains the mlp router)")
+@click.option("--data", "data", multiple=True,
+              help=_DATA_HELP + " (train split; trains or calibrates the router and the sensitivity budget)")
 @click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--epochs", default=20, show_default=True, help="router training epochs")
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
-def moefy(model, brickset, router, active, compute, out, data, windows, seq_len, epochs, device, dtype, device_map,
+def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, device, dtype, device_map,
           as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
     from pathlib import Path
@@ -287,16 +290,19 @@ def moefy(model, brickset, router, active, compute, out, data, windows, seq_len,
     specs = parse_data_specs(data) if data else []
     if ROUTERS[router].trainable and not specs:
         raise BricksError(f"router {router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
+    if budget == "sensitivity" and (compute is None or not specs):
+        raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
     bs = BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
-    domains = load_domains(specs, tok, "train", seq_len, windows) if specs and ROUTERS[router].trainable else None
-    run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute)
+    need_data = ROUTERS[router].trainable or budget == "sensitivity"
+    domains = load_domains(specs, tok, "train", seq_len, windows) if specs and need_data else None
+    run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget)
     if compute is not None:
         active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)
     report = getattr(m, "bricks_router_report", [])
     result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,
-              "router_training": report}
+              "router_training": report, "budget": getattr(m, "bricks_budget_report", {"kind": "uniform"})}
     recall = f"; router recall of the oracle's top bricks {sum(r['recall_at_k'] for r in report) / len(report):.3f}" if report else ""
     shared = " + a shared brick" if bs.shared[0] is not None else ""
     routed = bs.n_bricks(0) - (1 if bs.shared[0] is not None else 0)

@@ -28,18 +28,25 @@ MARKER = "bricks_model.json"
 
 
 def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
-          epochs: int = 20, compute: float | None = None):
+          epochs: int = 20, compute: float | None = None, budget: str = "uniform"):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
-    Trainable routers (`mlp`) are trained on `train_domains` (token windows,
-    `bricks.load_domains(..., split="train")`); the per-layer training report
-    is kept in `model.bricks_router_report`.
+    Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
+    `train_domains` (token windows, `bricks.load_domains(..., split="train")`);
+    the per-layer report is kept in `model.bricks_router_report`.
+    `budget="sensitivity"` (with `compute` and `train_domains`) gives each layer
+    its own share of bricks by calibrated sensitivity (`bricks.routing.budget`);
+    its report is kept in `model.bricks_budget_report`.
 
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
         >>> bricks.moefy(model, bs, router="centroid", active=0.5)
         >>> bricks.save_configured(model, tok, "runs/moe")
     """
+    if budget not in ("uniform", "sensitivity"):
+        raise BricksError(f"unknown budget {budget!r}: choose uniform or sensitivity")
+    if budget == "sensitivity" and (compute is None or train_domains is None):
+        raise BricksError("a sensitivity budget needs a compute target and calibration data (--compute F --data NAME=SOURCE)")
     per_layer = isinstance(active, (list, tuple))
     originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else active, compute=compute)
     layers = _bricked_layers(model)
@@ -48,17 +55,21 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
             raise BricksError(f"{len(active)} active fractions for {len(layers)} layers")
         for m, a in zip(layers, active):
             m.active = a
-    if compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
-        active = [m.active for m in layers]
     # Keep the dense modules' structure only (weights on the meta device, no memory):
     # saving rebuilds their tensors from the bricks, which hold every weight exactly once.
     object.__setattr__(model, "bricks_dense_ffns", [m.to("meta") for m in originals])
-    model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute}
     model.bricks_brickset = brickset
-    if train_domains is not None:
+    if train_domains is not None and any(m.router is not None and m.router.trainable for m in layers):
         from .routing import train_routers
 
         model.bricks_router_report = train_routers(model, train_domains, epochs=epochs)
+    if budget == "sensitivity":
+        from .routing.budget import allocate_budgets
+
+        model.bricks_budget_report = allocate_budgets(model, train_domains, compute)
+    if compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
+        active = [m.active for m in layers]
+    model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute, "budget": budget}
     return model
 
 
@@ -101,7 +112,7 @@ def load_configured(path: Path, model) -> "torch.nn.Module":
         raise BricksError(f"{path / MARKER} is not valid JSON: the configured model is corrupt") from exc
     if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise BricksError(f"{path / MARKER} is not a bricks configuration this version reads (format {cfg.get('format')!r})")
-    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute"}
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = BrickSet.load(path / "bricks")

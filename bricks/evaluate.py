@@ -6,13 +6,14 @@ import time
 
 
 from .analysis.sparsity import perplexity
-from .routing import compute_fraction
+from .routing.bricked_ffn import executed_fraction
 
 
 def evaluate(model, domains, batch_size: int = 8) -> dict:
-    """Perplexity per domain, FFN compute fraction (1.0 when dense) and tokens/s of the forward passes."""
+    """Perplexity per domain, FFN compute fraction executed (1.0 when dense) and tokens/s of the forward passes."""
+    executed_fraction(model, reset=True)
     t = time.perf_counter()
     ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
     seconds = time.perf_counter() - t
     tokens = sum(d.windows.numel() for d in domains)
-    return {"ppl": ppl, "compute_fraction": compute_fraction(model), "tokens_per_s": tokens / seconds, "tokens": tokens}
+    return {"ppl": ppl, "compute_fraction": executed_fraction(model), "tokens_per_s": tokens / seconds, "tokens": tokens}

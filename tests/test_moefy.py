@@ -123,3 +123,29 @@ def test_moefy_compute_target(llama_dir, tmp_path):
     assert cfg["compute"] == 0.5 and len(cfg["active"]) == 2
     r = run("moefy", llama_dir, "--bricks", bs_dir, "--compute", 0.1, "--out", tmp_path / "moe2")
     assert r.exit_code == 1 and "leaves no room" in r.stderr and not (tmp_path / "moe2").exists()
+
+
+def test_sensitivity_budget(llama_dir, tmp_path):
+    """Per-layer shares by calibrated sensitivity: within the compute target, saved per layer, reloaded as is."""
+    from bricks.routing.budget import error_curve
+
+    bs_dir = tmp_path / "bs"
+    assert run("partition", llama_dir, "--method", "random", "--bricks", 8, "--out", bs_dir).exit_code == 0
+    out = tmp_path / "moe"
+    args = ["--router", "threshold", "--compute", 0.6, "--data", "code=builtin:code", "--windows", 4, "--seq-len", 32]
+    r = run("moefy", llama_dir, "--bricks", bs_dir, "--budget", "sensitivity", "--compute", 0.6, "--out", out)
+    assert r.exit_code == 1 and "needs --compute F and --data" in r.stderr and not out.exists()
+    r = run("moefy", llama_dir, "--bricks", bs_dir, "--budget", "sensitivity", *args, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    budget = json.loads(r.stdout)["budget"]
+    assert [x["layer"] for x in budget["layers"]] == [0, 1] and all(x["sensitivity"] >= 0 for x in budget["layers"])
+    model, _ = bricks.load_model(out)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    assert [round(m.active * 8) for m in layers] == [x["bricks"] for x in budget["layers"]]
+    assert sum(m.compute_fraction() for m in layers) / 2 <= 0.6 + 1e-9
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        curve = error_curve(layers[0], x)
+    # Output error of the router's best k bricks: everything missing at k = 0, nothing at k = n.
+    assert curve[0] == pytest.approx(1.0, abs=1e-5) and curve[-1] == pytest.approx(0.0, abs=1e-5)
+    assert len(curve) == 9
