@@ -6,7 +6,8 @@ them, and says what scoring costs in multiply-accumulates per token, so that
 the compute fraction a bricked FFN reports includes the router.
 
 - `oracle`    the true activation mass of each brick (computes the whole FFN
-              activation: for analysis, never faster than dense);
+              activation: for analysis, never faster than dense; its cost is
+              not counted, so its compute fraction is that of its bricks);
 - `centroid`  similarity of the token to each brick's mean input weight vector
               (MoEfication's parameter-centroid selection), almost free;
 - `mlp`       a small MLP trained on captured activations to predict each
@@ -57,7 +58,12 @@ class Router(nn.Module):
 
 
 class OracleRouter(Router):
-    """Scores bricks by their true output mass sum_i |a_i|·||W_down[:, i]|| (computes all of `a`)."""
+    """Scores bricks by their true output mass sum_i |a_i|·||W_down[:, i]|| (computes all of `a`).
+
+    An analysis device, the upper bound of what a router could choose: its own
+    cost (the whole activation) is not counted, so the compute fraction it
+    reports is that of the bricks it runs.
+    """
 
     name = "oracle"
 
@@ -69,8 +75,7 @@ class OracleRouter(Router):
         return self._ffn[0].brick_mass(x)
 
     def macs_per_token(self) -> int:
-        f = self._ffn[0]
-        return f.w_in.shape[0] * f.w_in.shape[1] * f.w_in.shape[2]
+        return 0
 
 
 class CentroidRouter(Router):
