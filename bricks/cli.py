@@ -385,5 +385,84 @@ def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, devi
         click.echo(json.dumps(rows, indent=1))
 
 
+@main.command("merge")
+@click.argument("config", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="output model directory (must not exist)")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 500MB, 2GB")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def merge_cmd(config, out, max_shard_size, as_json):
+    """Merge models (and adapter bricks) as CONFIG (mergekit-style YAML) says, tensor by tensor, into OUT."""
+    from .merge.models import merge_models
+
+    result = merge_models(config, out, max_shard_bytes=_parse_size(max_shard_size))
+    _emit(as_json, result, f"wrote {out}: {result['method']} merge of {len(result['inputs'])} model(s), "
+                           f"{result['tensors']} tensors in {result['shards']} shard(s)")
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            try:
+                value = float(t[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * factor)
+    raise BricksError(f"bad size {text!r}: write e.g. 500MB or 2GB")
+
+
+@main.group()
+def adapter():
+    """Customized bricks: PEFT LoRA adapters as bricks (import, export, info)."""
+
+
+@adapter.command("import")
+@click.argument("peft_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="adapter brick directory to write (must not exist)")
+@click.option("--base", default=None, help="check the adapter against this model (dir, .gguf or 'default') first")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def adapter_import(peft_dir, out, base, as_json):
+    """Import a PEFT LoRA adapter directory as a brick."""
+    from .merge import AdapterBrick
+
+    brick = AdapterBrick.from_peft(peft_dir)
+    if base is not None:
+        m, _ = _load(base, None, "float32", None)
+        brick.check_model(m)
+    brick.save(out)
+    info = brick.info()
+    _emit(as_json, {"out": str(out), **info}, f"wrote {out}: LoRA brick {info['name']!r}, {info['modules']} modules "
+                                              f"({', '.join(info['target_modules'])}), ranks {info['ranks']}")
+
+
+@adapter.command("export")
+@click.argument("brick_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="PEFT adapter directory to write (must not exist)")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def adapter_export(brick_dir, out, as_json):
+    """Export an adapter brick as a PEFT LoRA adapter directory (PeftModel.from_pretrained opens it)."""
+    from .merge import AdapterBrick
+
+    AdapterBrick.load(brick_dir).to_peft(out)
+    _emit(as_json, {"out": str(out)}, f"wrote {out} (PEFT LoRA adapter)")
+
+
+@adapter.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def adapter_info(path, as_json):
+    """Describe an adapter brick or PEFT adapter directory."""
+    from .merge import AdapterBrick
+
+    info = AdapterBrick.load(path).info()
+    _emit(as_json, info, "\n".join(f"{k:>15}: {v}" for k, v in info.items()))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,229 @@
+"""Merge methods on task vectors, registered by name, with mergekit's parameter names and semantics.
+
+Every method merges one tensor at a time: `merge(method, base, tensors, weights, ...)`,
+where `tensors` are the same parameter from each input model and the task
+vector of input i is `τ_i = tensors[i] − base`. Parameters (as users write them
+in mergekit YAML):
+
+- per input model: `weight` (default 1), `density` (share of τ kept, default 1),
+  `gamma` (breadcrumbs: share of largest |τ| removed, default 0.01),
+  `epsilon` (DELLA: spread of keep probabilities around density, default 0.15);
+- shared: `normalize` (divide by the sum of weights), `rescale` (DARE/DELLA:
+  scale a sparsified τ back to its L1 norm, as mergekit 0.1.5 does; the paper's
+  1/density is the same in expectation), `lambda` (scales the merged τ),
+  `int8_mask` (accepted, no effect on values), `t` (SLERP), `filter_wise` (model stock).
+
+Methods: `linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
+`magnitude_prune` (task arithmetic on magnitude-pruned τ), `breadcrumbs`,
+`breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `model_stock`.
+Random methods draw from a `torch.Generator` the caller seeds per tensor, so a
+seed reproduces a merge exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BricksError
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """The task-vector family: sparsify each τ, optionally elect signs (TIES), then sum."""
+
+    sparsify: str | None  # None, "magnitude", "random", "outliers", "della"
+    consensus: bool
+    normalize: bool  # default of the `normalize` parameter
+    rescale: bool  # default of the `rescale` parameter
+
+
+TASK_METHODS = {
+    "task_arithmetic": TaskArithmetic(None, False, False, False),
+    "magnitude_prune": TaskArithmetic("magnitude", False, False, False),
+    "ties": TaskArithmetic("magnitude", True, True, False),
+    "dare_linear": TaskArithmetic("random", False, False, True),
+    "dare_ties": TaskArithmetic("random", True, False, True),
+    "breadcrumbs": TaskArithmetic("outliers", False, False, False),
+    "breadcrumbs_ties": TaskArithmetic("outliers", True, False, False),
+    "della": TaskArithmetic("della", True, True, True),
+    "della_linear": TaskArithmetic("della", False, False, True),
+}
+OTHER_METHODS = {"linear", "slerp", "model_stock"}
+METHODS = sorted(OTHER_METHODS | set(TASK_METHODS))
+
+# Parameters each method reads: shared ones, and per-model ones.
+SHARED_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise"}
+MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
+
+
+def needs_base(method: str) -> bool:
+    return method != "linear"
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rescaled(tau: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    kept = tau * mask
+    if not rescale:
+        return kept
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def sparsify(tau: torch.Tensor, kind: str, density: float, rescale: bool, gamma: float = 0.01, epsilon: float = 0.15,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep a `density` share of τ: by magnitude, at random (DARE), without outliers (breadcrumbs) or by rank (DELLA)."""
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    flat = tau.abs().reshape(-1).float()
+    n = tau.numel()
+    if kind == "magnitude":
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[torch.argsort(flat, descending=True)[: max(1, int(density * n))]] = 1
+    elif kind == "outliers":
+        keep = int(density * n)
+        drop_small = max(0, n - keep - int(gamma * n))  # as many of the largest as possible go too, up to gamma
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[torch.sort(flat).indices[drop_small : drop_small + keep]] = 1
+    elif kind == "random":
+        mask = torch.bernoulli(torch.full((n,), density, dtype=torch.float32, device=tau.device), generator=generator)
+    elif kind == "della":
+        if density + epsilon >= 1 or density - epsilon <= 0:
+            raise BricksError(f"DELLA: epsilon {epsilon} must keep density ± epsilon inside (0, 1) (density {density})")
+        rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float() + 1
+        lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
+        norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)  # 0 for the smallest |τ| of a row, 1 for the largest
+        mask = torch.bernoulli((density - epsilon) + 2 * epsilon * norm, generator=generator)
+    else:
+        raise BricksError(f"unknown sparsification {kind!r}")
+    return _rescaled(tau, mask.reshape(tau.shape).to(tau.dtype), rescale)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors (linear when they are nearly collinear)."""
+    dtype = _work_dtype(v0)
+    a, b = v0.to(dtype).reshape(-1), v1.to(dtype).reshape(-1)
+    na, nb = a.norm(), b.norm()
+    ua = a / na if na > eps else a
+    ub = b / nb if nb > eps else b
+    dot = (ua * ub).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        out = (1 - t) * a + t * b
+    else:
+        theta = torch.acos(dot)
+        out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return out.reshape(v0.shape)
+
+
+def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: interpolate between the base and the average by the mean angle between task vectors."""
+    if len(tensors) < 2:
+        raise BricksError("model_stock needs at least two models besides the base")
+    shape = base.shape
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base[None]
+        ws = [w if w.dim() > 1 else w[None] for w in tensors]
+    else:
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
+    taus = [w - w0 for w in ws]
+    cos = [((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+           for i, x in enumerate(taus) for y in taus[i + 1 :]]
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    k = len(ws)
+    denom = 1 + (k - 1) * c
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), k * c / torch.where(singular, torch.ones_like(denom), denom))
+    return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
+
+
+def merge(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], model_params: list[dict],
+          params: dict | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Merge one parameter. `model_params[i]` holds input i's `weight`/`density`/...; `params` the shared ones.
+
+    Returns a tensor of the dtype of the base (or of the first input for `linear`).
+    """
+    params = params or {}
+    if method not in METHODS:
+        raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
+    if needs_base(method) and base is None:
+        raise BricksError(f"merge method {method!r} needs a base model (base_model: ...)")
+    if method == "linear":
+        first = tensors[0]
+        dtype = _work_dtype(first)
+        w = torch.tensor([float(p.get("weight", 1.0)) for p in model_params], dtype=dtype)
+        out = torch.zeros(first.shape, dtype=dtype, device=first.device)
+        for x, wi in zip(tensors, w):
+            out.add_(x.to(dtype), alpha=float(wi))
+        if params.get("normalize", True):
+            out /= w.sum()
+        return out.to(first.dtype)
+    if method == "slerp":
+        if len(tensors) != 1:
+            raise BricksError(f"slerp merges the base with exactly one other model, got {len(tensors)}")
+        if "t" not in params:
+            raise BricksError("slerp needs the parameter t (0 = base, 1 = the other model)")
+        return slerp(float(params["t"]), base, tensors[0]).to(base.dtype)
+    if method == "model_stock":
+        dtype = _work_dtype(base)
+        return model_stock(base.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(base.dtype)
+
+    spec = TASK_METHODS[method]
+    rescale = bool(params.get("rescale", spec.rescale))
+    deltas = []
+    for x, p in zip(tensors, model_params):
+        tau = x.to(base.dtype) - base
+        if spec.sparsify:
+            tau = sparsify(tau, spec.sparsify, float(p.get("density", 1.0)), rescale, float(p.get("gamma", 0.01)),
+                           float(p.get("epsilon", 0.15)), generator)
+        deltas.append(tau)
+    taus = torch.stack(deltas)
+    w = torch.tensor([float(p.get("weight", 1.0)) for p in model_params], dtype=taus.dtype, device=taus.device)
+    w = w.reshape(-1, *([1] * base.dim()))
+    taus = taus * w
+    if spec.consensus:
+        # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element.
+        elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0).to(taus.dtype)
+        agree = (taus.sign() == elected).to(taus.dtype)
+        mixed = (taus * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = taus.sum(0)
+        divisor = w.sum(0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if params.get("normalize", spec.normalize):
+        mixed = mixed / divisor
+    lam = float(params.get("lambda", 1.0))
+    if lam != 1:
+        mixed = mixed * lam
+    return (base + mixed).to(base.dtype)
+
+
+def check_params(method: str, shared: dict, per_model: list[dict]) -> None:
+    """Reject parameters a method does not know, and values outside their range, before any work."""
+    if method not in METHODS:
+        raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
+    for key in shared:
+        if key not in SHARED_PARAMS | MODEL_PARAMS:
+            raise BricksError(f"unknown merge parameter {key!r}: known are {', '.join(sorted(SHARED_PARAMS | MODEL_PARAMS))}")
+    for p in per_model:
+        for key, value in p.items():
+            if key not in MODEL_PARAMS | SHARED_PARAMS:
+                raise BricksError(f"unknown model parameter {key!r}: known are {', '.join(sorted(MODEL_PARAMS))}")
+            if key == "density" and isinstance(value, (int, float)) and not 0 <= value <= 1:
+                raise BricksError(f"density must be in [0, 1], got {value}")
+    t = shared.get("t")
+    if isinstance(t, (int, float)) and not 0 <= t <= 1:
+        raise BricksError(f"slerp t must be in [0, 1], got {t}")
+    if isinstance(t, float) and math.isnan(t):
+        raise BricksError("slerp t is NaN")

@@ -1,0 +1,286 @@
+"""Out-of-core model merging from a mergekit-style YAML config.
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/tuned-a
+        parameters: {weight: 0.5, density: 0.5}
+      - model: path/to/base+path/to/lora   # an adapter applied to its base first
+        parameters: {weight: 0.5, density: 0.5}
+    parameters: {normalize: true}
+    dtype: float32
+
+Parameter values are scalars, gradients (a list interpolated over the layer
+index, as mergekit does) or lists of `{filter, value}` (the first whose filter
+is a substring of the tensor name applies). The config is validated before any
+tensor is read. Tensors are streamed one at a time from the inputs' safetensors
+shards and written into sharded safetensors output, so memory stays near one
+tensor per input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..brick import atomic_dir
+from ..errors import BricksError
+from .adapters import AdapterBrick
+from .methods import METHODS, check_params, merge, needs_base
+from .safetensors_io import Checkpoint, ShardedWriter
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Setting] = {}
+
+
+class MergeConfig(BaseModel):
+    """A merge, as written in YAML (mergekit's `models:` form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel]
+    parameters: dict[str, Setting] = {}
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0  # for the random methods (DARE, DELLA): same seed, same merge
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known(cls, v):
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r}: choose from {', '.join(METHODS)}")
+        return v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"dtype {v!r}: choose float32, float16, bfloat16 or float64")
+        return v
+
+
+_NOT_YET = {"slices": "slices (layer ranges, passthrough stacking)", "modules": "per-module slices",
+            "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise BricksError(f"merge config {path} does not exist")
+    except yaml.YAMLError as exc:
+        raise BricksError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise BricksError(f"{path}: a merge config is a mapping (merge_method, base_model, models, ...)")
+    for key, what in _NOT_YET.items():
+        if key in raw:
+            raise BricksError(f"{path}: {key!r} ({what}) is not supported yet; write the merge with 'models:'")
+    try:
+        cfg = MergeConfig(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise BricksError(f"{path}: {where}: {msg}") from exc
+    if not cfg.models:
+        raise BricksError(f"{path}: 'models' is empty: list the models to merge")
+    if needs_base(cfg.merge_method) and cfg.base_model is None:
+        raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
+    check_params(cfg.merge_method, {k: _probe(v) for k, v in cfg.parameters.items()},
+                 [{k: _probe(v) for k, v in m.parameters.items()} for m in cfg.models])
+    if cfg.merge_method != "linear" and any("weight" not in m.parameters for m in cfg.models) \
+            and cfg.merge_method not in ("slerp", "model_stock"):
+        missing = [m.model for m in cfg.models if "weight" not in m.parameters]
+        raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
+    return cfg
+
+
+def _probe(setting: Setting):
+    """A representative scalar of a setting, for validation (first value of a gradient or condition)."""
+    if isinstance(setting, list):
+        return _probe(setting[0]) if setting else None
+    if isinstance(setting, Conditional):
+        return _probe(setting.value)
+    return setting
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.")
+
+
+def resolve(setting: Setting, name: str, t: float):
+    """Value of a parameter setting for tensor `name` at relative layer position t (mergekit's rules)."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(x, Conditional) for x in setting):
+            for cond in setting:
+                if cond.filter in (None, "*") or cond.filter in name:
+                    return resolve(cond.value, name, t)
+            return None
+        values = list(setting)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        pos = t * (len(values) - 1)
+        i = int(pos)
+        j = min(len(values) - 1, i + 1)
+        return (1 - (pos - i)) * values[i] + (pos - i) * values[j]
+    return setting
+
+
+def _split_adapter(spec: str) -> tuple[str, str | None]:
+    """`model+adapter` (mergekit's syntax for a LoRA applied to its base)."""
+    if "+" in spec and not Path(spec).exists():
+        model, adapter = spec.split("+", 1)
+        return model, adapter
+    return spec, None
+
+
+def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+              progress=None) -> dict:
+    """Merge tensor by tensor into `out` (atomic); returns a summary."""
+    method = config.merge_method
+    inputs = []
+    for m in config.models:
+        path, adapter = _split_adapter(m.model)
+        if not Path(path).is_dir():
+            raise BricksError(f"model {path} is not a directory (merging reads local checkpoints, never downloads)")
+        inputs.append((Checkpoint(path), AdapterBrick.load(adapter) if adapter else None, m.parameters))
+    base_path = config.base_model
+    base = Checkpoint(base_path) if base_path else None
+    # The base may also be listed among the models (mergekit allows it): it contributes no task vector.
+    if base is not None:
+        inputs = [x for x, m in zip(inputs, config.models) if _split_adapter(m.model) != (base_path, None)]
+    reference = base or inputs[0][0]
+    names = reference.names()
+    kind = _model_type(reference.path)
+    for ckpt, adapter, _ in inputs:
+        if _model_type(ckpt.path) != kind:
+            raise BricksError(f"{ckpt.path} is a {_model_type(ckpt.path)} model, {reference.path} a {kind} model: "
+                              "the models to merge differ in architecture")
+        extra = [n for n in ckpt.entries if n not in reference.entries]
+        if extra:
+            raise BricksError(f"{ckpt.path} has {extra[0]} (and {len(extra) - 1} more) that {reference.path} lacks: "
+                              "the models to merge differ in architecture")
+        missing = [n for n in names if n not in ckpt.entries]
+        if missing:
+            raise BricksError(f"{ckpt.path} lacks {missing[0]} (and {len(missing) - 1} more): the models to merge "
+                              "differ in architecture")
+        for n in names:
+            if ckpt.shape(n) != reference.shape(n):
+                raise BricksError(f"{ckpt.path}: {n} is {ckpt.shape(n)}, {reference.path} has {reference.shape(n)}: "
+                                  "shape mismatch, these models cannot be merged")
+        if adapter is not None:
+            for mod, lora in adapter.modules.items():
+                if f"{mod}.weight" not in ckpt.entries:
+                    raise BricksError(f"adapter {adapter.name!r} targets {mod}, which {ckpt.path} does not have: "
+                                      "adapters for a different base")
+                want = tuple(lora.delta().shape)
+                if ckpt.shape(f"{mod}.weight") != want:
+                    raise BricksError(f"adapter {adapter.name!r}: {mod} is {ckpt.shape(f'{mod}.weight')} in {ckpt.path}, "
+                                      f"the adapter's delta {want}: rank or shape mismatch")
+    n_layers = 1 + max([int(next(g for g in m.groups() if g)) for n in names for m in [_LAYER.search(n)] if m] or [0])
+    compute_dtype = getattr(torch, config.dtype) if config.dtype else None
+    out_dtype = getattr(torch, config.out_dtype) if config.out_dtype else compute_dtype
+
+    def final_dtype(n):
+        d = reference.dtype(n)
+        return out_dtype if (out_dtype is not None and d.is_floating_point) else d
+
+    plan = [(n, reference.shape(n), final_dtype(n)) for n in names]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        try:
+            for i, n in enumerate(names):
+                layer = _LAYER.search(n)
+                t = int(next(g for g in layer.groups() if g)) / max(1, n_layers - 1) if layer else 0.0
+                ref = reference.get(n)
+                if not ref.is_floating_point():
+                    writer.write(n, ref)
+                    continue
+                dtype = compute_dtype or ref.dtype
+                tensors, per_model = [], []
+                for ckpt, adapter, params in inputs:
+                    x = ckpt.get(n).to(dtype)
+                    if adapter is not None and n.removesuffix(".weight") in adapter.modules:
+                        x = x + adapter.modules[n.removesuffix(".weight")].delta(torch.float32).to(dtype)
+                    if not torch.isfinite(x).all():
+                        raise BricksError(f"{ckpt.path}: {n} holds NaN or infinite values: refusing to merge it")
+                    tensors.append(x)
+                    per_model.append({k: resolve(v, n, t) for k, v in params.items()})
+                shared = {k: resolve(v, n, t) for k, v in config.parameters.items()}
+                seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{n}".encode()).digest()[:8], "little") >> 1
+                g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
+                merged = merge(method, base.get(n).to(dtype) if base else None, tensors, per_model, shared, g)
+                writer.write(n, merged.to(final_dtype(n)))
+                if progress:
+                    progress(i + 1, len(names))
+        finally:
+            writer.close()
+        _copy_side_files(Path(config.tokenizer_source or base_path or _split_adapter(config.models[0].model)[0]),
+                         Path(base_path or _split_adapter(config.models[0].model)[0]), tmp, out_dtype)
+        (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
+    return {"out": str(out), "method": method, "tensors": len(names), "shards": len(writer.files),
+            "inputs": [str(c.path) + (f"+{a.name}" if a else "") for c, a, _ in inputs]}
+
+
+def _model_type(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                    "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+def _copy_side_files(tokenizer_dir: Path, config_dir: Path, out: Path, out_dtype) -> None:
+    import json
+
+    for name in ("config.json", "generation_config.json"):
+        if (config_dir / name).is_file():
+            shutil.copy2(config_dir / name, out / name)
+    if out_dtype is not None and (out / "config.json").is_file():
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+
+
+def merge_models(config_path: str | Path, out: str | Path, **kwargs: Any) -> dict:
+    """`bricks merge CONFIG.yaml --out DIR`: validate, then merge out of core."""
+    if Path(out).exists() and not kwargs.get("overwrite"):
+        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    return run_merge(load_config(config_path), out, **kwargs)

@@ -1,0 +1,183 @@
+"""Merge methods (against their definitions) and the out-of-core YAML merge on tiny checkpoints."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import bricks
+from bricks.cli import main
+from bricks.merge.methods import METHODS, merge, sparsify
+from bricks.merge.models import load_config
+
+from .test_adapters import make_adapter
+
+
+def test_linear_task_arithmetic_and_ties_by_definition():
+    base = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    a = torch.tensor([1.0, -2.0, 0.5, 1.0])
+    b = torch.tensor([3.0, 1.0, -0.1, 1.5])
+    w = [{"weight": 1.0}, {"weight": 3.0}]
+    torch.testing.assert_close(merge("linear", None, [a, b], w), (a + 3 * b) / 4)
+    torch.testing.assert_close(merge("linear", None, [a, b], w, {"normalize": False}), a + 3 * b)
+    torch.testing.assert_close(merge("task_arithmetic", base, [a, b], w, {"lambda": 0.5}), base + 0.5 * ((a - base) + 3 * (b - base)))
+    # TIES, density 1: elected sign per element = sign of the weighted sum; disagreeing entries drop out.
+    taus = torch.stack([a - base, 3 * (b - base)])
+    elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    agree = (taus.sign() == elected).float()
+    expected = base + (taus * agree).sum(0) / (torch.tensor([[1.0], [3.0]]) * agree).sum(0).clamp(min=1)
+    torch.testing.assert_close(merge("ties", base, [a, b], w), expected)
+    # TIES with density 0.5 keeps the 2 largest |τ| of each model before electing.
+    t = merge("ties", base, [a, b], [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    # kept: τa = [1, -2, 0, 0], τb = [3, 1, 0, 0]; elected signs [+, -]: (1 + 3) / 2, then a's -2 alone
+    torch.testing.assert_close(t, base + torch.tensor([2.0, -2.0, 0, 0]))
+
+
+def test_slerp_and_model_stock():
+    v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = merge("slerp", v0, [v1], [{}], {"t": 0.5})
+    torch.testing.assert_close(mid, torch.tensor([2**-0.5, 2**-0.5]))  # on the arc, not the chord
+    torch.testing.assert_close(merge("slerp", v0, [v0 * 2], [{}], {"t": 0.5}), v0 * 1.5)  # collinear: linear
+    base = torch.zeros(3)
+    same = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(merge("model_stock", base, [same, same], [{}, {}]), same)  # cos 1: the average
+    with pytest.raises(bricks.BricksError, match="exactly one other model"):
+        merge("slerp", v0, [v1, v1], [{}, {}], {"t": 0.5})
+
+
+def test_dare_is_seeded_and_unbiased():
+    tau = torch.randn(200_000)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sparsify(tau, "random", 0.3, rescale=True, generator=g1)
+    assert torch.equal(a, sparsify(tau, "random", 0.3, rescale=True, generator=g2))  # same seed, same mask
+    kept = (a != 0).float().mean()
+    assert abs(float(kept) - 0.3) < 0.01  # density is the keep probability
+    assert float(a.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-4)  # rescaled to the L1 norm (mergekit 0.1.5)
+    b = sparsify(tau, "random", 0.3, rescale=True, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(a, b)
+    # DELLA: larger |τ| are kept more often.
+    d = sparsify(tau[None], "della", 0.5, rescale=False, epsilon=0.2, generator=torch.Generator().manual_seed(0))[0]
+    big = tau.abs() > tau.abs().median()
+    assert (d[big] != 0).float().mean() > (d[~big] != 0).float().mean() + 0.1
+
+
+def test_every_method_is_registered_and_runs():
+    base = torch.randn(6, 4)
+    xs = [base + torch.randn(6, 4) * 0.1 for _ in range(3)]
+    for m in METHODS:
+        inputs = xs[:1] if m == "slerp" else xs
+        params = {"t": 0.3} if m == "slerp" else {}
+        out = merge(m, base, inputs, [{"weight": 1.0, "density": 0.6} for _ in inputs], params,
+                    torch.Generator().manual_seed(0))
+        assert out.shape == base.shape and torch.isfinite(out).all(), m
+
+
+@pytest.fixture
+def tuned(tiny_dirs, tmp_path):
+    """Three 'fine-tuned' copies of the tiny llama (base + noise), saved as checkpoints."""
+    out = []
+    for i in range(3):
+        model, tok = bricks.load_model(tiny_dirs["llama"])
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        d = tmp_path / f"tuned{i}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(d)
+    return out
+
+
+def write_config(path, **cfg):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _state(d):
+    state = {}
+    for f in sorted(d.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def test_yaml_ties_merge_streams_into_shards(tiny_dirs, tuned, tmp_path):
+    base = tiny_dirs["llama"]
+    cfg = write_config(tmp_path / "ties.yaml", merge_method="ties", base_model=str(base),
+                       models=[{"model": str(d), "parameters": {"weight": w, "density": 0.5}} for d, w in zip(tuned, (1.0, 0.5, [0.2, 1.0]))],
+                       parameters={"normalize": True, "int8_mask": True}, dtype="float32")
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--max-shard-size", "40KB", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shards"] > 1 and (out / "model.safetensors.index.json").is_file()
+    merged = _state(out)
+    inputs = [_state(d) for d in tuned]
+    ref = _state(base)
+    assert set(merged) == set(ref)
+    for name in ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
+        layer_t = 1.0 if ".layers.1." in name else 0.0  # gradient [0.2, 1.0] over 2 layers
+        w3 = 0.2 + 0.8 * layer_t
+        expected = merge("ties", ref[name], [x[name] for x in inputs],
+                         [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}, {"weight": w3, "density": 0.5}],
+                         {"normalize": True})
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=0)
+    model, _ = bricks.load_model(out)  # a loadable model with config and tokenizer
+    assert model(torch.randint(0, 300, (1, 5))).logits.isfinite().all()
+    # The same config again: an existing output is refused, the first merge untouched.
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.stderr
+
+
+def test_model_plus_adapter_in_a_merge(tiny_dirs, tmp_path):
+    base = tiny_dirs["llama"]
+    adapter = make_adapter(base, tmp_path / "lora")
+    cfg = write_config(tmp_path / "lin.yaml", merge_method="linear",
+                       models=[{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}])
+    out = tmp_path / "applied"
+    assert CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out)]).exit_code == 0
+    from peft import PeftModel
+
+    m, _ = bricks.load_model(base)
+    expected = PeftModel.from_pretrained(m, adapter).merge_and_unload().state_dict()
+    merged = _state(out)
+    for k, v in expected.items():
+        if k in merged:
+            assert (merged[k] - v).abs().max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"weight": 1}}], "colour": 1},
+     "colour: unknown key"),
+    ({"merge_method": "mystery", "models": [{"model": "A"}]}, "unknown merge method 'mystery'"),
+    ({"merge_method": "ties", "models": [{"model": "A", "parameters": {"weight": 1}}]}, "needs base_model"),
+    ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"weight": 1, "density": 2}}]},
+     "density must be in"),
+    ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"wieght": 1}}]},
+     "unknown model parameter 'wieght'"),
+    ({"merge_method": "linear", "slices": []}, "'slices'"),
+    ({"merge_method": "linear", "models": []}, "'models' is empty"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, cfg, message):
+    path = write_config(tmp_path / "bad.yaml", **cfg)
+    with pytest.raises(bricks.BricksError, match=message.replace("(", r"\(")):
+        load_config(path)
+    r = CliRunner().invoke(main, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and not (tmp_path / "o").exists()
+
+
+def test_mismatched_models_are_refused(tiny_dirs, tuned, tmp_path):
+    cfg = write_config(tmp_path / "x.yaml", merge_method="task_arithmetic", base_model=str(tiny_dirs["llama"]),
+                       models=[{"model": str(tiny_dirs["qwen2"]), "parameters": {"weight": 1.0}}])
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and ("differ in architecture" in r.stderr or "shape mismatch" in r.stderr)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+    # A truncated input shard.
+    f = tuned[0] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    cfg = write_config(tmp_path / "y.yaml", merge_method="task_arithmetic", base_model=str(tiny_dirs["llama"]),
+                       models=[{"model": str(tuned[0]), "parameters": {"weight": 1.0}}])
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "truncated" in r.stderr and not (tmp_path / "o").exists()
