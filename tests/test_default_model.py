@@ -106,3 +106,19 @@ def test_notebook_runs(tmp_path):
         os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "max |logit difference|" in text and "diagonal dominates" in text
+
+
+@pytest.mark.slow
+def test_routing_notebook_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(__file__).parents[1] / "notebooks" / "routing_tradeoffs.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["BRICKS_NOTEBOOK_FAST"] = "1"
+    try:
+        NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "neuron oracle top 50%" in text and "hybrid + sensitivity budget" in text and "best non-oracle setting" in text

@@ -87,6 +87,8 @@ def sparsify(tau: torch.Tensor, kind: str, density: float, rescale: bool, gamma:
     flat = tau.abs().reshape(-1).float()
     n = tau.numel()
     if kind == "magnitude":
+        # Exactly the k largest |τ|, ties broken by argsort's order as mergekit does: fine-tuning deltas are
+        # rounded to the weights' ulp, so equal magnitudes at the cut are common and a threshold would keep more.
         mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
         mask[torch.argsort(flat, descending=True)[: max(1, int(density * n))]] = 1
     elif kind == "outliers":
@@ -146,9 +148,12 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
 
 
-def merge(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], model_params: list[dict],
+def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: list[dict],
           params: dict | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge one parameter. `model_params[i]` holds input i's `weight`/`density`/...; `params` the shared ones.
+
+    `tensors` are tensors, or (for the task-vector methods) zero-argument loaders
+    called one at a time, so that an out-of-core merge holds one input at once.
 
     Returns a tensor of the dtype of the base (or of the first input for `linear`).
     """
@@ -157,6 +162,8 @@ def merge(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], m
         raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
     if needs_base(method) and base is None:
         raise BricksError(f"merge method {method!r} needs a base model (base_model: ...)")
+    if method not in TASK_METHODS:
+        tensors = [x() if callable(x) else x for x in tensors]
     if method == "linear":
         first = tensors[0]
         dtype = _work_dtype(first)
@@ -179,33 +186,45 @@ def merge(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], m
 
     spec = TASK_METHODS[method]
     rescale = bool(params.get("rescale", spec.rescale))
-    deltas = []
-    for x, p in zip(tensors, model_params):
-        tau = x.to(base.dtype) - base
+    weights = [float(p.get("weight", 1.0)) for p in model_params]
+    # One weighted, sparsified task vector per input; inputs may be loaders, read one at a time.
+    taus = []
+    for x, p, w in zip(tensors, model_params, weights):
+        tau = (x() if callable(x) else x).to(base.dtype) - base
         if spec.sparsify:
             tau = sparsify(tau, spec.sparsify, float(p.get("density", 1.0)), rescale, float(p.get("gamma", 0.01)),
                            float(p.get("epsilon", 0.15)), generator)
-        deltas.append(tau)
-    taus = torch.stack(deltas)
-    w = torch.tensor([float(p.get("weight", 1.0)) for p in model_params], dtype=taus.dtype, device=taus.device)
-    w = w.reshape(-1, *([1] * base.dim()))
-    taus = taus * w
+        taus.append(tau.mul_(w))
     if spec.consensus:
         # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element.
-        elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0).to(taus.dtype)
-        agree = (taus.sign() == elected).to(taus.dtype)
-        mixed = (taus * agree).sum(0)
-        divisor = (w * agree).sum(0)
+        # Element-wise from here on: done in chunks, so the temporaries stay small for large tensors.
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        flat_taus = [t.reshape(-1) for t in taus]
+        m_flat, d_flat = mixed.reshape(-1), divisor.reshape(-1)
+        for start in range(0, base.numel(), 1 << 22):
+            part = [t[start : start + (1 << 22)] for t in flat_taus]
+            total = torch.zeros_like(part[0])
+            for t in part:
+                total += t
+            elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            for t, w in zip(part, weights):
+                agree = (t.sign() == elected).to(base.dtype)
+                m_flat[start : start + len(t)] += t * agree
+                d_flat[start : start + len(t)] += w * agree
         divisor[divisor == 0] = 1
     else:
-        mixed = taus.sum(0)
-        divisor = w.sum(0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = torch.zeros_like(base)
+        for tau in taus:
+            mixed += tau
+        s_w = sum(weights)
+        divisor = torch.full_like(base, 1.0 if abs(s_w) < 1e-8 else s_w)
+    del taus
     if params.get("normalize", spec.normalize):
-        mixed = mixed / divisor
+        mixed /= divisor
     lam = float(params.get("lambda", 1.0))
     if lam != 1:
-        mixed = mixed * lam
+        mixed *= lam
     return (base + mixed).to(base.dtype)
 
 

@@ -20,6 +20,7 @@ tensor per input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
@@ -221,20 +222,12 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
             for i, n in enumerate(names):
                 layer = _LAYER.search(n)
                 t = int(next(g for g in layer.groups() if g)) / max(1, n_layers - 1) if layer else 0.0
-                ref = reference.get(n)
-                if not ref.is_floating_point():
-                    writer.write(n, ref)
+                if not reference.dtype(n).is_floating_point:
+                    writer.write(n, reference.get(n))
                     continue
-                dtype = compute_dtype or ref.dtype
-                tensors, per_model = [], []
-                for ckpt, adapter, params in inputs:
-                    x = ckpt.get(n).to(dtype)
-                    if adapter is not None and n.removesuffix(".weight") in adapter.modules:
-                        x = x + adapter.modules[n.removesuffix(".weight")].delta(torch.float32).to(dtype)
-                    if not torch.isfinite(x).all():
-                        raise BricksError(f"{ckpt.path}: {n} holds NaN or infinite values: refusing to merge it")
-                    tensors.append(x)
-                    per_model.append({k: resolve(v, n, t) for k, v in params.items()})
+                dtype = compute_dtype or reference.dtype(n)
+                per_model = [{k: resolve(v, n, t) for k, v in params.items()} for _, _, params in inputs]
+                tensors = [functools.partial(_read, ckpt, adapter, n, dtype) for ckpt, adapter, _ in inputs]
                 shared = {k: resolve(v, n, t) for k, v in config.parameters.items()}
                 seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{n}".encode()).digest()[:8], "little") >> 1
                 g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
@@ -249,6 +242,17 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
     return {"out": str(out), "method": method, "tensors": len(names), "shards": len(writer.files),
             "inputs": [str(c.path) + (f"+{a.name}" if a else "") for c, a, _ in inputs]}
+
+
+def _read(ckpt: Checkpoint, adapter: AdapterBrick | None, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One input tensor, with its adapter's delta applied; non-finite values are refused."""
+    x = ckpt.get(name).to(dtype)
+    module = name.removesuffix(".weight")
+    if adapter is not None and module in adapter.modules:
+        x = x + adapter.modules[module].delta(torch.float32).to(dtype)
+    if not torch.isfinite(x).all():
+        raise BricksError(f"{ckpt.path}: {name} holds NaN or infinite values: refusing to merge it")
+    return x
 
 
 def _model_type(path: Path) -> str | None:

@@ -131,9 +131,8 @@ class ShardedWriter:
             raise BricksError(f"internal: {name} written out of plan order")
         self._pending.pop(0)
         data = t.detach().contiguous().cpu()
-        if data.numel():
-            self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.dtype != torch.bool
-                           else data.to(torch.uint8).numpy().tobytes())
+        if data.numel():  # the tensor's own bytes, without a copy
+            self._fh.write((data if data.dtype != torch.bool else data.to(torch.uint8)).reshape(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
         if self._fh is not None:
