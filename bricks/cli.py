@@ -452,6 +452,38 @@ def adapter_export(brick_dir, out, as_json):
     _emit(as_json, {"out": str(out)}, f"wrote {out} (PEFT LoRA adapter)")
 
 
+@adapter.command("merge")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", default=None, help="comma-separated weights, one per adapter (default: all 1)")
+@click.option("--method", default="linear", show_default=True, help="linear, task_arithmetic, ties, dare_ties, ...")
+@click.option("--density", default=None, type=float, help="density for the sparsifying methods (TIES, DARE, ...)")
+@click.option("--rank", default=None, type=int, help="re-factor to this rank by SVD (default: exact, rank = sum of ranks)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="adapter brick directory to write (must not exist)")
+@click.option("--peft", "as_peft", is_flag=True, help="write a PEFT adapter directory instead of a brick")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def adapter_merge(adapters, weights, method, density, rank, seed, out, as_peft, as_json):
+    """Merge adapter bricks (or PEFT adapter dirs) in delta-weight space."""
+    from pathlib import Path
+
+    from .merge import AdapterBrick, merge_adapters
+
+    if Path(out).exists():
+        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise BricksError(f"bad --weights {weights!r}: comma-separated numbers, e.g. 0.6,0.4") from None
+    per_model = [{"density": density}] * len(adapters) if density is not None else None
+    merged, report = merge_adapters([AdapterBrick.load(a) for a in adapters], w, method, rank,
+                                    model_params=per_model, seed=seed, name=Path(out).name)
+    merged.to_peft(out) if as_peft else merged.save(out)
+    err = report["truncation_error"]
+    _emit(as_json, {"out": str(out), **report}, f"wrote {out}: {method} merge of {len(adapters)} adapters, ranks "
+                                                f"{report['ranks']}, SVD truncation error max {err['max']:.3g} mean {err['mean']:.3g}")
+
+
 @adapter.command("info")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)

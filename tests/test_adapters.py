@@ -125,3 +125,69 @@ def test_bad_weights_are_refused(llama_dir, tiny_dirs, tmp_path):
     other, _ = bricks.load_model(tiny_dirs["gpt2"])
     with pytest.raises(bricks.BricksError, match="does not have"):
         good.merge_into(other)
+
+
+def test_merging_adapters_in_delta_space(llama_dir, tmp_path):
+    from bricks.merge import merge_adapters
+    from bricks.merge.methods import merge
+
+    a = AdapterBrick.from_peft(make_adapter(llama_dir, tmp_path / "a", seed=1))
+    b = AdapterBrick.from_peft(make_adapter(llama_dir, tmp_path / "b", seed=2, r=2, lora_alpha=5))  # another rank
+    exact, report = merge_adapters([a, b], [0.7, 0.3])
+    assert report["ranks"] == [6] and report["truncation_error"]["max"] == 0.0
+    for n in a.modules:
+        want = (0.7 * a.modules[n].delta() + 0.3 * b.modules[n].delta()) / 1.0
+        torch.testing.assert_close(exact.modules[n].delta(), want, rtol=1e-5, atol=1e-6)
+    # Re-factored to rank 1: the best rank-1 approximation, and its error reported.
+    low, report = merge_adapters([a, b], [0.7, 0.3], rank=1)
+    n = "model.layers.0.self_attn.q_proj"
+    full = exact.modules[n].delta().double()
+    s = torch.linalg.svdvals(full)
+    assert low.modules[n].rank == 1
+    err = float((full - low.modules[n].delta().double()).norm() / full.norm())
+    assert err == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)
+    assert report["truncation_error"]["max"] >= err - 1e-9 > 0
+    # TIES on the dense deltas, kept at full rank: the merge method's result exactly.
+    ties, _ = merge_adapters([a, b], [1.0, 1.0], method="ties", rank=64, model_params=[{"density": 0.5}] * 2)
+    d = [a.modules[n].delta(), b.modules[n].delta()]
+    want = merge("ties", torch.zeros_like(d[0]), d, [{"weight": 1.0, "density": 0.5}] * 2)
+    torch.testing.assert_close(ties.modules[n].delta(), want, rtol=1e-4, atol=1e-5)
+    # The merged brick is a normal PEFT adapter: exported, PEFT gives base + merged delta.
+    out = exact.to_peft(tmp_path / "merged")
+    base, _ = bricks.load_model(llama_dir)
+    ids = torch.randint(0, 300, (1, 8))
+    via_peft = logits_of(PeftModel.from_pretrained(base, out), ids)
+    base, _ = bricks.load_model(llama_dir)
+    exact.merge_into(base)
+    assert (logits_of(base, ids) - via_peft).abs().max() <= 1e-5
+    # Refusals: different target modules; different bases.
+    c = AdapterBrick.from_peft(make_adapter(llama_dir, tmp_path / "c", target_modules=["q_proj"]))
+    with pytest.raises(bricks.BricksError, match="different modules"):
+        merge_adapters([a, c])
+    b.config["base_model_name_or_path"] = "some/other-model"
+    with pytest.raises(bricks.BricksError, match="different bases"):
+        merge_adapters([a, b])
+
+
+def test_adapter_cli(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from bricks.cli import main
+
+    a = make_adapter(llama_dir, tmp_path / "a", seed=1)
+    b = make_adapter(llama_dir, tmp_path / "b", seed=2)
+    run = CliRunner().invoke
+    r = run(main, ["adapter", "import", str(a), "--out", str(tmp_path / "brick"), "--base", str(llama_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["modules"] == 8
+    assert run(main, ["adapter", "info", str(tmp_path / "brick")]).exit_code == 0
+    assert run(main, ["adapter", "export", str(tmp_path / "brick"), "--out", str(tmp_path / "peft")]).exit_code == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    r = run(main, ["adapter", "merge", str(tmp_path / "brick"), str(b), "--weights", "0.5,0.5", "--rank", "2",
+                   "--out", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ranks"] == [2] and AdapterBrick.load(tmp_path / "m").modules
+    r = run(main, ["adapter", "merge", str(a), str(b), "--weights", "x", "--out", str(tmp_path / "m2")])
+    assert r.exit_code == 1 and "bad --weights" in r.stderr and not (tmp_path / "m2").exists()
+    r = run(main, ["adapter", "import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "not a PEFT adapter directory" in r.stderr and not (tmp_path / "x").exists()

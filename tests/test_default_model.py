@@ -92,33 +92,27 @@ def test_analyze_reproduces_the_papers_findings(tmp_path):
     assert report["coactivation"]["mean_modularity"] > 0.05
 
 
-@pytest.mark.slow
-def test_notebook_runs(tmp_path):
+def _run_notebook(name: str, tmp_path) -> str:
+    """Execute a notebook in fast mode; the text of all its outputs."""
     import nbformat
     from nbclient import NotebookClient
 
-    path = Path(__file__).parents[1] / "notebooks" / "neuron_specialization.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    os.environ["BRICKS_NOTEBOOK_FAST"] = "1"
-    try:
-        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "max |logit difference|" in text and "diagonal dominates" in text
-
-
-@pytest.mark.slow
-def test_routing_notebook_runs(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    path = Path(__file__).parents[1] / "notebooks" / "routing_tradeoffs.ipynb"
-    nb = nbformat.read(path, as_version=4)
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / name, as_version=4)
     os.environ["BRICKS_NOTEBOOK_FAST"] = "1"
     try:
         NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_notebook_runs(tmp_path):
+    text = _run_notebook("neuron_specialization.ipynb", tmp_path)
+    assert "max |logit difference|" in text and "diagonal dominates" in text
+
+
+@pytest.mark.slow
+def test_routing_notebook_runs(tmp_path):
+    text = _run_notebook("routing_tradeoffs.ipynb", tmp_path)
     assert "neuron oracle top 50%" in text and "hybrid + sensitivity budget" in text and "best non-oracle setting" in text
