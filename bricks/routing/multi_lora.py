@@ -1,0 +1,145 @@
+"""Many adapter bricks on one base: every sequence of a batch uses its own brick, or its own mix of bricks.
+
+`attach_adapters(model, bricks)` wraps each targeted linear layer once; the
+base weights are untouched and shared. All bricks' factors are stacked per
+layer (ranks padded with zero rows to the largest rank, scalings folded into
+B), so that a batch runs in one forward pass:
+
+- one brick per sequence (`ids`): the selected factors are gathered per
+  sequence (a few KB each) and applied with two batched matmuls, as in
+  Punica/S-LoRA's gathered low-rank products: extra work ~2·r·(in+out) per token;
+- a mix per sequence (`weights [batch, n_bricks]`): x is projected on every
+  brick's A at once, each brick's block is scaled by the sequence's weight,
+  and one matmul with the stacked B adds the mixture.
+
+    >>> multi = attach_adapters(model, [code_brick, math_brick])
+    >>> with multi.use(ids=torch.tensor([0, 1, 1, 0])):
+    ...     out = model.generate(batch, max_new_tokens=16)
+    >>> multi.detach()
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import BricksError
+
+
+class MultiLoRALinear(nn.Module):
+    """A base linear (or Conv1D) layer plus the stacked factors of several LoRA bricks."""
+
+    def __init__(self, base: nn.Module, modules: list, fan_in_fan_out: bool):
+        super().__init__()
+        self.base = base
+        w = base.weight
+        r = max(m.rank for m in modules)
+        A = w.new_zeros(len(modules), r, modules[0].A.shape[1])
+        B = w.new_zeros(len(modules), modules[0].B.shape[0], r)
+        for i, m in enumerate(modules):
+            A[i, : m.rank] = m.A.to(w.dtype)
+            B[i, :, : m.rank] = (m.B.float() * m.scaling).to(w.dtype)  # the scaling folded into B
+        self.register_buffer("A", A, persistent=False)  # [n, r, in]
+        self.register_buffer("B", B, persistent=False)  # [n, out, r]
+        self.register_buffer("A_flat", A.reshape(-1, A.shape[-1]), persistent=False)  # [n*r, in]
+        self.register_buffer("B_flat", B.permute(1, 0, 2).reshape(B.shape[1], -1).contiguous(), persistent=False)  # [out, n*r]
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ids: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.ids is None and self.weights is None:
+            return y
+        x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.ids is not None:
+            if self.ids.shape[0] != x3.shape[0]:
+                raise BricksError(f"{self.ids.shape[0]} adapter ids for a batch of {x3.shape[0]} sequences")
+            h = torch.bmm(x3, self.A[self.ids].transpose(1, 2))  # [b, s, r]
+            delta = torch.bmm(h, self.B[self.ids].transpose(1, 2))  # [b, s, out]
+        else:
+            n, r = self.A.shape[:2]
+            h = x3 @ self.A_flat.t()  # [b, s, n*r]
+            h = (h.view(*h.shape[:2], n, r) * self.weights[:, None, :, None]).reshape(h.shape)
+            delta = h @ self.B_flat.t()
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class MultiAdapter:
+    """Handle on the adapter bricks attached to a model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, bricks: list, layers: dict[str, MultiLoRALinear]):
+        self.model = model
+        self.bricks = bricks
+        self.layers = layers
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.bricks]
+
+    @contextlib.contextmanager
+    def use(self, ids=None, weights=None):
+        """Route the next forward passes: `ids [batch]` (one brick per sequence, -1 = base only) or `weights [batch, n]`."""
+        if (ids is None) == (weights is None):
+            raise BricksError("give either ids (one brick per sequence) or weights (a mix per sequence)")
+        n = len(self.bricks)
+        dev = next(iter(self.layers.values())).A.device
+        if ids is not None:
+            ids = torch.as_tensor(ids, dtype=torch.long, device=dev)
+            if ids.dim() != 1 or (ids >= n).any() or (ids < -1).any():
+                raise BricksError(f"adapter ids must be a 1-d list of values in [-1, {n - 1}]")
+            if (ids == -1).any():  # base only: a one-hot mix with no brick
+                weights = torch.nn.functional.one_hot(ids.clamp(min=0), n).float() * (ids >= 0)[:, None]
+                ids = None
+        if weights is not None:
+            dtype = next(iter(self.layers.values())).A.dtype
+            weights = torch.as_tensor(weights, dtype=dtype, device=dev)
+            if weights.dim() != 2 or weights.shape[1] != n:
+                raise BricksError(f"adapter weights must be [batch, {n}], got {tuple(weights.shape)}")
+            if not torch.isfinite(weights).all():
+                raise BricksError("adapter weights hold NaN or infinite values")
+        for layer in self.layers.values():
+            layer.ids, layer.weights = ids, weights
+        try:
+            yield self.model
+        finally:
+            for layer in self.layers.values():
+                layer.ids = layer.weights = None
+
+    def detach(self) -> nn.Module:
+        """Put the plain base layers back; the model is the base model again."""
+        named = dict(self.model.named_modules())
+        for name, layer in self.layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(named[parent] if parent else self.model, child, layer.base)
+        self.layers = {}
+        return self.model
+
+
+def attach_adapters(model: nn.Module, bricks: list) -> MultiAdapter:
+    """Attach several adapter bricks (same base, any ranks, any target modules) to `model` for mixed batches."""
+    if not bricks:
+        raise BricksError("no adapter bricks to attach")
+    for b in bricks:
+        b.check_model(model)
+    targets = sorted(set().union(*(b.modules for b in bricks)))
+    named = dict(model.named_modules())
+    layers = {}
+    for name in targets:
+        mods = []
+        for b in bricks:
+            m = b.modules.get(name)
+            if m is None:  # a brick that does not touch this layer: a zero brick of rank 1 here
+                ref = next(x.modules[name] for x in bricks if name in x.modules)
+                from ..merge.adapters import LoRAModule
+
+                m = LoRAModule(ref.A.new_zeros(1, ref.A.shape[1]), ref.B.new_zeros(ref.B.shape[0], 1), 1.0)
+            mods.append(m)
+        fan = any(m.fan_in_fan_out for m in mods)
+        layer = MultiLoRALinear(named[name], mods, fan)
+        parent, _, child = name.rpartition(".")
+        setattr(named[parent] if parent else model, child, layer)
+        layers[name] = layer
+    return MultiAdapter(model, bricks, layers)
