@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,7 +98,6 @@ def main():
               f"wall time bricks/mergekit = {rows['ratio_wall_bricks_over_mergekit']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    _ = resource  # (the parent's own usage is not the point: children are measured)
 
 
 if __name__ == "__main__":
