@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from ..brick import atomic_dir
 from ..errors import BricksError
 from .adapters import AdapterBrick
-from .methods import METHODS, check_params, merge, needs_base
+from .methods import METHODS, TASK_METHODS, check_params, merge, needs_base
 from .safetensors_io import Checkpoint, ShardedWriter
 
 Scalar = Union[bool, int, float, str]
@@ -115,9 +115,8 @@ def load_config(path: str | Path) -> MergeConfig:
         raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
     check_params(cfg.merge_method, {k: _probe(v) for k, v in cfg.parameters.items()},
                  [{k: _probe(v) for k, v in m.parameters.items()} for m in cfg.models])
-    if cfg.merge_method != "linear" and any("weight" not in m.parameters for m in cfg.models) \
-            and cfg.merge_method not in ("slerp", "model_stock"):
-        missing = [m.model for m in cfg.models if "weight" not in m.parameters]
+    missing = [m.model for m in cfg.models if "weight" not in m.parameters]
+    if cfg.merge_method in TASK_METHODS and missing:  # as in mergekit, the task-vector methods require a weight
         raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
     return cfg
 
