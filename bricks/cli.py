@@ -400,6 +400,37 @@ def merge_cmd(config, out, max_shard_size, as_json):
                            f"{result['tensors']} tensors in {result['shards']} shard(s)")
 
 
+@main.command("moe")
+@click.argument("config", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="output Mixtral checkpoint directory (must not exist)")
+@click.option("--train-steps", default=0, show_default=True, help="train the router weights for this many steps on --data")
+@click.option("--data", "data", multiple=True, help=_DATA_HELP + " (text the routers are trained on)")
+@click.option("--lr", default=1e-3, show_default=True, help="learning rate of router training")
+@click.option("--seed", default=0, show_default=True, help="seed of random gates and of training batches")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 500MB, 2GB")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def moe_cmd(config, out, train_steps, data, lr, seed, max_shard_size, as_json):
+    """Assemble a Mixtral MoE from dense models as CONFIG (mergekit-moe YAML) says: their FFNs become experts."""
+    from .merge.moe import assemble_moe, load_moe_config
+
+    domains = None
+    if train_steps > 0:
+        if not data:
+            raise BricksError("--train-steps needs text to train the routers on: add --data NAME=SOURCE")
+        from .data import load_domains
+        from .loading import resolve
+        from transformers import AutoTokenizer
+
+        cfg = load_moe_config(config)
+        tok = AutoTokenizer.from_pretrained(resolve(cfg.base_model))
+        domains = load_domains(data, tok, "train", 128, 64)
+    result = assemble_moe(config, out, domains, train_steps, lr, seed, _parse_size(max_shard_size),
+                          log=None if as_json else click.echo)
+    _emit(as_json, result, f"wrote {out}: Mixtral with {result['experts']} experts x {result['layers']} layers "
+                           f"({result['gate_mode']} gates{', trained' if train_steps else ''}), {result['shards']} shard(s)")
+
+
 def _parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()

@@ -87,21 +87,23 @@ _NOT_YET = {"slices": "slices (layer ranges, passthrough stacking)", "modules": 
             "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
+def read_yaml(path: str | Path, what: str) -> dict:
+    """The mapping in a YAML config file, or a one-line `BricksError`."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise BricksError(f"merge config {path} does not exist")
+        raise BricksError(f"{what} config {path} does not exist")
     except yaml.YAMLError as exc:
         raise BricksError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(raw, dict):
-        raise BricksError(f"{path}: a merge config is a mapping (merge_method, base_model, models, ...)")
-    for key, what in _NOT_YET.items():
-        if key in raw:
-            raise BricksError(f"{path}: {key!r} ({what}) is not supported yet; write the merge with 'models:'")
+        raise BricksError(f"{path}: a {what} config is a mapping of keys to values")
+    return raw
+
+
+def validated(cls, raw: dict, path: str | Path):
+    """`cls(**raw)` with pydantic's first complaint as a one-line `BricksError` naming the key."""
     try:
-        cfg = MergeConfig(**raw)
+        return cls(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
@@ -109,6 +111,15 @@ def load_config(path: str | Path) -> MergeConfig:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         raise BricksError(f"{path}: {where}: {msg}") from exc
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
+    raw = read_yaml(path, "merge")
+    for key, what in _NOT_YET.items():
+        if key in raw:
+            raise BricksError(f"{path}: {key!r} ({what}) is not supported yet; write the merge with 'models:'")
+    cfg = validated(MergeConfig, raw, path)
     if not cfg.models:
         raise BricksError(f"{path}: 'models' is empty: list the models to merge")
     if needs_base(cfg.merge_method) and cfg.base_model is None:
