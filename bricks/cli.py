@@ -529,3 +529,118 @@ def adapter_info(path, as_json):
 
 if __name__ == "__main__":
     main()
+
+
+@adapter.command("train")
+@click.argument("model")
+@click.option("--data", "data", required=True, help="NAME=SOURCE: the text to train on (" + _DATA_HELP.split("; ", 1)[1] + ")")
+@click.option("--out", required=True, type=click.Path(), help="adapter brick directory to write (must not exist)")
+@click.option("--rank", default=16, show_default=True)
+@click.option("--alpha", default=None, type=float, help="LoRA alpha (default: 2 x rank)")
+@click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True,
+              help="comma-separated names of the linear layers to adapt")
+@click.option("--steps", default=150, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--windows", default=256, show_default=True, help="train windows to sample batches from")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--peft", "as_peft", is_flag=True, help="write a PEFT adapter directory instead of a brick")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def adapter_train(model, data, out, rank, alpha, targets, steps, lr, batch_size, seq_len, windows, seed, as_peft, device,
+                  dtype, device_map, as_json):
+    """Train a LoRA adapter brick on MODEL with PEFT (a small one: minutes on CPU for the default model)."""
+    from pathlib import Path
+
+    from .data import load_domains
+    from .merge.training import train_lora
+
+    if Path(out).exists():
+        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    m, tok = _load(model, device, dtype, device_map)
+    (dom,) = load_domains([data], tok, "train", seq_len, windows)
+    brick, report = train_lora(m, dom.windows, dom.name, rank, alpha, [t.strip() for t in targets.split(",") if t.strip()],
+                               steps, lr, batch_size, seed, log=None if as_json else click.echo)
+    (brick.to_peft if as_peft else brick.save)(out)
+    _emit(as_json, {"out": str(out), **report}, f"wrote {out}: LoRA r={rank} on {dom.name}, loss "
+                                                f"{report['loss_first']:.3f} -> {report['loss_last']:.3f}")
+
+
+@main.command("route")
+@click.argument("model")
+@click.option("--adapter", "adapters", multiple=True, required=True,
+              help="NAME=DIR: an adapter brick or PEFT adapter dir, repeatable (at least two)")
+@click.option("--router", default="prototype", show_default=True, help="arrow, prototype or gate")
+@click.option("--data", "data", multiple=True,
+              help=_DATA_HELP + "; one per adapter, named like it (prototypes, gate training, evaluation)")
+@click.option("--top-k", default=None, type=int, help="bricks mixed per token (default: all, by softmax; arrow: 1)")
+@click.option("--temperature", default=0.05, show_default=True, help="prototype similarity temperature")
+@click.option("--steps", default=100, show_default=True, help="gate training steps")
+@click.option("--lr", default=1e-2, show_default=True, help="gate learning rate")
+@click.option("--windows", default=64, show_default=True, help="train windows per domain")
+@click.option("--eval-windows", default=16, show_default=True, help="held-out windows per domain")
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="router directory to write (must not exist)")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def route(model, adapters, router, data, top_k, temperature, steps, lr, windows, eval_windows, seq_len, batch_size, seed,
+          out, device, dtype, device_map, as_json):
+    """Fit a router between adapter bricks (ARROW, PROTOTYPE or a trained token-level GATE) and compare it on
+    held-out data with the base, each adapter alone and their uniform mix."""
+    from pathlib import Path
+
+    from .data import load_domains, parse_data_specs
+    from .merge import AdapterBrick
+    from .routing.adapter_router import ADAPTER_ROUTERS, compare_routing, fit_router
+    from .routing.multi_lora import attach_adapters
+
+    if Path(out).exists():
+        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    if router not in ADAPTER_ROUTERS:
+        raise BricksError(f"unknown adapter router {router!r}: choose one of {', '.join(ADAPTER_ROUTERS)}")
+    named = []
+    for a in adapters:
+        name, sep, path = a.partition("=")
+        if not sep or not name or not path:
+            raise BricksError(f"--adapter {a!r}: write NAME=DIR")
+        named.append((name, path))
+    if len(named) < 2:
+        raise BricksError("routing needs at least two adapters (--adapter NAME=DIR, repeated)")
+    if not data:
+        raise BricksError("give held-out data to compare on: --data NAME=SOURCE, one per adapter")
+    specs = parse_data_specs(data)
+    m, tok = _load(model, device, dtype, device_map)
+    bricks_ = []
+    for name, path in named:
+        b = AdapterBrick.load(path)
+        b.name = name
+        bricks_.append(b)
+    multi = attach_adapters(m, bricks_)
+    train = load_domains(specs, tok, "train", seq_len, windows) if router != "arrow" else None
+    fitted = fit_router(multi, router, train, top_k,
+                        temperature, steps, lr, batch_size, seed, log=None if as_json else click.echo)
+    heldout = load_domains(specs, tok, "heldout", seq_len, eval_windows)
+    report = compare_routing(fitted, heldout, batch_size)
+    report.update({"router": router, "adapters": {n: str(p) for n, p in named}, **fitted.meta})
+    fitted.meta["adapters"] = report["adapters"]
+    from .brick import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        fitted.write(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    names = list(next(iter(report["ppl"].values())))
+    click.echo(f"held-out perplexity ({router} router):")
+    click.echo(f"{'':>12}" + "".join(f"{n:>10}" for n in names))
+    for setting, row in report["ppl"].items():
+        click.echo(f"{setting:>12}" + "".join(f"{row[n]:>10.3f}" for n in names))
+    for dom, shares in report["shares"].items():
+        click.echo(f"{dom}: mean routing weight " + ", ".join(f"{b} {s:.2f}" for b, s in shares.items()))
+    click.echo(f"wrote {out}")

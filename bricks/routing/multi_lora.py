@@ -48,18 +48,24 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A_flat", A.reshape(-1, A.shape[-1]), persistent=False)  # [n*r, in]
         self.register_buffer("B_flat", B.permute(1, 0, 2).reshape(B.shape[1], -1).contiguous(), persistent=False)  # [out, n*r]
         self.fan_in_fan_out = fan_in_fan_out
-        self.weights: torch.Tensor | None = None  # [batch, n]: each sequence's mix (one-hot for one brick)
+        # Each sequence's mix ([batch, n]; one-hot for one brick; batch 1 applies to all sequences) or each
+        # token's ([batch, seq, n]), set by `MultiAdapter.use` or a router; `gate(x)` computes it from the input.
+        self.weights: torch.Tensor | None = None
+        self.gate: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.weights is None:
-            return y
         x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-        if self.weights.shape[0] != x3.shape[0]:
-            raise BricksError(f"adapter routing for {self.weights.shape[0]} sequences, the batch has {x3.shape[0]}")
+        w = self.gate(x3) if self.gate is not None else self.weights
+        if w is None:
+            return y
+        if w.dim() == 2:
+            w = w[:, None, :]
+        if w.shape[0] not in (1, x3.shape[0]) or w.shape[1] not in (1, x3.shape[1]):
+            raise BricksError(f"adapter routing weights {tuple(w.shape)} do not fit the batch {tuple(x3.shape[:2])}")
         n, r = self.A.shape[:2]
         h = x3 @ self.A_flat.t()  # [b, s, n*r]
-        h = (h.view(*h.shape[:2], n, r) * self.weights[:, None, :, None]).view(h.shape)
+        h = (h.view(*h.shape[:2], n, r) * w[..., None].to(h.dtype)).view(h.shape)
         return y + (h @ self.B_flat.t()).reshape(y.shape).to(y.dtype)
 
 

@@ -1,0 +1,83 @@
+"""Training small LoRA adapters with PEFT, returned as adapter bricks.
+
+Enough to make customized bricks to combine (the merging notebook trains one
+per built-in domain in a few minutes on CPU); it is not a replacement for a
+fine-tuning framework. PEFT does the training so that the bricks are real PEFT
+adapters: the brick is read back from PEFT's own saved directory.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import torch
+
+from ..analysis.capture import input_device
+from ..errors import BricksError
+from .adapters import AdapterBrick
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 16, alpha: float | None = None,
+               targets=DEFAULT_TARGETS, steps: int = 100, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+               rslora: bool = False, log=None) -> tuple[AdapterBrick, dict]:
+    """Train a LoRA adapter on token `windows [n, seq]` (causal LM loss); the model is left unchanged.
+
+    Returns the brick and a report (loss of the first and last tenth of the steps).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if windows.numel() == 0:
+        raise BricksError("no training windows: give data with at least one window of tokens")
+    if rank < 1 or steps < 1 or lr <= 0:
+        raise BricksError(f"rank ({rank}) and steps ({steps}) must be >= 1 and lr ({lr}) > 0")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise BricksError(f"target modules {missing} do not exist in this model; choose among its linear layers")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
+                        lora_dropout=0.0, bias="none", use_rslora=rslora, task_type="CAUSAL_LM")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # PEFT initialises A with the global generator
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # Cosine decay after a short warm-up: stable for the few hundred steps this is meant for.
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    dev = input_device(model)
+    losses = []
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    peft_model.train()
+    try:
+        for step in range(steps):
+            idx = torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)
+            ids = windows[idx].to(dev)
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            if not torch.isfinite(loss):
+                raise BricksError(f"LoRA training diverged at step {step} (loss {loss.item()}): lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
+                log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
+        peft_model.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            brick = AdapterBrick.from_peft(tmp, name=name)
+    finally:
+        peft_model.unload()  # back to the plain base modules, weights untouched
+        model.train(was_training)
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+    tenth = max(1, steps // 10)
+    report = {"name": name, "steps": steps, "rank": rank, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1],
+              "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    return brick, report
