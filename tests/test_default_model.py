@@ -116,3 +116,10 @@ def test_notebook_runs(tmp_path):
 def test_routing_notebook_runs(tmp_path):
     text = _run_notebook("routing_tradeoffs.ipynb", tmp_path)
     assert "neuron oracle top 50%" in text and "hybrid + sensitivity budget" in text and "best non-oracle setting" in text
+
+
+@pytest.mark.slow
+def test_merging_notebook_runs(tmp_path):
+    text = _run_notebook("merging_adapters.ipynb", tmp_path)
+    assert "parameters per brick" in text and "routing weights" in text and "best routed pair" in text
+    assert "MixtralForCausalLM" in text
