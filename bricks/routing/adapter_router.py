@@ -354,9 +354,10 @@ def train_gate(router: AdapterRouter, domains, steps: int = 100, lr: float = 1e-
 
 
 @torch.no_grad()
-def compare_routing(router: AdapterRouter, domains, batch_size: int = 8) -> dict:
-    """Held-out perplexity per domain of the base, each brick alone, their uniform mix, and the routed bricks;
-    plus `mixed` (all domains' tokens together) and each domain's mean routing weight per brick."""
+def compare_routing(router: AdapterRouter, domains, batch_size: int = 8, baselines: bool = True) -> dict:
+    """Held-out perplexity per domain of the base, each brick alone, their uniform mix (without `baselines`:
+    only the routed bricks), and the routed bricks; plus `mixed` (all domains' tokens together) and each
+    domain's mean routing weight per brick."""
     multi = router.multi
     n = len(multi.bricks)
     settings = {"base": [0.0] * n, **{b: [float(i == k) for i in range(n)] for k, b in enumerate(multi.names)},
@@ -373,7 +374,7 @@ def compare_routing(router: AdapterRouter, domains, batch_size: int = 8) -> dict
             nll, tok = nll + math.log(p) * t, tok + t
         res["mixed"] = math.exp(nll / tok)
         return res
-    for name, w in settings.items():
+    for name, w in (settings.items() if baselines else ()):
         with multi.use(weights=[w]):
             rows[name] = ppl_all(lambda ids: perplexity(multi.model, ids, batch_size))
     with router.active():

@@ -5,15 +5,20 @@ base weights are untouched and shared. All bricks' factors are stacked per
 layer (ranks padded with zero rows to the largest rank, scalings folded into
 B), so that a batch runs in one forward pass:
 
-- one brick per sequence (`ids`) is the one-hot case of a mix per sequence
-  (`weights [batch, n_bricks]`): x is projected on every brick's A at once
-  (one matmul with the stacked `[n·r, in]` factors), each brick's block of the
-  projection is scaled by the sequence's weight, and one matmul with the
-  stacked `[out, n·r]` B adds the mixture. With a batch that uses most bricks
-  this reads each brick's factors once per step; gathering them per sequence
-  (as Punica/S-LoRA's kernels do on GPU) copies them once per sequence, which
-  was much slower on CPU with 32 sequences over 8 bricks (3.5x the base's time
-  against 1.3x, though the two were not measured in the same run).
+- one brick per sequence (`ids`): the sequences are grouped by brick and each
+  group goes through its own brick's factors at its own rank (an index_select
+  of the group's rows, two thin matmuls, an index_add into the base output), so
+  the extra work is the sequences' own low-rank products, each brick's factors
+  read once per step;
+- a mix per sequence (`weights [batch, n]`) or per token (`[batch, seq, n]`,
+  set by a router, see `adapter_router`): x is projected on every brick's A at
+  once (one matmul with the stacked `[n·r, in]` factors), each brick's block is
+  scaled by its weight, and one matmul with the stacked `[out, n·r]` B adds the
+  mixture.
+
+Gathering each sequence's factors (as Punica/S-LoRA's kernels do on GPU)
+copies them once per sequence, which was much slower on CPU (3.5x the base's
+time on 32 sequences over 8 bricks, against 1.3x for the stacked path).
 
     >>> multi = attach_adapters(model, [code_brick, math_brick])
     >>> with multi.use(ids=torch.tensor([0, 1, 1, 0])):
@@ -52,10 +57,13 @@ class MultiLoRALinear(nn.Module):
         # token's ([batch, seq, n]), set by `MultiAdapter.use` or a router; `gate(x)` computes it from the input.
         self.weights: torch.Tensor | None = None
         self.gate: nn.Module | None = None
+        self.slots = self.group_A = self.group_B = None  # one brick per sequence, see set_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.slots is not None and self.gate is None:
+            return self._grouped(x3, y)
         w = self.gate(x3) if self.gate is not None else self.weights
         if w is None:
             return y
@@ -67,6 +75,42 @@ class MultiLoRALinear(nn.Module):
         h = x3 @ self.A_flat.t()  # [b, s, n*r]
         h = (h.view(*h.shape[:2], n, r) * w[..., None].to(h.dtype)).view(h.shape)
         return y + (h @ self.B_flat.t()).reshape(y.shape).to(y.dtype)
+
+    def set_groups(self, slots: torch.Tensor | None, bricks: list[int] | None, batch: int = 0) -> None:
+        """Route one brick per sequence: `slots [g, m]` holds each used brick's sequences (batch indices, -1 for
+        padding), `bricks` the g bricks. Their factors are gathered once here, not per forward pass."""
+        if slots is None:
+            self.slots = self.group_A = self.group_B = self.keep = None
+            return
+        self.slots, self.slot_batch = slots, batch
+        real = (slots >= 0).reshape(-1)
+        self.keep = None if bool(real.all()) else real.nonzero().flatten()  # the slots holding real rows
+        self.keep_rows = slots.reshape(-1) if self.keep is None else slots.reshape(-1)[self.keep]
+        # Padding slots (-1) compute a copy of their group's first row, dropped afterwards.
+        self.slots = torch.where(slots >= 0, slots, slots[:, :1])
+        self.group_A = self.A[bricks].transpose(1, 2).contiguous()  # [g, in, r]
+        B = self.B_flat.view(self.B_flat.shape[0], *self.A.shape[:2])  # [out, n, r]
+        self.group_B = B[:, bricks].permute(1, 2, 0).contiguous()  # [g, r, out]
+
+    def _grouped(self, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One brick per sequence: each brick's sequences through its own factors, in two batched matmuls.
+
+        x rows are gathered brick by brick into `[g, m·seq, in]` (m: the largest
+        group, short groups padded with a repeat of a row), multiplied by the g used
+        bricks' A and B (`bmm`), and the products added to the base output of
+        their own rows: the extra work is the sequences' own low-rank products.
+        """
+        b, s, _ = x3.shape
+        g, m = self.slots.shape
+        if b != self.slot_batch:
+            raise BricksError(f"adapter routing for {self.slot_batch} sequences, the batch has {b}")
+        xg = x3[self.slots].reshape(g, m * s, -1)
+        d = torch.bmm(torch.bmm(xg, self.group_A.to(xg.dtype)), self.group_B.to(xg.dtype)).reshape(g * m, s, -1)
+        y3 = y.view(b, s, -1)
+        if self.keep is not None:  # drop the padding's products
+            d = d.index_select(0, self.keep)
+        y3.index_add_(0, self.keep_rows, d.to(y3.dtype))
+        return y
 
 
 class MultiAdapter:
@@ -88,12 +132,20 @@ class MultiAdapter:
             raise BricksError("give either ids (one brick per sequence) or weights (a mix per sequence)")
         n = len(self.bricks)
         dev = next(iter(self.layers.values())).A.device
+        slots = used = None
         if ids is not None:
             ids = torch.as_tensor(ids, dtype=torch.long, device=dev)
             if ids.dim() != 1 or (ids >= n).any() or (ids < -1).any():
                 raise BricksError(f"adapter ids must be a 1-d list of values in [-1, {n - 1}]")
-            # One brick per sequence = a one-hot mix (-1: no brick, the base alone).
-            weights = torch.nn.functional.one_hot(ids.clamp(min=0), n).float() * (ids >= 0)[:, None]
+            # One brick per sequence: each used brick's sequences in a row of `slots`, padded with -1;
+            # -1 in ids (the base alone) takes no slot.
+            used = sorted({k for k in ids.tolist() if k >= 0})
+            if used:
+                rows = [(ids == k).nonzero().flatten() for k in used]
+                m = max(len(r) for r in rows)
+                slots = torch.full((len(used), m), -1, dtype=torch.long, device=dev)
+                for i, r in enumerate(rows):
+                    slots[i, : len(r)] = r
         if weights is not None:
             dtype = next(iter(self.layers.values())).A.dtype
             weights = torch.as_tensor(weights, dtype=dtype, device=dev)
@@ -103,11 +155,13 @@ class MultiAdapter:
                 raise BricksError("adapter weights hold NaN or infinite values")
         for layer in self.layers.values():
             layer.weights = weights
+            layer.set_groups(slots, used, len(ids) if ids is not None else 0)
         try:
             yield self.model
         finally:
             for layer in self.layers.values():
                 layer.weights = None
+                layer.set_groups(None, None)
 
     def detach(self) -> nn.Module:
         """Put the plain base layers back; the model is the base model again."""
