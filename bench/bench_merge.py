@@ -73,7 +73,7 @@ def main():
     (work / "merge.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     _, baseline = peak_rss_mb([sys.executable, "-c", "import torch, safetensors"])
     rows = {}
-    for tool, cmd in (("bricks", ["bricks", "merge", str(work / "merge.yaml"), "--out", str(work / "out_bricks")]),
+    for tool, cmd in (("bricks", [str(Path(sys.executable).parent / "bricks"), "merge", str(work / "merge.yaml"), "--out", str(work / "out_bricks")]),
                       ("mergekit", [a.mergekit, str(work / "merge.yaml"), str(work / "out_mergekit"), "--lazy-unpickle"]
                        if a.mergekit else None)):
         if cmd is None:

@@ -66,48 +66,68 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _rescaled(tau: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    kept = tau * mask
-    if not rescale:
-        return kept
-    before, after = tau.abs().sum(), kept.abs().sum()
+def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01, epsilon: float = 0.15,
+              generator: torch.Generator | None = None, overwrite: bool = False) -> torch.Tensor:
+    """Which entries of τ a sparsification keeps (bool, τ's shape), from their magnitudes |τ|: the largest
+    (`magnitude`), at random (`random`, DARE), without outliers (`outliers`, breadcrumbs) or by rank (`della`).
+
+    With `overwrite`, `magnitude` sorts `mag` in place (the same order as argsort, one copy of the tensor
+    less at the merge's memory peak); `mag` is garbage afterwards."""
+    n = mag.numel()
+    if density >= 1:
+        return torch.ones(mag.shape, dtype=torch.bool, device=mag.device)
+    if density <= 0 or n == 0:
+        return torch.zeros(mag.shape, dtype=torch.bool, device=mag.device)
+    flat = mag.reshape(-1).float()
+    if kind == "magnitude":
+        # Exactly the k largest |τ|, ties broken by argsort's order as mergekit does: fine-tuning deltas are
+        # rounded to the weights' ulp, so equal magnitudes at the cut are common and a threshold would keep more.
+        if overwrite and flat.data_ptr() == mag.data_ptr():
+            order = torch.empty(n, dtype=torch.long, device=mag.device)
+            torch.sort(flat, descending=True, out=(flat, order))
+        else:
+            order = torch.argsort(flat, descending=True)
+        mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
+        mask[order[: max(1, int(density * n))]] = True
+        del order
+    elif kind == "outliers":
+        keep = int(density * n)
+        drop_small = max(0, n - keep - int(gamma * n))  # as many of the largest as possible go too, up to gamma
+        mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
+        mask[torch.sort(flat).indices[drop_small : drop_small + keep]] = True
+    elif kind == "random":
+        mask = torch.bernoulli(torch.full((n,), density, dtype=torch.float32, device=mag.device), generator=generator).bool()
+    elif kind == "della":
+        if density + epsilon >= 1 or density - epsilon <= 0:
+            raise BricksError(f"DELLA: epsilon {epsilon} must keep density ± epsilon inside (0, 1) (density {density})")
+        rows = mag.reshape(1, -1) if mag.dim() < 2 else mag
+        ranks = torch.argsort(torch.argsort(rows, dim=1), dim=1).float() + 1
+        lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
+        norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)  # 0 for the smallest |τ| of a row, 1 for the largest
+        mask = torch.bernoulli((density - epsilon) + 2 * epsilon * norm, generator=generator).bool()
+    else:
+        raise BricksError(f"unknown sparsification {kind!r}")
+    return mask.reshape(mag.shape)
+
+
+def rescale_factor(mag: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """L1 rescaling after sparsification (mergekit's `rescale`): sum |τ| over sum |kept τ|; None when degenerate."""
+    before, after = mag.sum(), (mag * mask).sum()
     if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * (before / after)
+        return None
+    return before / after
 
 
 def sparsify(tau: torch.Tensor, kind: str, density: float, rescale: bool, gamma: float = 0.01, epsilon: float = 0.15,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep a `density` share of τ: by magnitude, at random (DARE), without outliers (breadcrumbs) or by rank (DELLA)."""
+    """τ with only the entries `keep_mask` keeps (L1-rescaled with `rescale`)."""
     if density >= 1:
         return tau
-    if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
-    flat = tau.abs().reshape(-1).float()
-    n = tau.numel()
-    if kind == "magnitude":
-        # Exactly the k largest |τ|, ties broken by argsort's order as mergekit does: fine-tuning deltas are
-        # rounded to the weights' ulp, so equal magnitudes at the cut are common and a threshold would keep more.
-        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
-        mask[torch.argsort(flat, descending=True)[: max(1, int(density * n))]] = 1
-    elif kind == "outliers":
-        keep = int(density * n)
-        drop_small = max(0, n - keep - int(gamma * n))  # as many of the largest as possible go too, up to gamma
-        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
-        mask[torch.sort(flat).indices[drop_small : drop_small + keep]] = 1
-    elif kind == "random":
-        mask = torch.bernoulli(torch.full((n,), density, dtype=torch.float32, device=tau.device), generator=generator)
-    elif kind == "della":
-        if density + epsilon >= 1 or density - epsilon <= 0:
-            raise BricksError(f"DELLA: epsilon {epsilon} must keep density ± epsilon inside (0, 1) (density {density})")
-        rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float() + 1
-        lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
-        norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)  # 0 for the smallest |τ| of a row, 1 for the largest
-        mask = torch.bernoulli((density - epsilon) + 2 * epsilon * norm, generator=generator)
-    else:
-        raise BricksError(f"unknown sparsification {kind!r}")
-    return _rescaled(tau, mask.reshape(tau.shape).to(tau.dtype), rescale)
+    mag = tau.abs()
+    mask = keep_mask(mag, kind, density, gamma, epsilon, generator)
+    kept = tau * mask
+    factor = rescale_factor(mag, mask) if rescale else None
+    return kept if factor is None else kept * factor
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
@@ -152,7 +172,8 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
     """Merge one parameter. `model_params[i]` holds input i's `weight`/`density`/...; `params` the shared ones.
 
     `tensors` are tensors, or (for the task-vector methods) zero-argument loaders
-    called one at a time, so that an out-of-core merge holds one input at once.
+    called one at a time, so that an out-of-core merge holds one input at once;
+    a loader must return a fresh tensor on every call (it is overwritten).
 
     Returns a tensor of the dtype of the base (or of the first input for `linear`).
     """
@@ -186,45 +207,69 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
     spec = TASK_METHODS[method]
     rescale = bool(params.get("rescale", spec.rescale))
     weights = [float(p.get("weight", 1.0)) for p in model_params]
-    # One weighted, sparsified task vector per input; inputs may be loaders, read one at a time.
-    taus = []
-    for x, p, w in zip(tensors, model_params, weights):
-        tau = (x() if callable(x) else x).to(base.dtype) - base
-        if spec.sparsify:
-            tau = sparsify(tau, spec.sparsify, float(p.get("density", 1.0)), rescale, float(p.get("gamma", 0.01)),
-                           float(p.get("epsilon", 0.15)), generator)
-        taus.append(tau.mul_(w))
+    # Loaders hand over a fresh tensor each call (task vectors are then formed in its memory); tensors given
+    # directly are the caller's and are copied.
+    loaders = [x if callable(x) else (lambda x=x: x.clone()) for x in tensors]
+    # Pass 1, one input at a time: which entries each sparsified task vector keeps (1 byte per entry) and its
+    # rescale factor. The task vectors themselves are recomputed from their inputs when summed, so that a
+    # merge holds at most one of them (and the sort's temporaries) at a time: memory stays near a few copies
+    # of the largest tensor, whatever the number of inputs.
+    masks, factors = [], []
+    for load, p in zip(loaders, model_params):
+        density = float(p.get("density", 1.0))
+        if not spec.sparsify or density >= 1:
+            masks.append(None)
+            factors.append(None)
+            continue
+        mag = _fresh(load, base.dtype).sub_(base).abs_()
+        masks.append(keep_mask(mag, spec.sparsify, density, float(p.get("gamma", 0.01)), float(p.get("epsilon", 0.15)),
+                               generator, overwrite=not rescale))
+        factors.append(rescale_factor(mag, masks[-1]) if rescale else None)
+        del mag
+
+    def task_vector(k: int) -> torch.Tensor:
+        """Input k's weighted, sparsified task vector (the same operations as `sparsify`, so the same values)."""
+        tau = _fresh(loaders[k], base.dtype).sub_(base)
+        if masks[k] is not None:
+            tau.mul_(masks[k])
+            if factors[k] is not None:
+                tau.mul_(factors[k])
+        return tau.mul_(weights[k])
+
+    mixed = torch.zeros_like(base)
     if spec.consensus:
-        # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element.
-        # Element-wise from here on: done in chunks, so the temporaries stay small for large tensors.
-        mixed = torch.zeros_like(base)
+        # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an input
+        # counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
+        for k in range(len(loaders)):
+            mixed += task_vector(k)
+        negative = mixed < 0
+        mixed.zero_()
         divisor = torch.zeros_like(base)
-        flat_taus = [t.reshape(-1) for t in taus]
-        m_flat, d_flat = mixed.reshape(-1), divisor.reshape(-1)
-        for start in range(0, base.numel(), 1 << 22):
-            part = [t[start : start + (1 << 22)] for t in flat_taus]
-            total = torch.zeros_like(part[0])
-            for t in part:
-                total += t
-            elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-            for t, w in zip(part, weights):
-                agree = (t.sign() == elected).to(base.dtype)
-                m_flat[start : start + len(t)] += t * agree
-                d_flat[start : start + len(t)] += w * agree
+        for k in range(len(loaders)):
+            tau = task_vector(k)
+            agree = torch.where(negative, tau < 0, tau > 0)
+            mixed += tau.mul_(agree)
+            divisor.add_(agree, alpha=weights[k])
+            del tau, agree
+        del negative
         divisor[divisor == 0] = 1
     else:
-        mixed = torch.zeros_like(base)
-        for tau in taus:
-            mixed += tau
+        for k in range(len(loaders)):
+            mixed += task_vector(k)
         s_w = sum(weights)
         divisor = torch.full_like(base, 1.0 if abs(s_w) < 1e-8 else s_w)
-    del taus
     if params.get("normalize", spec.normalize):
         mixed /= divisor
     lam = float(params.get("lambda", 1.0))
     if lam != 1:
         mixed *= lam
     return (base + mixed).to(base.dtype)
+
+
+def _fresh(load, dtype: torch.dtype) -> torch.Tensor:
+    """A loader's tensor in `dtype`, writable and not shared with anything else."""
+    x = load()
+    return x.to(dtype) if x.dtype != dtype else x
 
 
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:

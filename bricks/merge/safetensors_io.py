@@ -49,10 +49,11 @@ class Checkpoint:
         if name not in self.entries:
             raise BricksError(f"{self.path} has no tensor {name}: the models to merge differ in architecture")
         f, dtype, shape, start, end = self.entries[name]
+        data = bytearray(end - start)  # read straight into the tensor's buffer (read() + bytearray() held two copies)
         with open(f, "rb") as fh:
             fh.seek(start)
-            data = bytearray(fh.read(end - start))
-        if len(data) != end - start:
+            got = fh.readinto(data)
+        if got != end - start:
             raise BricksError(f"{f} is truncated (tensor {name} incomplete): re-download or re-save the checkpoint")
         t = torch.frombuffer(data, dtype=_DTYPES[dtype]) if data else torch.empty(0, dtype=_DTYPES[dtype])
         return t.reshape(shape)
