@@ -74,3 +74,11 @@ def test_generate_per_sequence_adapters(llama_dir, three):
     with pytest.raises(bricks.BricksError, match="either ids"):
         with multi.use():
             pass
+
+
+def test_grouped_batch_checks_its_batch_size(llama_dir, three):
+    _, brs = three
+    model, _ = bricks.load_model(llama_dir)
+    multi = attach_adapters(model, brs)
+    with multi.use(ids=[0, 1]), pytest.raises(bricks.BricksError, match="for 2 sequences, the batch has 3"):
+        model(torch.randint(0, 300, (3, 5)))
