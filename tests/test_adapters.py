@@ -191,3 +191,23 @@ def test_adapter_cli(llama_dir, tmp_path):
     assert r.exit_code == 1 and "bad --weights" in r.stderr and not (tmp_path / "m2").exists()
     r = run(main, ["adapter", "import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "not a PEFT adapter directory" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_train_lora_returns_a_peft_brick_and_leaves_the_model(llama_dir, tmp_path):
+    from bricks.merge.training import train_lora
+
+    model, _ = bricks.load_model(llama_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 300, (6, 12))
+    brick, report = train_lora(model, ids, "t", rank=2, targets=("q_proj", "down_proj"), steps=4, lr=1e-2, batch_size=2)
+    assert report["steps"] == 4 and report["tokens"] == 4 * 2 * 12 and report["loss_first"] > 0
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q) and p.requires_grad  # unloaded, flags restored
+    assert brick.info()["ranks"] == [2] and any(m.B.abs().sum() > 0 for m in brick.modules.values())  # B trained
+    brick.to_peft(tmp_path / "peft")
+    with torch.no_grad():
+        peft_out = PeftModel.from_pretrained(bricks.load_model(llama_dir)[0], tmp_path / "peft")(ids).logits
+        brick.merge_into(model)
+        assert (model(ids).logits - peft_out).abs().max() <= 1e-5
+    with pytest.raises(bricks.BricksError, match="do not exist"):
+        train_lora(model, ids, targets=("nope",))

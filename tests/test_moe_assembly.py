@@ -8,12 +8,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 import bricks
 from bricks.cli import main
 from bricks.merge.moe import assemble_moe, load_moe_config
+
+from .test_merge import _state
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,6 @@ def _config(path, base, experts, **extra):
            **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def _state(d):
-    state = {}
-    for f in sorted(d.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
 
 
 def test_copies_of_the_base_as_experts_reproduce_the_base(variants, tmp_path):

@@ -67,12 +67,9 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01, epsilon: float = 0.15,
-              generator: torch.Generator | None = None, overwrite: bool = False) -> torch.Tensor:
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """Which entries of τ a sparsification keeps (bool, τ's shape), from their magnitudes |τ|: the largest
-    (`magnitude`), at random (`random`, DARE), without outliers (`outliers`, breadcrumbs) or by rank (`della`).
-
-    With `overwrite`, `magnitude` sorts `mag` in place (the same order as argsort, one copy of the tensor
-    less at the merge's memory peak); `mag` is garbage afterwards."""
+    (`magnitude`), at random (`random`, DARE), without outliers (`outliers`, breadcrumbs) or by rank (`della`)."""
     n = mag.numel()
     if density >= 1:
         return torch.ones(mag.shape, dtype=torch.bool, device=mag.device)
@@ -82,14 +79,8 @@ def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01,
     if kind == "magnitude":
         # Exactly the k largest |τ|, ties broken by argsort's order as mergekit does: fine-tuning deltas are
         # rounded to the weights' ulp, so equal magnitudes at the cut are common and a threshold would keep more.
-        if overwrite and flat.data_ptr() == mag.data_ptr():
-            order = torch.empty(n, dtype=torch.long, device=mag.device)
-            torch.sort(flat, descending=True, out=(flat, order))
-        else:
-            order = torch.argsort(flat, descending=True)
         mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
-        mask[order[: max(1, int(density * n))]] = True
-        del order
+        mask[torch.argsort(flat, descending=True)[: max(1, int(density * n))]] = True
     elif kind == "outliers":
         keep = int(density * n)
         drop_small = max(0, n - keep - int(gamma * n))  # as many of the largest as possible go too, up to gamma
@@ -221,15 +212,15 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
             masks.append(None)
             factors.append(None)
             continue
-        mag = _fresh(load, base.dtype).sub_(base).abs_()
+        mag = load().to(base.dtype).sub_(base).abs_()
         masks.append(keep_mask(mag, spec.sparsify, density, float(p.get("gamma", 0.01)), float(p.get("epsilon", 0.15)),
-                               generator, overwrite=not rescale))
+                               generator))
         factors.append(rescale_factor(mag, masks[-1]) if rescale else None)
         del mag
 
     def task_vector(k: int) -> torch.Tensor:
         """Input k's weighted, sparsified task vector (the same operations as `sparsify`, so the same values)."""
-        tau = _fresh(loaders[k], base.dtype).sub_(base)
+        tau = loaders[k]().to(base.dtype).sub_(base)
         if masks[k] is not None:
             tau.mul_(masks[k])
             if factors[k] is not None:
@@ -264,12 +255,6 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
     if lam != 1:
         mixed *= lam
     return (base + mixed).to(base.dtype)
-
-
-def _fresh(load, dtype: torch.dtype) -> torch.Tensor:
-    """A loader's tensor in `dtype`, writable and not shared with anything else."""
-    x = load()
-    return x.to(dtype) if x.dtype != dtype else x
 
 
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:

@@ -87,8 +87,8 @@ _NOT_YET = {"slices": "slices (layer ranges, passthrough stacking)", "modules": 
             "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
 
 
-def read_yaml(path: str | Path, what: str) -> dict:
-    """The mapping in a YAML config file, or a one-line `BricksError`."""
+def read_yaml(path: str | Path, what: str, refused: dict[str, str] | None = None) -> dict:
+    """The mapping in a YAML config file, or a one-line `BricksError`; a key of `refused` is an error (its reason)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -97,6 +97,9 @@ def read_yaml(path: str | Path, what: str) -> dict:
         raise BricksError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(raw, dict):
         raise BricksError(f"{path}: a {what} config is a mapping of keys to values")
+    for key, reason in (refused or {}).items():
+        if key in raw:
+            raise BricksError(f"{path}: {key!r} {reason}")
     return raw
 
 
@@ -115,10 +118,8 @@ def validated(cls, raw: dict, path: str | Path):
 
 def load_config(path: str | Path) -> MergeConfig:
     """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
-    raw = read_yaml(path, "merge")
-    for key, what in _NOT_YET.items():
-        if key in raw:
-            raise BricksError(f"{path}: {key!r} ({what}) is not supported yet; write the merge with 'models:'")
+    raw = read_yaml(path, "merge", {k: f"({what}) is not supported yet; write the merge with 'models:'"
+                                    for k, what in _NOT_YET.items()})
     cfg = validated(MergeConfig, raw, path)
     if not cfg.models:
         raise BricksError(f"{path}: 'models' is empty: list the models to merge")

@@ -48,6 +48,7 @@ from ..brick import atomic_dir
 from ..errors import BricksError
 from .models import _copy_side_files, read_yaml, validated
 from .safetensors_io import Checkpoint, ShardedWriter
+from .training import train_lm
 
 MOE_ARCHITECTURES = ("llama", "mistral")  # gate/up/down SwiGLU FFNs, no attention biases: what Mixtral can hold
 _FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -85,10 +86,8 @@ _NOT_SUPPORTED = {"shared_experts": "shared experts (Qwen2-MoE output)", "residu
 
 
 def load_moe_config(path: str | Path) -> MoEConfig:
-    raw = read_yaml(path, "MoE")
-    for key, what in _NOT_SUPPORTED.items():
-        if key in raw:
-            raise BricksError(f"{path}: {key!r} ({what}) is not supported; bricks writes Mixtral checkpoints")
+    raw = read_yaml(path, "MoE", {k: f"({what}) is not supported; bricks writes Mixtral checkpoints"
+                                  for k, what in _NOT_SUPPORTED.items()})
     cfg = validated(MoEConfig, raw, path)
     if len(cfg.experts) < 2:
         raise BricksError(f"{path}: an MoE needs at least 2 experts, the config lists {len(cfg.experts)}")
@@ -275,24 +274,13 @@ def train_gates(moe_dir: Path, domains, steps: int = 50, lr: float = 1e-3, batch
         p.requires_grad_(False)
     for p in gates:
         p.requires_grad_(True)
-    ids = torch.cat([d.windows for d in domains])
+    ids = torch.cat([d.windows for d in domains]) if domains else torch.empty(0, 0, dtype=torch.long)
     if ids.numel() == 0:
         raise BricksError("no training windows for the gates: give data with at least one window of tokens")
-    opt = torch.optim.Adam(gates, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
     model.train()
-    for step in range(steps):
-        x = ids[torch.randint(len(ids), (min(batch_size, len(ids)),), generator=gen)]
-        loss = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False).loss  # LM + load balancing
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
-            log(f"gates: step {step + 1}/{steps} loss {loss.item():.3f}")
-    tenth = max(1, steps // 10)
-    report = {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    # Mixtral adds its load-balancing loss to the LM loss when asked for the router logits.
+    report = train_lm(model, ids, torch.optim.Adam(gates, lr=lr), steps, batch_size, seed, "gates", log,
+                      output_router_logits=True)
     return torch.stack([p.detach().float() for p in gates]), report
 
 

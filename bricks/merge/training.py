@@ -39,7 +39,6 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
         raise BricksError(f"target modules {missing} do not exist in this model; choose among its linear layers")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
                         lora_dropout=0.0, bias="none", use_rslora=rslora, task_type="CAUSAL_LM")
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # PEFT initialises A with the global generator
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -48,26 +47,11 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    dev = input_device(model)
-    losses = []
     was_training = model.training
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model.train()
     try:
-        for step in range(steps):
-            idx = torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)
-            ids = windows[idx].to(dev)
-            loss = peft_model(input_ids=ids, labels=ids).loss
-            if not torch.isfinite(loss):
-                raise BricksError(f"LoRA training diverged at step {step} (loss {loss.item()}): lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
-                log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
+        report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params)
         peft_model.eval()
         with tempfile.TemporaryDirectory() as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
@@ -77,7 +61,32 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
-    tenth = max(1, steps // 10)
-    report = {"name": name, "steps": steps, "rank": rank, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1],
-              "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    report.update({"name": name, "rank": rank, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
     return brick, report
+
+
+def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
+             log=None, sched=None, clip=None, **forward) -> dict:
+    """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
+    `windows` (seeded), causal LM loss (`forward` adds model arguments), one optimizer step per batch; a
+    non-finite loss stops it. Reports the mean loss of the first and the last tenth of the steps."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = input_device(model)
+    losses = []
+    for step in range(steps):
+        x = windows[torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)].to(dev)
+        loss = model(input_ids=x, labels=x, use_cache=False, **forward).loss
+        if not torch.isfinite(loss):
+            raise BricksError(f"{name} training diverged at step {step + 1} (loss {loss.item()}): lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
+            log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
+    tenth = max(1, steps // 10)
+    return {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..analysis.capture import batches, input_device, progress, run_model
+from ..analysis.capture import batches, run_model
 from ..analysis.sparsity import perplexity
 from ..arch import decoder_layers
 from ..brick import atomic_dir
@@ -107,6 +107,7 @@ class AdapterRouter:
         self.multi, self.kind, self.gates, self.top_k = multi, kind, gates, top_k
         self.meta = meta or {}
         self._hooks: list = []
+        self._installed = False
 
     # ------------------------------------------------------------------ routing
     def _layer_modules(self) -> dict[str, list]:
@@ -119,12 +120,12 @@ class AdapterRouter:
         return out
 
     def install(self) -> None:
-        if self._hooks:
+        if self._installed:
             return
+        self._installed = True
         if self.kind == "arrow":
             for name, layer in self.multi.layers.items():
                 layer.gate = self.gates[name.replace(".", "/")]
-            self._hooks.append(None)
             return
         per_layer = self._layer_modules()
         for i, block in enumerate(decoder_layers(self.multi.model)):
@@ -139,9 +140,9 @@ class AdapterRouter:
 
     def remove(self) -> None:
         for h in self._hooks:
-            if h is not None:
-                h.remove()
+            h.remove()
         self._hooks = []
+        self._installed = False
         for layer in self.multi.layers.values():
             layer.gate = None
             layer.weights = None
@@ -320,37 +321,26 @@ def train_gate(router: AdapterRouter, domains, steps: int = 100, lr: float = 1e-
                log=None) -> dict:
     """Train the router's gates with the language-model loss on the domains' mixed windows; bricks and base stay frozen."""
     model = router.multi.model
-    ids = torch.cat([d.windows for d in domains])
+    from ..merge.training import train_lm
+
     if steps < 1 or lr <= 0:
         raise BricksError(f"steps ({steps}) must be >= 1 and lr ({lr}) > 0")
-    gen = torch.Generator().manual_seed(seed)
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(router.gates.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    dev = input_device(model)
     try:
         with router.active():
-            for step in progress(range(steps), "gate"):
-                x = ids[torch.randint(len(ids), (min(batch_size, len(ids)),), generator=gen)].to(dev)
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
-                    log(f"gate: step {step + 1}/{steps} loss {loss.item():.3f}")
+            report = train_lm(model, torch.cat([d.windows for d in domains]), torch.optim.Adam(params, lr=lr), steps,
+                              batch_size, seed, "gate", log)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
         for p in params:
             p.requires_grad_(False)
-    tenth = max(1, steps // 10)
-    return {"steps": steps, "lr": lr, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    return {**report, "lr": lr}
 
 
 @torch.no_grad()

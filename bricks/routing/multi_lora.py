@@ -16,9 +16,11 @@ B), so that a batch runs in one forward pass:
   scaled by its weight, and one matmul with the stacked `[out, n·r]` B adds the
   mixture.
 
-Gathering each sequence's factors (as Punica/S-LoRA's kernels do on GPU)
-copies them once per sequence, which was much slower on CPU (3.5x the base's
-time on 32 sequences over 8 bricks, against 1.3x for the stacked path).
+Gathering each sequence's factors per step (as Punica/S-LoRA's kernels do on
+GPU) copies them once per sequence, which was much slower on CPU (3.5x the
+base's time on 32 sequences over 8 bricks, against 1.3x for the stacked path,
+in different runs); the grouped path gathers the used bricks' factors once per
+`use()`.
 
     >>> multi = attach_adapters(model, [code_brick, math_brick])
     >>> with multi.use(ids=torch.tensor([0, 1, 1, 0])):
@@ -76,18 +78,14 @@ class MultiLoRALinear(nn.Module):
         h = (h.view(*h.shape[:2], n, r) * w[..., None].to(h.dtype)).view(h.shape)
         return y + (h @ self.B_flat.t()).reshape(y.shape).to(y.dtype)
 
-    def set_groups(self, slots: torch.Tensor | None, bricks: list[int] | None, batch: int = 0) -> None:
-        """Route one brick per sequence: `slots [g, m]` holds each used brick's sequences (batch indices, -1 for
-        padding), `bricks` the g bricks. Their factors are gathered once here, not per forward pass."""
-        if slots is None:
-            self.slots = self.group_A = self.group_B = self.keep = None
+    def set_groups(self, groups: tuple | None, bricks: list[int] | None) -> None:
+        """Route one brick per sequence: `groups` from `MultiAdapter.use` (slots [g, m] of batch rows, the
+        positions of real rows among the slots, those rows, the batch size) for the g `bricks`. Their factors
+        are gathered once here, not per forward pass."""
+        if groups is None:
+            self.slots = self.group_A = self.group_B = None
             return
-        self.slots, self.slot_batch = slots, batch
-        real = (slots >= 0).reshape(-1)
-        self.keep = None if bool(real.all()) else real.nonzero().flatten()  # the slots holding real rows
-        self.keep_rows = slots.reshape(-1) if self.keep is None else slots.reshape(-1)[self.keep]
-        # Padding slots (-1) compute a copy of their group's first row, dropped afterwards.
-        self.slots = torch.where(slots >= 0, slots, slots[:, :1])
+        self.slots, self.keep, self.keep_rows, self.slot_batch = groups
         self.group_A = self.A[bricks].transpose(1, 2).contiguous()  # [g, in, r]
         B = self.B_flat.view(self.B_flat.shape[0], *self.A.shape[:2])  # [out, n, r]
         self.group_B = B[:, bricks].permute(1, 2, 0).contiguous()  # [g, r, out]
@@ -132,20 +130,14 @@ class MultiAdapter:
             raise BricksError("give either ids (one brick per sequence) or weights (a mix per sequence)")
         n = len(self.bricks)
         dev = next(iter(self.layers.values())).A.device
-        slots = used = None
+        groups = used = None
         if ids is not None:
             ids = torch.as_tensor(ids, dtype=torch.long, device=dev)
             if ids.dim() != 1 or (ids >= n).any() or (ids < -1).any():
                 raise BricksError(f"adapter ids must be a 1-d list of values in [-1, {n - 1}]")
-            # One brick per sequence: each used brick's sequences in a row of `slots`, padded with -1;
-            # -1 in ids (the base alone) takes no slot.
             used = sorted({k for k in ids.tolist() if k >= 0})
             if used:
-                rows = [(ids == k).nonzero().flatten() for k in used]
-                m = max(len(r) for r in rows)
-                slots = torch.full((len(used), m), -1, dtype=torch.long, device=dev)
-                for i, r in enumerate(rows):
-                    slots[i, : len(r)] = r
+                groups = _slots(ids, used)
         if weights is not None:
             dtype = next(iter(self.layers.values())).A.dtype
             weights = torch.as_tensor(weights, dtype=dtype, device=dev)
@@ -155,7 +147,7 @@ class MultiAdapter:
                 raise BricksError("adapter weights hold NaN or infinite values")
         for layer in self.layers.values():
             layer.weights = weights
-            layer.set_groups(slots, used, len(ids) if ids is not None else 0)
+            layer.set_groups(groups, used)
         try:
             yield self.model
         finally:
@@ -171,6 +163,19 @@ class MultiAdapter:
             setattr(named[parent] if parent else self.model, child, layer.base)
         self.layers = {}
         return self.model
+
+
+def _slots(ids: torch.Tensor, used: list[int]) -> tuple:
+    """Each used brick's sequences in a row of `slots [g, m]` (-1 in ids, the base alone, takes none); short rows
+    are padded with a repeat of their first sequence, whose products are dropped: the slots holding real rows
+    (None when all do), those rows, and the batch size."""
+    rows = [(ids == k).nonzero().flatten() for k in used]
+    m = max(len(r) for r in rows)
+    slots = torch.stack([torch.cat([r, r[:1].expand(m - len(r))]) for r in rows])
+    real = torch.cat([torch.arange(m, device=ids.device) < len(r) for r in rows])
+    keep = None if bool(real.all()) else real.nonzero().flatten()
+    flat = slots.reshape(-1)
+    return slots, keep, flat if keep is None else flat[keep], len(ids)
 
 
 def attach_adapters(model: nn.Module, bricks: list) -> MultiAdapter:
