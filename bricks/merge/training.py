@@ -39,6 +39,9 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
         raise BricksError(f"target modules {missing} do not exist in this model; choose among its linear layers")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
                         lora_dropout=0.0, bias="none", use_rslora=rslora, task_type="CAUSAL_LM")
+    # Taken before PEFT freezes the base, so that the model comes back as it was.
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(seed)  # PEFT initialises A with the global generator
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -47,8 +50,6 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    was_training = model.training
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model.train()
     try:
         report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params)
