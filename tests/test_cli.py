@@ -17,7 +17,7 @@ def run(*args):
 
 def one_line_error(result):
     assert result.exit_code != 0
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     return lines[0]
 

@@ -134,6 +134,43 @@ def test_yaml_ties_merge_streams_into_shards(tiny_dirs, tuned, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.stderr
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (41,), ()])
+def test_row_chunks_give_the_whole_tensor_merge(monkeypatch, shape):
+    """Pass 2 runs in row chunks (chunk sizes forced tiny here): every task method, row loaders included,
+    must give exactly what one whole-tensor pass gives."""
+    import bricks.merge.methods as methods
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g)
+    xs = [base + torch.randn(shape, generator=g) * 0.1 for _ in range(3)]
+    per_model = [{"weight": w, "density": 0.6} for w in (1.0, 0.7, -0.4)]
+    loaders = [lambda rows=None, x=x: (x if rows is None else x[rows]).clone() for x in xs]
+    originals = [x.clone() for x in [base, *xs]]
+    for m in methods.TASK_METHODS:
+        whole = merge(m, base, xs, per_model, {}, torch.Generator().manual_seed(1))
+        monkeypatch.setattr(methods, "CHUNK_ENTRIES", 7)
+        chunked = merge(m, lambda: base.clone(), loaders, per_model, {}, torch.Generator().manual_seed(1))
+        monkeypatch.setattr(methods, "CHUNK_ENTRIES", 1 << 22)
+        assert torch.equal(whole, chunked), m
+    assert all(torch.equal(x, y) for x, y in zip([base, *xs], originals))  # inputs untouched
+
+
+def test_row_reads_and_row_deltas(tiny_dirs, tmp_path):
+    from bricks.merge.adapters import AdapterBrick
+    from bricks.merge.safetensors_io import Checkpoint
+
+    ckpt = Checkpoint(tiny_dirs["llama"])
+    name = next(n for n in ckpt.names() if len(ckpt.shape(n)) == 2)
+    whole = ckpt.get(name)
+    assert torch.equal(ckpt.get(name, slice(2, 5)), whole[2:5])
+    assert ckpt.get(name, slice(3, 3)).shape == (0, *whole.shape[1:])
+    brick = AdapterBrick.load(make_adapter(tiny_dirs["llama"], tmp_path / "lora"))
+    lora = next(iter(brick.modules.values()))
+    torch.testing.assert_close(lora.delta(rows=slice(1, 4)), lora.delta()[1:4])
+    lora.fan_in_fan_out = True  # the layout's rows are then A's columns
+    torch.testing.assert_close(lora.delta(rows=slice(1, 4)), lora.delta()[1:4])
+
+
 def test_model_plus_adapter_in_a_merge(tiny_dirs, tmp_path):
     base = tiny_dirs["llama"]
     adapter = make_adapter(base, tmp_path / "lora")
@@ -184,3 +221,18 @@ def test_mismatched_models_are_refused(tiny_dirs, tuned, tmp_path):
                        models=[{"model": str(tuned[0]), "parameters": {"weight": 1.0}}])
     r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "truncated" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_nan_weights_are_refused(tiny_dirs, tuned, tmp_path):
+    from safetensors.torch import save_file
+
+    f = tuned[1] / "model.safetensors"
+    state = load_file(str(f))
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name][3, 1] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    cfg = write_config(tmp_path / "n.yaml", merge_method="ties", base_model=str(tiny_dirs["llama"]),
+                       models=[{"model": str(d), "parameters": {"weight": 1.0, "density": 0.5}} for d in tuned])
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "NaN" in r.stderr and name in r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))

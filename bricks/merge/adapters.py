@@ -67,9 +67,16 @@ class LoRAModule:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW in the base weight's own layout (`[out, in]`, or `[in, out]` for Conv1D)."""
-        d = (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+    def delta(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """ΔW in the base weight's own layout (`[out, in]`, or `[in, out]` for Conv1D); `rows`: only those rows
+        of that layout (a merge streams large tensors in row chunks)."""
+        B, A = self.B.to(dtype), self.A.to(dtype)
+        if rows is None:
+            d = (B @ A) * self.scaling
+        elif self.fan_in_fan_out:
+            d = (B @ A[:, rows]) * self.scaling  # the layout's rows are the input features, A's columns
+        else:
+            d = (B[rows] @ A) * self.scaling
         return d.t() if self.fan_in_fan_out else d
 
 

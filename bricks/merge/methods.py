@@ -67,9 +67,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01, epsilon: float = 0.15,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, scratch: bool = False) -> torch.Tensor:
     """Which entries of τ a sparsification keeps (bool, τ's shape), from their magnitudes |τ|: the largest
-    (`magnitude`), at random (`random`, DARE), without outliers (`outliers`, breadcrumbs) or by rank (`della`)."""
+    (`magnitude`), at random (`random`, DARE), without outliers (`outliers`, breadcrumbs) or by rank (`della`).
+    `scratch`: `mag` may be overwritten (the magnitude sort then runs in place, one tensor less at the peak)."""
     n = mag.numel()
     if density >= 1:
         return torch.ones(mag.shape, dtype=torch.bool, device=mag.device)
@@ -79,8 +80,10 @@ def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01,
     if kind == "magnitude":
         # Exactly the k largest |τ|, ties broken by argsort's order as mergekit does: fine-tuning deltas are
         # rounded to the weights' ulp, so equal magnitudes at the cut are common and a threshold would keep more.
+        order = torch.empty(n, dtype=torch.int64, device=mag.device)
+        torch.sort(flat, descending=True, out=(flat if scratch else torch.empty_like(flat), order))  # argsort's order
         mask = torch.zeros(n, dtype=torch.bool, device=mag.device)
-        mask[torch.argsort(flat, descending=True)[: max(1, int(density * n))]] = True
+        mask[order[: max(1, int(density * n))]] = True
     elif kind == "outliers":
         keep = int(density * n)
         drop_small = max(0, n - keep - int(gamma * n))  # as many of the largest as possible go too, up to gamma
@@ -95,6 +98,7 @@ def keep_mask(mag: torch.Tensor, kind: str, density: float, gamma: float = 0.01,
         ranks = torch.argsort(torch.argsort(rows, dim=1), dim=1).float() + 1
         lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
         norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)  # 0 for the smallest |τ| of a row, 1 for the largest
+        norm = torch.where(hi > lo, norm, 0.5)  # a row of one entry (a scalar, an [n, 1] weight): keep at density
         mask = torch.bernoulli((density - epsilon) + 2 * epsilon * norm, generator=generator).bool()
     else:
         raise BricksError(f"unknown sparsification {kind!r}")
@@ -158,13 +162,33 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
 
 
-def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: list[dict],
+# Pass 2 of a task-vector merge runs in row chunks of about this many entries (16 MB in fp32), so that it
+# holds a chunk of each input instead of whole task vectors: its memory no longer grows with the inputs' size.
+CHUNK_ENTRIES = 1 << 22
+
+
+def _row_loader(x):
+    """A tensor given directly, as a loader of fresh copies of its rows (loaders get written into)."""
+    return lambda rows=None: (x if rows is None else x[rows]).clone()
+
+
+def _row_chunks(shape: tuple[int, ...]) -> list[slice | None]:
+    if len(shape) == 0:
+        return [None]
+    per_row = max(1, int(torch.Size(shape[1:]).numel()))
+    step = max(1, CHUNK_ENTRIES // per_row)
+    return [slice(r, min(r + step, shape[0])) for r in range(0, max(shape[0], 1), step)]
+
+
+def merge(method: str, base, tensors: list, model_params: list[dict],
           params: dict | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge one parameter. `model_params[i]` holds input i's `weight`/`density`/...; `params` the shared ones.
 
-    `tensors` are tensors, or (for the task-vector methods) zero-argument loaders
-    called one at a time, so that an out-of-core merge holds one input at once;
-    a loader must return a fresh tensor on every call (it is overwritten).
+    `base` is a tensor or a zero-argument loader of it. `tensors` are tensors, or
+    (for the task-vector methods) loaders `load(rows=None)` that return a fresh
+    tensor (whole, or the slice `rows` of its first dimension) on every call, so
+    that an out-of-core merge holds one whole input at a time, and row chunks of
+    all of them when it sums them.
 
     Returns a tensor of the dtype of the base (or of the first input for `linear`).
     """
@@ -173,6 +197,7 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
         raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
     if needs_base(method) and base is None:
         raise BricksError(f"merge method {method!r} needs a base model (base_model: ...)")
+    base_of = base if callable(base) else (lambda: base)
     if method not in TASK_METHODS:
         tensors = [x() if callable(x) else x for x in tensors]
     if method == "linear":
@@ -190,21 +215,20 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
             raise BricksError(f"slerp merges the base with exactly one other model, got {len(tensors)}")
         if "t" not in params:
             raise BricksError("slerp needs the parameter t (0 = base, 1 = the other model)")
-        return slerp(float(params["t"]), base, tensors[0]).to(base.dtype)
+        b = base_of()
+        return slerp(float(params["t"]), b, tensors[0]).to(b.dtype)
     if method == "model_stock":
-        dtype = _work_dtype(base)
-        return model_stock(base.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(base.dtype)
+        b = base_of()
+        dtype = _work_dtype(b)
+        return model_stock(b.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(b.dtype)
 
     spec = TASK_METHODS[method]
     rescale = bool(params.get("rescale", spec.rescale))
     weights = [float(p.get("weight", 1.0)) for p in model_params]
-    # Loaders hand over a fresh tensor each call (task vectors are then formed in its memory); tensors given
-    # directly are the caller's and are copied.
-    loaders = [x if callable(x) else (lambda x=x: x.clone()) for x in tensors]
+    loaders = [x if callable(x) else _row_loader(x) for x in tensors]
     # Pass 1, one input at a time: which entries each sparsified task vector keeps (1 byte per entry) and its
-    # rescale factor. The task vectors themselves are recomputed from their inputs when summed, so that a
-    # merge holds at most one of them (and the sort's temporaries) at a time: memory stays near a few copies
-    # of the largest tensor, whatever the number of inputs.
+    # rescale factor. This needs each whole |τ| (the top-k is global); the base is read for it and dropped, so
+    # that the sort's temporaries are the only other large tensors alive.
     masks, factors = [], []
     for load, p in zip(loaders, model_params):
         density = float(p.get("density", 1.0))
@@ -212,49 +236,55 @@ def merge(method: str, base: torch.Tensor | None, tensors: list, model_params: l
             masks.append(None)
             factors.append(None)
             continue
-        mag = load().to(base.dtype).sub_(base).abs_()
+        b = base_of()
+        mag = load().to(b.dtype).sub_(b).abs_()
+        del b
         masks.append(keep_mask(mag, spec.sparsify, density, float(p.get("gamma", 0.01)), float(p.get("epsilon", 0.15)),
-                               generator))
+                               generator, scratch=not rescale))
         factors.append(rescale_factor(mag, masks[-1]) if rescale else None)
         del mag
 
-    def task_vector(k: int) -> torch.Tensor:
-        """Input k's weighted, sparsified task vector (the same operations as `sparsify`, so the same values)."""
-        tau = loaders[k]().to(base.dtype).sub_(base)
-        if masks[k] is not None:
-            tau.mul_(masks[k])
-            if factors[k] is not None:
-                tau.mul_(factors[k])
-        return tau.mul_(weights[k])
-
-    mixed = torch.zeros_like(base)
-    if spec.consensus:
-        # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an input
-        # counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
-        for k in range(len(loaders)):
-            mixed += task_vector(k)
-        negative = mixed < 0
-        mixed.zero_()
-        divisor = torch.zeros_like(base)
-        for k in range(len(loaders)):
-            tau = task_vector(k)
-            agree = torch.where(negative, tau < 0, tau > 0)
-            mixed += tau.mul_(agree)
-            divisor.add_(agree, alpha=weights[k])
-            del tau, agree
-        del negative
-        divisor[divisor == 0] = 1
-    else:
-        for k in range(len(loaders)):
-            mixed += task_vector(k)
-        s_w = sum(weights)
-        divisor = torch.full_like(base, 1.0 if abs(s_w) < 1e-8 else s_w)
-    if params.get("normalize", spec.normalize):
-        mixed /= divisor
+    # Pass 2, chunk by chunk of rows: every operation from here on is element-wise, so the chunks give the
+    # same values as whole tensors would.
+    b = base_of()
+    out = torch.empty_like(b)
+    normalize = params.get("normalize", spec.normalize)
     lam = float(params.get("lambda", 1.0))
-    if lam != 1:
-        mixed *= lam
-    return (base + mixed).to(base.dtype)
+    for rows in _row_chunks(tuple(b.shape)):
+        base_rows = b if rows is None else b[rows]
+        taus = []
+        for k in range(len(loaders)):
+            tau = loaders[k](rows).to(b.dtype).sub_(base_rows)
+            if masks[k] is not None:
+                tau.mul_(masks[k] if rows is None else masks[k][rows])
+                if factors[k] is not None:
+                    tau.mul_(factors[k])
+            taus.append(tau.mul_(weights[k]))
+        mixed = torch.zeros_like(base_rows)
+        for tau in taus:
+            mixed += tau
+        if spec.consensus:
+            # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an
+            # input counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
+            negative = mixed < 0
+            mixed.zero_()
+            divisor = torch.zeros_like(base_rows)
+            for k, tau in enumerate(taus):
+                agree = torch.where(negative, tau < 0, tau > 0)
+                mixed += tau.mul_(agree)
+                divisor.add_(agree, alpha=weights[k])
+            divisor[divisor == 0] = 1
+        else:
+            s_w = sum(weights)
+            divisor = torch.full_like(base_rows, 1.0 if abs(s_w) < 1e-8 else s_w)
+        del taus
+        if normalize:
+            mixed /= divisor
+        if lam != 1:
+            mixed *= lam
+        out_rows = out if rows is None else out[rows]
+        torch.add(base_rows, mixed, out=out_rows)
+    return out
 
 
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:

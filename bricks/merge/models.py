@@ -14,8 +14,9 @@ Parameter values are scalars, gradients (a list interpolated over the layer
 index, as mergekit does) or lists of `{filter, value}` (the first whose filter
 is a substring of the tensor name applies). The config is validated before any
 tensor is read. Tensors are streamed one at a time from the inputs' safetensors
-shards and written into sharded safetensors output, so memory stays near one
-tensor per input.
+shards and written into sharded safetensors output. A merge holds at most one
+whole input tensor (plus the base's and the output's) and row chunks of the
+others, so its memory does not grow with the number of inputs.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
     plan = [(n, reference.shape(n), final_dtype(n)) for n in names]
+    _return_freed_memory()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         try:
@@ -242,7 +244,8 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
                 shared = {k: resolve(v, n, t) for k, v in config.parameters.items()}
                 seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{n}".encode()).digest()[:8], "little") >> 1
                 g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
-                merged = merge(method, base.get(n).to(dtype) if base else None, tensors, per_model, shared, g)
+                base_of = functools.partial(_read, base, None, n, dtype) if base else None
+                merged = merge(method, base_of, tensors, per_model, shared, g)
                 writer.write(n, merged.to(final_dtype(n)))
                 if progress:
                     progress(i + 1, len(names))
@@ -255,13 +258,33 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
             "inputs": [str(c.path) + (f"+{a.name}" if a else "") for c, a, _ in inputs]}
 
 
-def _read(ckpt: Checkpoint, adapter: AdapterBrick | None, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One input tensor, with its adapter's delta applied; non-finite values are refused."""
-    x = ckpt.get(name).to(dtype)
+def _return_freed_memory() -> None:
+    """Have glibc serve every allocation over 1 MB from its own mapping, returned to the system when freed.
+
+    By default glibc raises that threshold up to 32 MB once large blocks have been freed, so the merge's
+    row chunks and keep-masks (16-28 MB) then come from the heap, whose freed holes stay resident: that
+    alone added ~150 MB to the peak of a merge of the default model. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _read(ckpt: Checkpoint, adapter: AdapterBrick | None, name: str, dtype: torch.dtype,
+          rows: slice | None = None) -> torch.Tensor:
+    """One input tensor (or `rows` of it), with its adapter's delta applied; non-finite values are refused."""
+    x = ckpt.get(name, rows).to(dtype)
     module = name.removesuffix(".weight")
     if adapter is not None and module in adapter.modules:
-        x = x + adapter.modules[module].delta(torch.float32).to(dtype)
-    if not torch.isfinite(x).all():
+        x = x + adapter.modules[module].delta(torch.float32, rows).to(dtype)
+    # A NaN or inf makes the sum non-finite; the sum is cheap (no mask tensor), and only when it is not finite
+    # (which an overflow alone could also cause) is every entry checked.
+    if x.is_floating_point() and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise BricksError(f"{ckpt.path}: {name} holds NaN or infinite values: refusing to merge it")
     return x
 

@@ -45,10 +45,18 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return _DTYPES[self.entries[name][1]]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only `rows` of its first dimension (a contiguous byte range of the file)."""
         if name not in self.entries:
             raise BricksError(f"{self.path} has no tensor {name}: the models to merge differ in architecture")
         f, dtype, shape, start, end = self.entries[name]
+        if rows is not None and shape:
+            r0, r1, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("rows must be a contiguous slice")
+            row_bytes = (end - start) // shape[0] if shape[0] else 0
+            start, end = start + r0 * row_bytes, start + max(r0, r1) * row_bytes
+            shape = [max(0, r1 - r0), *shape[1:]]
         data = bytearray(end - start)  # read straight into the tensor's buffer (read() + bytearray() held two copies)
         with open(f, "rb") as fh:
             fh.seek(start)
