@@ -5,8 +5,9 @@ non-zero factors), a batch of 32 prompts where sequence i uses adapter i % 8,
 greedy generation of 16 tokens. Prints: the base model's time on the batch,
 bricks' mixed batch (`attach_adapters` + `use(ids=...)`), optionally PEFT's
 mixed-batch path (`adapter_names=`), the ratios to the base, and whether each
-adapter's rows equal that adapter run alone with PEFT (max |logit diff| of the
-first generated step, and identical tokens).
+adapter's rows equal that adapter run alone with PEFT on the same batch (max
+|logit diff| of the first step against PEFT's forward pass and of the later
+steps against PEFT's generate(), and identical tokens).
 
     python bench/bench_multi_adapter.py [--adapters 8] [--rank 16] [--batch 32] [--new 16] [--peft]
 """
@@ -72,7 +73,7 @@ def main():
     if len(prompts) < a.batch:
         prompts = prompts.repeat((a.batch + len(prompts) - 1) // len(prompts), 1)[: a.batch]
     which = torch.arange(a.batch) % a.adapters
-    gen = dict(max_new_tokens=a.new, do_sample=False, pad_token_id=tok.eos_token_id or 0)
+    gen = {"max_new_tokens": a.new, "do_sample": False, "pad_token_id": tok.eos_token_id or 0}
 
     t_base, _ = timed(lambda: model.generate(prompts, **gen), a.reps)
     multi = attach_adapters(model, [AdapterBrick.from_peft(d) for d in dirs])
@@ -95,17 +96,27 @@ def main():
         names = [f"a{int(i)}" for i in which]
         t_peft, _ = timed(lambda: pm.generate(input_ids=prompts, adapter_names=names, **gen), a.reps)
         print(f"PEFT mixed batch (adapter_names=): {t_peft:.2f} s = {t_peft / t_base:.2f}x base", flush=True)
-    worst, same = 0.0, True
+    # Each adapter alone in PEFT, on the same 32-row batch (its rows are compared): the same matrix shapes as the
+    # mixed batch, so that the difference measures the mixing and not the BLAS blocking of another batch size.
+    # PEFT's generate() and PEFT's own forward pass differ in fp32 at the first step (by 4.4e-5 on the default
+    # model: not the same prefill computation), so the first step is compared with PEFT's forward pass and the
+    # later steps with PEFT's generate(); that first-step gap is printed as the reference for fp32 noise.
+    worst_fwd = worst_gen = noise = 0.0
+    same = True
     for k in range(a.adapters):
-        row = int(torch.nonzero(which == k)[0])
+        rows = torch.nonzero(which == k).flatten()
         pm.set_adapter(f"a{k}")
         with torch.no_grad():
-            alone = pm.generate(input_ids=prompts[row : row + 1], **gen, output_scores=True, return_dict_in_generate=True)
-        worst = max(worst, float((alone.scores[0][0] - out.scores[0][row]).abs().max()))
-        same &= torch.equal(alone.sequences[0], out.sequences[row])
-    print(f"each adapter alone (PEFT) vs its rows in the mixed batch: first-step max |logit diff| {worst:.2e}, "
-          f"identical tokens: {same}")
-
+            fwd = pm(input_ids=prompts).logits[:, -1]
+            alone = pm.generate(input_ids=prompts, **gen, output_scores=True, return_dict_in_generate=True)
+        worst_fwd = max(worst_fwd, float((fwd[rows] - out.scores[0][rows]).abs().max()))
+        worst_gen = max([worst_gen] + [float((alone.scores[t][rows] - out.scores[t][rows]).abs().max())
+                                       for t in range(1, len(alone.scores))])
+        noise = max(noise, float((alone.scores[0] - fwd).abs().max()))
+        same &= torch.equal(alone.sequences[rows], out.sequences[rows])
+    print(f"each adapter alone in PEFT (same batch) vs its rows in the mixed batch: first step vs PEFT's forward "
+          f"max |logit diff| {worst_fwd:.2e}; steps 2-{a.new} vs PEFT's generate {worst_gen:.2e}; identical tokens: "
+          f"{same}. (PEFT's generate vs its own forward at the first step: {noise:.2e})")
 
 if __name__ == "__main__":
     main()
