@@ -35,15 +35,16 @@ FORMAT = "bricks.brickset"
 VERSION = 1
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, blocks=None) -> str:
     """Identity of a model's FFNs: shapes and a strided sample of weight values.
 
     Values are compared at bfloat16 precision so that one checkpoint loaded in
-    fp32, fp16 or bf16 has one fingerprint.
+    fp32, fp16 or bf16 has one fingerprint. `blocks`: the FFN handles to use
+    instead of the model's own (a bricked model's dense equivalents).
     """
     h = hashlib.sha256(layout_for(model).layers.encode())
     h.update(model.config.model_type.encode())
-    for f in ffns(model):
+    for f in blocks if blocks is not None else ffns(model):
         for w in (f.up_weight(), f.down_weight()):
             h.update(str(tuple(w.shape)).encode())
             flat = w.detach().reshape(-1)

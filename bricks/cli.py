@@ -265,11 +265,15 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--epochs", default=20, show_default=True, help="router training epochs")
+@click.option("--recover-steps", default=0, show_default=True,
+              help="then fine-tune the model with its routers in the loop for this many steps (needs --data)")
+@click.option("--recover-windows", default=512, show_default=True, help="train windows per domain for recovery")
+@click.option("--recover-lr", default=5e-5, show_default=True, help="recovery learning rate (AdamW, cosine decay)")
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
-def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, device, dtype, device_map,
-          as_json):
+def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
+          recover_windows, recover_lr, device, dtype, device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
     from pathlib import Path
 
@@ -292,17 +296,27 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         raise BricksError(f"router {router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
     if budget == "sensitivity" and (compute is None or not specs):
         raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
+    if recover_steps < 0 or (recover_steps and (not specs or recover_windows < 1 or recover_lr <= 0)):
+        raise BricksError("--recover-steps needs --data NAME=SOURCE, --recover-windows >= 1 and --recover-lr > 0")
     bs = BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
     need_data = ROUTERS[router].trainable or budget == "sensitivity"
     domains = load_domains(specs, tok, "train", seq_len, windows) if specs and need_data else None
-    run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget)
+    recover_data = None
+    if recover_steps:
+        import torch
+
+        recover_data = torch.cat([d.windows for d in load_domains(specs, tok, "train", seq_len, recover_windows)])
+    run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget,
+        recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr,
+        log=None if as_json else lambda line: click.echo(line, err=True))
     if compute is not None:
         active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)
     report = getattr(m, "bricks_router_report", [])
     result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,
-              "router_training": report, "budget": getattr(m, "bricks_budget_report", {"kind": "uniform"})}
+              "router_training": report, "budget": getattr(m, "bricks_budget_report", {"kind": "uniform"}),
+              "recovery": getattr(m, "bricks_recovery_report", None)}
     recall = f"; router recall of the oracle's top bricks {sum(r['recall_at_k'] for r in report) / len(report):.3f}" if report else ""
     shared = " + a shared brick" if bs.shared[0] is not None else ""
     routed = bs.n_bricks(0) - (1 if bs.shared[0] is not None else 0)
@@ -322,6 +336,8 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
 @_user_errors
 def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype, device_map, as_json):
     """Per-domain held-out perplexity, FFN compute fraction and tokens/s (with --baseline: dense figures and ratios)."""
+    from pathlib import Path
+
     from .data import load_domains, parse_data_specs
     from .evaluate import evaluate
 
@@ -330,10 +346,16 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
     domains = load_domains(specs, tok, "heldout", seq_len, windows)
     result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
     if baseline:
+        # A recovered MoE's own dense weights were trained for routed execution: compare with its source model.
+        source = (getattr(m, "bricks_config", {}).get("recovery") or {}).get("base_model")
         del m
         from .loading import load_model
 
-        base, _ = load_model(model, device=device, dtype=dtype, device_map=device_map, configured=False)
+        if source is not None and not Path(source).exists():
+            raise BricksError(f"the dense baseline of {model} is its source model {source}, which no longer exists; "
+                              "evaluate that model separately")
+        result["baseline_model"] = source or model
+        base, _ = load_model(source or model, device=device, dtype=dtype, device_map=device_map, configured=False)
         result["baseline"] = evaluate(base, domains, batch_size)
         result["ratio"] = {
             "ppl": {d: result["model_eval"]["ppl"][d] / result["baseline"]["ppl"][d] for d in result["model_eval"]["ppl"]},

@@ -11,6 +11,7 @@ model (so transformers alone still opens it, as the dense model) plus:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch import FFN
-from .brick import BrickSet, atomic_dir
+from .brick import BrickSet, atomic_dir, model_fingerprint
 from .errors import BricksError
 from .routing import BrickedFFN, assemble_bricked
 
@@ -28,7 +29,8 @@ MARKER = "bricks_model.json"
 
 
 def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
-          epochs: int = 20, compute: float | None = None, budget: str = "uniform"):
+          epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
+          recover_steps: int = 0, recover_lr: float = 5e-5, log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
@@ -37,6 +39,9 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     `budget="sensitivity"` (with `compute` and `train_domains`) gives each layer
     its own share of bricks by calibrated sensitivity (`bricks.routing.budget`);
     its report is kept in `model.bricks_budget_report`.
+    `recover_steps` > 0 then fine-tunes the whole model (routers frozen) on
+    `recover_windows` (token windows `[n, seq]`) with the routers in the loop
+    (`bricks.routing.recovery`); its report is kept in `model.bricks_recovery_report`.
 
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
@@ -70,6 +75,16 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     if compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
         active = [m.active for m in layers]
     model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute, "budget": budget}
+    if recover_steps:
+        from .routing.recovery import recover
+
+        if recover_windows is None:
+            raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
+        report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, log=log)
+        model.bricks_recovery_report = report
+        # Saved weights are then the recovered ones; the source model is the dense baseline to compare with.
+        model.bricks_config["recovery"] = {"steps": recover_steps, "lr": recover_lr, "tokens": report["tokens"],
+                                           "base_model": getattr(model.config, "_name_or_path", "") or None}
     return model
 
 
@@ -86,15 +101,23 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
 
     layout = layout_for(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        # The checkpoint holds the dense base: the original FFN tensors replace the bricked ones.
+        # The checkpoint holds the dense base: the FFN tensors, rebuilt from the bricks, replace the bricked ones.
         state = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
+        blocks = []
         for i, (skeleton, bricked) in enumerate(zip(model.bricks_dense_ffns, layers)):
             dense = copy.deepcopy(skeleton).to_empty(device=bricked.w_in.device)
-            bricked.write_dense(FFN(None, i, layout, module=dense))
+            blocks.append(FFN(None, i, layout, module=dense))
+            bricked.write_dense(blocks[-1])
             state.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        model.bricks_brickset.save(tmp / "bricks", overwrite=True)
+        brickset = model.bricks_brickset
+        fingerprint = model_fingerprint(model, blocks)
+        if fingerprint != brickset.fingerprint:  # recovery training changed the weights: the BrickSet now fits them
+            info = {**brickset.info, "fingerprint_before_recovery": brickset.info.get("fingerprint_before_recovery",
+                                                                                     brickset.fingerprint)}
+            brickset = dataclasses.replace(brickset, fingerprint=fingerprint, info=info)
+        brickset.save(tmp / "bricks", overwrite=True)
         router_state = {f"layers.{i}.{k}": v.detach().cpu().contiguous()
                         for i, layer in enumerate(layers) if layer.router is not None
                         for k, v in layer.router.state_dict().items() if layer.router.trainable}
@@ -112,11 +135,13 @@ def load_configured(path: Path, model) -> "torch.nn.Module":
         raise BricksError(f"{path / MARKER} is not valid JSON: the configured model is corrupt") from exc
     if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise BricksError(f"{path / MARKER} is not a bricks configuration this version reads (format {cfg.get('format')!r})")
-    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget"}
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = BrickSet.load(path / "bricks")
     moefy(model, brickset, cfg["router"], cfg["active"])
+    if "recovery" in cfg:  # informational: kept so that saving again keeps the record
+        model.bricks_config["recovery"] = cfg["recovery"]
     router_file = path / "router.safetensors"
     if router_file.is_file():
         state = load_file(str(router_file))

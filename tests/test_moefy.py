@@ -149,3 +149,53 @@ def test_sensitivity_budget(llama_dir, tmp_path):
     # Output error of the router's best k bricks: everything missing at k = 0, nothing at k = n.
     assert curve[0] == pytest.approx(1.0, abs=1e-5) and curve[-1] == pytest.approx(0.0, abs=1e-5)
     assert len(curve) == 9
+
+
+@pytest.mark.parametrize("router", ["centroid", "mlp"])
+def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_path, router):
+    """Recovery fine-tunes the bricks with the routers in the loop: the routed loss falls, the routers stay as
+    they were, and the saved model (its BrickSet re-fingerprinted) reloads with the same logits."""
+    from bricks.routing.recovery import recover
+
+    model, tok = bricks.load_model(llama_dir)
+    train = bricks.load_domains(["code=builtin:code"], tok, "train", 32, 8)
+    bs = bricks.BrickSet.load(brickset_dir)
+    bricks.moefy(model, bs, router=router, active=0.5, train_domains=train, epochs=2)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    routers_before = [{k: v.clone() for k, v in m.router.state_dict().items()} for m in layers]
+    w_before = layers[0].w_in.detach().clone()
+    windows = train[0].windows[:4]
+    with pytest.raises(bricks.BricksError, match="steps >= 1"):
+        recover(model, windows, steps=0)
+    report = recover(model, windows, steps=30, lr=3e-3, batch_size=4)
+    assert report["loss_last"] < 0.8 * report["loss_first"]  # it learns the four windows under routing
+    assert not torch.equal(layers[0].w_in, w_before) and not layers[0].w_in.requires_grad
+    for m, before in zip(layers, routers_before):
+        if router == "mlp":  # fitted routers are frozen
+            assert all(torch.equal(v, before[k]) for k, v in m.router.state_dict().items())
+        else:  # weight-derived routers follow the new weights
+            assert not torch.equal(m.router.centroids, before["centroids"])
+    model.bricks_config["recovery"] = {"steps": 30}
+    out = bricks.save_configured(model, tok, tmp_path / "moe")
+    assert bricks.BrickSet.load(out / "bricks").info["fingerprint_before_recovery"] == bs.fingerprint
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        again, _ = bricks.load_model(out)
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert json.loads((out / "bricks_model.json").read_text())["recovery"] == {"steps": 30}
+
+
+def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
+    out = tmp_path / "moe"
+    data = ["--data", "code=builtin:code", "--seq-len", 16, "--windows", 2]
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, "--recover-steps", 2, "--out", out)
+    assert r.exit_code == 1 and "--recover-steps needs --data" in r.stderr and not out.exists()
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
+            "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["recovery"]["steps"] == 2
+    cfg = json.loads((out / "bricks_model.json").read_text())
+    assert cfg["recovery"]["base_model"] == str(llama_dir)
+    r = run("eval", out, "--data", "code=builtin:code", "--windows", 1, "--seq-len", 16, "--baseline", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["baseline_model"] == str(llama_dir)

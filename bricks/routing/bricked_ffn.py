@@ -155,6 +155,15 @@ class BrickedFFN(nn.Module):
             raise BricksError("this bricked FFN has no router: give one (e.g. router='centroid') to run fewer than all bricks")
         return self.router.select(x, self.k_active)
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild what is derived from the weights, after they changed (recovery training)."""
+        self._dense_cache = None
+        rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
+        self.down_norms.copy_(rows.float().norm(dim=-1))
+        if self.router is not None:
+            self.router.refresh()
+
     # ------------------------------------------------------------------ execution
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -56,6 +56,9 @@ class Router(nn.Module):
     def fit(self, x: torch.Tensor, mass: torch.Tensor, k: int, epochs: int, lr: float, generator: torch.Generator) -> None:
         """Fit on FFN inputs `x` and the oracle brick masses `mass` for a budget of k bricks per token."""
 
+    def refresh(self) -> None:
+        """Rebuild state derived from the FFN's weights after they changed (fitted state is kept)."""
+
 
 class OracleRouter(Router):
     """Scores bricks by their true output mass sum_i |a_i|·||W_down[:, i]|| (computes all of `a`).
@@ -85,10 +88,19 @@ class CentroidRouter(Router):
 
     def __init__(self, ffn: "BrickedFFN"):
         super().__init__()
-        rows = ffn.w_in[:, : ffn.brick_size]  # [n, size, hidden]: gate rows (or up rows when not gated)
+        self._ffn = [ffn]
+        self.register_buffer("centroids", self._centroids())  # [n, hidden]
+
+    @torch.no_grad()
+    def _centroids(self) -> torch.Tensor:
+        f = self._ffn[0]
+        rows = f.w_in[:, : f.brick_size].detach()  # [n, size, hidden]: gate rows (or up rows when not gated)
         rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         # Padding rows are zero and stay zero; average over the real neurons only.
-        self.register_buffer("centroids", rows.sum(1) / ffn.sizes[:, None].to(rows.dtype))  # [n, hidden]
+        return rows.sum(1) / f.sizes[:, None].to(rows.dtype)
+
+    def refresh(self) -> None:
+        self.centroids.copy_(self._centroids())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.centroids.t()
