@@ -45,11 +45,7 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
     torch.manual_seed(seed)  # PEFT initialises A with the global generator
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # Cosine decay after a short warm-up: stable for the few hundred steps this is meant for.
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adamw_cosine(params, lr, steps)
     peft_model.train()
     try:
         report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params)
@@ -64,6 +60,15 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
     report.update({"name": name, "rank": rank, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
     return brick, report
+
+
+def adamw_cosine(params, lr: float, steps: int):
+    """AdamW (no weight decay) with a short warm-up then cosine decay: stable for the few hundred steps used here."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
 
 
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",

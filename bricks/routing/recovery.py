@@ -20,8 +20,6 @@ in-domain data. `bench/routing_recovery.py` measures both.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import BricksError
@@ -41,7 +39,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     training report (mean loss of the first and last tenth of the steps).
     Also works on a dense model (no bricked layers): the fair baseline.
     """
-    from ..merge.training import train_lm
+    from ..merge.training import adamw_cosine, train_lm
 
     if windows.numel() == 0:
         raise BricksError("no recovery windows: give training data with at least one window of tokens")
@@ -59,10 +57,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         p.requires_grad_(id(p) not in routers and p.is_floating_point())
     for m in layers:
         m._dense_cache = None  # the dense copy would go stale as the bricks train
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adamw_cosine(params, lr, steps)
     model.train()
     try:
         report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched, clip=params)
@@ -70,7 +65,6 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, False))
-        del opt
         for m in layers:
             m.refresh()
     report.update({"lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
