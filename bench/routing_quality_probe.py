@@ -156,7 +156,7 @@ def main():
                 cost = rank * (2 * h + 2 * d) / (3 * h * d)
                 record(f"low-rank r={rank} predictor top {frac:.0%}", frac + cost, evaluate(model, heldout, pre, extra))
     if "teal" in groups:
-        for f_in, f_act in ((0.5, 0.5), (0.6, 0.3), (0.3, 0.3), (0.35, 0.2)):
+        for f_in, f_act in ((0.5, 0.5), (0.6, 0.3), (0.4, 0.7), (0.3, 0.3), (0.35, 0.2), (0.25, 0.4)):
             pre, extra = teal(f_in, f_act, model)
             record(f"TEAL inputs {f_in:.0%} / down {f_act:.0%}", (2 * f_in + f_act) / 3, evaluate(model, heldout, pre, extra))
     if args.json:

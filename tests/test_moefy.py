@@ -151,11 +151,11 @@ def test_sensitivity_budget(llama_dir, tmp_path):
     assert len(curve) == 9
 
 
-@pytest.mark.parametrize("router", ["centroid", "mlp"])
-def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_path, router):
+@pytest.mark.parametrize("router,objective", [("centroid", "lm"), ("mlp", "lm"), ("mlp", "distill")])
+def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_path, router, objective):
     """Recovery fine-tunes the bricks with the routers in the loop: the routed loss falls, the routers stay as
     they were, and the saved model (its BrickSet re-fingerprinted) reloads with the same logits."""
-    from bricks.routing.recovery import recover
+    from bricks.routing.recovery import dense_teacher, distill_loss, recover
 
     model, tok = bricks.load_model(llama_dir)
     train = bricks.load_domains(["code=builtin:code"], tok, "train", 32, 8)
@@ -167,8 +167,19 @@ def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_
     windows = train[0].windows[:4]
     with pytest.raises(bricks.BricksError, match="steps >= 1"):
         recover(model, windows, steps=0)
-    report = recover(model, windows, steps=30, lr=3e-3, batch_size=4)
-    assert report["loss_last"] < 0.8 * report["loss_first"]  # it learns the four windows under routing
+    with pytest.raises(bricks.BricksError, match="unknown recovery objective"):
+        recover(model, windows, steps=1, objective="mse")
+    teacher = dense_teacher(model)  # the dense model before recovery, for the distillation check
+    with torch.no_grad():
+        kl_before = float(distill_loss(teacher)(model, windows))
+    # Adam's first steps move weights by about lr: small against the tiny model's KL to itself.
+    report = recover(model, windows, steps=30, lr=3e-3 if objective == "lm" else 3e-4, batch_size=4, objective=objective)
+    assert report["objective"] == objective
+    # It learns the four windows under routing: the LM loss, or the distance to the dense model, falls.
+    assert report["loss_last"] < 0.8 * report["loss_first"]
+    if objective == "distill":
+        with torch.no_grad():
+            assert float(distill_loss(teacher)(model, windows)) < 0.5 * kl_before
     assert not torch.equal(layers[0].w_in, w_before) and not layers[0].w_in.requires_grad
     for m, before in zip(layers, routers_before):
         if router == "mlp":  # fitted routers are frozen
@@ -185,6 +196,15 @@ def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_
     assert json.loads((out / "bricks_model.json").read_text())["recovery"] == {"steps": 30}
 
 
+def test_distillation_recovery_needs_a_bricked_model(llama_dir):
+    from bricks.routing.recovery import recover
+
+    model, _ = bricks.load_model(llama_dir)
+    with pytest.raises(bricks.BricksError, match="needs a bricked model"):
+        recover(model, torch.randint(0, 300, (2, 8)), steps=1)
+    assert recover(model, torch.randint(0, 300, (2, 8)), steps=1, objective="lm")["objective"] == "lm"
+
+
 def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     out = tmp_path / "moe"
     data = ["--data", "code=builtin:code", "--seq-len", 16, "--windows", 2]
@@ -195,6 +215,7 @@ def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["recovery"]["steps"] == 2
     cfg = json.loads((out / "bricks_model.json").read_text())
+    assert cfg["recovery"]["objective"] == "distill"
     assert cfg["recovery"]["base_model"] == str(llama_dir)
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 1, "--seq-len", 16, "--baseline", "--json")
     assert r.exit_code == 0, r.output

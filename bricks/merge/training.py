@@ -72,16 +72,17 @@ def adamw_cosine(params, lr: float, steps: int):
 
 
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
-             log=None, sched=None, clip=None, **forward) -> dict:
+             log=None, sched=None, clip=None, loss_fn=None, **forward) -> dict:
     """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
-    `windows` (seeded), causal LM loss (`forward` adds model arguments), one optimizer step per batch; a
-    non-finite loss stops it. Reports the mean loss of the first and the last tenth of the steps."""
+    `windows` (seeded), causal LM loss (`forward` adds model arguments; `loss_fn(model, x)` replaces the loss),
+    one optimizer step per batch; a non-finite loss stops it. Reports the mean loss of the first and the last
+    tenth of the steps."""
     gen = torch.Generator().manual_seed(seed)
     dev = input_device(model)
     losses = []
     for step in range(steps):
         x = windows[torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)].to(dev)
-        loss = model(input_ids=x, labels=x, use_cache=False, **forward).loss
+        loss = model(input_ids=x, labels=x, use_cache=False, **forward).loss if loss_fn is None else loss_fn(model, x)
         if not torch.isfinite(loss):
             raise BricksError(f"{name} training diverged at step {step + 1} (loss {loss.item()}): lower the learning rate")
         opt.zero_grad(set_to_none=True)

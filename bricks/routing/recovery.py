@@ -13,31 +13,68 @@ derived from the weights (the `centroid` router's centroids, the oracle's down
 norms) is rebuilt, so that the model in memory routes as it will once saved
 and reloaded.
 
-A fair reading of the result needs the dense model fine-tuned on the same
-data for the same steps: fine-tuning alone lowers held-out perplexity on
-in-domain data. `bench/routing_recovery.py` measures both.
+Two objectives:
+
+- `distill` (default): the routed model learns to match the next-token
+  distribution of the dense model it came from (KL(dense || routed) per token,
+  the dense model being a frozen copy taken before training). The target is
+  the dense model itself, so the recovered model's perplexity is directly
+  comparable with the dense one: it cannot gain from in-domain fine-tuning,
+  only win back what routing lost. It costs one more (no-grad) forward pass
+  per step and a second copy of the weights.
+- `lm`: the causal-LM loss on the windows. Cheaper, but fine-tuning alone
+  lowers in-domain held-out perplexity, so a fair reading needs the dense model
+  fine-tuned the same way as the baseline (`bench/routing_recovery.py`
+  measures both).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 
 from ..errors import BricksError
 from .bricked_ffn import BrickedFFN
+
+
+OBJECTIVES = ("distill", "lm")
 
 
 def _bricked_layers(model) -> list[BrickedFFN]:
     return [m for m in model.modules() if isinstance(m, BrickedFFN)]
 
 
+def dense_teacher(model):
+    """A frozen copy of `model` whose bricked FFNs all run every brick: the dense model it came from."""
+    teacher = copy.deepcopy(model)
+    for m in _bricked_layers(teacher):
+        m.active, m.dense_at_full = 1.0, True
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def distill_loss(teacher):
+    """`loss_fn(model, x)`: mean per-token KL(teacher || model) of the next-token distributions."""
+    def loss_fn(model, x):
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), -1).flatten(0, 1)
+        logp = F.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1).flatten(0, 1)
+        return F.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
+    return loss_fn
+
+
 def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
-            log=None) -> dict:
+            log=None, objective: str = "distill") -> dict:
     """Fine-tune a bricked `model` in place on token `windows [n, seq]` with its routers in the loop.
 
     Trainable routers must already be trained (`train_routers`). AdamW with a
-    short warm-up and cosine decay, gradient clipping at 1.0. Returns the
-    training report (mean loss of the first and last tenth of the steps).
-    Also works on a dense model (no bricked layers): the fair baseline.
+    short warm-up and cosine decay, gradient clipping at 1.0. `objective`:
+    `distill` (match the dense model's next-token distribution) or `lm`
+    (causal LM loss; also works on a dense model: the fair baseline of an
+    `lm` recovery). Returns the training report (mean loss of the first and
+    last tenth of the steps).
     """
     from ..merge.training import adamw_cosine, train_lm
 
@@ -45,7 +82,11 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         raise BricksError("no recovery windows: give training data with at least one window of tokens")
     if steps < 1 or lr <= 0:
         raise BricksError(f"recovery needs steps >= 1 (got {steps}) and lr > 0 (got {lr})")
+    if objective not in OBJECTIVES:
+        raise BricksError(f"unknown recovery objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
     layers = _bricked_layers(model)
+    if objective == "distill" and not layers:
+        raise BricksError("distillation recovery needs a bricked model (a dense model is its own teacher): use objective='lm'")
     for m in layers:
         if m.router is not None and m.router.trainable and not bool(m.router.trained):
             raise BricksError(f"the {m.router.name} router is untrained: train it before recovery (bricks moefy ... --data)")
@@ -57,15 +98,17 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         p.requires_grad_(id(p) not in routers and p.is_floating_point())
     for m in layers:
         m._dense_cache = None  # the dense copy would go stale as the bricks train
+    loss_fn = distill_loss(dense_teacher(model)) if objective == "distill" else None
     opt, sched = adamw_cosine(params, lr, steps)
     model.train()
     try:
-        report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched, clip=params)
+        report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched, clip=params,
+                          loss_fn=loss_fn)
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, False))
         for m in layers:
             m.refresh()
-    report.update({"lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
+    report.update({"objective": objective, "lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
     return report
