@@ -75,6 +75,19 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
         ref = _masked_reference(f, x, chosen, shared_neurons[0] if shared_neurons else torch.empty(0, dtype=torch.long))
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(decoded, ref, rtol=1e-5, atol=1e-6)
+    # Training (recovery) computes all bricks and masks: the same outputs and the same weight gradients.
+    grads = []
+    for mode in (True, False):  # train mode: masked path; eval mode with gradients: grouped path
+        ffn.train(mode)
+        ffn.zero_grad(set_to_none=True)
+        for p in (ffn.w_in, ffn.w_down):
+            p.requires_grad_(True)
+        out = ffn(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), ffn.w_in.grad.clone(), ffn.w_down.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[0][1].flatten(1).abs().sum(1) > 0, sel.any(0))  # bricks no token ran get no gradient
 
 
 def test_oracle_picks_the_heaviest_bricks(llama):

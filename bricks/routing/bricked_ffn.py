@@ -15,7 +15,9 @@ computed for every token.
 
 Execution: with one token (batch-1 decode) a loop over the selected bricks
 reads only their weights; with several tokens, tokens are grouped by brick and
-each brick runs once on its group (standard torch ops, CPU or CUDA). When every
+each brick runs once on its group (standard torch ops, CPU or CUDA). Training
+(recovery, in train mode with gradients) computes every brick and masks the
+unselected ones: the same function and gradients, in a few large matmuls. When every
 brick runs (active fraction 1.0) the FFN is computed densely with its neurons
 in their original order, so that it reproduces the dense model bit for bit
 (a brick-wise sum reorders fp32 additions: ~1e-4 on SmolLM2's logits).
@@ -185,7 +187,9 @@ class BrickedFFN(nn.Module):
         shared = self._shared(x2)
         if shared is not None:
             y += shared
-        if x2.shape[0] == 1:
+        if self.training and torch.is_grad_enabled():
+            y += self._masked(x2, sel)
+        elif x2.shape[0] == 1:
             self._decode(x2, sel, y, gate)
         else:
             self._grouped(x2, sel, y, gate)
@@ -222,6 +226,21 @@ class BrickedFFN(nn.Module):
             rows = torch.nonzero(sel[:, b]).flatten()
             a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
             y.index_add_(0, rows, self._down(a, self.w_down[b]))
+
+    def _masked(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """Training (recovery): every brick computed, the unselected ones zeroed.
+
+        The same function and the same gradients as the grouped path (an
+        unselected brick's weights get zero gradient either way), but a few
+        large matmuls instead of a loop over bricks, whose backward pass is
+        dominated by per-brick overheads. Never used for inference.
+        """
+        n, size = self.n_bricks, self.brick_size
+        h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
+        a = self._act(h.view(len(x), n, -1), size) * sel[..., None].to(h.dtype)  # [tokens, n, size]
+        if self.down_rows:
+            return a.flatten(1) @ self.w_down.flatten(0, 1)
+        return torch.einsum("tns,nhs->th", a, self.w_down)
 
     # ------------------------------------------------------------------ dense, original neuron order
     @torch.no_grad()
