@@ -30,6 +30,7 @@ def test_moefy_save_reload_same_logits(llama_dir, brickset_dir, tmp_path):
     assert r.exit_code == 0, r.output
     model, tok = bricks.load_model(out)
     assert sum(isinstance(m, BrickedFFN) for m in model.modules()) == 2
+    assert not any(m.training for m in model.modules())  # inference paths, even with gradients enabled
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         logits = model(ids).logits
