@@ -116,6 +116,9 @@ class BrickedFFN(nn.Module):
             from .routers import make_router
 
             self.router = make_router(router, self)
+        # An inference module until trained: train mode (with gradients on) selects the masked training
+        # path, which must never run for inference; `model.train()` (recovery) opts in.
+        self.eval()
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -350,10 +353,6 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = 
         raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(blocks)}")
     layers = decoder_layers(model, layout)
     new = [BrickedFFN(f, a, s, router, active) for f, a, s in zip(blocks, brickset.assignments, brickset.shared)]
-    for m in new:
-        # A new module starts in train mode, which (with gradients on) selects the masked training path:
-        # follow the model's mode instead, so that inference runs the grouped and decode paths.
-        m.train(model.training)
     if compute is not None:
         if not 0.0 < compute <= 1.0:
             raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
