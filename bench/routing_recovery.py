@@ -15,7 +15,7 @@ One run measures, on the held-out windows of every built-in domain:
 It prints per-domain perplexities and the ratios of (3) to (1) (and to (4)),
 with the FFN compute fraction actually executed.
 
-    python bench/routing_recovery.py [--compute 0.5] [--steps 300] [--objective distill|lm] [--json out.json]
+    python bench/routing_recovery.py [--compute 0.5] [--steps 300] [--objective distill|lm] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,18 @@ from bricks.analysis.partition import activation_statistics
 from bricks.routing.recovery import recover
 
 DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
+
+
+def environment(model) -> dict:
+    """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
+    and documentation, so perplexities are comparable only between runs on the same Python version."""
+    import platform
+
+    import transformers
+
+    dev = next(model.parameters()).device
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or dev.type,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def main() -> None:
@@ -49,17 +61,18 @@ def main() -> None:
     p.add_argument("--objective", choices=["distill", "lm"], default="distill", help="recovery objective")
     p.add_argument("--partition", default="coactivation", help="partition method of the bricks")
     p.add_argument("--no-baseline", action="store_true", help="skip the fine-tuned dense baseline (lm objective)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
     t0 = time.time()
     torch.manual_seed(0)
-    model, tok = bricks.load_model("default")
+    model, tok = bricks.load_model("default", device=args.device)
     heldout = bricks.load_domains(DATA, tok, "heldout", args.seq_len, args.windows)
     router_data = bricks.load_domains(DATA, tok, "train", 128, 32)
     recovery = torch.cat([d.windows for d in bricks.load_domains(DATA, tok, "train", args.seq_len, args.train_windows)])
     print(f"recovery data: {len(recovery)} windows of {args.seq_len} tokens; {args.steps} steps of {args.batch_size}")
-    res = {"args": vars(args), "dense": bricks.evaluate(model, heldout)}
+    res = {"args": vars(args), "env": environment(model), "dense": bricks.evaluate(model, heldout)}
     print("dense:", {k: round(v, 3) for k, v in res["dense"]["ppl"].items()})
 
     stats = activation_statistics(model, tok, DATA, windows=32, seq_len=128)
@@ -67,6 +80,7 @@ def main() -> None:
     bricks.moefy(model, bs, router=args.router, active=0.5, train_domains=router_data, epochs=8,
                  compute=args.compute, budget=args.budget)
     res["routed"] = bricks.evaluate(model, heldout)
+    print(f"setup took {time.time() - t0:.0f} s")
     print(f"routed before recovery (compute {res['routed']['compute_fraction']:.3f}):",
           {k: round(v / res["dense"]["ppl"][k], 3) for k, v in res["routed"]["ppl"].items()})
     t = time.time()
@@ -77,7 +91,7 @@ def main() -> None:
     del model
 
     if args.objective == "lm" and not args.no_baseline:
-        dense, _ = bricks.load_model("default")
+        dense, _ = bricks.load_model("default", device=args.device)
         res["dense_tuned_recovery"] = recover(dense, recovery, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                               objective="lm")
         res["dense_tuned"] = bricks.evaluate(dense, heldout)
