@@ -21,6 +21,7 @@ with the FFN compute fraction actually executed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -61,6 +62,9 @@ def main() -> None:
     p.add_argument("--objective", choices=["distill", "lm"], default="distill", help="recovery objective")
     p.add_argument("--partition", default="coactivation", help="partition method of the bricks")
     p.add_argument("--no-baseline", action="store_true", help="skip the fine-tuned dense baseline (lm objective)")
+    p.add_argument("--refit-routers", choices=["off", "on", "both"], default="off",
+                   help="MLP routers keep learning during recovery; both: one recovery each way from the same routed model")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="router learning rate with --refit-routers")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -83,12 +87,21 @@ def main() -> None:
     print(f"setup took {time.time() - t0:.0f} s")
     print(f"routed before recovery (compute {res['routed']['compute_fraction']:.3f}):",
           {k: round(v / res["dense"]["ppl"][k], 3) for k, v in res["routed"]["ppl"].items()})
-    t = time.time()
-    res["recovery"] = recover(model, recovery, steps=args.steps, lr=args.lr, batch_size=args.batch_size, log=print,
-                              objective=args.objective)
-    res["recovery"]["seconds"] = time.time() - t
-    res["recovered"] = bricks.evaluate(model, heldout)
-    del model
+    refit = {"off": [False], "on": [True], "both": [False, True]}[args.refit_routers]
+    routed = copy.deepcopy(model) if len(refit) > 1 else None
+    for i, on in enumerate(refit):
+        if i:
+            model = routed
+        key = "recovered_refit" if on and len(refit) > 1 else "recovered"
+        t = time.time()
+        report = recover(model, recovery, steps=args.steps, lr=args.lr, batch_size=args.batch_size, log=print,
+                         objective=args.objective, refit_routers=on, router_lr=args.router_lr)
+        report["seconds"] = time.time() - t
+        res[key.replace("recovered", "recovery")] = report
+        res[key] = bricks.evaluate(model, heldout)
+        print(f"{key} (router refit {'on' if on else 'off'}, {report['seconds']:.0f} s):",
+              {k: round(v / res["dense"]["ppl"][k], 3) for k, v in res[key]["ppl"].items()})
+    del model, routed
 
     if args.objective == "lm" and not args.no_baseline:
         dense, _ = bricks.load_model("default", device=args.device)
@@ -106,6 +119,9 @@ def main() -> None:
         print(f"{d:>8} {dense_ppl:8.3f} {res['routed']['ppl'][d]:8.3f} {rec:10.3f} "
               f"{tuned if tuned else float('nan'):9.3f} {res['ratio'][d]:10.3f} "
               f"{res['ratio_fair'][d] if tuned else float('nan'):13.3f}")
+    if "recovered_refit" in res:
+        res["ratio_refit"] = {d: res["recovered_refit"]["ppl"][d] / res["dense"]["ppl"][d] for d in res["dense"]["ppl"]}
+        print("with router refit, rec/dense:", {d: round(v, 3) for d, v in res["ratio_refit"].items()})
     print(f"FFN compute fraction executed: {res['recovered']['compute_fraction']:.3f}; "
           f"run took {time.time() - t0:.0f} s (recovery {res['recovery']['seconds']:.0f} s)")
     if args.json:

@@ -271,11 +271,13 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--recover-lr", default=5e-5, show_default=True, help="recovery learning rate (AdamW, cosine decay)")
 @click.option("--recover-objective", type=click.Choice(["distill", "lm"]), default="distill", show_default=True,
               help="recovery loss: match the dense model's next-token distribution, or the causal LM loss on the data")
+@click.option("--recover-refit-routers", is_flag=True,
+              help="mlp/hybrid routers keep learning during recovery, towards the current weights' top bricks")
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
-          recover_windows, recover_lr, recover_objective, device, dtype, device_map, as_json):
+          recover_windows, recover_lr, recover_objective, recover_refit_routers, device, dtype, device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
     from pathlib import Path
 
@@ -311,7 +313,7 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         recover_data = torch.cat([d.windows for d in load_domains(specs, tok, "train", seq_len, recover_windows)])
     run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget,
         recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr,
-        recover_objective=recover_objective, log=None if as_json else lambda line: click.echo(line, err=True))
+        recover_objective=recover_objective, recover_refit_routers=recover_refit_routers, log=None if as_json else lambda line: click.echo(line, err=True))
     if compute is not None:
         active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)

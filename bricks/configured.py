@@ -30,7 +30,8 @@ MARKER = "bricks_model.json"
 
 def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
-          recover_steps: int = 0, recover_lr: float = 5e-5, recover_objective: str = "distill", log=None):
+          recover_steps: int = 0, recover_lr: float = 5e-5, recover_objective: str = "distill",
+          recover_refit_routers: bool = False, log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
@@ -42,7 +43,9 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     `recover_steps` > 0 then fine-tunes the whole model (routers frozen) on
     `recover_windows` (token windows `[n, seq]`) with the routers in the loop,
     by default distilling the dense model's next-token distribution
-    (`bricks.routing.recovery`); its report is kept in `model.bricks_recovery_report`.
+    (`bricks.routing.recovery`; `recover_refit_routers` lets MLP routers keep
+    learning towards the current weights' oracle choice); its report is kept
+    in `model.bricks_recovery_report`.
 
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
@@ -81,11 +84,12 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
 
         if recover_windows is None:
             raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
-        report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, log=log, objective=recover_objective)
+        report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, log=log, objective=recover_objective,
+                         refit_routers=recover_refit_routers)
         model.bricks_recovery_report = report
         # Saved weights are then the recovered ones; the source model is the dense baseline to compare with.
         model.bricks_config["recovery"] = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,
-                                           "tokens": report["tokens"],
+                                           "tokens": report["tokens"], "router_refit": recover_refit_routers,
                                            "base_model": getattr(model.config, "_name_or_path", "") or None}
     return model
 

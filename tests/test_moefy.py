@@ -197,6 +197,48 @@ def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_
     assert json.loads((out / "bricks_model.json").read_text())["recovery"] == {"steps": 30}
 
 
+def test_recovery_refits_mlp_routers_to_the_changing_weights(llama_dir, brickset_dir):
+    """With refit_routers the MLP routers learn alongside the bricks, towards the oracle top-k of the current
+    weights: their loss falls, the reported loss is the objective alone, and everything is frozen afterwards."""
+    from bricks.routing.recovery import recover
+
+    model, tok = bricks.load_model(llama_dir)
+    train = bricks.load_domains(["code=builtin:code"], tok, "train", 32, 8)
+    bs = bricks.BrickSet.load(brickset_dir)
+    bricks.moefy(model, bs, router="mlp", active=0.5, train_domains=train, epochs=1)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    before = [m.router.net[0].weight.detach().clone() for m in layers]
+    grads_before = [p.requires_grad for m in layers for p in m.router.parameters()]
+    windows = train[0].windows[:4]
+    with pytest.raises(bricks.BricksError, match="router_lr > 0"):
+        recover(model, windows, steps=1, refit_routers=True, router_lr=0.0)
+    report = recover(model, windows, steps=30, lr=3e-4, batch_size=4, refit_routers=True, router_lr=3e-3)
+    assert report["router_refit"] and report["router_loss_last"] < 0.9 * report["router_loss_first"]
+    assert all(not torch.equal(m.router.net[0].weight, w) for m, w in zip(layers, before))
+    assert all(not m.refit_router and m.router_loss is None and not m.training for m in layers)
+    assert [p.requires_grad for m in layers for p in m.router.parameters()] == grads_before
+    # Refit touches the routers only: the same run without it moves the bricks the same way at step one.
+    a, _ = bricks.load_model(llama_dir)
+    b, _ = bricks.load_model(llama_dir)
+    for m in (a, b):
+        torch.manual_seed(0)
+        bricks.moefy(m, bs, router="mlp", active=0.5, train_domains=train, epochs=1)
+    ra = recover(a, windows, steps=1, lr=1e-3, batch_size=4, objective="lm")
+    rb = recover(b, windows, steps=1, lr=1e-3, batch_size=4, objective="lm", refit_routers=True)
+    assert ra["loss_first"] == pytest.approx(rb["loss_first"], rel=1e-6)
+    wa, wb = (next(x for x in m.modules() if isinstance(x, BrickedFFN)).w_in for m in (a, b))
+    assert torch.allclose(wa, wb, atol=1e-7)
+
+
+def test_router_refit_needs_a_trainable_router(llama_dir, brickset_dir):
+    from bricks.routing.recovery import recover
+
+    model, tok = bricks.load_model(llama_dir)
+    bricks.moefy(model, bricks.BrickSet.load(brickset_dir), router="centroid", active=0.5)
+    with pytest.raises(bricks.BricksError, match="learns by gradient"):
+        recover(model, torch.randint(0, 300, (2, 8)), steps=1, refit_routers=True)
+
+
 def test_distillation_recovery_needs_a_bricked_model(llama_dir):
     from bricks.routing.recovery import recover
 
@@ -211,6 +253,9 @@ def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     data = ["--data", "code=builtin:code", "--seq-len", 16, "--windows", 2]
     r = run("moefy", llama_dir, "--bricks", brickset_dir, "--recover-steps", 2, "--out", out)
     assert r.exit_code == 1 and "--recover-steps needs --data" in r.stderr and not out.exists()
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
+            "--recover-refit-routers", "--out", out)  # the centroid router has nothing to refit
+    assert r.exit_code == 1 and "learns by gradient" in r.stderr and not out.exists()
     r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
             "--out", out, "--json")
     assert r.exit_code == 0, r.output

@@ -111,6 +111,10 @@ class BrickedFFN(nn.Module):
         # Tokens seen and routed bricks run, for the compute fraction actually executed (threshold
         # routers run a variable number of bricks per token). Device tensors: counting never syncs.
         self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=dev), persistent=False)
+        # Recovery with router refit sets `refit_router`; the masked training path then leaves the router's
+        # loss against the current weights' oracle choice in `router_loss` (not saved).
+        self.refit_router = False
+        self.router_loss: torch.Tensor | None = None
         self.router = None
         if router is not None:
             from .routers import make_router
@@ -240,7 +244,14 @@ class BrickedFFN(nn.Module):
         """
         n, size = self.n_bricks, self.brick_size
         h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
-        a = self._act(h.view(len(x), n, -1), size) * sel[..., None].to(h.dtype)  # [tokens, n, size]
+        a = self._act(h.view(len(x), n, -1), size)  # [tokens, n, size]: every brick's activations
+        if self.refit_router and self.router is not None:
+            # The oracle choice of the current weights comes for free here: refit the router towards it.
+            with torch.no_grad():
+                rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
+                mass = (a.abs() * rows.norm(dim=-1)).sum(-1).float()
+            self.router_loss = self.router.refit_loss(x.detach(), mass, self.k_active)
+        a = a * sel[..., None].to(h.dtype)
         if self.down_rows:
             return a.flatten(1) @ self.w_down.flatten(0, 1)
         return torch.einsum("tns,nhs->th", a, self.w_down)

@@ -6,8 +6,12 @@ rest of the network was trained to expect every neuron's contribution. As in
 CATS and LLaMA-MoE, a short causal-LM fine-tune of the weights *under the
 routed forward pass* lets the model adapt to the bricks its routers pick.
 
-The routers stay frozen (their top-k or threshold choice has no gradient);
-every other weight trains: the bricks' stored slices (brick-major, so no
+The routers stay frozen by default (their top-k or threshold choice has no
+gradient); with `refit_routers` the MLP routers keep learning alongside, by
+their own loss: a binary cross-entropy against the top-k bricks of the
+*current* weights, which the training path computes anyway (every brick's
+activation), so they follow the bricks as these change. Every other weight
+trains: the bricks' stored slices (brick-major, so no
 dense copy is made), attention, norms and embeddings. Afterwards what is
 derived from the weights (the `centroid` router's centroids, the oracle's down
 norms) is rebuilt, so that the model in memory routes as it will once saved
@@ -65,16 +69,39 @@ def distill_loss(teacher):
     return loss_fn
 
 
+def with_router_refit(loss_fn, layers: list[BrickedFFN], seen: list[float]):
+    """`loss_fn` plus the mean router refit loss of the bricked `layers` (recorded in `seen`)."""
+    def total(model, x):
+        loss = loss_fn(model, x)
+        refit = [m.router_loss for m in layers if m.router_loss is not None]
+        for m in layers:
+            m.router_loss = None
+        if not refit:
+            return loss
+        refit = torch.stack(refit).mean().to(loss.device)
+        seen.append(refit.item())
+        # The router's loss joins the backward pass but not the value: the reported loss stays the
+        # recovery objective alone, comparable with a run without refit.
+        return loss + (refit - refit.detach())
+    return total
+
+
+def lm_loss(model, x):
+    return model(input_ids=x, labels=x, use_cache=False).loss
+
+
 def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
-            log=None, objective: str = "distill") -> dict:
+            log=None, objective: str = "distill", refit_routers: bool = False, router_lr: float = 1e-3) -> dict:
     """Fine-tune a bricked `model` in place on token `windows [n, seq]` with its routers in the loop.
 
     Trainable routers must already be trained (`train_routers`). AdamW with a
     short warm-up and cosine decay, gradient clipping at 1.0. `objective`:
     `distill` (match the dense model's next-token distribution) or `lm`
     (causal LM loss; also works on a dense model: the fair baseline of an
-    `lm` recovery). Returns the training report (mean loss of the first and
-    last tenth of the steps).
+    `lm` recovery). `refit_routers`: MLP routers train too (learning rate
+    `router_lr`), towards the oracle choice of the weights as they are.
+    Returns the training report (mean loss of the first and last tenth of the
+    steps, and of the router refit loss).
     """
     from ..merge.training import adamw_cosine, train_lm
 
@@ -90,25 +117,44 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     for m in layers:
         if m.router is not None and m.router.trainable and not bool(m.router.trained):
             raise BricksError(f"the {m.router.name} router is untrained: train it before recovery (bricks moefy ... --data)")
+    refit = [m for m in layers if refit_routers and m.router is not None and m.router.refits]
+    if refit_routers and not refit:
+        raise BricksError("no router here learns by gradient (refit works for mlp and hybrid routers): drop refit_routers")
+    if refit_routers and router_lr <= 0:
+        raise BricksError(f"router refit needs router_lr > 0 (got {router_lr})")
     routers = {id(p) for m in layers if m.router is not None for p in m.router.parameters()}
+    router_params = [p for m in refit for p in m.router.parameters() if p.is_floating_point()]
     was_training = model.training
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if id(p) not in routers and p.is_floating_point()]
     for p in model.parameters():
         p.requires_grad_(id(p) not in routers and p.is_floating_point())
+    for p in router_params:
+        p.requires_grad_(True)
     for m in layers:
         m._dense_cache = None  # the dense copy would go stale as the bricks train
-    loss_fn = distill_loss(dense_teacher(model)) if objective == "distill" else None
-    opt, sched = adamw_cosine(params, lr, steps)
+    loss_fn = distill_loss(dense_teacher(model)) if objective == "distill" else lm_loss
+    refit_seen: list[float] = []
+    if refit:
+        loss_fn = with_router_refit(loss_fn, layers, refit_seen)
+    groups = [{"params": params}] + ([{"params": router_params, "lr": router_lr}] if router_params else [])
+    opt, sched = adamw_cosine(groups, lr, steps)
     model.train()
+    for m in refit:
+        m.refit_router = True
     try:
-        report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched, clip=params,
-                          loss_fn=loss_fn)
+        report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched,
+                          clip=params, loss_fn=loss_fn)  # routers unclipped: their BCE would set the scale
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, False))
         for m in layers:
+            m.refit_router, m.router_loss = False, None
             m.refresh()
     report.update({"objective": objective, "lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
+    if refit:
+        tenth = max(1, len(refit_seen) // 10)
+        report.update({"router_refit": True, "router_lr": router_lr, "router_loss_first": sum(refit_seen[:tenth]) / tenth,
+                       "router_loss_last": sum(refit_seen[-tenth:]) / tenth})
     return report

@@ -43,6 +43,7 @@ class Router(nn.Module):
     name = "router"
     trainable = False  # True when the router is fitted on data and has state to save with the model
     reuses_gate = False  # True when routing computes the gate pre-activations (kept in `self.gate`)
+    refits = False  # True when `refit_loss` can keep the router fitted during recovery
 
     def macs_per_token(self) -> int:
         """Multiply-accumulates per token spent on scoring."""
@@ -58,6 +59,11 @@ class Router(nn.Module):
 
     def refresh(self) -> None:
         """Rebuild state derived from the FFN's weights after they changed (fitted state is kept)."""
+
+    def refit_loss(self, x: torch.Tensor, mass: torch.Tensor, k: int) -> torch.Tensor | None:
+        """Loss that keeps a trained router fitted to brick masses `mass` while the weights change (recovery);
+        None for routers with nothing to learn by gradient."""
+        return None
 
 
 class OracleRouter(Router):
@@ -118,6 +124,7 @@ class MLPRouter(Router):
 
     name = "mlp"
     trainable = True
+    refits = True
 
     def __init__(self, ffn: "BrickedFFN", width: int = 128):
         super().__init__()
@@ -134,8 +141,15 @@ class MLPRouter(Router):
     def macs_per_token(self) -> int:
         return sum(m.weight.numel() for m in self.net if isinstance(m, nn.Linear))
 
+    @staticmethod
+    def _labels(mass: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.zeros_like(mass, dtype=torch.float32).scatter_(1, mass.topk(k, dim=1).indices, 1.0)
+
+    def refit_loss(self, x, mass, k):
+        return nn.functional.binary_cross_entropy_with_logits(self.net(x).float(), self._labels(mass, k))
+
     def fit(self, x, mass, k, epochs, lr, generator):
-        labels = torch.zeros_like(mass, dtype=torch.float32).scatter_(1, mass.topk(k, dim=1).indices, 1.0)
+        labels = self._labels(mass, k)
         dtype = self.net[0].weight.dtype
         x32 = x.float()
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
