@@ -69,12 +69,18 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
             assert (sel.sum(1) == round(0.4 * 7)).all()
         grouped = ffn(x)
         decoded = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
+        if router != "threshold":  # the accelerator decode path, forced on CPU: the same function
+            ffn._gathers = lambda x: True
+            gathered = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
+            del ffn._gathers
         routed = [b for b in bs.bricks(0) if not b.shared]
         chosen = [torch.cat([routed[b].neurons for b in torch.nonzero(s).flatten().tolist()]) for s in sel]
         shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]
         ref = _masked_reference(f, x, chosen, shared_neurons[0] if shared_neurons else torch.empty(0, dtype=torch.long))
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(decoded, ref, rtol=1e-5, atol=1e-6)
+    if router != "threshold":
+        torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-6)
     # Training (recovery) computes all bricks and masks: the same outputs and the same weight gradients.
     grads = []
     for mode in (True, False):  # train mode: masked path; eval mode with gradients: grouped path

@@ -14,7 +14,8 @@ An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
 Execution: with one token (batch-1 decode) a loop over the selected bricks
-reads only their weights; with several tokens, tokens are grouped by brick and
+reads only their weights (on accelerators, where a loop is launch-bound, the
+selected bricks are gathered in one op instead); with several tokens, tokens are grouped by brick and
 each brick runs once on its group (standard torch ops, CPU or CUDA). Training
 (recovery, in train mode with gradients) computes every brick and masks the
 unselected ones: the same function and gradients, in a few large matmuls. When every
@@ -196,6 +197,8 @@ class BrickedFFN(nn.Module):
             y += shared
         if self.training and torch.is_grad_enabled():
             y += self._masked(x2, sel)
+        elif x2.shape[0] == 1 and self._gathers(x2):
+            self._gathered(x2, sel, y)
         elif x2.shape[0] == 1:
             self._decode(x2, sel, y, gate)
         else:
@@ -227,12 +230,34 @@ class BrickedFFN(nn.Module):
             else:
                 y += F.linear(a, self.w_down[b])
 
+    def _gathers(self, x: torch.Tensor) -> bool:
+        """Whether one token runs `_gathered`: on accelerators, under a router that picks exactly k bricks."""
+        return x.device.type != "cpu" and self.router is not None and not self.router.reuses_gate
+
+    def _gathered(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
+        """One token on an accelerator: the k selected bricks' weights gathered in one op each, no host sync.
+
+        A per-brick loop costs a host sync to list the bricks and several kernel launches per brick, which on
+        a GPU take far longer than reading the weights (`bench/results_ffn_cuda_h100.txt`). Here the k
+        selected bricks are found on the device (a stable sort of the mask puts them first), and their rows
+        are gathered and run as one matmul. The copy costs memory traffic that the CPU path avoids.
+        """
+        k = self.k_active
+        idx = torch.argsort(sel[0].to(torch.int8), descending=True, stable=True)[:k]
+        b_in = None if self.b_in is None else self.b_in.index_select(0, idx).flatten()
+        h = F.linear(x, self.w_in.index_select(0, idx).flatten(0, 1), b_in)
+        a = self._act(h.view(1, k, -1), self.brick_size)  # [1, k, size]
+        w_down = self.w_down.index_select(0, idx)
+        y += a.flatten(1) @ w_down.flatten(0, 1) if self.down_rows else torch.einsum("tns,nhs->th", a, w_down)
+
     def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
-        for b in torch.nonzero(sel.any(0)).flatten().tolist():
-            rows = torch.nonzero(sel[:, b]).flatten()
-            a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
-            y.index_add_(0, rows, self._down(a, self.w_down[b]))
+        # All (brick, token) pairs at once, sorted by brick: two host syncs per layer rather than one per brick.
+        tokens = sel.t().nonzero()[:, 1]
+        for b, rows in enumerate(tokens.split(sel.sum(0).tolist())):
+            if len(rows):
+                a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
+                y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """Training (recovery): every brick computed, the unselected ones zeroed.
