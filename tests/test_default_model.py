@@ -116,6 +116,7 @@ def test_notebook_runs(tmp_path):
 def test_routing_notebook_runs(tmp_path):
     text = _run_notebook("routing_tradeoffs.ipynb", tmp_path)
     assert "neuron oracle top 50%" in text and "hybrid + sensitivity budget" in text and "best non-oracle setting" in text
+    assert "recovery results read: " in text and "recovery results read: 0" not in text
 
 
 @pytest.mark.slow
