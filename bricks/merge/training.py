@@ -71,6 +71,11 @@ def adamw_cosine(params, lr: float, steps: int):
     return opt, sched
 
 
+def lm_loss(model, x: torch.Tensor, **forward) -> torch.Tensor:
+    """The causal LM loss of token batch `x` under `model`."""
+    return model(input_ids=x, labels=x, use_cache=False, **forward).loss
+
+
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
              log=None, sched=None, clip=None, loss_fn=None, **forward) -> dict:
     """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
@@ -82,7 +87,7 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
     losses = []
     for step in range(steps):
         x = windows[torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)].to(dev)
-        loss = model(input_ids=x, labels=x, use_cache=False, **forward).loss if loss_fn is None else loss_fn(model, x)
+        loss = lm_loss(model, x, **forward) if loss_fn is None else loss_fn(model, x)
         if not torch.isfinite(loss):
             raise BricksError(f"{name} training diverged at step {step + 1} (loss {loss.item()}): lower the learning rate")
         opt.zero_grad(set_to_none=True)

@@ -86,10 +86,6 @@ def with_router_refit(loss_fn, layers: list[BrickedFFN], seen: list[float]):
     return total
 
 
-def lm_loss(model, x):
-    return model(input_ids=x, labels=x, use_cache=False).loss
-
-
 def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
             log=None, objective: str = "distill", refit_routers: bool = False, router_lr: float = 1e-3) -> dict:
     """Fine-tune a bricked `model` in place on token `windows [n, seq]` with its routers in the loop.
@@ -103,7 +99,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     Returns the training report (mean loss of the first and last tenth of the
     steps, and of the router refit loss).
     """
-    from ..merge.training import adamw_cosine, train_lm
+    from ..merge.training import adamw_cosine, lm_loss, train_lm
 
     if windows.numel() == 0:
         raise BricksError("no recovery windows: give training data with at least one window of tokens")

@@ -60,10 +60,10 @@ class Router(nn.Module):
     def refresh(self) -> None:
         """Rebuild state derived from the FFN's weights after they changed (fitted state is kept)."""
 
-    def refit_loss(self, x: torch.Tensor, mass: torch.Tensor, k: int) -> torch.Tensor | None:
+    def refit_loss(self, x: torch.Tensor, mass: torch.Tensor, k: int) -> torch.Tensor:
         """Loss that keeps a trained router fitted to brick masses `mass` while the weights change (recovery);
-        None for routers with nothing to learn by gradient."""
-        return None
+        only routers with `refits` have one."""
+        raise NotImplementedError(f"the {self.name} router has nothing to learn by gradient")
 
 
 class OracleRouter(Router):
