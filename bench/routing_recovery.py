@@ -49,7 +49,7 @@ def environment(model) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compute", type=float, default=0.5, help="FFN compute fraction target (router and shared brick included)")
-    p.add_argument("--router", default="hybrid")
+    p.add_argument("--router", default="hybrid", help="a brick router, or teal (neuron-level magnitude sparsity)")
     p.add_argument("--budget", choices=["uniform", "sensitivity"], default="sensitivity")
     p.add_argument("--bricks", type=int, default=64)
     p.add_argument("--shared", type=float, default=0.0625)
@@ -79,10 +79,13 @@ def main() -> None:
     res = {"args": vars(args), "env": environment(model), "dense": bricks.evaluate(model, heldout)}
     print("dense:", {k: round(v, 3) for k, v in res["dense"]["ppl"].items()})
 
-    stats = activation_statistics(model, tok, DATA, windows=32, seq_len=128)
-    bs = bricks.partition(model, args.partition, args.bricks, stats, shared_fraction=args.shared)
-    bricks.moefy(model, bs, router=args.router, active=0.5, train_domains=router_data, epochs=8,
-                 compute=args.compute, budget=args.budget)
+    if args.router == "teal":  # single neurons and input channels, chosen by magnitude: no BrickSet, no training
+        bricks.moefy(model, None, router="teal", compute=args.compute)
+    else:
+        stats = activation_statistics(model, tok, DATA, windows=32, seq_len=128)
+        bs = bricks.partition(model, args.partition, args.bricks, stats, shared_fraction=args.shared)
+        bricks.moefy(model, bs, router=args.router, active=0.5, train_domains=router_data, epochs=8,
+                     compute=args.compute, budget=args.budget)
     res["routed"] = bricks.evaluate(model, heldout)
     print(f"setup took {time.time() - t0:.0f} s")
     print(f"routed before recovery (compute {res['routed']['compute_fraction']:.3f}):",

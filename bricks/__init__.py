@@ -20,7 +20,8 @@ from .data import DataSpec, Domain, load_domains, windows
 from .errors import BricksError
 from .evaluate import evaluate
 from .loading import load_model, model_info
-from .routing import BrickedFFN, assemble_bricked, bricked, compute_fraction, executed_fraction, train_routers, verify_bricks
+from .routing import (BrickedFFN, SparseFFN, assemble_bricked, assemble_sparse, bricked, compute_fraction, executed_fraction,
+                      train_routers, verify_bricks)
 from .routing.budget import allocate_budgets
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "AnalyzeConfig", "NeuronStats", "analyze", "capture_stats", "cett_ppl_search", "ffn_hooks", "func_scores",
     "partition", "perplexity", "ARCHITECTURES", "FFN", "ffns", "layout_for", "supported_model_types", "Brick",
     "BrickSet", "model_fingerprint", "DataSpec", "Domain", "load_domains", "windows", "BricksError", "load_model",
-    "model_info", "moefy", "save_configured", "BrickedFFN", "assemble_bricked", "bricked", "verify_bricks",
+    "model_info", "moefy", "save_configured", "BrickedFFN", "SparseFFN", "assemble_bricked", "assemble_sparse", "bricked",
+    "verify_bricks",
     "compute_fraction", "executed_fraction", "train_routers", "allocate_budgets", "evaluate",
 ]

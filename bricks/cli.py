@@ -252,9 +252,12 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 
 @main.command()
 @click.argument("model")
-@click.option("--bricks", "brickset", required=True, type=click.Path(), help="BrickSet directory made from MODEL (bricks partition)")
-@click.option("--router", default="centroid", show_default=True, help="router name (see bricks.routing.ROUTERS)")
-@click.option("--active", default=0.5, show_default=True, help="share of routed bricks each token runs, in (0, 1]")
+@click.option("--bricks", "brickset", default=None, type=click.Path(),
+              help="BrickSet directory made from MODEL (bricks partition); not used by --router teal")
+@click.option("--router", default="centroid", show_default=True,
+              help="router name (see bricks.routing.ROUTERS), or teal: single neurons and input channels by magnitude")
+@click.option("--active", default=0.5, show_default=True,
+              help="share of routed bricks each token runs, in (0, 1] (teal: the FFN compute fraction)")
 @click.option("--compute", default=None, type=float,
               help="instead of --active: FFN compute fraction per layer, router and shared brick included, in (0, 1]")
 @click.option("--budget", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
@@ -278,10 +281,15 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @_user_errors
 def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
           recover_windows, recover_lr, recover_objective, recover_refit_routers, device, dtype, device_map, as_json):
-    """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens."""
+    """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens.
+
+    With --router teal there is no BrickSet: every token runs the gate/up rows of its largest input channels
+    and the down rows of its largest neurons (TEAL), at the FFN compute fraction --compute (or --active).
+    """
     from pathlib import Path
 
     from .brick import BrickSet
+    from .configured import SPARSE_ROUTER
     from .configured import moefy as run
     from .configured import save_configured
     from .data import load_domains, parse_data_specs
@@ -291,20 +299,27 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         raise BricksError(f"--active must be in (0, 1], got {active}")
     if compute is not None and not 0 < compute <= 1:
         raise BricksError(f"--compute must be in (0, 1], got {compute}")
-    if router not in ROUTERS:
-        raise BricksError(f"unknown router {router!r}: choose from {', '.join(ROUTERS)}")
+    if router not in ROUTERS and router != SPARSE_ROUTER:
+        raise BricksError(f"unknown router {router!r}: choose from {', '.join([*ROUTERS, SPARSE_ROUTER])}")
+    sparse = router == SPARSE_ROUTER
+    if sparse and brickset is not None:
+        raise BricksError("--router teal runs single neurons and input channels, not a BrickSet: drop --bricks")
+    if not sparse and brickset is None:
+        raise BricksError(f"--router {router} routes bricks: give --bricks DIR (a BrickSet made by bricks partition)")
+    if sparse and budget != "uniform":
+        raise BricksError("--router teal has one compute fraction for every layer: drop --budget sensitivity")
     if Path(out).exists():
         raise BricksError(f"output {out} already exists: choose another --out or remove it")
     specs = parse_data_specs(data) if data else []
-    if ROUTERS[router].trainable and not specs:
+    if not sparse and ROUTERS[router].trainable and not specs:
         raise BricksError(f"router {router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
     if budget == "sensitivity" and (compute is None or not specs):
         raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
     if recover_steps < 0 or (recover_steps and (not specs or recover_windows < 1 or recover_lr <= 0)):
         raise BricksError("--recover-steps needs --data NAME=SOURCE, --recover-windows >= 1 and --recover-lr > 0")
-    bs = BrickSet.load(brickset)
+    bs = None if sparse else BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
-    need_data = ROUTERS[router].trainable or budget == "sensitivity"
+    need_data = not sparse and (ROUTERS[router].trainable or budget == "sensitivity")
     domains = load_domains(specs, tok, "train", seq_len, windows) if specs and need_data else None
     recover_data = None
     if recover_steps:
@@ -314,9 +329,19 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
     run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget,
         recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr,
         recover_objective=recover_objective, recover_refit_routers=recover_refit_routers, log=None if as_json else lambda line: click.echo(line, err=True))
-    if compute is not None:
+    if compute is not None and not sparse:
         active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)
+    if sparse:
+        from .routing import SparseFFN, compute_fraction
+
+        layer = next(x for x in m.modules() if isinstance(x, SparseFFN))
+        result = {"out": str(out), "router": router, "compute_fraction": compute_fraction(m), "keep_inputs": layer.keep_in,
+                  "keep_neurons": layer.keep_act, "recovery": getattr(m, "bricks_recovery_report", None)}
+        _emit(as_json, result, f"wrote {out}: router teal, FFN compute fraction {result['compute_fraction']:.3f} "
+                               f"(per token: the largest {layer.keep_in:.0%} of the FFN inputs, {layer.keep_act:.0%} of the "
+                               f"neurons); open it with bricks.load_model({str(out)!r})")
+        return
     report = getattr(m, "bricks_router_report", [])
     result = {"out": str(out), "router": router, "active": active, "bricks_per_layer": bs.n_bricks(0), "layers": bs.n_layers,
               "router_training": report, "budget": getattr(m, "bricks_budget_report", {"kind": "uniform"}),
@@ -386,7 +411,8 @@ def bench():
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--active", "actives", multiple=True, type=float, default=(0.5, 0.25), show_default=True)
 @click.option("--bricks", "n_bricks", default=64, show_default=True)
-@click.option("--router", default="centroid", show_default=True)
+@click.option("--router", default="centroid", show_default=True,
+              help="brick router, or teal: the activation-sparse FFN with --active as its compute fraction")
 @click.option("--reps", default=20, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON rows")

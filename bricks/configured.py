@@ -4,7 +4,8 @@ A configured-model directory is a plain Hugging Face checkpoint of the base
 model (so transformers alone still opens it, as the dense model) plus:
 
 - `bricks_model.json`: format, kind ("moe"), router name, active fraction;
-- `bricks/`: the BrickSet (with the base model's fingerprint);
+- `bricks/`: the BrickSet (with the base model's fingerprint); absent for the
+  `teal` router, whose bricks are the model's own neurons and input channels;
 - `router.safetensors`: trained router parameters, when the router has any.
 """
 
@@ -22,13 +23,18 @@ from .arch import FFN
 from .brick import BrickSet, atomic_dir, model_fingerprint
 from .errors import BricksError
 from .routing import BrickedFFN, assemble_bricked
+from .routing.bricked_ffn import routed_layers
+from .routing.sparse_ffn import assemble_sparse
+
+# Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
+SPARSE_ROUTER = "teal"
 
 FORMAT = "bricks.configured"
 VERSION = 1
 MARKER = "bricks_model.json"
 
 
-def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0.5, train_domains=None,
+def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
           recover_steps: int = 0, recover_lr: float = 5e-5, recover_objective: str = "distill",
           recover_refit_routers: bool = False, log=None):
@@ -47,6 +53,11 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     learning towards the current weights' oracle choice); its report is kept
     in `model.bricks_recovery_report`.
 
+    `router="teal"` needs no BrickSet (pass None): its bricks are single
+    neurons and input channels, chosen per token by magnitude
+    (`bricks.routing.sparse_ffn`); `compute` (or else `active`) is then the FFN
+    compute fraction of every layer, and there is nothing to train.
+
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
         >>> bricks.moefy(model, bs, router="centroid", active=0.5)
@@ -57,7 +68,19 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
     if budget == "sensitivity" and (compute is None or train_domains is None):
         raise BricksError("a sensitivity budget needs a compute target and calibration data (--compute F --data NAME=SOURCE)")
     per_layer = isinstance(active, (list, tuple))
-    originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else active, compute=compute)
+    if router == SPARSE_ROUTER:
+        if brickset is not None:
+            raise BricksError("the teal router runs single neurons and input channels, not a BrickSet: drop --bricks")
+        if budget != "uniform":
+            raise BricksError("the teal router has one compute fraction for every layer: use --budget uniform")
+        if per_layer:
+            raise BricksError("the teal router takes one compute fraction, not one per layer")
+        originals = assemble_sparse(model, compute if compute is not None else active)
+        brickset = None
+    else:
+        if brickset is None:
+            raise BricksError(f"the {router} router routes bricks: give a BrickSet (--bricks DIR, made by bricks partition)")
+        originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else active, compute=compute)
     layers = _bricked_layers(model)
     if per_layer:
         if len(active) != len(layers):
@@ -76,7 +99,9 @@ def moefy(model, brickset: BrickSet, router: str = "centroid", active: float = 0
         from .routing.budget import allocate_budgets
 
         model.bricks_budget_report = allocate_budgets(model, train_domains, compute)
-    if compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
+    if router == SPARSE_ROUTER:
+        active = compute if compute is not None else active
+    elif compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
         active = [m.active for m in layers]
     model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute, "budget": budget}
     if recover_steps:
@@ -102,7 +127,7 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
     """Write a configured model directory atomically (see the module docstring)."""
     if not hasattr(model, "bricks_config"):
         raise BricksError("this model has no bricks configuration to save: build one with bricks.moefy first")
-    layers = _bricked_layers(model)
+    layers = routed_layers(model)
     from .arch import layout_for
 
     layout = layout_for(model)
@@ -110,22 +135,23 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
         # The checkpoint holds the dense base: the FFN tensors, rebuilt from the bricks, replace the bricked ones.
         state = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
         blocks = []
-        for i, (skeleton, bricked) in enumerate(zip(model.bricks_dense_ffns, layers)):
-            dense = copy.deepcopy(skeleton).to_empty(device=bricked.w_in.device)
+        for i, (skeleton, routed) in enumerate(zip(model.bricks_dense_ffns, layers)):
+            dense = copy.deepcopy(skeleton).to_empty(device=next(routed.parameters()).device)
             blocks.append(FFN(None, i, layout, module=dense))
-            bricked.write_dense(blocks[-1])
+            routed.write_dense(blocks[-1])
             state.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        brickset = model.bricks_brickset
-        fingerprint = model_fingerprint(model, blocks)
-        if fingerprint != brickset.fingerprint:  # recovery training changed the weights: the BrickSet now fits them
-            info = {**brickset.info, "fingerprint_before_recovery": brickset.info.get("fingerprint_before_recovery",
-                                                                                     brickset.fingerprint)}
-            brickset = dataclasses.replace(brickset, fingerprint=fingerprint, info=info)
-        brickset.save(tmp / "bricks", overwrite=True)
+        brickset = model.bricks_brickset  # None for teal: its bricks are the model's own neurons
+        if brickset is not None:
+            fingerprint = model_fingerprint(model, blocks)
+            if fingerprint != brickset.fingerprint:  # recovery training changed the weights: the BrickSet now fits them
+                info = {**brickset.info, "fingerprint_before_recovery": brickset.info.get("fingerprint_before_recovery",
+                                                                                         brickset.fingerprint)}
+                brickset = dataclasses.replace(brickset, fingerprint=fingerprint, info=info)
+            brickset.save(tmp / "bricks", overwrite=True)
         router_state = {f"layers.{i}.{k}": v.detach().cpu().contiguous()
-                        for i, layer in enumerate(layers) if layer.router is not None
+                        for i, layer in enumerate(layers) if getattr(layer, "router", None) is not None
                         for k, v in layer.router.state_dict().items() if layer.router.trainable}
         if router_state:
             save_file(router_state, str(tmp / "router.safetensors"))
@@ -144,7 +170,7 @@ def load_configured(path: Path, model) -> "torch.nn.Module":
     unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
-    brickset = BrickSet.load(path / "bricks")
+    brickset = None if cfg.get("router") == SPARSE_ROUTER else BrickSet.load(path / "bricks")
     moefy(model, brickset, cfg["router"], cfg["active"])
     if "recovery" in cfg:  # informational: kept so that saving again keeps the record
         model.bricks_config["recovery"] = cfg["recovery"]

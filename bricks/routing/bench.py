@@ -8,6 +8,7 @@ import torch
 
 from ..arch import ffns
 from .bricked_ffn import BrickedFFN
+from .sparse_ffn import SparseFFN
 
 
 def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = "cpu"):
@@ -36,7 +37,10 @@ def _median_time(module, x, reps: int, sync) -> float:
 def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"), batches=(1, 32),
               actives=(0.5, 0.25), n_bricks: int = 64, router: str = "centroid", reps: int = 20,
               device: str = "cpu", progress=print) -> list[dict]:
-    """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked."""
+    """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked.
+
+    `router="teal"` measures the activation-sparse FFN (`SparseFFN`) at compute fraction `active` instead.
+    """
     from ..loading import parse_dtype
 
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -53,10 +57,12 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
                 x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
                 t_dense = _median_time(dense, x, reps, sync)
                 for active in actives:
-                    bricked = BrickedFFN(f, assignment, router=router, active=active)
+                    # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
+                    bricked = SparseFFN(f, compute=active) if router == "teal" else \
+                        BrickedFFN(f, assignment, router=router, active=active)
                     t = _median_time(bricked, x, reps, sync)
                     row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
-                           "router": router, "n_bricks": n_bricks, "compute_fraction": round(bricked.compute_fraction(), 4),
+                           "router": router, "n_bricks": None if router == "teal" else n_bricks, "compute_fraction": round(bricked.compute_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
                            "speedup": round(t_dense / t, 3)}
                     rows.append(row)

@@ -426,13 +426,20 @@ def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, act
             setattr(layer, layout.mlp, module)
 
 
+def routed_layers(model: nn.Module) -> list[nn.Module]:
+    """The FFNs of `model` that run a share of their compute: `BrickedFFN`s and `SparseFFN`s, in layer order."""
+    from .sparse_ffn import SparseFFN
+
+    return [m for m in model.modules() if isinstance(m, (BrickedFFN, SparseFFN))]
+
+
 def compute_fraction(model: nn.Module) -> float:
     """Mean FFN compute fraction over the layers of `model` (1.0 for a dense model).
 
     Every token runs the same number of bricks, so the fraction follows from
     the configuration; no forward pass is needed to know it.
     """
-    fr = [m.compute_fraction() for m in model.modules() if isinstance(m, BrickedFFN)]
+    fr = [m.compute_fraction() for m in routed_layers(model)]
     return sum(fr) / len(fr) if fr else 1.0
 
 
@@ -442,7 +449,7 @@ def executed_fraction(model: nn.Module, reset: bool = False) -> float:
     Differs from `compute_fraction` only for routers that run a variable number
     of bricks per token (threshold). `reset` zeroes the counts afterwards.
     """
-    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
+    layers = routed_layers(model)
     fr = [m.executed_fraction() for m in layers]
     if reset:
         for m in layers:

@@ -40,21 +40,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BricksError
-from .bricked_ffn import BrickedFFN
+from .bricked_ffn import BrickedFFN, routed_layers
 
 
 OBJECTIVES = ("distill", "lm")
 
 
-def _bricked_layers(model) -> list[BrickedFFN]:
-    return [m for m in model.modules() if isinstance(m, BrickedFFN)]
-
-
 def dense_teacher(model):
-    """A frozen copy of `model` whose bricked FFNs all run every brick: the dense model it came from."""
+    """A frozen copy of `model` whose routed FFNs all run in full: the dense model it came from."""
     teacher = copy.deepcopy(model)
-    for m in _bricked_layers(teacher):
-        m.active, m.dense_at_full = 1.0, True
+    for m in routed_layers(teacher):
+        if isinstance(m, BrickedFFN):
+            m.active, m.dense_at_full = 1.0, True
+        else:
+            m.set_compute(1.0)
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -107,8 +106,9 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         raise BricksError(f"recovery needs steps >= 1 (got {steps}) and lr > 0 (got {lr})")
     if objective not in OBJECTIVES:
         raise BricksError(f"unknown recovery objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
-    layers = _bricked_layers(model)
-    if objective == "distill" and not layers:
+    routed = routed_layers(model)
+    layers = [m for m in routed if isinstance(m, BrickedFFN)]
+    if objective == "distill" and not routed:
         raise BricksError("distillation recovery needs a bricked model (a dense model is its own teacher): use objective='lm'")
     for m in layers:
         if m.router is not None and m.router.trainable and not bool(m.router.trained):
@@ -147,6 +147,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
             p.requires_grad_(requires_grad.get(n, False))
         for m in layers:
             m.refit_router, m.router_loss = False, None
+        for m in routed:
             m.refresh()
     report.update({"objective": objective, "lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
     if refit:

@@ -1,0 +1,229 @@
+"""The activation-sparse FFN: single neurons and input channels as the bricks, chosen by magnitude (TEAL).
+
+Brick-level routing of a SwiGLU FFN loses much more than the neuron-level
+oracle suggests (`notebooks/routing_tradeoffs.ipynb`): a predictor has to guess
+which bricks matter before computing them. TEAL (Liu et al. 2024) needs no
+predictor: in every projection it skips the input entries of small magnitude,
+which are known exactly when the projection runs. Here, per token:
+
+- the gate and up projections read only the `keep_in` share of the FFN input
+  channels with the largest |x| (their rows of W_in^T);
+- the down projection reads only the `keep_act` share of the neurons with the
+  largest |a| (their rows of W_down^T), among the activations just computed.
+
+Measured on SmolLM2-135M (`bench/routing_quality_probe.py`, held-out ratio
+code / math / prose, no training): keeping 60% of the inputs and 30% of the
+neurons (FFN compute 0.5) gives 1.41 / 1.22 / 1.37, against 3.5 / 1.9 / 3.3
+for the best brick router at the same compute; 50% / 50% gives 1.46 / 1.15 /
+1.50. Recovery training (`bricks.routing.recovery`) works on it unchanged.
+
+Top-k per token rather than TEAL's calibrated thresholds: every token runs
+exactly the configured compute, which needs no calibration data and cannot
+drift when recovery changes the weights.
+
+Storage is unit-major, as for bricks: `w_in_t` `[hidden, k*d_ff]` (row c: what
+input channel c feeds into every gate and up neuron) and `w_down_t`
+`[d_ff, hidden]` (row i: neuron i's output). A token's sparse matrix-vector
+product then reads contiguous rows, which `F.embedding_bag` (mode "sum", the
+token's values as per-sample weights) gathers and sums without copying them;
+a token's rows are split over several bags so that every CPU thread reads
+some (one bag runs on one thread).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import FFN, decoder_layers, ffns, layout_for
+from ..errors import BricksError
+
+# Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
+# 0.5 that is 60% of the inputs and 30% of the neurons, the best split measured on the default model (see above).
+IN_OVER_COMPUTE = 1.2
+
+
+class SparseFFN(nn.Module):
+    """Drop-in replacement of one layer's FFN module, skipping small inputs of each projection per token.
+
+    Args:
+        ffn: handle on the dense FFN (weights are copied, transposed to unit-major rows).
+        compute: FFN compute fraction per token, in (0, 1] (sets `keep_in` and `keep_act`, see `set_compute`).
+    """
+
+    def __init__(self, ffn: FFN, compute: float = 1.0):
+        super().__init__()
+        self.gated = ffn.gate_weight() is not None
+        self.act = ffn.act
+        self.d_ff = ffn.d_ff
+        self.hidden = ffn.down_weight().shape[0]
+        parts = [ffn.gate_weight(), ffn.up_weight()] if self.gated else [ffn.up_weight()]
+        self.w_in_t = nn.Parameter(torch.cat([p.detach() for p in parts]).t().contiguous(), requires_grad=False)
+        biases = [ffn.gate_bias(), ffn.up_bias()] if self.gated else [ffn.up_bias()]
+        self.b_in = None
+        if any(b is not None for b in biases):
+            zeros = torch.zeros(self.d_ff, device=self.w_in_t.device, dtype=self.w_in_t.dtype)
+            self.b_in = nn.Parameter(torch.cat([b.detach() if b is not None else zeros for b in biases]), requires_grad=False)
+        self.w_down_t = nn.Parameter(ffn.down_weight().detach().t().contiguous(), requires_grad=False)
+        b = ffn.down_bias()
+        self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        # Tokens seen, input channels and neurons read: the compute fraction the forward passes ran.
+        self.register_buffer("counts", torch.zeros(3, dtype=torch.float64, device=self.w_in_t.device), persistent=False)
+        self.keep_in = self.keep_act = 1.0
+        self.set_compute(compute)
+        self.eval()  # inference until recovery opts in (train mode with gradients selects the masked path)
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def k(self) -> int:
+        """Input projections per neuron: 2 for gated FFNs (gate and up), 1 otherwise."""
+        return 2 if self.gated else 1
+
+    def set_compute(self, compute: float) -> None:
+        """Keep `keep_in` = min(1, 1.2 x compute) of the inputs and spend the rest of `compute` on neurons."""
+        if not 0.0 < compute <= 1.0:
+            raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
+        k = self.k
+        keep_in = min(1.0, IN_OVER_COMPUTE * compute)
+        keep_act = ((k + 1) * compute - k * keep_in)
+        if keep_act * self.d_ff < 1:  # ungated FFNs at tiny budgets: split evenly instead
+            keep_in = keep_act = compute
+        self.keep_in, self.keep_act = keep_in, min(1.0, keep_act)
+
+    @property
+    def n_in(self) -> int:
+        return max(1, round(self.keep_in * self.hidden))
+
+    @property
+    def n_act(self) -> int:
+        return max(1, round(self.keep_act * self.d_ff))
+
+    @property
+    def full(self) -> bool:
+        return self.n_in >= self.hidden and self.n_act >= self.d_ff
+
+    def dense_macs_per_token(self) -> int:
+        return (self.k + 1) * self.d_ff * self.hidden
+
+    def _macs(self, n_in: float, n_act: float) -> float:
+        return self.k * self.d_ff * n_in + self.hidden * n_act
+
+    def compute_fraction(self) -> float:
+        """FFN multiply-accumulates per token over dense, as configured (selection by top-k is not counted: it is
+        a partial sort of hidden + d_ff values, no multiplications)."""
+        if self.full:
+            return 1.0
+        return self._macs(self.n_in, self.n_act) / self.dense_macs_per_token()
+
+    def executed_fraction(self) -> float | None:
+        tokens, n_in, n_act = self.counts.tolist()
+        if tokens == 0:
+            return None
+        return self._macs(n_in / tokens, n_act / tokens) / self.dense_macs_per_token()
+
+    # ------------------------------------------------------------------ execution
+    @staticmethod
+    def _top(v: torch.Tensor, n: int) -> torch.Tensor:
+        """Bool mask of the n largest |v| per row."""
+        idx = v.abs().topk(n, dim=-1, sorted=False).indices
+        return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        d = self.d_ff
+        return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden)
+        n = x2.shape[0]
+        if self.full:
+            y = self._dense(x2)
+            self.counts += torch.tensor([n, n * self.hidden, n * self.d_ff], dtype=self.counts.dtype, device=self.counts.device)
+        elif self.training and torch.is_grad_enabled():
+            y = self._masked(x2)
+        else:
+            y = self._sparse(x2)
+        return y.reshape(*shape[:-1], self.hidden)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w_in_t
+        if self.b_in is not None:
+            h = h + self.b_in
+        y = self._activation(h) @ self.w_down_t
+        return y if self.b_down is None else y + self.b_down
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Training (recovery): the same function as `_sparse`, with dense matmuls on zeroed entries (the masks are
+        constants: gradients flow through the kept entries only)."""
+        n = x.shape[0]
+        h = (x * self._top(x.detach(), self.n_in)) @ self.w_in_t
+        if self.b_in is not None:
+            h = h + self.b_in
+        a = self._activation(h)
+        y = (a * self._top(a.detach(), self.n_act)) @ self.w_down_t
+        self.counts += torch.tensor([n, n * self.n_in, n * self.n_act], dtype=self.counts.dtype, device=self.counts.device)
+        return y if self.b_down is None else y + self.b_down
+
+    def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per token t: sum_j values[t, j] * weight[idx[t, j]] -> [tokens, weight.shape[1]], reading only those rows.
+
+        Each token's rows are split over `parts` bags: one bag runs on one CPU thread, so a single decode token
+        would otherwise read its rows on one core.
+        """
+        tokens, n = idx.shape
+        parts = max(1, min(torch.get_num_threads(), n)) if tokens == 1 else 1
+        offsets = (torch.arange(tokens * parts, device=idx.device) * n) // parts if parts > 1 else \
+            torch.arange(tokens, device=idx.device) * n
+        out = F.embedding_bag(idx.flatten(), weight, offsets, mode="sum", per_sample_weights=values.flatten())
+        return out.view(tokens, parts, -1).sum(1) if parts > 1 else out
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
+        W_down^T (sorted, so the rows are read in memory order)."""
+        n = x.shape[0]
+        idx = x.abs().topk(self.n_in, dim=-1, sorted=False).indices.sort(-1).values
+        h = self._bag(idx, x.gather(-1, idx), self.w_in_t)
+        if self.b_in is not None:
+            h = h + self.b_in
+        a = self._activation(h)
+        j = a.abs().topk(self.n_act, dim=-1, sorted=False).indices.sort(-1).values
+        y = self._bag(j, a.gather(-1, j), self.w_down_t)
+        self.counts += torch.tensor([n, n * self.n_in, n * self.n_act], dtype=self.counts.dtype, device=self.counts.device)
+        return y if self.b_down is None else y + self.b_down
+
+    # ------------------------------------------------------------------ weights
+    def refresh(self) -> None:
+        """Nothing derives from the weights (top-k needs no calibration); kept for the recovery loop."""
+
+    @torch.no_grad()
+    def write_dense(self, dense: FFN) -> None:
+        """Write this FFN's weights back into a dense FFN of the same shape."""
+        parts = dense.neuron_parts()
+        d = self.d_ff
+        rows = self.w_in_t.t()
+        names = ["gate", "up"] if self.gated else ["up"]
+        for j, name in enumerate(names):
+            parts[name].copy_(rows[j * d:(j + 1) * d])
+            if self.b_in is not None and f"{name}_bias" in parts:
+                parts[f"{name}_bias"].copy_(self.b_in[j * d:(j + 1) * d])
+        parts["down"].copy_(self.w_down_t)
+        if self.b_down is not None:
+            dense.down_bias().copy_(self.b_down)
+
+
+def assemble_sparse(model: nn.Module, compute: float = 1.0) -> list[nn.Module]:
+    """Replace every FFN of `model` (in place) by a `SparseFFN` at FFN compute fraction `compute`.
+
+    Returns the original FFN modules, in layer order.
+    """
+    layout = layout_for(model)
+    if not layout.mlp:
+        raise BricksError(f"{model.config.model_type} keeps its FFN inside the decoder block; sparse execution "
+                          "needs a separate FFN module (supported: every family but opt)")
+    layers = decoder_layers(model, layout)
+    originals = []
+    for f in ffns(model):
+        originals.append(f.module)
+        setattr(layers[f.layer], layout.mlp, SparseFFN(f, compute))
+    return originals

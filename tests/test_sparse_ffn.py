@@ -1,0 +1,172 @@
+"""The activation-sparse FFN (router `teal`): equivalences, accounting, moefy / save / reload, recovery."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bricks
+from bricks.arch import ffns
+from bricks.cli import main
+from bricks.routing import SparseFFN, assemble_sparse, compute_fraction, executed_fraction
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, SparseFFN)]
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_full_compute_is_the_dense_model(tiny_dirs, family):
+    model, _ = bricks.load_model(tiny_dirs[family])
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        dense = model(ids).logits
+        assemble_sparse(model, 1.0)
+        assert compute_fraction(model) == 1.0
+        assert (model(ids).logits - dense).abs().max() <= 1e-5
+        assert (model(ids[:1, :1]).logits - dense[:1, :1]).abs().max() <= 1e-5
+
+
+def _reference(f, x, n_in, n_act):
+    """Dense FFN of the original module's weights, with each token's smallest inputs and activations zeroed."""
+    def top(v, n):
+        return torch.zeros_like(v).scatter_(-1, v.abs().topk(n, dim=-1).indices, 1.0)
+
+    xm = x * top(x, n_in)
+    up = xm @ f.up_weight().t() + (0 if f.up_bias() is None else f.up_bias())
+    if f.gate_weight() is not None:
+        gate = xm @ f.gate_weight().t() + (0 if f.gate_bias() is None else f.gate_bias())
+        a = f.act(gate) * up
+    else:
+        a = f.act(up)
+    y = (a * top(a, n_act)) @ f.down_weight().t()
+    return y if f.down_bias() is None else y + f.down_bias()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_sparse_path_matches_the_masked_reference(tiny_dirs, family, tokens):
+    model, _ = bricks.load_model(tiny_dirs[family])
+    f = ffns(model)[0]
+    sparse = SparseFFN(f, compute=0.5)
+    assert 0.45 < sparse.compute_fraction() <= 0.51
+    x = torch.randn(tokens, f.down_weight().shape[0])
+    with torch.no_grad():
+        ref = _reference(f, x, sparse.n_in, sparse.n_act)
+        assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4)
+        # Training runs dense matmuls on the zeroed entries: the same function.
+        sparse.train()
+        with torch.enable_grad():
+            assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4)
+    # What ran is what was configured: sparse and masked passes both counted.
+    assert sparse.executed_fraction() == pytest.approx(sparse.compute_fraction())
+
+
+def test_budget_split_and_accounting(llama_dir):
+    model, _ = bricks.load_model(llama_dir)
+    f = ffns(model)[0]
+    hidden, d_ff = f.down_weight().shape
+    m = SparseFFN(f, compute=0.5)
+    assert (m.keep_in, m.keep_act) == pytest.approx((0.6, 0.3))
+    assert m.compute_fraction() == pytest.approx((2 * d_ff * m.n_in + hidden * m.n_act) / (3 * d_ff * hidden))
+    m.set_compute(0.9)  # inputs capped at all of them, the rest on neurons
+    assert m.keep_in == 1.0 and m.keep_act == pytest.approx(0.7)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(bricks.BricksError, match=r"compute fraction must be in \(0, 1\]"):
+            m.set_compute(bad)
+
+
+def test_bfloat16_sparse_path(llama_dir):
+    model, _ = bricks.load_model(llama_dir, dtype="bfloat16")
+    f = ffns(model)[0]
+    sparse = SparseFFN(f, compute=0.5)
+    x = torch.randn(3, f.down_weight().shape[0], dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = sparse(x)
+        model.float()  # the same bf16 values, computed in fp32
+        ref = _reference(f, x.float(), sparse.n_in, sparse.n_act)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_moefy_teal_saves_and_reloads_in_a_fresh_process(llama_dir, tmp_path):
+    out = tmp_path / "teal"
+    r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["router"] == "teal" and 0.45 < res["compute_fraction"] <= 0.5 + 1e-3
+    assert not (out / "bricks").exists()
+    model, _ = bricks.load_model(out)
+    assert len(_layers(model)) == 2 and not any(m.training for m in model.modules())
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (f"import torch, bricks; m, _ = bricks.load_model({str(out)!r}); "
+              f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "l.pt"), logits)
+    dense, _ = bricks.load_model(out, configured=False)  # the base inside is the original model
+    original, _ = bricks.load_model(llama_dir)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, original(ids).logits)
+        assert not torch.allclose(dense(ids).logits, logits)
+    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 16)
+    r = run("eval", out, "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--baseline", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model_eval"]["compute_fraction"] == pytest.approx(res["compute_fraction"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--router", "teal", "--bricks", "BS"], "not a BrickSet: drop --bricks"),
+    (["--router", "centroid"], "give --bricks DIR"),
+    (["--router", "teal", "--compute", 0.5, "--budget", "sensitivity", "--data", "code=builtin:code"],
+     "one compute fraction for every layer"),
+    (["--router", "teal", "--compute", 1.5], "--compute must be in (0, 1]"),
+])
+def test_moefy_teal_bad_input(llama_dir, tmp_path, args, message):
+    out = tmp_path / "teal"
+    args = [tmp_path if a == "BS" else a for a in args]
+    r = run("moefy", llama_dir, *args, "--out", out)
+    assert r.exit_code == 1 and message in r.stderr and not out.exists()
+
+
+def test_recovery_under_teal_sparsity(llama_dir, tmp_path):
+    """Distillation recovery trains the sparse model towards the dense one; the saved model reloads the same."""
+    from bricks.routing.recovery import dense_teacher, distill_loss, recover
+
+    model, tok = bricks.load_model(llama_dir)
+    bricks.moefy(model, None, router="teal", compute=0.5)
+    windows = bricks.load_domains(["code=builtin:code"], tok, "train", 32, 4)[0].windows
+    teacher = dense_teacher(model)
+    assert all(m.full for m in _layers(teacher))
+    with torch.no_grad():
+        kl_before = float(distill_loss(teacher)(model, windows))
+    w_before = _layers(model)[0].w_in_t.detach().clone()
+    report = recover(model, windows, steps=30, lr=3e-4, batch_size=4)
+    assert report["loss_last"] < 0.8 * report["loss_first"]
+    with torch.no_grad():
+        assert float(distill_loss(teacher)(model, windows)) < 0.5 * kl_before
+    layer = _layers(model)[0]
+    assert not torch.equal(layer.w_in_t, w_before) and not layer.w_in_t.requires_grad and not layer.training
+    executed_fraction(model, reset=True)
+    out = bricks.save_configured(model, tok, tmp_path / "teal")
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        again, _ = bricks.load_model(out)
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert executed_fraction(model) == pytest.approx(compute_fraction(model))
+
+
+def test_moefy_api_needs_a_brickset_for_brick_routers(llama_dir):
+    model, _ = bricks.load_model(llama_dir)
+    with pytest.raises(bricks.BricksError, match="routes bricks: give a BrickSet"):
+        bricks.moefy(model, None, router="centroid")
