@@ -4,7 +4,7 @@
 them); batch 1, greedy, tokens/s of both in the same run, dense first and
 bricked second, then the other way round, keeping each one's best.
 
-    python bench/bench_decode.py [--active 0.5] [--tokens 32] [--dtype float32]
+    python bench/bench_decode.py [--active 0.5] [--tokens 32] [--dtype float32] [--router teal]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bricks.brick import BrickSet, model_fingerprint
-from bricks.routing import bricked, compute_fraction
+from bricks.routing import bricked, compute_fraction, sparsified
 
 
 def main():
@@ -54,11 +54,12 @@ def main():
             if which == "dense":
                 dense.append(decode())
             else:
-                with bricked(model, bs, router=a.router, active=a.active):
+                # teal: single neurons and inputs by magnitude, --active as the FFN compute fraction
+                with sparsified(model, a.active) if a.router == "teal" else bricked(model, bs, router=a.router, active=a.active):
                     routed.append(decode())
                     frac = compute_fraction(model)
     result = {"layers": a.layers, "hidden": 2048, "d_ff": 5632, "dtype": a.dtype, "active": a.active, "router": a.router,
-              "bricks": a.bricks, "new_tokens": a.tokens, "ffn_compute_fraction": round(frac, 4),
+              "bricks": None if a.router == "teal" else a.bricks, "new_tokens": a.tokens, "ffn_compute_fraction": round(frac, 4),
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
               "speedup": round(max(routed) / max(dense), 3)}
     print(json.dumps(result, indent=1))

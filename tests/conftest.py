@@ -98,3 +98,15 @@ def default_model():
     import bricks
 
     return bricks.load_model("default")
+
+
+def logits_in_fresh_process(model_dir, ids, tmp_path):
+    """Logits of `bricks.load_model(model_dir)` on `ids`, computed in a new Python process (nothing shared in memory)."""
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (f"import torch, bricks; m, _ = bricks.load_model({str(model_dir)!r}); "
+              f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    return torch.load(tmp_path / "l.pt")

@@ -1,8 +1,6 @@
 """Configured MoE models: moefy, save, reload in a fresh process with the same logits; eval."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ from click.testing import CliRunner
 import bricks
 from bricks.cli import main
 from bricks.routing import BrickedFFN
+
+from .conftest import logits_in_fresh_process
 
 
 def run(*args):
@@ -34,11 +34,7 @@ def test_moefy_save_reload_same_logits(llama_dir, brickset_dir, tmp_path):
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         logits = model(ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    script = (f"import torch, bricks; m, _ = bricks.load_model({str(out)!r}); "
-              f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
-    subprocess.run([sys.executable, "-c", script], check=True)
-    assert torch.equal(torch.load(tmp_path / "l.pt"), logits)
+    assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
     # The dense base inside is the original model; the MoE differs from it at active 0.5.
     dense, _ = bricks.load_model(out, configured=False)
     original, _ = bricks.load_model(llama_dir)

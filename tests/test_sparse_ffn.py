@@ -1,8 +1,6 @@
 """The activation-sparse FFN (router `teal`): equivalences, accounting, moefy / save / reload, recovery."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,8 @@ import bricks
 from bricks.arch import ffns
 from bricks.cli import main
 from bricks.routing import SparseFFN, assemble_sparse, compute_fraction, executed_fraction
+
+from .conftest import logits_in_fresh_process
 
 
 def run(*args):
@@ -108,11 +108,7 @@ def test_moefy_teal_saves_and_reloads_in_a_fresh_process(llama_dir, tmp_path):
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         logits = model(ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    script = (f"import torch, bricks; m, _ = bricks.load_model({str(out)!r}); "
-              f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
-    subprocess.run([sys.executable, "-c", script], check=True)
-    assert torch.equal(torch.load(tmp_path / "l.pt"), logits)
+    assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
     dense, _ = bricks.load_model(out, configured=False)  # the base inside is the original model
     original, _ = bricks.load_model(llama_dir)
     with torch.no_grad():
@@ -170,3 +166,18 @@ def test_moefy_api_needs_a_brickset_for_brick_routers(llama_dir):
     model, _ = bricks.load_model(llama_dir)
     with pytest.raises(bricks.BricksError, match="routes bricks: give a BrickSet"):
         bricks.moefy(model, None, router="centroid")
+
+
+def test_sparsified_context_restores_the_dense_ffns(llama_dir):
+    from bricks.routing import sparsified
+
+    model, _ = bricks.load_model(llama_dir)
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsified(model, 0.5):
+            assert len(_layers(model)) == 2
+            assert not torch.allclose(model(ids).logits, dense)
+            gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert not _layers(model) and torch.equal(model(ids).logits, dense)
+    assert gen.shape == (1, 11)

@@ -32,6 +32,8 @@ some (one bag runs on one thread).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,3 +229,21 @@ def assemble_sparse(model: nn.Module, compute: float = 1.0) -> list[nn.Module]:
         originals.append(f.module)
         setattr(layers[f.layer], layout.mlp, SparseFFN(f, compute))
     return originals
+
+
+@contextlib.contextmanager
+def sparsified(model: nn.Module, compute: float):
+    """Run `model` with `SparseFFN`s at FFN compute fraction `compute` inside the block; the dense FFNs come back on exit.
+
+    Example:
+        >>> with sparsified(model, 0.5):
+        ...     out = model.generate(ids, max_new_tokens=32)
+    """
+    layout = layout_for(model)
+    layers = decoder_layers(model, layout)
+    originals = assemble_sparse(model, compute)
+    try:
+        yield model
+    finally:
+        for layer, module in zip(layers, originals):
+            setattr(layer, layout.mlp, module)
