@@ -76,6 +76,9 @@ def test_budget_split_and_accounting(llama_dir):
     m = SparseFFN(f, compute=0.5)
     assert (m.keep_in, m.keep_act) == pytest.approx((0.6, 0.3))
     assert m.compute_fraction() == pytest.approx((2 * d_ff * m.n_in + hidden * m.n_act) / (3 * d_ff * hidden))
+    for target in (0.25, 0.3, 0.5, 0.7):  # counts round down: never above the target
+        m.set_compute(target)
+        assert target - 0.05 < m.compute_fraction() <= target
     m.set_compute(0.9)  # inputs capped at all of them, the rest on neurons
     assert m.keep_in == 1.0 and m.keep_act == pytest.approx(0.7)
     for bad in (0.0, -0.1, 1.5):

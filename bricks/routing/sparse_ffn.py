@@ -93,13 +93,14 @@ class SparseFFN(nn.Module):
             keep_in = keep_act = compute
         self.keep_in, self.keep_act = keep_in, min(1.0, keep_act)
 
+    # Counts round down, so that the compute fraction never exceeds its target (the 1e-6 absorbs float error).
     @property
     def n_in(self) -> int:
-        return max(1, round(self.keep_in * self.hidden))
+        return max(1, int(self.keep_in * self.hidden + 1e-6))
 
     @property
     def n_act(self) -> int:
-        return max(1, round(self.keep_act * self.d_ff))
+        return max(1, int(self.keep_act * self.d_ff + 1e-6))
 
     @property
     def full(self) -> bool:
