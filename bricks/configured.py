@@ -76,7 +76,6 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
         if per_layer:
             raise BricksError("the teal router takes one compute fraction, not one per layer")
         originals = assemble_sparse(model, compute if compute is not None else active)
-        brickset = None
     else:
         if brickset is None:
             raise BricksError(f"the {router} router routes bricks: give a BrickSet (--bricks DIR, made by bricks partition)")

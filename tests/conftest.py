@@ -110,3 +110,14 @@ def logits_in_fresh_process(model_dir, ids, tmp_path):
               f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
     subprocess.run([sys.executable, "-c", script], check=True)
     return torch.load(tmp_path / "l.pt")
+
+
+def assert_saved_base_is_the_original(configured_dir, original_dir, ids, routed_logits):
+    """The dense checkpoint inside a configured directory is the original model, and the routed model differs from it."""
+    import bricks
+
+    dense, _ = bricks.load_model(configured_dir, configured=False)
+    original, _ = bricks.load_model(original_dir)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, original(ids).logits)
+        assert not torch.allclose(dense(ids).logits, routed_logits)

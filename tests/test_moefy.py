@@ -10,7 +10,7 @@ import bricks
 from bricks.cli import main
 from bricks.routing import BrickedFFN
 
-from .conftest import logits_in_fresh_process
+from .conftest import assert_saved_base_is_the_original, logits_in_fresh_process
 
 
 def run(*args):
@@ -36,11 +36,7 @@ def test_moefy_save_reload_same_logits(llama_dir, brickset_dir, tmp_path):
         logits = model(ids).logits
     assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
     # The dense base inside is the original model; the MoE differs from it at active 0.5.
-    dense, _ = bricks.load_model(out, configured=False)
-    original, _ = bricks.load_model(llama_dir)
-    with torch.no_grad():
-        assert torch.equal(dense(ids).logits, original(ids).logits)
-        assert not torch.allclose(dense(ids).logits, logits)
+    assert_saved_base_is_the_original(out, llama_dir, ids, logits)
     gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 16)
 

@@ -11,7 +11,7 @@ from bricks.arch import ffns
 from bricks.cli import main
 from bricks.routing import SparseFFN, assemble_sparse, compute_fraction, executed_fraction
 
-from .conftest import logits_in_fresh_process
+from .conftest import assert_saved_base_is_the_original, logits_in_fresh_process
 
 
 def run(*args):
@@ -113,11 +113,7 @@ def test_moefy_teal_saves_and_reloads_in_a_fresh_process(llama_dir, tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
-    dense, _ = bricks.load_model(out, configured=False)  # the base inside is the original model
-    original, _ = bricks.load_model(llama_dir)
-    with torch.no_grad():
-        assert torch.equal(dense(ids).logits, original(ids).logits)
-        assert not torch.allclose(dense(ids).logits, logits)
+    assert_saved_base_is_the_original(out, llama_dir, ids, logits)
     gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 16)
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--baseline", "--json")

@@ -58,17 +58,17 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
                 t_dense = _median_time(dense, x, reps, sync)
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
-                    bricked = SparseFFN(f, compute=active) if router == "teal" else \
+                    routed = SparseFFN(f, compute=active) if router == "teal" else \
                         BrickedFFN(f, assignment, router=router, active=active)
-                    t = _median_time(bricked, x, reps, sync)
+                    t = _median_time(routed, x, reps, sync)
                     row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
-                           "router": router, "n_bricks": None if router == "teal" else n_bricks, "compute_fraction": round(bricked.compute_fraction(), 4),
+                           "router": router, "n_bricks": None if router == "teal" else n_bricks, "compute_fraction": round(routed.compute_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
                            "speedup": round(t_dense / t, 3)}
                     rows.append(row)
                     if progress:
                         progress(f"{hidden}x{d_ff} {dtype_name:>8} batch {batch:>2} active {active:.2f}: dense {row['dense_ms']:8.3f} ms, "
                                  f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (compute {row['compute_fraction']:.3f})")
-                    del bricked
+                    del routed
             del model, f, dense
     return rows

@@ -165,6 +165,10 @@ class BrickedFFN(nn.Module):
             raise BricksError("this bricked FFN has no router: give one (e.g. router='centroid') to run fewer than all bricks")
         return self.router.select(x, self.k_active)
 
+    def set_full(self) -> None:
+        """Run every brick, in the original neuron order: the dense FFN (the distillation teacher's setting)."""
+        self.active, self.dense_at_full = 1.0, True
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Rebuild what is derived from the weights, after they changed (recovery training)."""

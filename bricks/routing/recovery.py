@@ -50,10 +50,7 @@ def dense_teacher(model):
     """A frozen copy of `model` whose routed FFNs all run in full: the dense model it came from."""
     teacher = copy.deepcopy(model)
     for m in routed_layers(teacher):
-        if isinstance(m, BrickedFFN):
-            m.active, m.dense_at_full = 1.0, True
-        else:
-            m.set_compute(1.0)
+        m.set_full()
     teacher.eval().requires_grad_(False)
     return teacher
 

@@ -77,6 +77,10 @@ class SparseFFN(nn.Module):
         self.eval()  # inference until recovery opts in (train mode with gradients selects the masked path)
 
     # ------------------------------------------------------------------ budget
+    def set_full(self) -> None:
+        """Read every input and neuron: the dense FFN (the distillation teacher's setting)."""
+        self.set_compute(1.0)
+
     @property
     def k(self) -> int:
         """Input projections per neuron: 2 for gated FFNs (gate and up), 1 otherwise."""
