@@ -68,12 +68,13 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.router == "teal":  # the brick settings do not apply: record them as unused
+        args.budget = args.bricks = args.shared = args.partition = None
 
     t0 = time.time()
     torch.manual_seed(0)
     model, tok = bricks.load_model("default", device=args.device)
     heldout = bricks.load_domains(DATA, tok, "heldout", args.seq_len, args.windows)
-    router_data = bricks.load_domains(DATA, tok, "train", 128, 32)
     recovery = torch.cat([d.windows for d in bricks.load_domains(DATA, tok, "train", args.seq_len, args.train_windows)])
     print(f"recovery data: {len(recovery)} windows of {args.seq_len} tokens; {args.steps} steps of {args.batch_size}")
     res = {"args": vars(args), "env": environment(model), "dense": bricks.evaluate(model, heldout)}
@@ -84,6 +85,7 @@ def main() -> None:
     else:
         stats = activation_statistics(model, tok, DATA, windows=32, seq_len=128)
         bs = bricks.partition(model, args.partition, args.bricks, stats, shared_fraction=args.shared)
+        router_data = bricks.load_domains(DATA, tok, "train", 128, 32)
         bricks.moefy(model, bs, router=args.router, active=0.5, train_domains=router_data, epochs=8,
                      compute=args.compute, budget=args.budget)
     res["routed"] = bricks.evaluate(model, heldout)
