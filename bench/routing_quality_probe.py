@@ -2,7 +2,8 @@
 
 Quality only: the FFN is computed densely and the unchosen neurons are zeroed
 (a masked path, for analysis), so the figures show which selection rules can
-meet a quality target before any fast execution path is built. Printed per
+meet a quality target before any fast execution path is built (the `SparseFFN`
+rows run the shipped module itself, as a check on the masked TEAL rows). Printed per
 rule: FFN compute fraction (selection cost included where the rule has one)
 and per-domain held-out perplexity ratio to the dense model.
 
@@ -20,6 +21,7 @@ import bricks
 from bricks.analysis.partition import activation_statistics
 from bricks.analysis.sparsity import perplexity
 from bricks.arch import ffns
+from bricks.routing import routed_layers, sparsified
 
 DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
 
@@ -89,16 +91,21 @@ def lowrank(frac, model, rank):
     return pre, [(b.module, capture(b.layer)) for b in blocks]
 
 
-def teal(frac_in, frac_act, model):
-    """TEAL-style: keep the largest |x| input channels of gate/up and the largest |a| of down, per token."""
+def teal(frac_in, frac_act, model, weighted=False):
+    """TEAL-style: keep the largest |x| input channels of gate/up and the largest |a| of down, per token.
+
+    Unweighted is the rule of TEAL and of `SparseFFN` (`moefy --router teal`); `weighted` ranks neurons by |a| x
+    the norm of their down column instead (the size of their output), a variant for comparison.
+    """
     blocks = ffns(model)
+    norms = [b.down_weight().detach().norm(dim=0) for b in blocks]
 
     def sparsify_input(module, args):
         x = args[0]
         return (x * topk_mask(x.abs(), frac_in), *args[1:])
 
     def pre(i, a):
-        return a * topk_mask(a.abs() * blocks[i].down_weight().norm(dim=0), frac_act)
+        return a * topk_mask(a.abs() * norms[i] if weighted else a.abs(), frac_act)
     return pre, [(b.module, sparsify_input) for b in blocks]
 
 
@@ -157,8 +164,14 @@ def main():
                 record(f"low-rank r={rank} predictor top {frac:.0%}", frac + cost, evaluate(model, heldout, pre, extra))
     if "teal" in groups:
         for f_in, f_act in ((0.5, 0.5), (0.6, 0.3), (0.4, 0.7), (0.3, 0.3), (0.35, 0.2), (0.25, 0.4)):
-            pre, extra = teal(f_in, f_act, model)
-            record(f"TEAL inputs {f_in:.0%} / down {f_act:.0%}", (2 * f_in + f_act) / 3, evaluate(model, heldout, pre, extra))
+            for weighted in (False, True):
+                pre, extra = teal(f_in, f_act, model, weighted)
+                record(f"TEAL inputs {f_in:.0%} / down {f_act:.0%}{' (|a| x down norm)' if weighted else ''}",
+                       (2 * f_in + f_act) / 3, evaluate(model, heldout, pre, extra))
+        for compute in (0.5, 0.3):  # the shipped module (its own split and rounding), to check the rows above
+            with sparsified(model, compute):
+                fraction = max(m.compute_fraction() for m in routed_layers(model))
+                record(f"SparseFFN (moefy --router teal) {compute}", fraction, evaluate(model, heldout, None))
     if args.json:
         json.dump({"dense_ppl": dict(zip([x.name for x in heldout], dense)), "rows": rows}, open(args.json, "w"), indent=1)
 

@@ -13,9 +13,10 @@ which are known exactly when the projection runs. Here, per token:
 
 Measured on SmolLM2-135M (`bench/routing_quality_probe.py`, held-out ratio
 code / math / prose, no training): keeping 60% of the inputs and 30% of the
-neurons (FFN compute 0.5) gives 1.41 / 1.22 / 1.37, against 3.5 / 1.9 / 3.3
-for the best brick router at the same compute; 50% / 50% gives 1.46 / 1.15 /
-1.50. Recovery training (`bricks.routing.recovery`) works on it unchanged.
+neurons (FFN compute 0.5) gives 1.38 / 1.20 / 1.34, against 3.5 / 1.9 / 3.3
+for the best brick router at the same compute; 50% / 50% gives 1.51 / 1.14 /
+1.44. Ranking neurons by |a| x the norm of their down column does no better
+(1.41 / 1.22 / 1.37 at 60% / 30%). Recovery training (`bricks.routing.recovery`) works on it unchanged.
 
 Top-k per token rather than TEAL's calibrated thresholds: every token runs
 exactly the configured compute, which needs no calibration data and cannot
