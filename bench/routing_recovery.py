@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import torch
@@ -66,8 +67,11 @@ def main() -> None:
                    help="MLP routers keep learning during recovery; both: one recovery each way from the same routed model")
     p.add_argument("--router-lr", type=float, default=1e-3, help="router learning rate with --refit-routers")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--checkpoint", help="save the recovery state here every 50 steps; rerunning the same command resumes")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.checkpoint and args.refit_routers == "both":
+        p.error("--checkpoint resumes one recovery: use --refit-routers on or off")
     if args.router == "teal":  # the brick settings do not apply: record them as unused
         args.budget = args.bricks = args.shared = args.partition = None
 
@@ -100,7 +104,7 @@ def main() -> None:
         key = "recovered_refit" if on and len(refit) > 1 else "recovered"
         t = time.time()
         report = recover(model, recovery, steps=args.steps, lr=args.lr, batch_size=args.batch_size, log=print,
-                         objective=args.objective, refit_routers=on, router_lr=args.router_lr)
+                         objective=args.objective, refit_routers=on, router_lr=args.router_lr, checkpoint=args.checkpoint)
         report["seconds"] = time.time() - t
         res[key.replace("recovered", "recovery")] = report
         res[key] = bricks.evaluate(model, heldout)
@@ -132,6 +136,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    if args.checkpoint:
+        os.remove(args.checkpoint)  # the run is complete: its training state is not needed any more
 
 
 if __name__ == "__main__":

@@ -276,11 +276,15 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
               help="recovery loss: match the dense model's next-token distribution, or the causal LM loss on the data")
 @click.option("--recover-refit-routers", is_flag=True,
               help="mlp/hybrid routers keep learning during recovery, towards the current weights' top bricks")
+@click.option("--recover-checkpoint", type=click.Path(dir_okay=False),
+              help="save the recovery state to this file every 50 steps; rerunning the same command resumes from it "
+                   "(deleted once --out is written)")
 @_model_options
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
-          recover_windows, recover_lr, recover_objective, recover_refit_routers, device, dtype, device_map, as_json):
+          recover_windows, recover_lr, recover_objective, recover_refit_routers, recover_checkpoint, device, dtype,
+          device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens.
 
     With --router teal there is no BrickSet: every token runs the gate/up rows of its largest input channels
@@ -317,6 +321,8 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
     if recover_steps < 0 or (recover_steps and (not specs or recover_windows < 1 or recover_lr <= 0)):
         raise BricksError("--recover-steps needs --data NAME=SOURCE, --recover-windows >= 1 and --recover-lr > 0")
+    if recover_checkpoint and not recover_steps:
+        raise BricksError("--recover-checkpoint saves recovery training: give --recover-steps N too")
     bs = None if sparse else BrickSet.load(brickset)
     m, tok = _load(model, device, dtype, device_map)
     need_data = not sparse and (ROUTERS[router].trainable or budget == "sensitivity")
@@ -328,10 +334,13 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         recover_data = torch.cat([d.windows for d in load_domains(specs, tok, "train", seq_len, recover_windows)])
     run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget,
         recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr,
-        recover_objective=recover_objective, recover_refit_routers=recover_refit_routers, log=None if as_json else lambda line: click.echo(line, err=True))
+        recover_objective=recover_objective, recover_refit_routers=recover_refit_routers, recover_checkpoint=recover_checkpoint,
+        log=None if as_json else lambda line: click.echo(line, err=True))
     if compute is not None and not sparse:
         active = sum(m.bricks_config["active"]) / len(m.bricks_config["active"])
     save_configured(m, tok, out)
+    if recover_checkpoint:
+        Path(recover_checkpoint).unlink(missing_ok=True)  # the recovered model is saved: the training state is not needed
     if sparse:
         from .routing import SparseFFN, compute_fraction
 

@@ -37,7 +37,7 @@ MARKER = "bricks_model.json"
 def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
           recover_steps: int = 0, recover_lr: float = 5e-5, recover_objective: str = "distill",
-          recover_refit_routers: bool = False, log=None):
+          recover_refit_routers: bool = False, recover_checkpoint=None, log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
@@ -51,7 +51,9 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
     by default distilling the dense model's next-token distribution
     (`bricks.routing.recovery`; `recover_refit_routers` lets MLP routers keep
     learning towards the current weights' oracle choice); its report is kept
-    in `model.bricks_recovery_report`.
+    in `model.bricks_recovery_report`. `recover_checkpoint` (a file path)
+    saves the recovery state as it goes; calling `moefy` again with the same
+    arguments on the source model resumes from it.
 
     `router="teal"` needs no BrickSet (pass None): its bricks are single
     neurons and input channels, chosen per token by magnitude
@@ -109,7 +111,7 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
         if recover_windows is None:
             raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
         report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, log=log, objective=recover_objective,
-                         refit_routers=recover_refit_routers)
+                         refit_routers=recover_refit_routers, checkpoint=recover_checkpoint)
         model.bricks_recovery_report = report
         # Saved weights are then the recovered ones; the source model is the dense baseline to compare with.
         model.bricks_config["recovery"] = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,

@@ -258,3 +258,64 @@ def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 1, "--seq-len", 16, "--baseline", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["baseline_model"] == str(llama_dir)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("router", ["teal", "mlp"])
+def test_interrupted_recovery_resumes_to_the_same_weights(llama_dir, brickset_dir, tmp_path, router):
+    """A recovery stopped mid-way and resumed from its checkpoint ends with exactly the weights (and report) of
+    an uninterrupted run; a checkpoint from other settings, or a corrupt one, is refused."""
+    from bricks.routing.recovery import recover
+
+    train = None
+
+    def routed():
+        nonlocal train
+        model, tok = bricks.load_model(llama_dir)
+        train = train or bricks.load_domains(["code=builtin:code"], tok, "train", 32, 8)
+        torch.manual_seed(0)
+        if router == "teal":
+            bricks.moefy(model, None, router="teal", compute=0.5)
+        else:
+            bricks.moefy(model, bricks.BrickSet.load(brickset_dir), router="mlp", active=0.5, train_domains=train, epochs=1)
+        return model
+
+    refit = router == "mlp"  # router weights train too: they must come back from the checkpoint as well
+    settings = dict(steps=6, lr=3e-4, batch_size=2, refit_routers=refit)
+    whole = routed()
+    expected = recover(whole, train[0].windows, **settings)
+
+    def stop_at_step_5(line):
+        if "step 5/" in line:
+            raise _Interrupt
+    ckpt = tmp_path / "recovery.pt"
+    with pytest.raises(_Interrupt):
+        recover(routed(), train[0].windows, log=stop_at_step_5, checkpoint=ckpt, checkpoint_every=2, **settings)
+    assert ckpt.exists()  # written at step 4
+
+    lines = []
+    resumed = routed()
+    report = recover(resumed, train[0].windows, log=lines.append, checkpoint=ckpt, checkpoint_every=2, **settings)
+    assert any("resumed at step 4/6" in x for x in lines)
+    assert report["loss_first"] == expected["loss_first"] and report["loss_last"] == expected["loss_last"]
+    want = whole.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.state_dict().items())
+
+    with pytest.raises(bricks.BricksError, match=r"from another run \(lr=0.0003 there, 0.001 here\)"):
+        recover(routed(), train[0].windows, checkpoint=ckpt, **{**settings, "lr": 1e-3})
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(bricks.BricksError, match="cannot read training checkpoint"):
+        recover(routed(), train[0].windows, checkpoint=ckpt, **settings)
+
+
+def test_moefy_recovery_checkpoint_on_the_cli(llama_dir, tmp_path):
+    ckpt = tmp_path / "state" / "recovery.pt"
+    r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "teal", "--recover-steps", 2,
+            "--recover-windows", 2, "--seq-len", 32, "--data", "code=builtin:code", "--recover-checkpoint", ckpt, "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "teal" / "bricks_model.json").exists() and not ckpt.exists()  # removed once the model is saved
+    r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "other", "--recover-checkpoint", ckpt)
+    assert r.exit_code != 0 and "give --recover-steps" in r.output and not (tmp_path / "other").exists()

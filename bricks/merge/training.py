@@ -9,7 +9,9 @@ adapters: the brick is read back from PEFT's own saved directory.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -76,16 +78,81 @@ def lm_loss(model, x: torch.Tensor, **forward) -> torch.Tensor:
     return model(input_ids=x, labels=x, use_cache=False, **forward).loss
 
 
+class TrainingCheckpoint:
+    """Where a long training run saves its state every `every` steps, and resumes from after an interruption.
+
+    One file, replaced atomically at each save: the model's state dict (weights and routers), the optimizer and
+    scheduler states, the batch sampler's generator, the losses so far and the run's settings. Resuming
+    restores all of it, so an interrupted run that resumes ends with the weights an uninterrupted one would
+    have; a file written by a run with other settings is refused, not mixed in. The file is kept after the
+    last step (rerunning then only reloads the result); delete it once the trained model is saved.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int = 50):
+        if every < 1:
+            raise BricksError(f"checkpoint interval must be >= 1 step, got {every}")
+        self.path, self.every = Path(path), every
+
+    def resume(self, model, opt, sched, gen: torch.Generator, settings: dict) -> tuple[int, list[float]]:
+        """Load the saved state into the training objects if the file exists: (steps done, their losses)."""
+        if not self.path.exists():
+            return 0, []
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = state["settings"]
+        except Exception as exc:
+            raise BricksError(f"cannot read training checkpoint {self.path} ({exc}): delete it to start over") from exc
+        if saved != settings:
+            diff = ", ".join(f"{k}={saved.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(set(saved) | set(settings))
+                             if saved.get(k) != settings.get(k))
+            raise BricksError(f"training checkpoint {self.path} is from another run ({diff}): "
+                              "rerun with its settings, or give another checkpoint path")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise BricksError(f"training checkpoint {self.path} does not fit this model ({first}): "
+                              "give the checkpoint of this model's run, or another path") from exc
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        return state["step"], list(state["losses"])
+
+    def save(self, model, opt, sched, gen: torch.Generator, settings: dict, step: int, losses: list[float]) -> None:
+        # The whole model state, not only what trains: frozen routers then come back as they were, even where
+        # rebuilding them would not be deterministic.
+        weights = {n: t.cpu() for n, t in model.state_dict().items()}
+        state = {"settings": settings, "step": step, "losses": losses, "model": weights, "optimizer": opt.state_dict(),
+                 "scheduler": None if sched is None else sched.state_dict(), "generator": gen.get_state()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)  # an interruption while saving leaves the previous checkpoint intact
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
-             log=None, sched=None, clip=None, loss_fn=None, **forward) -> dict:
+             log=None, sched=None, clip=None, loss_fn=None, checkpoint: TrainingCheckpoint | None = None,
+             settings: dict | None = None, **forward) -> dict:
     """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
     `windows` (seeded), causal LM loss (`forward` adds model arguments; `loss_fn(model, x)` replaces the loss),
     one optimizer step per batch; a non-finite loss stops it. Reports the mean loss of the first and the last
-    tenth of the steps."""
+    tenth of the steps. With a `checkpoint`, the state is saved every `checkpoint.every` steps and at the end,
+    and a run resumes from it; `settings` (e.g. the learning rate) join the loop's own in the check that the
+    checkpoint belongs to this run."""
     gen = torch.Generator().manual_seed(seed)
     dev = input_device(model)
-    losses = []
-    for step in range(steps):
+    start, losses = 0, []
+    if checkpoint is not None:
+        settings = {"name": name, "steps": steps, "batch_size": batch_size, "seed": seed, "windows": list(windows.shape),
+                    **(settings or {})}
+        start, losses = checkpoint.resume(model, opt, sched, gen, settings)
+        if start and log is not None:
+            log(f"{name}: resumed at step {start}/{steps} from {checkpoint.path}")
+    for step in range(start, steps):
         x = windows[torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)].to(dev)
         loss = lm_loss(model, x, **forward) if loss_fn is None else loss_fn(model, x)
         if not torch.isfinite(loss):
@@ -100,5 +167,7 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
         losses.append(loss.item())
         if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
             log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
+        if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step == steps - 1):
+            checkpoint.save(model, opt, sched, gen, settings, step + 1, losses)
     tenth = max(1, steps // 10)
     return {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BricksError
-from .bricked_ffn import BrickedFFN, routed_layers
+from .bricked_ffn import BrickedFFN, compute_fraction, routed_layers
 
 
 OBJECTIVES = ("distill", "lm")
@@ -83,7 +83,8 @@ def with_router_refit(loss_fn, layers: list[BrickedFFN], seen: list[float]):
 
 
 def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
-            log=None, objective: str = "distill", refit_routers: bool = False, router_lr: float = 1e-3) -> dict:
+            log=None, objective: str = "distill", refit_routers: bool = False, router_lr: float = 1e-3,
+            checkpoint: str | None = None, checkpoint_every: int = 50) -> dict:
     """Fine-tune a bricked `model` in place on token `windows [n, seq]` with its routers in the loop.
 
     Trainable routers must already be trained (`train_routers`). AdamW with a
@@ -92,10 +93,15 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     (causal LM loss; also works on a dense model: the fair baseline of an
     `lm` recovery). `refit_routers`: MLP routers train too (learning rate
     `router_lr`), towards the oracle choice of the weights as they are.
+    `checkpoint`: a file where the training state is saved every
+    `checkpoint_every` steps and at the end; if it exists, training resumes
+    from it (the same settings are required). The distillation teacher is
+    always the model as given, so resume from the same routed model: the
+    source model routed again, not a partly recovered one.
     Returns the training report (mean loss of the first and last tenth of the
     steps, and of the router refit loss).
     """
-    from ..merge.training import adamw_cosine, lm_loss, train_lm
+    from ..merge.training import TrainingCheckpoint, adamw_cosine, lm_loss, train_lm
 
     if windows.numel() == 0:
         raise BricksError("no recovery windows: give training data with at least one window of tokens")
@@ -110,6 +116,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     for m in layers:
         if m.router is not None and m.router.trainable and not bool(m.router.trained):
             raise BricksError(f"the {m.router.name} router is untrained: train it before recovery (bricks moefy ... --data)")
+    saver = None if checkpoint is None else TrainingCheckpoint(checkpoint, checkpoint_every)
     refit = [m for m in layers if refit_routers and m.router is not None and m.router.refits]
     if refit_routers and not refit:
         raise BricksError("no router here learns by gradient (refit works for mlp and hybrid routers): drop refit_routers")
@@ -137,7 +144,9 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         m.refit_router = True
     try:
         report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched,
-                          clip=params, loss_fn=loss_fn)  # routers unclipped: their BCE would set the scale
+                          clip=params, loss_fn=loss_fn,  # routers unclipped: their BCE would set the scale
+                          checkpoint=saver, settings={"objective": objective, "lr": lr, "refit_routers": refit_routers,
+                                                      "router_lr": router_lr, "compute": round(compute_fraction(model), 6)})
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
