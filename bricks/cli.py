@@ -272,6 +272,7 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
               help="then fine-tune the model with its routers in the loop for this many steps (needs --data)")
 @click.option("--recover-windows", default=512, show_default=True, help="train windows per domain for recovery")
 @click.option("--recover-lr", default=5e-5, show_default=True, help="recovery learning rate (AdamW, cosine decay)")
+@click.option("--recover-batch-size", default=8, show_default=True, help="recovery windows per step")
 @click.option("--recover-objective", type=click.Choice(["distill", "lm"]), default="distill", show_default=True,
               help="recovery loss: match the dense model's next-token distribution, or the causal LM loss on the data")
 @click.option("--recover-refit-routers", is_flag=True,
@@ -283,7 +284,7 @@ def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, a
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def moefy(model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
-          recover_windows, recover_lr, recover_objective, recover_refit_routers, recover_checkpoint, device, dtype,
+          recover_windows, recover_lr, recover_batch_size, recover_objective, recover_refit_routers, recover_checkpoint, device, dtype,
           device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens.
 
@@ -319,8 +320,9 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
         raise BricksError(f"router {router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
     if budget == "sensitivity" and (compute is None or not specs):
         raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
-    if recover_steps < 0 or (recover_steps and (not specs or recover_windows < 1 or recover_lr <= 0)):
-        raise BricksError("--recover-steps needs --data NAME=SOURCE, --recover-windows >= 1 and --recover-lr > 0")
+    if recover_steps < 0 or (recover_steps and (not specs or recover_windows < 1 or recover_lr <= 0 or recover_batch_size < 1)):
+        raise BricksError("--recover-steps needs --data NAME=SOURCE, --recover-windows >= 1, --recover-lr > 0 and "
+                          "--recover-batch-size >= 1")
     if recover_checkpoint and not recover_steps:
         raise BricksError("--recover-checkpoint saves recovery training: give --recover-steps N too")
     bs = None if sparse else BrickSet.load(brickset)
@@ -333,7 +335,7 @@ def moefy(model, brickset, router, active, compute, budget, out, data, windows, 
 
         recover_data = torch.cat([d.windows for d in load_domains(specs, tok, "train", seq_len, recover_windows)])
     run(m, bs, router, active, train_domains=domains, epochs=epochs, compute=compute, budget=budget,
-        recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr,
+        recover_windows=recover_data, recover_steps=recover_steps, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
         recover_objective=recover_objective, recover_refit_routers=recover_refit_routers, recover_checkpoint=recover_checkpoint,
         log=None if as_json else lambda line: click.echo(line, err=True))
     if compute is not None and not sparse:

@@ -36,7 +36,7 @@ MARKER = "bricks_model.json"
 
 def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
-          recover_steps: int = 0, recover_lr: float = 5e-5, recover_objective: str = "distill",
+          recover_steps: int = 0, recover_lr: float = 5e-5, recover_batch_size: int = 8, recover_objective: str = "distill",
           recover_refit_routers: bool = False, recover_checkpoint=None, log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
@@ -110,12 +110,13 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
 
         if recover_windows is None:
             raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
-        report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, log=log, objective=recover_objective,
-                         refit_routers=recover_refit_routers, checkpoint=recover_checkpoint)
+        report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, batch_size=recover_batch_size, log=log,
+                         objective=recover_objective, refit_routers=recover_refit_routers, checkpoint=recover_checkpoint)
         model.bricks_recovery_report = report
         # Saved weights are then the recovered ones; the source model is the dense baseline to compare with.
         model.bricks_config["recovery"] = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,
-                                           "tokens": report["tokens"], "router_refit": recover_refit_routers,
+                                           "batch_size": recover_batch_size, "tokens": report["tokens"],
+                                           "router_refit": recover_refit_routers,
                                            "base_model": getattr(model.config, "_name_or_path", "") or None}
     return model
 

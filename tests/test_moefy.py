@@ -248,12 +248,15 @@ def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
             "--recover-refit-routers", "--out", out)  # the centroid router has nothing to refit
     assert r.exit_code == 1 and "learns by gradient" in r.stderr and not out.exists()
+    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-batch-size", 0, "--out", out)
+    assert r.exit_code == 1 and "--recover-batch-size >= 1" in r.stderr and not out.exists()
     r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
-            "--out", out, "--json")
+            "--recover-batch-size", 3, "--out", out, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["recovery"]["steps"] == 2
+    report = json.loads(r.stdout)["recovery"]
+    assert report["steps"] == 2 and report["batch_size"] == 3 and report["tokens"] == 2 * 3 * 16
     cfg = json.loads((out / "bricks_model.json").read_text())
-    assert cfg["recovery"]["objective"] == "distill"
+    assert cfg["recovery"]["objective"] == "distill" and cfg["recovery"]["batch_size"] == 3
     assert cfg["recovery"]["base_model"] == str(llama_dir)
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 1, "--seq-len", 16, "--baseline", "--json")
     assert r.exit_code == 0, r.output
