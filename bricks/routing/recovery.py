@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BricksError
-from .bricked_ffn import BrickedFFN, compute_fraction, routed_layers
+from .bricked_ffn import BrickedFFN, routed_layers
 
 
 OBJECTIVES = ("distill", "lm")
@@ -146,7 +146,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched,
                           clip=params, loss_fn=loss_fn,  # routers unclipped: their BCE would set the scale
                           checkpoint=saver, settings={"objective": objective, "lr": lr, "refit_routers": refit_routers,
-                                                      "router_lr": router_lr, "compute": round(compute_fraction(model), 6)})
+                                                      "router_lr": router_lr, "compute": [round(m.compute_fraction(), 6) for m in routed]})
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
