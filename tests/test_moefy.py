@@ -316,8 +316,15 @@ def test_interrupted_recovery_resumes_to_the_same_weights(llama_dir, brickset_di
 
 def test_moefy_recovery_checkpoint_on_the_cli(llama_dir, tmp_path):
     ckpt = tmp_path / "state" / "recovery.pt"
-    r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "teal", "--recover-steps", 2,
-            "--recover-windows", 2, "--seq-len", 32, "--data", "code=builtin:code", "--recover-checkpoint", ckpt, "--json")
+    args = ["moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "teal", "--recover-steps", 2,
+            "--recover-windows", 2, "--seq-len", 32, "--data", "code=builtin:code", "--recover-checkpoint", ckpt, "--json"]
+    # The option reaches the training loop: an unreadable file there is refused, and nothing is written.
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not a checkpoint")
+    r = run(*args)
+    assert r.exit_code == 1 and "cannot read training checkpoint" in r.stderr and not (tmp_path / "teal").exists()
+    ckpt.unlink()
+    r = run(*args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "teal" / "bricks_model.json").exists() and not ckpt.exists()  # removed once the model is saved
     r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "other", "--recover-checkpoint", ckpt)
