@@ -17,7 +17,8 @@ import time
 import torch
 
 import bricks
-from bricks.analysis.capture import batches, capture_stats, run_model
+from bricks.analysis.capture import capture_stats
+from bricks.runtime import batches, run_model
 
 
 def plain(model, ids, batch_size):

@@ -11,26 +11,29 @@ Public API::
     bricks.evaluate(model, bricks.load_domains(["code=builtin:code"], tok, "heldout"))
 """
 
+from .adapters import AdapterBrick, attach_adapters, fit_router, train_lora
 from .analysis import (AnalyzeConfig, NeuronStats, analyze, capture_stats, cett_ppl_search, ffn_hooks, func_scores,
                        partition, perplexity)
 from .arch import ARCHITECTURES, FFN, ffns, layout_for, supported_model_types
 from .brick import Brick, BrickSet, model_fingerprint
-from .configured import moefy, save_configured
+from .configured import Configuration, configuration, load_model, moefy, save_configured
 from .data import DataSpec, Domain, load_domains, windows
 from .errors import BricksError
 from .evaluate import evaluate
-from .loading import load_model, model_info
-from .routing import (BrickedFFN, SparseFFN, assemble_bricked, assemble_sparse, bricked, compute_fraction, executed_fraction,
-                      train_routers, verify_bricks)
-from .routing.budget import allocate_budgets
+from .loading import model_info
+from .merge import merge_adapters, merge_models
+from .routing import (BrickedFFN, SparseFFN, allocate_budgets, assemble_bricked, assemble_sparse, bricked, compute_fraction,
+                      executed_fraction, recover, sparsified, train_routers, verify_bricks)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBrick", "attach_adapters", "fit_router", "train_lora",
     "AnalyzeConfig", "NeuronStats", "analyze", "capture_stats", "cett_ppl_search", "ffn_hooks", "func_scores",
     "partition", "perplexity", "ARCHITECTURES", "FFN", "ffns", "layout_for", "supported_model_types", "Brick",
-    "BrickSet", "model_fingerprint", "DataSpec", "Domain", "load_domains", "windows", "BricksError", "load_model",
-    "model_info", "moefy", "save_configured", "BrickedFFN", "SparseFFN", "assemble_bricked", "assemble_sparse", "bricked",
-    "verify_bricks",
-    "compute_fraction", "executed_fraction", "train_routers", "allocate_budgets", "evaluate",
+    "BrickSet", "model_fingerprint", "Configuration", "configuration", "load_model", "moefy", "save_configured",
+    "DataSpec", "Domain", "load_domains", "windows", "BricksError", "evaluate", "model_info",
+    "merge_adapters", "merge_models",
+    "BrickedFFN", "SparseFFN", "allocate_budgets", "assemble_bricked", "assemble_sparse", "bricked", "compute_fraction",
+    "executed_fraction", "recover", "sparsified", "train_routers", "verify_bricks",
 ]

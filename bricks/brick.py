@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .arch import ffns, layout_for
 from .errors import BricksError
+from .io import atomic_dir
 
 FORMAT = "bricks.brickset"
 VERSION = 1
@@ -218,35 +217,3 @@ class BrickSet:
                 and self.method == other.method and self.shared == other.shared and self.meta == other.meta
                 and self.info == other.info and len(self.assignments) == len(other.assignments)
                 and all(torch.equal(a, b) for a, b in zip(self.assignments, other.assignments)))
-
-
-class atomic_dir:
-    """Context manager giving a temporary sibling directory that becomes `path` on success.
-
-    On any error (or Ctrl-C) the temporary directory is removed and `path` is
-    left as it was; an existing `path` is refused unless `overwrite`.
-    """
-
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
-        self.path = Path(path)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise BricksError(f"output {self.path} already exists: choose another --out or remove it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        return False

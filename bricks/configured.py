@@ -1,12 +1,16 @@
-"""Configured models: a base checkpoint plus the bricks configuration that `bricks.load_model` re-applies.
+"""Configured models: a dense base checkpoint plus the bricks configuration that `bricks.load_model` re-applies.
 
 A configured-model directory is a plain Hugging Face checkpoint of the base
 model (so transformers alone still opens it, as the dense model) plus:
 
-- `bricks_model.json`: format, kind ("moe"), router name, active fraction;
+- `bricks_model.json`: format, kind ("moe"), router name, active fraction(s),
+  compute target, budget, and the recovery record when recovery trained it;
 - `bricks/`: the BrickSet (with the base model's fingerprint); absent for the
   `teal` router, whose bricks are the model's own neurons and input channels;
 - `router.safetensors`: trained router parameters, when the router has any.
+
+In memory, the configuration of a model lives in one `Configuration` object
+(`configuration(model)`), never in loose attributes.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from .arch import FFN
-from .brick import BrickSet, atomic_dir, model_fingerprint
+from .arch import FFN, layout_for
+from .brick import BrickSet, model_fingerprint
 from .errors import BricksError
-from .routing import BrickedFFN, assemble_bricked
-from .routing.bricked_ffn import routed_layers
-from .routing.sparse_ffn import assemble_sparse
+from .io import atomic_dir, validated
+from .loading import DEFAULT_MODEL, load_dense, resolve
+from .routing import ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, recover, routed_layers, train_routers
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
 SPARSE_ROUTER = "teal"
@@ -32,28 +40,119 @@ SPARSE_ROUTER = "teal"
 FORMAT = "bricks.configured"
 VERSION = 1
 MARKER = "bricks_model.json"
+ATTRIBUTE = "bricks_configuration"  # where a model keeps its `Configuration`
 
 
-def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float = 0.5, train_domains=None,
+@dataclass
+class Configuration:
+    """How a configured model runs: what `bricks_model.json` records, plus what saving and reporting need."""
+
+    kind: str  # "moe"
+    router: str
+    active: float | list[float]  # share of routed bricks per token (per layer when a list); teal: the compute fraction
+    compute: float | None = None  # the FFN compute target the actives were chosen for
+    budget: str = "uniform"
+    recovery: dict | None = None  # the record of recovery training (objective, steps, source model, ...)
+    brickset: BrickSet | None = None  # saved under bricks/; None for teal
+    dense_ffns: list = field(default_factory=list)  # the dense FFN modules' structure (meta device), for saving
+    reports: dict = field(default_factory=dict)  # this run's router training, budget and recovery reports (not saved)
+
+    def record(self) -> dict:
+        """The `bricks_model.json` document."""
+        doc = {"format": FORMAT, "version": VERSION, "kind": self.kind, "router": self.router, "active": self.active,
+               "compute": self.compute, "budget": self.budget}
+        return doc if self.recovery is None else {**doc, "recovery": self.recovery}
+
+
+def configuration(model) -> Configuration | None:
+    """The bricks configuration `model` runs under (None for a plain dense model)."""
+    return getattr(model, ATTRIBUTE, None)
+
+
+class MoefyConfig(BaseModel):
+    """Settings of `bricks moefy` and `moefy` (flags and YAML files share this schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    router: str = "centroid"  # a brick router (ROUTERS) or teal
+    active: float | list[float] = 0.5  # share of routed bricks per token (teal: the FFN compute fraction)
+    compute: float | None = None  # instead of active: the FFN compute fraction per layer
+    budget: Literal["uniform", "sensitivity"] = "uniform"
+    windows: int = Field(32, ge=1)  # train windows per domain for router training
+    seq_len: int = Field(128, ge=2)
+    epochs: int = Field(20, ge=1)  # router training epochs
+    recover_steps: int = 0  # then fine-tune with the routers in the loop
+    recover_windows: int = 512  # train windows per domain for recovery
+    recover_lr: float = 5e-5
+    recover_batch_size: int = 8
+    recover_objective: Literal["distill", "lm"] = "distill"
+    recover_refit_routers: bool = False
+    recover_checkpoint: str | None = None  # a file: save recovery as it goes, resume from it
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.router != SPARSE_ROUTER and self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}: choose from {ROUTERS.names()}, {SPARSE_ROUTER}")
+        actives = self.active if isinstance(self.active, list) else [self.active]
+        if not actives or not all(0 < a <= 1 for a in actives):
+            raise ValueError(f"--active must be in (0, 1], got {self.active}")
+        if self.compute is not None and not 0 < self.compute <= 1:
+            raise ValueError(f"--compute must be in (0, 1], got {self.compute}")
+        if (self.recover_steps < 0 or self.recover_windows < 1 or not self.recover_lr > 0 or self.recover_batch_size < 1
+                or self.recover_lr == float("inf")):
+            raise ValueError("recovery needs --recover-steps >= 0, --recover-windows >= 1, --recover-lr > 0 and "
+                             "--recover-batch-size >= 1")
+        if self.router == SPARSE_ROUTER and self.budget != "uniform":
+            raise ValueError("--router teal has one compute fraction for every layer: drop --budget sensitivity")
+        if self.router == SPARSE_ROUTER and isinstance(self.active, list):
+            raise ValueError("the teal router takes one compute fraction, not one per layer")
+        if self.budget == "sensitivity" and self.compute is None:
+            raise ValueError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
+        if self.recover_checkpoint and not self.recover_steps:
+            raise ValueError("--recover-checkpoint saves recovery training: give --recover-steps N too")
+        return self
+
+    @property
+    def sparse(self) -> bool:
+        return self.router == SPARSE_ROUTER
+
+    @property
+    def needs_training_data(self) -> bool:
+        """Whether routers or budgets are fitted on data (train split)."""
+        return not self.sparse and (ROUTERS.get(self.router).trainable or self.budget == "sensitivity")
+
+    def check_inputs(self, has_bricks: bool, has_data: bool) -> None:
+        """Refuse a missing or superfluous BrickSet, or missing data, before any model is loaded."""
+        if self.sparse and has_bricks:
+            raise BricksError("--router teal runs single neurons and input channels, not a BrickSet: drop --bricks")
+        if not self.sparse and not has_bricks:
+            raise BricksError(f"the {self.router} router routes bricks: give a BrickSet (on the command line: give --bricks DIR, made by bricks partition)")
+        if not has_data and not self.sparse and ROUTERS.get(self.router).trainable:
+            raise BricksError(f"router {self.router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
+        if not has_data and self.budget == "sensitivity":
+            raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
+        if not has_data and self.recover_steps:
+            raise BricksError("--recover-steps needs --data NAME=SOURCE (the text recovery trains on)")
+
+
+def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float | list[float] = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
           recover_steps: int = 0, recover_lr: float = 5e-5, recover_batch_size: int = 8, recover_objective: str = "distill",
           recover_refit_routers: bool = False, recover_checkpoint=None, log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
-    `train_domains` (token windows, `bricks.load_domains(..., split="train")`);
-    the per-layer report is kept in `model.bricks_router_report`.
+    `train_domains` (token windows, `bricks.load_domains(..., split="train")`).
     `budget="sensitivity"` (with `compute` and `train_domains`) gives each layer
-    its own share of bricks by calibrated sensitivity (`bricks.routing.budget`);
-    its report is kept in `model.bricks_budget_report`.
+    its own share of bricks by calibrated sensitivity (`bricks.routing.budget`).
     `recover_steps` > 0 then fine-tunes the whole model (routers frozen) on
     `recover_windows` (token windows `[n, seq]`) with the routers in the loop,
     by default distilling the dense model's next-token distribution
     (`bricks.routing.recovery`; `recover_refit_routers` lets MLP routers keep
-    learning towards the current weights' oracle choice); its report is kept
-    in `model.bricks_recovery_report`. `recover_checkpoint` (a file path)
-    saves the recovery state as it goes; calling `moefy` again with the same
-    arguments on the source model resumes from it.
+    learning towards the current weights' oracle choice). `recover_checkpoint`
+    (a file path) saves the recovery state as it goes; calling `moefy` again
+    with the same arguments on the source model resumes from it. The reports
+    of router training, budgets and recovery are in
+    `configuration(model).reports`.
 
     `router="teal"` needs no BrickSet (pass None): its bricks are single
     neurons and input channels, chosen per token by magnitude
@@ -65,86 +164,71 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
         >>> bricks.moefy(model, bs, router="centroid", active=0.5)
         >>> bricks.save_configured(model, tok, "runs/moe")
     """
-    if budget not in ("uniform", "sensitivity"):
-        raise BricksError(f"unknown budget {budget!r}: choose uniform or sensitivity")
-    if budget == "sensitivity" and (compute is None or train_domains is None):
-        raise BricksError("a sensitivity budget needs a compute target and calibration data (--compute F --data NAME=SOURCE)")
-    per_layer = isinstance(active, (list, tuple))
-    if router == SPARSE_ROUTER:
-        if brickset is not None:
-            raise BricksError("the teal router runs single neurons and input channels, not a BrickSet: drop --bricks")
-        if budget != "uniform":
-            raise BricksError("the teal router has one compute fraction for every layer: use --budget uniform")
-        if per_layer:
-            raise BricksError("the teal router takes one compute fraction, not one per layer")
-        originals = assemble_sparse(model, compute if compute is not None else active)
+    cfg = validated(MoefyConfig, dict(router=router, active=list(active) if isinstance(active, (list, tuple)) else active,
+                                      compute=compute, budget=budget, epochs=epochs, recover_steps=recover_steps,
+                                      recover_lr=recover_lr, recover_batch_size=recover_batch_size,
+                                      recover_objective=recover_objective, recover_refit_routers=recover_refit_routers,
+                                      recover_checkpoint=None if recover_checkpoint is None else str(recover_checkpoint)),
+                    "moefy")
+    cfg.check_inputs(brickset is not None, has_data=True)  # data: checked here as the API receives it
+    if budget == "sensitivity" and train_domains is None:
+        raise BricksError("a sensitivity budget needs calibration data: pass train_domains (--data NAME=SOURCE on the CLI)")
+    if recover_steps and recover_windows is None:
+        raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
+    per_layer = isinstance(cfg.active, list)
+    if cfg.sparse:
+        originals = assemble_sparse(model, compute if compute is not None else cfg.active)
     else:
-        if brickset is None:
-            raise BricksError(f"the {router} router routes bricks: give a BrickSet (--bricks DIR, made by bricks partition)")
-        originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else active, compute=compute)
-    layers = _bricked_layers(model)
+        originals = assemble_bricked(model, brickset, router=router, active=1.0 if per_layer else cfg.active, compute=compute)
+    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
     if per_layer:
-        if len(active) != len(layers):
-            raise BricksError(f"{len(active)} active fractions for {len(layers)} layers")
-        for m, a in zip(layers, active):
+        if len(cfg.active) != len(layers):
+            raise BricksError(f"{len(cfg.active)} active fractions for {len(layers)} layers")
+        for m, a in zip(layers, cfg.active):
             m.active = a
-    # Keep the dense modules' structure only (weights on the meta device, no memory):
-    # saving rebuilds their tensors from the bricks, which hold every weight exactly once.
-    object.__setattr__(model, "bricks_dense_ffns", [m.to("meta") for m in originals])
-    model.bricks_brickset = brickset
+    # The dense modules' structure only (weights on the meta device, no memory): saving rebuilds their
+    # tensors from the bricks, which hold every weight exactly once.
+    state = Configuration("moe", router, cfg.active, compute, budget, brickset=brickset,
+                          dense_ffns=[m.to("meta") for m in originals])
+    setattr(model, ATTRIBUTE, state)
     if train_domains is not None and any(m.router is not None and m.router.trainable for m in layers):
-        from .routing import train_routers
-
-        model.bricks_router_report = train_routers(model, train_domains, epochs=epochs)
+        state.reports["router_training"] = train_routers(model, train_domains, epochs=epochs)
     if budget == "sensitivity":
-        from .routing.budget import allocate_budgets
-
-        model.bricks_budget_report = allocate_budgets(model, train_domains, compute)
-    if router == SPARSE_ROUTER:
-        active = compute if compute is not None else active
+        state.reports["budget"] = allocate_budgets(model, train_domains, compute)
+    if cfg.sparse:
+        state.active = compute if compute is not None else cfg.active
     elif compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
-        active = [m.active for m in layers]
-    model.bricks_config = {"kind": "moe", "router": router, "active": active, "compute": compute, "budget": budget}
+        state.active = [m.active for m in layers]
     if recover_steps:
-        from .routing.recovery import recover
-
-        if recover_windows is None:
-            raise BricksError("recovery training needs token windows: pass recover_windows (--data NAME=SOURCE on the CLI)")
         report = recover(model, recover_windows, steps=recover_steps, lr=recover_lr, batch_size=recover_batch_size, log=log,
                          objective=recover_objective, refit_routers=recover_refit_routers, checkpoint=recover_checkpoint)
-        model.bricks_recovery_report = report
+        state.reports["recovery"] = report
         # Saved weights are then the recovered ones; the source model is the dense baseline to compare with.
-        model.bricks_config["recovery"] = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,
-                                           "batch_size": recover_batch_size, "tokens": report["tokens"],
-                                           "router_refit": recover_refit_routers,
-                                           "base_model": getattr(model.config, "_name_or_path", "") or None}
+        state.recovery = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,
+                          "batch_size": recover_batch_size, "tokens": report["tokens"], "router_refit": recover_refit_routers,
+                          "base_model": getattr(model.config, "_name_or_path", "") or None}
     return model
-
-
-def _bricked_layers(model) -> list[BrickedFFN]:
-    return [m for m in model.modules() if isinstance(m, BrickedFFN)]
 
 
 def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """Write a configured model directory atomically (see the module docstring)."""
-    if not hasattr(model, "bricks_config"):
+    state = configuration(model)
+    if state is None:
         raise BricksError("this model has no bricks configuration to save: build one with bricks.moefy first")
     layers = routed_layers(model)
-    from .arch import layout_for
-
     layout = layout_for(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         # The checkpoint holds the dense base: the FFN tensors, rebuilt from the bricks, replace the bricked ones.
-        state = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
+        weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
         blocks = []
-        for i, (skeleton, routed) in enumerate(zip(model.bricks_dense_ffns, layers)):
+        for i, (skeleton, routed) in enumerate(zip(state.dense_ffns, layers)):
             dense = copy.deepcopy(skeleton).to_empty(device=next(routed.parameters()).device)
             blocks.append(FFN(None, i, layout, module=dense))
             routed.write_dense(blocks[-1])
-            state.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            weights.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        brickset = model.bricks_brickset  # None for teal: its bricks are the model's own neurons
+        brickset = state.brickset  # None for teal: its bricks are the model's own neurons
         if brickset is not None:
             fingerprint = model_fingerprint(model, blocks)
             if fingerprint != brickset.fingerprint:  # recovery training changed the weights: the BrickSet now fits them
@@ -157,11 +241,11 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
                         for k, v in layer.router.state_dict().items() if layer.router.trainable}
         if router_state:
             save_file(router_state, str(tmp / "router.safetensors"))
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "version": VERSION, **model.bricks_config}, indent=1))
+        (tmp / MARKER).write_text(json.dumps(state.record(), indent=1))
     return Path(out)
 
 
-def load_configured(path: Path, model) -> "torch.nn.Module":
+def load_configured(path: Path, model) -> torch.nn.Module:
     """Re-apply the configuration stored in `path` to its freshly loaded base `model`."""
     try:
         cfg = json.loads((path / MARKER).read_text())
@@ -174,13 +258,39 @@ def load_configured(path: Path, model) -> "torch.nn.Module":
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = None if cfg.get("router") == SPARSE_ROUTER else BrickSet.load(path / "bricks")
     moefy(model, brickset, cfg["router"], cfg["active"])
-    if "recovery" in cfg:  # informational: kept so that saving again keeps the record
-        model.bricks_config["recovery"] = cfg["recovery"]
+    # Kept as they were written: the compute target and budget the actives came from, the recovery record.
+    state = configuration(model)
+    state.compute, state.budget, state.recovery = cfg.get("compute"), cfg.get("budget", "uniform"), cfg.get("recovery")
     router_file = path / "router.safetensors"
     if router_file.is_file():
-        state = load_file(str(router_file))
-        for i, layer in enumerate(_bricked_layers(model)):
-            own = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
+        weights = load_file(str(router_file))
+        for i, layer in enumerate(m for m in model.modules() if isinstance(m, BrickedFFN)):
+            own = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"layers.{i}.")}
             if own:
                 layer.router.load_state_dict(own)
     return model
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype="float32", device_map=None,
+               configured: bool = True):
+    """Load a causal LM and its tokenizer from local files, with its bricks configuration if it has one.
+
+    Args:
+        spec: "default" (SmolLM2-135M-Instruct), a local HF model directory, or a .gguf file.
+        device: "cpu", "cuda", "cuda:1", ...; ignored when `device_map` is given.
+        dtype: "float32", "bfloat16" or "float16" (or a torch dtype).
+        device_map: e.g. "auto" to spread a large model over the available devices.
+        configured: re-apply the bricks configuration of a directory written by
+            `bricks moefy` (False: the dense base model it holds).
+
+    Returns:
+        (model, tokenizer), the model in eval mode.
+
+    Example:
+        >>> model, tokenizer = bricks.load_model("default")
+    """
+    model, tokenizer = load_dense(spec, device, dtype, device_map)
+    path = resolve(spec)
+    if configured and (path / MARKER).is_file():
+        load_configured(path, model)
+    return model, tokenizer

@@ -1,16 +1,19 @@
-"""Evaluation of a (possibly bricked) model: held-out perplexity per domain, compute fraction, speed."""
+"""Evaluation of a (possibly configured) model: held-out perplexity per domain, compute fraction, speed."""
 
 from __future__ import annotations
 
 import time
 
-
 from .analysis.sparsity import perplexity
-from .routing.bricked_ffn import executed_fraction
+from .routing import executed_fraction
 
 
 def evaluate(model, domains, batch_size: int = 8) -> dict:
-    """Perplexity per domain, FFN compute fraction executed (1.0 when dense) and tokens/s of the forward passes."""
+    """Perplexity per domain, FFN compute fraction executed (1.0 when dense) and tokens/s of the forward passes.
+
+    Example:
+        >>> bricks.evaluate(model, bricks.load_domains(["code=builtin:code"], tok, "heldout"))
+    """
     executed_fraction(model, reset=True)
     t = time.perf_counter()
     ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}

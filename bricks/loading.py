@@ -1,6 +1,8 @@
-"""Loading models: the built-in default, local Hugging Face directories and GGUF files.
+"""Loading dense checkpoints: the built-in default, local Hugging Face directories and GGUF files.
 
-Nothing is ever downloaded: a spec that is not a local directory or file fails
+Configured models (a routed MoE, ...) are dense checkpoints plus a bricks
+configuration: `bricks.load_model` (in `bricks.configured`) loads the
+checkpoint here and re-applies the configuration. Nothing is ever downloaded: a spec that is not a local directory or file fails
 at once, saying how to get the model onto disk.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import layout_for
+from .arch import ffns, layout_for
 from .errors import BricksError
 
 DEFAULT_MODEL = "default"
@@ -119,29 +121,25 @@ def _converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype="float32", device_map=None,
-               configured: bool = True):
-    """Load a causal LM and its tokenizer from local files.
+def load_dense(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype="float32", device_map=None):
+    """Load a causal LM and its tokenizer from local files, as the checkpoint holds it.
 
     Args:
         spec: "default" (SmolLM2-135M-Instruct), a local HF model directory, or a .gguf file.
         device: "cpu", "cuda", "cuda:1", ...; ignored when `device_map` is given.
         dtype: "float32", "bfloat16" or "float16" (or a torch dtype).
         device_map: e.g. "auto" to spread a large model over the available devices.
-        configured: re-apply the bricks configuration of a directory written by
-            `bricks moefy` (False: the dense base model it holds).
 
     Returns:
         (model, tokenizer), the model in eval mode.
 
     Example:
-        >>> model, tokenizer = bricks.load_model("default")
+        >>> model, tokenizer = load_dense("default")
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve(spec)
     from transformers.utils import logging as hf_logging
 
+    path = resolve(spec)
     hf_logging.disable_progress_bar()  # loading a local checkpoint takes a second: no bar needed
     torch_dtype = parse_dtype(dtype)
     try:
@@ -166,10 +164,6 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    if configured and (path / "bricks_model.json").is_file():
-        from .configured import load_configured
-
-        load_configured(path, model)
     return model, tokenizer
 
 
@@ -181,8 +175,6 @@ def _check_finite(model, path) -> None:
 
 def model_info(model) -> dict:
     """Architecture, FFN layout and parameter counts, as plain data."""
-    from .arch import ffns
-
     layout = layout_for(model)
     blocks = ffns(model)
     ffn_params = sum(p.numel() for f in blocks for p in f.module.parameters()) if layout.mlp else sum(

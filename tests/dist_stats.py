@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 import bricks
-from bricks.analysis.capture import capture_stats, init_distributed, world
+from bricks.analysis.capture import capture_stats
+from bricks.runtime import init_distributed, world
 from bricks.analysis.sparsity import perplexity
 
 init_distributed()

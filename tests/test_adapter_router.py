@@ -10,9 +10,9 @@ from peft import PeftModel
 import bricks
 from bricks.cli import main
 from bricks.data import Domain
-from bricks.merge import AdapterBrick
-from bricks.routing.adapter_router import AdapterRouter, fit_router
-from bricks.routing.multi_lora import attach_adapters
+from bricks.adapters import AdapterBrick
+from bricks.adapters.routers import AdapterRouter, fit_router
+from bricks.adapters import attach_adapters
 
 from .test_adapters import make_adapter
 

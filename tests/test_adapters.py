@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import bricks
-from bricks.merge import AdapterBrick
+from bricks.adapters import AdapterBrick
 
 
 def make_adapter(model_dir, out, seed=0, **lora):
@@ -194,7 +194,7 @@ def test_adapter_cli(llama_dir, tmp_path):
 
 
 def test_train_lora_returns_a_peft_brick_and_leaves_the_model(llama_dir, tmp_path):
-    from bricks.merge.training import train_lora
+    from bricks.adapters import train_lora
 
     model, _ = bricks.load_model(llama_dir)
     before = [p.detach().clone() for p in model.parameters()]

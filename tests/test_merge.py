@@ -146,7 +146,7 @@ def test_row_chunks_give_the_whole_tensor_merge(monkeypatch, shape):
     per_model = [{"weight": w, "density": 0.6} for w in (1.0, 0.7, -0.4)]
     loaders = [lambda rows=None, x=x: (x if rows is None else x[rows]).clone() for x in xs]
     originals = [x.clone() for x in [base, *xs]]
-    for m in methods.TASK_METHODS:
+    for m in [m for m in methods.METHODS if methods.is_task_method(m)]:
         whole = merge(m, base, xs, per_model, {}, torch.Generator().manual_seed(1))
         monkeypatch.setattr(methods, "CHUNK_ENTRIES", 7)
         chunked = merge(m, lambda: base.clone(), loaders, per_model, {}, torch.Generator().manual_seed(1))
@@ -156,7 +156,7 @@ def test_row_chunks_give_the_whole_tensor_merge(monkeypatch, shape):
 
 
 def test_row_reads_and_row_deltas(tiny_dirs, tmp_path):
-    from bricks.merge.adapters import AdapterBrick
+    from bricks.adapters import AdapterBrick
     from bricks.merge.safetensors_io import Checkpoint
 
     ckpt = Checkpoint(tiny_dirs["llama"])

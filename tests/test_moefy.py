@@ -179,7 +179,7 @@ def test_recovery_trains_under_routing_and_reloads(llama_dir, brickset_dir, tmp_
             assert all(torch.equal(v, before[k]) for k, v in m.router.state_dict().items())
         else:  # weight-derived routers follow the new weights
             assert not torch.equal(m.router.centroids, before["centroids"])
-    model.bricks_config["recovery"] = {"steps": 30}
+    bricks.configuration(model).recovery = {"steps": 30}
     out = bricks.save_configured(model, tok, tmp_path / "moe")
     assert bricks.BrickSet.load(out / "bricks").info["fingerprint_before_recovery"] == bs.fingerprint
     ids = torch.randint(0, 300, (2, 10))

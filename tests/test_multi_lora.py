@@ -5,8 +5,8 @@ import torch
 from peft import PeftModel
 
 import bricks
-from bricks.merge import AdapterBrick
-from bricks.routing.multi_lora import attach_adapters
+from bricks.adapters import AdapterBrick
+from bricks.adapters import attach_adapters
 
 from .test_adapters import make_adapter
 

@@ -29,6 +29,7 @@ import torch
 from ..arch import FFN, ffns
 from ..brick import BrickSet, model_fingerprint
 from ..errors import BricksError
+from ..registry import Registry
 from .capture import NeuronStats
 from .coactivation import coactivation_similarity
 from .specialization import func_scores
@@ -43,22 +44,23 @@ class LayerData:
     stats: NeuronStats | None
 
 
-# fn(layer data, number of bricks, seed) -> [len(neurons)] brick labels 0..n-1, balanced
-Partitioner = Callable[[LayerData, int, int], torch.Tensor]
-PARTITIONERS: dict[str, tuple[Partitioner, bool]] = {}  # name -> (fn, needs activation statistics)
+@dataclass(frozen=True)
+class Partitioner:
+    """A partition method: `split(layer data, number of bricks, seed)` -> `[len(neurons)]` balanced labels 0..n-1."""
+
+    split: Callable[[LayerData, int, int], torch.Tensor]
+    needs_stats: bool  # whether it reads activation statistics (then `bricks partition` needs --data)
 
 
-def register(name: str, needs_stats: bool):
-    def deco(fn: Partitioner) -> Partitioner:
-        PARTITIONERS[name] = (fn, needs_stats)
+PARTITIONERS: Registry = Registry("partition method")
+
+
+def register(name: str, summary: str, needs_stats: bool):
+    """Decorator: file a split function under `name` in `PARTITIONERS`."""
+    def deco(fn):
+        PARTITIONERS.add(name, Partitioner(fn, needs_stats), summary)
         return fn
     return deco
-
-
-def get_partitioner(name: str) -> tuple[Partitioner, bool]:
-    if name not in PARTITIONERS:
-        raise BricksError(f"unknown partition method {name!r}: choose from {', '.join(PARTITIONERS)}")
-    return PARTITIONERS[name]
 
 
 # --------------------------------------------------------------------------- balanced k-means
@@ -137,7 +139,7 @@ def _cosine_kernel(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- methods
 
 
-@register("random", needs_stats=False)
+@register("random", "neurons dealt out at random (the baseline)", needs_stats=False)
 def random_split(data: LayerData, n_bricks: int, seed: int) -> torch.Tensor:
     n = len(data.neurons)
     g = torch.Generator().manual_seed(seed * 100_003 + data.ffn.layer)
@@ -145,13 +147,13 @@ def random_split(data: LayerData, n_bricks: int, seed: int) -> torch.Tensor:
     return labels[torch.randperm(n, generator=g)]
 
 
-@register("param-kmeans", needs_stats=False)
+@register("param-kmeans", "balanced k-means on the neurons' gate/up weights (MoEfication)", needs_stats=False)
 def param_kmeans(data: LayerData, n_bricks: int, seed: int) -> torch.Tensor:
     x = data.ffn.neuron_features()[data.neurons]  # [n, k*hidden] gate and up rows
     return balanced_kernel_kmeans(_cosine_kernel(x), n_bricks, seed)
 
 
-@register("coactivation", needs_stats=True)
+@register("coactivation", "balanced partition of the co-activation graph (MoEfication, Emergent Modularity)", needs_stats=True)
 def coactivation_split(data: LayerData, n_bricks: int, seed: int) -> torch.Tensor:
     if data.stats.coact is None:
         raise BricksError("the coactivation method needs co-activation counts: capture with coactivation=True")
@@ -162,7 +164,7 @@ def coactivation_split(data: LayerData, n_bricks: int, seed: int) -> torch.Tenso
     return balanced_kernel_kmeans(sim, n_bricks, seed)
 
 
-@register("functional", needs_stats=True)
+@register("functional", "neurons grouped by their per-sample activation profiles", needs_stats=True)
 def functional_split(data: LayerData, n_bricks: int, seed: int) -> torch.Tensor:
     profile = data.stats.sample_mean[data.ffn.layer][:, data.neurons].double()  # [samples, n]
     z = (profile - profile.mean(0)) / profile.std(0).clamp(min=1e-12)
@@ -188,7 +190,8 @@ def partition(model, method: str, n_bricks: int, stats: NeuronStats | None = Non
         >>> bs = bricks.partition(model, "coactivation", 64, stats, shared_fraction=0.0625)
         >>> bs.save("runs/smollm-bricks")
     """
-    fn, needs_stats = get_partitioner(method)
+    method_ = PARTITIONERS.get(method)
+    needs_stats = method_.needs_stats
     if not 0.0 <= shared_fraction < 1.0:
         raise BricksError(f"shared fraction must be in [0, 1), got {shared_fraction}")
     if (needs_stats or shared_fraction > 0) and stats is None:
@@ -208,7 +211,7 @@ def partition(model, method: str, n_bricks: int, stats: NeuronStats | None = Non
             routed = all_neurons[~torch.isin(all_neurons, shared_idx)]
         else:
             shared_idx, routed = torch.empty(0, dtype=torch.long), all_neurons
-        labels = fn(LayerData(f, routed, stats), n_bricks, seed)
+        labels = method_.split(LayerData(f, routed, stats), n_bricks, seed)
         a = torch.full((f.d_ff,), n_bricks, dtype=torch.int64)
         a[routed] = labels.long()
         assignments.append(a)
@@ -242,9 +245,9 @@ def activation_statistics(model, tokenizer, specs, windows: int = 48, seq_len: i
     same CETT (default 0.2, near the CETT-PPL-1% point of typical models), set
     on a calibration sample of the same data.
     """
+    from ..data import load_domains
     from .capture import capture_stats
     from .sparsity import activation_sample, cett_curve
-    from ..data import load_domains
 
     domains = load_domains(specs, tokenizer, "train", seq_len, windows)
     calib_ids = torch.cat([d.windows[: max(1, 8 // len(domains))] for d in domains])

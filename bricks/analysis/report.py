@@ -50,11 +50,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
-from ..brick import atomic_dir, model_fingerprint
+from ..brick import model_fingerprint
 from ..data import DataSpec, load_domains
-from ..errors import BricksError
+from ..io import atomic_dir, check_output
 from ..loading import model_info
-from .capture import capture_stats, progress, world
+from ..runtime import progress, world
+from .capture import capture_stats
 from .coactivation import coactivation_graph, graph_modularity
 from .sparsity import activation_sample, cett_ppl_search, perplexity
 from .specialization import ablation_matrix, func_scores, specialization_summary
@@ -89,8 +90,8 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         >>> report = bricks.analyze(model, tok, ["code=builtin:code", "math=builtin:math"], out="runs/analysis")
     """
     cfg = config or AnalyzeConfig()
-    if out is not None and Path(out).exists() and not overwrite:
-        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    if out is not None:
+        check_output(out, overwrite)
     torch.manual_seed(cfg.seed)
     train = load_domains(data, tokenizer, "train", cfg.seq_len, cfg.windows)
     heldout = load_domains(data, tokenizer, "heldout", cfg.seq_len, cfg.eval_windows)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..arch import ffns
-from .capture import all_reduce_, batches, ffn_hooks, progress, run_model
+from ..runtime import all_reduce_, batches, progress, run_model
+from .capture import ffn_hooks
 
 
 @torch.no_grad()

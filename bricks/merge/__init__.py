@@ -1,5 +1,9 @@
-"""Merging: customized (adapter) bricks, merge methods on task vectors, out-of-core model merging."""
+"""Merging: merge methods on task vectors, models merged from a mergekit YAML, adapters merged in ΔW space,
+and dense models assembled into a Mixtral MoE."""
 
-from .adapters import AdapterBrick, LoRAModule, merge_adapters, refactor
+from .adapters import merge_adapters, refactor
+from .methods import METHODS, merge
+from .models import merge_models
+from .moe import assemble_moe
 
-__all__ = ["AdapterBrick", "LoRAModule", "merge_adapters", "refactor"]
+__all__ = ["merge_adapters", "refactor", "METHODS", "merge", "merge_models", "assemble_moe"]

@@ -27,31 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BricksError
+from ..registry import Registry
 
 
-@dataclass(frozen=True)
-class TaskArithmetic:
-    """The task-vector family: sparsify each τ, optionally elect signs (TIES), then sum."""
-
-    sparsify: str | None  # None, "magnitude", "random", "outliers", "della"
-    consensus: bool
-    normalize: bool  # default of the `normalize` parameter
-    rescale: bool  # default of the `rescale` parameter
-
-
-TASK_METHODS = {
-    "task_arithmetic": TaskArithmetic(None, False, False, False),
-    "magnitude_prune": TaskArithmetic("magnitude", False, False, False),
-    "ties": TaskArithmetic("magnitude", True, True, False),
-    "dare_linear": TaskArithmetic("random", False, False, True),
-    "dare_ties": TaskArithmetic("random", True, False, True),
-    "breadcrumbs": TaskArithmetic("outliers", False, False, False),
-    "breadcrumbs_ties": TaskArithmetic("outliers", True, False, False),
-    "della": TaskArithmetic("della", True, True, True),
-    "della_linear": TaskArithmetic("della", False, False, True),
-}
-OTHER_METHODS = {"linear", "slerp", "model_stock"}
-METHODS = sorted(OTHER_METHODS | set(TASK_METHODS))
+METHODS: Registry = Registry("merge method")  # name -> fn(base_of, tensors, model_params, params, generator)
 
 # Parameters each method reads: shared ones, and per-model ones.
 SHARED_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise"}
@@ -60,6 +39,11 @@ MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
 
 def needs_base(method: str) -> bool:
     return method != "linear"
+
+
+def is_task_method(method: str) -> bool:
+    """Whether `method` sums (sparsified, weighted) task vectors: those need a weight for every model."""
+    return isinstance(METHODS.get(method), TaskArithmetic)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -192,105 +176,140 @@ def merge(method: str, base, tensors: list, model_params: list[dict],
 
     Returns a tensor of the dtype of the base (or of the first input for `linear`).
     """
-    params = params or {}
-    if method not in METHODS:
-        raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
+    fn = METHODS.get(method)
     if needs_base(method) and base is None:
         raise BricksError(f"merge method {method!r} needs a base model (base_model: ...)")
     base_of = base if callable(base) else (lambda: base)
-    if method not in TASK_METHODS:
+    if not isinstance(fn, TaskArithmetic):
         tensors = [x() if callable(x) else x for x in tensors]
-    if method == "linear":
-        first = tensors[0]
-        dtype = _work_dtype(first)
-        w = torch.tensor([float(p.get("weight", 1.0)) for p in model_params], dtype=dtype)
-        out = torch.zeros(first.shape, dtype=dtype, device=first.device)
-        for x, wi in zip(tensors, w):
-            out.add_(x.to(dtype), alpha=float(wi))
-        if params.get("normalize", True):
-            out /= w.sum()
-        return out.to(first.dtype)
-    if method == "slerp":
-        if len(tensors) != 1:
-            raise BricksError(f"slerp merges the base with exactly one other model, got {len(tensors)}")
-        if "t" not in params:
-            raise BricksError("slerp needs the parameter t (0 = base, 1 = the other model)")
-        b = base_of()
-        return slerp(float(params["t"]), b, tensors[0]).to(b.dtype)
-    if method == "model_stock":
-        b = base_of()
-        dtype = _work_dtype(b)
-        return model_stock(b.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(b.dtype)
+    return fn(base_of, tensors, model_params, params or {}, generator)
 
-    spec = TASK_METHODS[method]
-    rescale = bool(params.get("rescale", spec.rescale))
-    weights = [float(p.get("weight", 1.0)) for p in model_params]
-    loaders = [x if callable(x) else _row_loader(x) for x in tensors]
-    # Pass 1, one input at a time: which entries each sparsified task vector keeps (1 byte per entry) and its
-    # rescale factor. This needs each whole |τ| (the top-k is global); the base is read for it and dropped, so
-    # that the sort's temporaries are the only other large tensors alive.
-    masks, factors = [], []
-    for load, p in zip(loaders, model_params):
-        density = float(p.get("density", 1.0))
-        if not spec.sparsify or density >= 1:
-            masks.append(None)
-            factors.append(None)
-            continue
-        b = base_of()
-        mag = load().to(b.dtype).sub_(b).abs_()
-        del b
-        masks.append(keep_mask(mag, spec.sparsify, density, float(p.get("gamma", 0.01)), float(p.get("epsilon", 0.15)),
-                               generator, scratch=not rescale))
-        factors.append(rescale_factor(mag, masks[-1]) if rescale else None)
-        del mag
 
-    # Pass 2, chunk by chunk of rows: every operation from here on is element-wise, so the chunks give the
-    # same values as whole tensors would.
+@METHODS.register("linear", "weighted average of the models (https://arxiv.org/abs/2203.05482)")
+def _linear(base_of, tensors, model_params, params, generator):
+    first = tensors[0]
+    dtype = _work_dtype(first)
+    w = torch.tensor([float(p.get("weight", 1.0)) for p in model_params], dtype=dtype)
+    out = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for x, wi in zip(tensors, w):
+        out.add_(x.to(dtype), alpha=float(wi))
+    if params.get("normalize", True):
+        out /= w.sum()
+    return out.to(first.dtype)
+
+
+@METHODS.register("slerp", "spherical interpolation between the base and one model")
+def _slerp(base_of, tensors, model_params, params, generator):
+    if len(tensors) != 1:
+        raise BricksError(f"slerp merges the base with exactly one other model, got {len(tensors)}")
+    if "t" not in params:
+        raise BricksError("slerp needs the parameter t (0 = base, 1 = the other model)")
     b = base_of()
-    out = torch.empty_like(b)
-    normalize = params.get("normalize", spec.normalize)
-    lam = float(params.get("lambda", 1.0))
-    for rows in _row_chunks(tuple(b.shape)):
-        base_rows = b if rows is None else b[rows]
-        taus = []
-        for k in range(len(loaders)):
-            tau = loaders[k](rows).to(b.dtype).sub_(base_rows)
-            if masks[k] is not None:
-                tau.mul_(masks[k] if rows is None else masks[k][rows])
-                if factors[k] is not None:
-                    tau.mul_(factors[k])
-            taus.append(tau.mul_(weights[k]))
-        mixed = torch.zeros_like(base_rows)
-        for tau in taus:
-            mixed += tau
-        if spec.consensus:
-            # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an
-            # input counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
-            negative = mixed < 0
-            mixed.zero_()
-            divisor = torch.zeros_like(base_rows)
-            for k, tau in enumerate(taus):
-                agree = torch.where(negative, tau < 0, tau > 0)
-                mixed += tau.mul_(agree)
-                divisor.add_(agree, alpha=weights[k])
-            divisor[divisor == 0] = 1
-        else:
-            s_w = sum(weights)
-            divisor = torch.full_like(base_rows, 1.0 if abs(s_w) < 1e-8 else s_w)
-        del taus
-        if normalize:
-            mixed /= divisor
-        if lam != 1:
-            mixed *= lam
-        out_rows = out if rows is None else out[rows]
-        torch.add(base_rows, mixed, out=out_rows)
-    return out
+    return slerp(float(params["t"]), b, tensors[0]).to(b.dtype)
+
+
+@METHODS.register("model_stock", "interpolation towards the average by the angle between task vectors "
+                                 "(https://arxiv.org/abs/2403.19522)")
+def _model_stock(base_of, tensors, model_params, params, generator):
+    b = base_of()
+    dtype = _work_dtype(b)
+    return model_stock(b.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(b.dtype)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """The task-vector family: sparsify each τ, optionally elect signs (TIES), then sum (one class, registered
+    once per method with its options, as mergekit's generalized task arithmetic)."""
+
+    sparsify: str | None  # None, "magnitude", "random", "outliers", "della"
+    consensus: bool
+    normalize: bool  # default of the `normalize` parameter
+    rescale: bool  # default of the `rescale` parameter
+
+    def __call__(self, base_of, loaders, model_params, params, generator):
+        """Merge one tensor: `loaders` give the models' tensors whole or by rows (see `merge`)."""
+        spec = self
+        rescale = bool(params.get("rescale", spec.rescale))
+        weights = [float(p.get("weight", 1.0)) for p in model_params]
+        loaders = [x if callable(x) else _row_loader(x) for x in loaders]
+        # Pass 1, one input at a time: which entries each sparsified task vector keeps (1 byte per entry) and its
+        # rescale factor. This needs each whole |τ| (the top-k is global); the base is read for it and dropped, so
+        # that the sort's temporaries are the only other large tensors alive.
+        masks, factors = [], []
+        for load, p in zip(loaders, model_params):
+            density = float(p.get("density", 1.0))
+            if not spec.sparsify or density >= 1:
+                masks.append(None)
+                factors.append(None)
+                continue
+            b = base_of()
+            mag = load().to(b.dtype).sub_(b).abs_()
+            del b
+            masks.append(keep_mask(mag, spec.sparsify, density, float(p.get("gamma", 0.01)), float(p.get("epsilon", 0.15)),
+                                   generator, scratch=not rescale))
+            factors.append(rescale_factor(mag, masks[-1]) if rescale else None)
+            del mag
+
+        # Pass 2, chunk by chunk of rows: every operation from here on is element-wise, so the chunks give the
+        # same values as whole tensors would.
+        b = base_of()
+        out = torch.empty_like(b)
+        normalize = params.get("normalize", spec.normalize)
+        lam = float(params.get("lambda", 1.0))
+        for rows in _row_chunks(tuple(b.shape)):
+            base_rows = b if rows is None else b[rows]
+            taus = []
+            for k in range(len(loaders)):
+                tau = loaders[k](rows).to(b.dtype).sub_(base_rows)
+                if masks[k] is not None:
+                    tau.mul_(masks[k] if rows is None else masks[k][rows])
+                    if factors[k] is not None:
+                        tau.mul_(factors[k])
+                taus.append(tau.mul_(weights[k]))
+            mixed = torch.zeros_like(base_rows)
+            for tau in taus:
+                mixed += tau
+            if spec.consensus:
+                # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an
+                # input counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
+                negative = mixed < 0
+                mixed.zero_()
+                divisor = torch.zeros_like(base_rows)
+                for k, tau in enumerate(taus):
+                    agree = torch.where(negative, tau < 0, tau > 0)
+                    mixed += tau.mul_(agree)
+                    divisor.add_(agree, alpha=weights[k])
+                divisor[divisor == 0] = 1
+            else:
+                s_w = sum(weights)
+                divisor = torch.full_like(base_rows, 1.0 if abs(s_w) < 1e-8 else s_w)
+            del taus
+            if normalize:
+                mixed /= divisor
+            if lam != 1:
+                mixed *= lam
+            out_rows = out if rows is None else out[rows]
+            torch.add(base_rows, mixed, out=out_rows)
+        return out
+
+
+for _name, _spec, _summary in (
+    ("task_arithmetic", TaskArithmetic(None, False, False, False), "sum of weighted task vectors (https://arxiv.org/abs/2212.04089)"),
+    ("magnitude_prune", TaskArithmetic("magnitude", False, False, False), "task arithmetic on magnitude-pruned task vectors"),
+    ("ties", TaskArithmetic("magnitude", True, True, False), "magnitude pruning and sign election (https://arxiv.org/abs/2306.01708)"),
+    ("dare_linear", TaskArithmetic("random", False, False, True), "random drop and rescale (https://arxiv.org/abs/2311.03099)"),
+    ("dare_ties", TaskArithmetic("random", True, False, True), "DARE with TIES sign election"),
+    ("breadcrumbs", TaskArithmetic("outliers", False, False, False), "drop the smallest and largest entries (https://arxiv.org/abs/2312.06795)"),
+    ("breadcrumbs_ties", TaskArithmetic("outliers", True, False, False), "breadcrumbs with TIES sign election"),
+    ("della", TaskArithmetic("della", True, True, True), "magnitude-ranked random drop (https://arxiv.org/abs/2406.11617)"),
+    ("della_linear", TaskArithmetic("della", False, False, True), "DELLA without sign election"),
+):
+    METHODS.add(_name, _spec, _summary)
 
 
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:
     """Reject parameters a method does not know, and values outside their range, before any work."""
-    if method not in METHODS:
-        raise BricksError(f"unknown merge method {method!r}: choose from {', '.join(METHODS)}")
+    METHODS.get(method)  # unknown methods: a one-line error listing the known ones
     for key in shared:
         if key not in SHARED_PARAMS | MODEL_PARAMS:
             raise BricksError(f"unknown merge parameter {key!r}: known are {', '.join(sorted(SHARED_PARAMS | MODEL_PARAMS))}")

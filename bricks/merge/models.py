@@ -24,19 +24,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from ..brick import atomic_dir
+from ..adapters.lora import AdapterBrick
 from ..errors import BricksError
-from .adapters import AdapterBrick
-from .methods import METHODS, TASK_METHODS, check_params, merge, needs_base
-from .safetensors_io import Checkpoint, ShardedWriter
+from ..io import atomic_dir, check_output, read_yaml, validated
+from .methods import METHODS, check_params, is_task_method, merge, needs_base
+from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
 
 Scalar = Union[bool, int, float, str]
 
@@ -73,7 +72,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def _known(cls, v):
         if v not in METHODS:
-            raise ValueError(f"unknown merge method {v!r}: choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown merge method {v!r}: choose from {METHODS.names()}")
         return v
 
     @field_validator("dtype", "out_dtype")
@@ -88,35 +87,6 @@ _NOT_YET = {"slices": "slices (layer ranges, passthrough stacking)", "modules": 
             "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
 
 
-def read_yaml(path: str | Path, what: str, refused: dict[str, str] | None = None) -> dict:
-    """The mapping in a YAML config file, or a one-line `BricksError`; a key of `refused` is an error (its reason)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise BricksError(f"{what} config {path} does not exist")
-    except yaml.YAMLError as exc:
-        raise BricksError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise BricksError(f"{path}: a {what} config is a mapping of keys to values")
-    for key, reason in (refused or {}).items():
-        if key in raw:
-            raise BricksError(f"{path}: {key!r} {reason}")
-    return raw
-
-
-def validated(cls, raw: dict, path: str | Path):
-    """`cls(**raw)` with pydantic's first complaint as a one-line `BricksError` naming the key."""
-    try:
-        return cls(**raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise BricksError(f"{path}: {where}: {msg}") from exc
-
-
 def load_config(path: str | Path) -> MergeConfig:
     """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
     raw = read_yaml(path, "merge", {k: f"({what}) is not supported yet; write the merge with 'models:'"
@@ -129,7 +99,7 @@ def load_config(path: str | Path) -> MergeConfig:
     check_params(cfg.merge_method, {k: _probe(v) for k, v in cfg.parameters.items()},
                  [{k: _probe(v) for k, v in m.parameters.items()} for m in cfg.models])
     missing = [m.model for m in cfg.models if "weight" not in m.parameters]
-    if cfg.merge_method in TASK_METHODS and missing:  # as in mergekit, the task-vector methods require a weight
+    if is_task_method(cfg.merge_method) and missing:  # as in mergekit, the task-vector methods require a weight
         raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
     return cfg
 
@@ -251,7 +221,7 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
                     progress(i + 1, len(names))
         finally:
             writer.close()
-        _copy_side_files(Path(config.tokenizer_source or base_path or _split_adapter(config.models[0].model)[0]),
+        copy_side_files(Path(config.tokenizer_source or base_path or _split_adapter(config.models[0].model)[0]),
                          Path(base_path or _split_adapter(config.models[0].model)[0]), tmp, out_dtype)
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
     return {"out": str(out), "method": method, "tensors": len(names), "shards": len(writer.files),
@@ -298,27 +268,7 @@ def _model_type(path: Path) -> str | None:
         return None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                    "merges.txt", "chat_template.jinja", "added_tokens.json")
-
-
-def _copy_side_files(tokenizer_dir: Path, config_dir: Path, out: Path, out_dtype) -> None:
-    import json
-
-    for name in ("config.json", "generation_config.json"):
-        if (config_dir / name).is_file():
-            shutil.copy2(config_dir / name, out / name)
-    if out_dtype is not None and (out / "config.json").is_file():
-        cfg = json.loads((out / "config.json").read_text())
-        cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, out / name)
-
-
 def merge_models(config_path: str | Path, out: str | Path, **kwargs: Any) -> dict:
     """`bricks merge CONFIG.yaml --out DIR`: validate, then merge out of core."""
-    if Path(out).exists() and not kwargs.get("overwrite"):
-        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    check_output(out, kwargs.get("overwrite", False))
     return run_merge(load_config(config_path), out, **kwargs)

@@ -44,11 +44,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from ..brick import atomic_dir
+from ..data import windows
 from ..errors import BricksError
-from .models import _copy_side_files, read_yaml, validated
-from .safetensors_io import Checkpoint, ShardedWriter
-from .training import train_lm
+from ..io import atomic_dir, check_output, read_yaml, validated
+from ..loading import load_dense, resolve
+from ..training import train_lm, trainable
+from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
 
 MOE_ARCHITECTURES = ("llama", "mistral")  # gate/up/down SwiGLU FFNs, no attention biases: what Mixtral can hold
 _FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -101,12 +102,6 @@ def load_moe_config(path: str | Path) -> MoEConfig:
     return cfg
 
 
-def _resolve(spec: str) -> Path:
-    from ..loading import resolve
-
-    return resolve(spec)
-
-
 def _check_inputs(base: Checkpoint, base_cfg: dict, experts: list[Checkpoint]) -> int:
     """Refuse what a Mixtral checkpoint cannot hold; the number of layers."""
     kind = base_cfg.get("model_type")
@@ -155,8 +150,6 @@ def _prompt_ids(tokenizer, expert: Expert, negative: bool, max_windows: int = 16
     texts = expert.negative_prompts if negative else expert.positive_prompts
     ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts if t.strip()]
     if not negative and expert.positive_data:
-        from ..data import windows
-
         w = windows(tokenizer, expert.positive_data, "train", seq_len, max_windows)
         ids += [w[i : i + 8] for i in range(0, len(w), 8)]
     return ids
@@ -166,7 +159,6 @@ def _prompt_ids(tokenizer, expert: Expert, negative: bool, max_windows: int = 16
 def gate_weights(config: MoEConfig, base_dir: Path, n_layers: int, seed: int = 0) -> torch.Tensor:
     """Initial router rows [n_layers, n_experts, hidden] for the config's gate mode."""
     from ..arch import ffns
-    from ..loading import load_model
 
     n = len(config.experts)
     if config.gate_mode == "random":
@@ -174,7 +166,7 @@ def gate_weights(config: MoEConfig, base_dir: Path, n_layers: int, seed: int = 0
             d = json.load(f)["hidden_size"]
         g = torch.Generator().manual_seed(seed)
         return torch.randn(n_layers, n, d, generator=g) / math.sqrt(d)
-    model, tok = load_model(str(base_dir))
+    model, tok = load_dense(str(base_dir))
     layers = [f.module for f in ffns(model)]
     d = model.get_input_embeddings().weight.shape[1]
 
@@ -219,10 +211,10 @@ def gate_weights(config: MoEConfig, base_dir: Path, n_layers: int, seed: int = 0
 
 def write_mixtral(config: MoEConfig, gates: torch.Tensor, out: Path, max_shard_bytes: int = 5 * 2**30) -> dict:
     """Stream the base's shared tensors, every expert's FFN tensors and the gates into a Mixtral checkpoint in `out`."""
-    base_dir = _resolve(config.base_model)
+    base_dir = resolve(config.base_model)
     base = Checkpoint(base_dir)
     base_cfg = json.loads((base_dir / "config.json").read_text())
-    experts = [Checkpoint(_resolve(e.source_model)) for e in config.experts]
+    experts = [Checkpoint(resolve(e.source_model)) for e in config.experts]
     n_layers = _check_inputs(base, base_cfg, experts)
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
 
@@ -254,8 +246,8 @@ def write_mixtral(config: MoEConfig, gates: torch.Tensor, out: Path, max_shard_b
             writer.write(name, t.to(dtype))
     finally:
         writer.close()
-    tok_dir = base_dir if config.tokenizer_source in (None, "base") else _resolve(config.tokenizer_source)
-    _copy_side_files(tok_dir, base_dir, out, out_dtype)
+    tok_dir = base_dir if config.tokenizer_source in (None, "base") else resolve(config.tokenizer_source)
+    copy_side_files(tok_dir, base_dir, out, out_dtype)
     (out / "config.json").write_text(json.dumps(
         mixtral_config(base_cfg, len(experts), config.experts_per_token, config.dtype), indent=2))
     return {"layers": n_layers, "experts": len(experts), "tensors": len(plan), "shards": len(writer.files)}
@@ -270,28 +262,23 @@ def train_gates(moe_dir: Path, domains, steps: int = 50, lr: float = 1e-3, batch
     gates = [p for n, p in model.named_parameters() if re.search(r"\.(mlp|block_sparse_moe)\.gate\.weight$", n)]
     if not gates:
         raise BricksError(f"{moe_dir} has no router weights to train")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in gates:
-        p.requires_grad_(True)
     ids = torch.cat([d.windows for d in domains]) if domains else torch.empty(0, 0, dtype=torch.long)
     if ids.numel() == 0:
         raise BricksError("no training windows for the gates: give data with at least one window of tokens")
-    model.train()
-    # Mixtral adds its load-balancing loss to the LM loss when asked for the router logits.
-    report = train_lm(model, ids, torch.optim.Adam(gates, lr=lr), steps, batch_size, seed, "gates", log,
-                      output_router_logits=True)
+    with trainable(model, gates):
+        model.train()
+        # Mixtral adds its load-balancing loss to the LM loss when asked for the router logits.
+        report = train_lm(model, ids, torch.optim.Adam(gates, lr=lr), steps, batch_size, seed, "gates", log,
+                          output_router_logits=True)
     return torch.stack([p.detach().float() for p in gates]), report
 
 
 def assemble_moe(config_path: str | Path, out: str | Path, train_domains=None, train_steps: int = 0, lr: float = 1e-3,
                  seed: int = 0, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, log=None) -> dict:
     """`bricks moe CONFIG.yaml --out DIR`: validate, compute gates, write the Mixtral checkpoint (atomically)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BricksError(f"output {out} already exists: choose another --out or remove it")
+    out = check_output(out, overwrite)
     config = load_moe_config(config_path)
-    base_dir = _resolve(config.base_model)
+    base_dir = resolve(config.base_model)
     with open(base_dir / "config.json") as f:
         n_layers = json.load(f)["num_hidden_layers"]
     gates = gate_weights(config, base_dir, n_layers, seed)

@@ -10,6 +10,7 @@ they are produced.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -158,3 +159,21 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty(0, dtype=dtype).element_size()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                    "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+def copy_side_files(tokenizer_dir: Path, config_dir: Path, out: Path, out_dtype) -> None:
+    """Copy config and tokenizer files beside written tensors; `out_dtype` (when given) goes into config.json."""
+    for name in ("config.json", "generation_config.json"):
+        if (config_dir / name).is_file():
+            shutil.copy2(config_dir / name, out / name)
+    if out_dtype is not None and (out / "config.json").is_file():
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)

@@ -1,8 +1,15 @@
-"""Routing: executing FFNs as emergent bricks, all of them or those a router selects."""
+"""Routing: FFNs that run a share of their compute per token (emergent bricks chosen by a router, or single
+neurons and input channels chosen by magnitude), their routers, budgets and recovery training."""
 
-from .bricked_ffn import BrickedFFN, assemble_bricked, bricked, compute_fraction, executed_fraction, routed_layers, verify_bricks
-from .routers import ROUTERS, Router, make_router, train_routers
+from .base import RoutedFFN, compute_fraction, executed_fraction, routed_layers
+from .bricked_ffn import BrickedFFN, assemble_bricked, bricked
+from .budget import allocate_budgets
+from .recovery import recover
+from .router_training import train_routers
+from .routers import ROUTERS, Router, make_router
 from .sparse_ffn import SparseFFN, assemble_sparse, sparsified
+from .verify import verify_bricks
 
-__all__ = ["BrickedFFN", "assemble_bricked", "bricked", "compute_fraction", "executed_fraction", "routed_layers", "verify_bricks",
-           "ROUTERS", "Router", "make_router", "train_routers", "SparseFFN", "assemble_sparse", "sparsified"]
+__all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_layers", "BrickedFFN", "assemble_bricked",
+           "bricked", "allocate_budgets", "recover", "train_routers", "ROUTERS", "Router", "make_router", "SparseFFN",
+           "assemble_sparse", "sparsified", "verify_bricks"]

@@ -7,6 +7,7 @@ import time
 import torch
 
 from ..arch import ffns
+from ..loading import parse_dtype
 from .bricked_ffn import BrickedFFN
 from .sparse_ffn import SparseFFN
 
@@ -41,8 +42,6 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
 
     `router="teal"` measures the activation-sparse FFN (`SparseFFN`) at compute fraction `active` instead.
     """
-    from ..loading import parse_dtype
-
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     rows = []
     for hidden, d_ff in shapes:

@@ -13,15 +13,14 @@ nothing, whatever the activation), which keeps every brick the same shape.
 An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
-Execution: with one token (batch-1 decode) a loop over the selected bricks
-reads only their weights (on accelerators, where a loop is launch-bound, the
-selected bricks are gathered in one op instead); with several tokens, tokens are grouped by brick and
-each brick runs once on its group (standard torch ops, CPU or CUDA). Training
-(recovery, in train mode with gradients) computes every brick and masks the
-unselected ones: the same function and gradients, in a few large matmuls. When every
-brick runs (active fraction 1.0) the FFN is computed densely with its neurons
-in their original order, so that it reproduces the dense model bit for bit
-(a brick-wise sum reorders fp32 additions: ~1e-4 on SmolLM2's logits).
+Execution: one token (batch-1 decode) reads only the selected bricks' weights
+(a loop on CPU; on accelerators, where a loop is launch-bound, one gather);
+several tokens are grouped by brick, each brick running once on its group.
+Training (recovery: train mode with gradients) computes every brick and masks
+the unselected ones: the same function and gradients in a few large matmuls.
+At active fraction 1.0 the FFN runs densely in its original neuron order, so
+that it reproduces the dense model bit for bit (a brick-wise sum reorders fp32
+additions: ~1e-4 on SmolLM2's logits).
 """
 
 from __future__ import annotations
@@ -32,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import FFN, decoder_layers, ffns, layout_for
+from ..arch import FFN, ffns
 from ..brick import BrickSet
 from ..errors import BricksError
+from .base import RoutedFFN, swap_ffns, swapped
+from .routers import make_router
 
 
-class BrickedFFN(nn.Module):
+class BrickedFFN(RoutedFFN):
     """Drop-in replacement of one layer's FFN module, computed brick by brick.
 
     Args:
@@ -82,7 +83,7 @@ class BrickedFFN(nn.Module):
                                      requires_grad=False)  # [n, k*size]
         w_down = torch.stack([pack(w_down_t, m, size) for m in members])  # [n, size, hidden]
         # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest, while
-        # bf16/fp16 fall off a cliff there (~20x slower than F.linear on [hidden, size] blocks).
+        # bf16/fp16 fall off a cliff there (many times slower than F.linear on [hidden, size] blocks).
         self.down_rows = dtype == torch.float32
         self.w_down = nn.Parameter(w_down if self.down_rows else w_down.transpose(1, 2).contiguous(), requires_grad=False)
         b = ffn.down_bias()
@@ -105,25 +106,15 @@ class BrickedFFN(nn.Module):
             self.shared_down = nn.Parameter(sd.clone() if self.down_rows else sd.t().contiguous(), requires_grad=False)
         self.hidden = hidden
         self.active = active
-        # At full activity: run the dense FFN in the original neuron order (bit-exact), or, when
-        # False, still brick by brick (what `verify_bricks` measures).
-        self.dense_at_full = True
+        self.dense_at_full = True  # False: brick by brick even at full activity (what `verify_bricks` measures)
         self._dense_cache: dict[str, torch.Tensor] | None = None
-        # Tokens seen and routed bricks run, for the compute fraction actually executed (threshold
-        # routers run a variable number of bricks per token). Device tensors: counting never syncs.
+        # Tokens seen and routed bricks run (threshold routers vary per token); on the device: no syncs.
         self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=dev), persistent=False)
-        # Recovery with router refit sets `refit_router`; the masked training path then leaves the router's
-        # loss against the current weights' oracle choice in `router_loss` (not saved).
+        # Set by recovery with router refit: the masked path then leaves the router's loss in `router_loss`.
         self.refit_router = False
         self.router_loss: torch.Tensor | None = None
-        self.router = None
-        if router is not None:
-            from .routers import make_router
-
-            self.router = make_router(router, self)
-        # An inference module until trained: train mode (with gradients on) selects the masked training
-        # path, which must never run for inference; `model.train()` (recovery) opts in.
-        self.eval()
+        self.router = None if router is None else make_router(router, self)
+        self.eval()  # train mode selects the masked training path: only recovery opts in (`model.train()`)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -166,12 +157,11 @@ class BrickedFFN(nn.Module):
         return self.router.select(x, self.k_active)
 
     def set_full(self) -> None:
-        """Run every brick, in the original neuron order: the dense FFN (the distillation teacher's setting)."""
+        """Every brick, in the original neuron order: the dense FFN."""
         self.active, self.dense_at_full = 1.0, True
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Rebuild what is derived from the weights, after they changed (recovery training)."""
         self._dense_cache = None
         rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
         self.down_norms.copy_(rows.float().norm(dim=-1))
@@ -241,10 +231,9 @@ class BrickedFFN(nn.Module):
     def _gathered(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
         """One token on an accelerator: the k selected bricks' weights gathered in one op each, no host sync.
 
-        A per-brick loop costs a host sync to list the bricks and several kernel launches per brick, which on
-        a GPU take far longer than reading the weights (`bench/results_ffn_cuda_h100.txt`). Here the k
-        selected bricks are found on the device (a stable sort of the mask puts them first), and their rows
-        are gathered and run as one matmul. The copy costs memory traffic that the CPU path avoids.
+        A per-brick loop costs a host sync and several launches per brick, far more than reading the weights on
+        a GPU (`bench/README.md`): the k bricks are found on the device (a stable sort of the mask puts them
+        first) and gathered into one matmul, at the cost of a copy the CPU path avoids.
         """
         k = self.k_active
         idx = torch.argsort(sel[0].to(torch.int8), descending=True, stable=True)[:k]
@@ -264,13 +253,9 @@ class BrickedFFN(nn.Module):
                 y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """Training (recovery): every brick computed, the unselected ones zeroed.
-
-        The same function and the same gradients as the grouped path (an
-        unselected brick's weights get zero gradient either way), but a few
-        large matmuls instead of a loop over bricks, whose backward pass is
-        dominated by per-brick overheads. Never used for inference.
-        """
+        """Training (recovery): every brick computed, the unselected ones zeroed. The function and gradients of the
+        grouped path (unselected bricks get zero gradient either way) in a few large matmuls instead of a loop over
+        bricks, whose backward pass per-brick overheads dominate. Never used for inference."""
         n, size = self.n_bricks, self.brick_size
         h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
         a = self._act(h.view(len(x), n, -1), size)  # [tokens, n, size]: every brick's activations
@@ -327,7 +312,6 @@ class BrickedFFN(nn.Module):
 
     @torch.no_grad()
     def write_dense(self, dense: FFN) -> None:
-        """Write this FFN's weights back, in the original neuron order, into a dense FFN of the same shape."""
         parts = dense.neuron_parts()  # [d_ff, ...] views: gate, up, down (as rows), biases
         for name, t in self.neuron_order().items():
             if name in parts:
@@ -358,7 +342,6 @@ class BrickedFFN(nn.Module):
         return self._macs(min(self.k_active, self.n_bricks)) / self.dense_macs_per_token()
 
     def executed_fraction(self) -> float | None:
-        """Compute fraction of the tokens run since `counts` was last zeroed (None when none ran)."""
         tokens, run = self.counts.tolist()
         if tokens == 0:
             return None
@@ -384,25 +367,17 @@ def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = 
     Returns the original FFN modules, in layer order (see `bricked` to swap back).
     """
     brickset.check_model(model)
-    layout = layout_for(model)
-    if not layout.mlp:
-        raise BricksError(f"{model.config.model_type} keeps its FFN inside the decoder block; bricked execution "
-                          "needs a separate FFN module (supported: every family but opt)")
-    blocks = ffns(model)
-    if brickset.n_layers != len(blocks):
-        raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(blocks)}")
-    layers = decoder_layers(model, layout)
-    new = [BrickedFFN(f, a, s, router, active) for f, a, s in zip(blocks, brickset.assignments, brickset.shared)]
-    if compute is not None:
-        if not 0.0 < compute <= 1.0:
-            raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
-        for m in new:
+    if brickset.n_layers != len(ffns(model)):
+        raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(ffns(model))}")
+    if compute is not None and not 0.0 < compute <= 1.0:
+        raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
+
+    def make(f: FFN) -> BrickedFFN:
+        m = BrickedFFN(f, brickset.assignments[f.layer], brickset.shared[f.layer], router, active)
+        if compute is not None:
             m.set_compute(compute)
-    originals = []
-    for f, module in zip(blocks, new):
-        originals.append(f.module)
-        setattr(layers[f.layer], layout.mlp, module)
-    return originals
+        return m
+    return swap_ffns(model, make, "bricked")
 
 
 @contextlib.contextmanager
@@ -417,68 +392,9 @@ def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, act
         >>> with bricked(model, bs, router="centroid", active=0.5):
         ...     logits = model(ids).logits
     """
-    layout = layout_for(model)
-    layers = decoder_layers(model, layout)
     originals = assemble_bricked(model, brickset, router, active)
     for m in model.modules():
         if isinstance(m, BrickedFFN):
             m.dense_at_full = not brickwise
-    try:
+    with swapped(model, originals):
         yield model
-    finally:
-        for layer, module in zip(layers, originals):
-            setattr(layer, layout.mlp, module)
-
-
-def routed_layers(model: nn.Module) -> list[nn.Module]:
-    """The FFNs of `model` that run a share of their compute: `BrickedFFN`s and `SparseFFN`s, in layer order."""
-    from .sparse_ffn import SparseFFN
-
-    return [m for m in model.modules() if isinstance(m, (BrickedFFN, SparseFFN))]
-
-
-def compute_fraction(model: nn.Module) -> float:
-    """Mean FFN compute fraction over the layers of `model` (1.0 for a dense model).
-
-    Every token runs the same number of bricks, so the fraction follows from
-    the configuration; no forward pass is needed to know it.
-    """
-    fr = [m.compute_fraction() for m in routed_layers(model)]
-    return sum(fr) / len(fr) if fr else 1.0
-
-
-def executed_fraction(model: nn.Module, reset: bool = False) -> float:
-    """Mean FFN compute fraction the forward passes actually ran (1.0 for a dense model).
-
-    Differs from `compute_fraction` only for routers that run a variable number
-    of bricks per token (threshold). `reset` zeroes the counts afterwards.
-    """
-    layers = routed_layers(model)
-    fr = [m.executed_fraction() for m in layers]
-    if reset:
-        for m in layers:
-            m.counts.zero_()
-    fr = [f if f is not None else m.compute_fraction() for f, m in zip(fr, layers)]
-    return sum(fr) / len(fr) if fr else 1.0
-
-
-@torch.no_grad()
-def verify_bricks(model: nn.Module, brickset: BrickSet, ids: torch.Tensor) -> dict[str, float]:
-    """Max |logit difference| to the dense model of the model rebuilt from all bricks, two ways.
-
-    - `reassembled`: every FFN's weights cut into the bricks' slices, cleared, and
-      written back from the slices; 0 when the bricks are an exact cover.
-    - `brickwise`: FFNs executed as a sum of per-brick outputs (`BrickedFFN`);
-      exact in real arithmetic, in fp32 it differs by summation order (about
-      the model's own fp32 rounding noise: permuting the neurons of the dense
-      model changes SmolLM2's logits by ~1e-4).
-    """
-    from ..analysis.capture import run_model
-
-    dense = run_model(model, ids, logits=True).float()
-    pieces = [brickset.brick_weights(model, layer) for layer in range(brickset.n_layers)]
-    brickset.reassemble(model, pieces)
-    reassembled = run_model(model, ids, logits=True).float()
-    with bricked(model, brickset, brickwise=True):
-        brickwise = run_model(model, ids, logits=True).float()
-    return {"reassembled": float((dense - reassembled).abs().max()), "brickwise": float((dense - brickwise).abs().max())}

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import BricksError
+from ..runtime import run_model
 from .bricked_ffn import BrickedFFN
+from .router_training import training_data
 
 POWER = 2  # loss ~ s · err^POWER near the uniform budget
 
@@ -49,8 +51,6 @@ def error_curve(ffn: BrickedFFN, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    from ..analysis.capture import run_model
-
     total = 0.0
     for i in range(0, len(ids), batch_size):
         logits = run_model(model, ids[i : i + batch_size], logits=True).float()
@@ -68,11 +68,9 @@ def allocate_budgets(model: nn.Module, domains, compute: float, max_tokens: int 
     Returns the per-layer report: sensitivity, error at the uniform budget,
     bricks per token chosen.
     """
-    from .routers import _training_data
-
     if not 0.0 < compute <= 1.0:
         raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
-    layers, data = _training_data(model, domains, max_tokens, batch_size)
+    layers, data = training_data(model, domains, max_tokens, batch_size)
     if not layers:
         raise BricksError("the model has no bricked FFNs to budget: assemble bricks first (bricks.moefy)")
     for m in layers:

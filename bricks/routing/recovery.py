@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BricksError
-from .bricked_ffn import BrickedFFN, routed_layers
+from ..training import TrainingCheckpoint, adamw_cosine, lm_loss, train_lm, trainable
+from .base import routed_layers
+from .bricked_ffn import BrickedFFN
 
 
 OBJECTIVES = ("distill", "lm")
@@ -101,8 +103,6 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
     Returns the training report (mean loss of the first and last tenth of the
     steps, and of the router refit loss).
     """
-    from ..merge.training import TrainingCheckpoint, adamw_cosine, lm_loss, train_lm
-
     if windows.numel() == 0:
         raise BricksError("no recovery windows: give training data with at least one window of tokens")
     if steps < 1 or lr <= 0:
@@ -124,13 +124,7 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         raise BricksError(f"router refit needs router_lr > 0 (got {router_lr})")
     routers = {id(p) for m in layers if m.router is not None for p in m.router.parameters()}
     router_params = [p for m in refit for p in m.router.parameters() if p.is_floating_point()]
-    was_training = model.training
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if id(p) not in routers and p.is_floating_point()]
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in routers and p.is_floating_point())
-    for p in router_params:
-        p.requires_grad_(True)
     for m in layers:
         m._dense_cache = None  # the dense copy would go stale as the bricks train
     loss_fn = distill_loss(dense_teacher(model)) if objective == "distill" else lm_loss
@@ -139,22 +133,21 @@ def recover(model, windows: torch.Tensor, steps: int = 200, lr: float = 5e-5, ba
         loss_fn = with_router_refit(loss_fn, layers, refit_seen)
     groups = [{"params": params}] + ([{"params": router_params, "lr": router_lr}] if router_params else [])
     opt, sched = adamw_cosine(groups, lr, steps)
-    model.train()
-    for m in refit:
-        m.refit_router = True
-    try:
-        report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched,
-                          clip=params, loss_fn=loss_fn,  # routers unclipped: their BCE would set the scale
-                          checkpoint=saver, settings={"objective": objective, "lr": lr, "refit_routers": refit_routers,
-                                                      "router_lr": router_lr, "compute": [round(m.compute_fraction(), 6) for m in routed]})
-    finally:
-        model.train(was_training)
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(n, False))
-        for m in layers:
-            m.refit_router, m.router_loss = False, None
-        for m in routed:
-            m.refresh()
+    with trainable(model, params + router_params):
+        model.train()
+        for m in refit:
+            m.refit_router = True
+        try:
+            report = train_lm(model, windows, opt, steps, batch_size, seed, "recovery", log, sched=sched,
+                              clip=params, loss_fn=loss_fn,  # routers unclipped: their BCE would set the scale
+                              checkpoint=saver, settings={"objective": objective, "lr": lr, "refit_routers": refit_routers,
+                                                          "router_lr": router_lr,
+                                                          "compute": [round(m.compute_fraction(), 6) for m in routed]})
+        finally:
+            for m in layers:
+                m.refit_router, m.router_loss = False, None
+            for m in routed:
+                m.refresh()
     report.update({"objective": objective, "lr": lr, "batch_size": batch_size, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
     if refit:
         tenth = max(1, len(refit_seen) // 10)

@@ -26,15 +26,14 @@ to route before that.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
 import torch
 from torch import nn
 
 from ..errors import BricksError
+from ..registry import Registry
 
-if TYPE_CHECKING:
-    from .bricked_ffn import BrickedFFN
+# name -> Router class; each is built on the `BrickedFFN` it routes for (`make_router`)
+ROUTERS: Registry = Registry("router")
 
 
 class Router(nn.Module):
@@ -66,6 +65,7 @@ class Router(nn.Module):
         raise NotImplementedError(f"the {self.name} router has nothing to learn by gradient")
 
 
+@ROUTERS.register("oracle", "the true brick activation mass (analysis only; its cost is not counted)")
 class OracleRouter(Router):
     """Scores bricks by their true output mass sum_i |a_i|·||W_down[:, i]|| (computes all of `a`).
 
@@ -76,7 +76,7 @@ class OracleRouter(Router):
 
     name = "oracle"
 
-    def __init__(self, ffn: "BrickedFFN"):
+    def __init__(self, ffn: nn.Module):
         super().__init__()
         self._ffn = [ffn]  # a list: do not register the FFN as a sub-module (it owns the router)
 
@@ -87,12 +87,13 @@ class OracleRouter(Router):
         return 0
 
 
+@ROUTERS.register("centroid", "similarity to each brick's mean gate row (MoEfication's parameter centroids)")
 class CentroidRouter(Router):
     """Scores bricks by x · c_b, c_b the mean of brick b's normalised input weight rows."""
 
     name = "centroid"
 
-    def __init__(self, ffn: "BrickedFFN"):
+    def __init__(self, ffn: nn.Module):
         super().__init__()
         self._ffn = [ffn]
         self.register_buffer("centroids", self._centroids())  # [n, hidden]
@@ -115,6 +116,7 @@ class CentroidRouter(Router):
         return self.centroids.numel()
 
 
+@ROUTERS.register("mlp", "a small MLP per layer trained to find each token's most active bricks (MoEfication)")
 class MLPRouter(Router):
     """A small MLP trained on captured activations to predict which bricks matter (MoEfication).
 
@@ -126,7 +128,7 @@ class MLPRouter(Router):
     trainable = True
     refits = True
 
-    def __init__(self, ffn: "BrickedFFN", width: int = 128):
+    def __init__(self, ffn: nn.Module, width: int = 128):
         super().__init__()
         hidden, n = ffn.hidden, ffn.n_bricks
         dtype, dev = ffn.w_in.dtype, ffn.w_in.device
@@ -165,17 +167,19 @@ class MLPRouter(Router):
         self.trained.fill_(True)
 
 
+@ROUTERS.register("hybrid", "the BrickSet's always-on shared brick plus MLP-routed bricks")
 class HybridRouter(MLPRouter):
     """Shared always-on neurons plus MLP-routed bricks: the BrickSet must have a shared brick."""
 
     name = "hybrid"
 
-    def __init__(self, ffn: "BrickedFFN", width: int = 128):
+    def __init__(self, ffn: nn.Module, width: int = 128):
         if ffn.shared_in is None:
             raise BricksError("the hybrid router needs a BrickSet with a shared brick: partition with --shared F (e.g. 0.0625)")
         super().__init__(ffn, width)
 
 
+@ROUTERS.register("threshold", "CATS-style gating: bricks whose gate activation mass passes a calibrated threshold")
 class ThresholdRouter(Router):
     """CATS-style gating: a brick runs when its gate activation mass passes a calibrated per-layer threshold.
 
@@ -189,7 +193,7 @@ class ThresholdRouter(Router):
     reuses_gate = True
     QUANTILES = 1025
 
-    def __init__(self, ffn: "BrickedFFN"):
+    def __init__(self, ffn: nn.Module):
         super().__init__()
         self._ffn = [ffn]
         self.register_buffer("quantiles", torch.zeros(self.QUANTILES, device=ffn.w_in.device))
@@ -231,78 +235,6 @@ class ThresholdRouter(Router):
         self.trained.fill_(True)
 
 
-ROUTERS: dict[str, Callable[..., Router]] = {"oracle": OracleRouter, "centroid": CentroidRouter, "mlp": MLPRouter,
-                                             "threshold": ThresholdRouter, "hybrid": HybridRouter}
-
-
-def make_router(name: str, ffn) -> Router:
-    if name not in ROUTERS:
-        raise BricksError(f"unknown router {name!r}: choose from {', '.join(ROUTERS)}")
-    return ROUTERS[name](ffn)
-
-
-@torch.no_grad()
-def _training_data(model, domains, max_tokens: int, batch_size: int):
-    """Per bricked layer: FFN inputs [tokens, hidden] and oracle brick masses [tokens, n_bricks]."""
-    from ..analysis.capture import batches, run_model
-    from .bricked_ffn import BrickedFFN
-
-    layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
-    xs: list[list[torch.Tensor]] = [[] for _ in layers]
-    saved = [m.active for m in layers]
-    ids = torch.cat([d.windows for d in domains])
-    stride = max(1, ids.numel() // max_tokens)
-
-    def keep(i):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])[::stride]
-            xs[i].append(x.detach())
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(layers)]
-    try:
-        for m in layers:
-            m.active = 1.0  # collect inputs of the dense computation, without routing
-        for rows in batches(len(ids), batch_size, shard=False):
-            run_model(model, ids[rows])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, a in zip(layers, saved):
-            m.active = a
-    out = []
-    for m, chunks in zip(layers, xs):
-        x = torch.cat(chunks)
-        mass = torch.cat([m.brick_mass(c) for c in x.split(1024)])
-        out.append((x, mass))
-    return layers, out
-
-
-def train_routers(model, domains, epochs: int = 20, lr: float = 3e-3, max_tokens: int = 16384, batch_size: int = 8,
-                  seed: int = 0) -> list[dict]:
-    """Train or calibrate every trainable router of a bricked `model` on the train windows of `domains`.
-
-    Each router is fitted on 9/10 of the captured tokens for its layer's budget
-    (k bricks per token). Returns per layer, on the held-back tenth: the recall
-    of the oracle's top-k bricks (`recall_at_k`) and the mean share of bricks
-    the router selected (`active_share`; variable-count routers may differ from k/n).
-    """
-    layers, data = _training_data(model, domains, max_tokens, batch_size)
-    report = []
-    g = torch.Generator().manual_seed(seed)
-    for i, (m, (x, mass)) in enumerate(zip(layers, data)):
-        if m.router is None or not m.router.trainable:
-            continue
-        k = min(m.k_active, m.n_bricks)
-        perm = torch.randperm(len(x), generator=g)
-        n_val = max(1, len(x) // 10)
-        val, train = perm[:n_val], perm[n_val:]
-        m.router.fit(x[train], mass[train], k, epochs, lr, g)
-        with torch.no_grad():
-            chosen = m.router.select(x[val], k)
-            m.router.gate = None
-            top = torch.zeros_like(chosen).scatter_(1, mass[val].topk(k, dim=1).indices, True)
-            recall = float((chosen & top).sum() / (n_val * k))
-            share = float(chosen.float().mean())
-        report.append({"layer": i, "tokens": len(x), "recall_at_k": round(recall, 4), "active_share": round(share, 4)})
-    return report
+def make_router(name: str, ffn: nn.Module) -> Router:
+    """The router `name` built on the bricked FFN it will route for."""
+    return ROUTERS.get(name)(ffn)

@@ -11,12 +11,10 @@ which are known exactly when the projection runs. Here, per token:
 - the down projection reads only the `keep_act` share of the neurons with the
   largest |a| (their rows of W_down^T), among the activations just computed.
 
-Measured on SmolLM2-135M (`bench/routing_quality_probe.py`, held-out ratio
-code / math / prose, no training): keeping 60% of the inputs and 30% of the
-neurons (FFN compute 0.5) gives 1.38 / 1.20 / 1.34, against 3.5 / 1.9 / 3.3
-for the best brick router at the same compute; 50% / 50% gives 1.51 / 1.14 /
-1.44. Ranking neurons by |a| x the norm of their down column does no better
-(1.41 / 1.22 / 1.37 at 60% / 30%). Recovery training (`bricks.routing.recovery`) works on it unchanged.
+How the compute is split between inputs and neurons, and how it compares
+with brick routers at the same compute, is measured by
+`bench/routing_quality_probe.py` (figures in `bench/README.md`). Recovery
+training (`bricks.routing.recovery`) works on it unchanged.
 
 Top-k per token rather than TEAL's calibrated thresholds: every token runs
 exactly the configured compute, which needs no calibration data and cannot
@@ -39,15 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import FFN, decoder_layers, ffns, layout_for
+from ..arch import FFN
 from ..errors import BricksError
+from .base import RoutedFFN, swap_ffns, swapped
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
-# 0.5 that is 60% of the inputs and 30% of the neurons, the best split measured on the default model (see above).
+# 0.5 that is 60% of the inputs and 30% of the neurons (the split `bench/routing_quality_probe.py` compares).
 IN_OVER_COMPUTE = 1.2
 
 
-class SparseFFN(nn.Module):
+class SparseFFN(RoutedFFN):
     """Drop-in replacement of one layer's FFN module, skipping small inputs of each projection per token.
 
     Args:
@@ -79,7 +78,6 @@ class SparseFFN(nn.Module):
 
     # ------------------------------------------------------------------ budget
     def set_full(self) -> None:
-        """Read every input and neuron: the dense FFN (the distillation teacher's setting)."""
         self.set_compute(1.0)
 
     @property
@@ -201,12 +199,8 @@ class SparseFFN(nn.Module):
         return y if self.b_down is None else y + self.b_down
 
     # ------------------------------------------------------------------ weights
-    def refresh(self) -> None:
-        """Nothing derives from the weights (top-k needs no calibration); kept for the recovery loop."""
-
     @torch.no_grad()
     def write_dense(self, dense: FFN) -> None:
-        """Write this FFN's weights back into a dense FFN of the same shape."""
         parts = dense.neuron_parts()
         d = self.d_ff
         rows = self.w_in_t.t()
@@ -225,16 +219,7 @@ def assemble_sparse(model: nn.Module, compute: float = 1.0) -> list[nn.Module]:
 
     Returns the original FFN modules, in layer order.
     """
-    layout = layout_for(model)
-    if not layout.mlp:
-        raise BricksError(f"{model.config.model_type} keeps its FFN inside the decoder block; sparse execution "
-                          "needs a separate FFN module (supported: every family but opt)")
-    layers = decoder_layers(model, layout)
-    originals = []
-    for f in ffns(model):
-        originals.append(f.module)
-        setattr(layers[f.layer], layout.mlp, SparseFFN(f, compute))
-    return originals
+    return swap_ffns(model, lambda f: SparseFFN(f, compute), "sparse")
 
 
 @contextlib.contextmanager
@@ -245,11 +230,5 @@ def sparsified(model: nn.Module, compute: float):
         >>> with sparsified(model, 0.5):
         ...     out = model.generate(ids, max_new_tokens=32)
     """
-    layout = layout_for(model)
-    layers = decoder_layers(model, layout)
-    originals = assemble_sparse(model, compute)
-    try:
+    with swapped(model, assemble_sparse(model, compute)):
         yield model
-    finally:
-        for layer, module in zip(layers, originals):
-            setattr(layer, layout.mlp, module)

@@ -37,14 +37,36 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..analysis.capture import batches, run_model
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..analysis.sparsity import perplexity
 from ..arch import decoder_layers
-from ..brick import atomic_dir
 from ..errors import BricksError
+from ..io import atomic_dir
+from ..registry import Registry
+from ..runtime import batches, run_model
+from ..training import train_lm, trainable
 
-ADAPTER_ROUTERS = ("arrow", "prototype", "gate")
 FORMAT = "bricks.adapter_router"
+
+# kind -> fit(router, domains, config, log): fills a fresh router's gates (see `fit_router`)
+ADAPTER_ROUTERS: Registry = Registry("adapter router")
+
+
+class RouteConfig(BaseModel):
+    """Settings of `bricks route` and `fit_router` (flags and YAML files share this schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    router: str = "prototype"
+    top_k: int | None = Field(None, ge=1)  # bricks mixed per token (None: all by softmax; arrow: 1)
+    temperature: float = Field(0.05, gt=0, allow_inf_nan=False)  # prototype similarity temperature
+    steps: int = Field(100, ge=1)  # gate training steps
+    lr: float = Field(1e-2, gt=0, allow_inf_nan=False)  # gate learning rate
+    windows: int = Field(64, ge=1)  # train windows per domain
+    eval_windows: int = Field(16, ge=1)  # held-out windows per domain
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
 
 
 def top_k_softmax(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -102,8 +124,7 @@ class AdapterRouter:
     """A fitted router over the bricks of a `MultiAdapter`; `active()` routes the model's forward passes."""
 
     def __init__(self, multi, kind: str, gates: nn.ModuleDict, top_k: int | None, meta: dict | None = None):
-        if kind not in ADAPTER_ROUTERS:
-            raise BricksError(f"unknown adapter router {kind!r}: choose one of {', '.join(ADAPTER_ROUTERS)}")
+        ADAPTER_ROUTERS.get(kind)  # unknown kinds: a one-line error listing the known ones
         self.multi, self.kind, self.gates, self.top_k = multi, kind, gates, top_k
         self.meta = meta or {}
         self._hooks: list = []
@@ -288,58 +309,61 @@ def fit_router(multi, kind: str, domains=None, top_k: int | None = None, tempera
     prototypes and the gate's training data; `arrow` needs none. `top_k`:
     bricks mixed per token (None: arrow's one, the others all by softmax);
     `temperature` scales the prototype cosine similarities into logits.
+
+    Example:
+        >>> router = fit_router(multi, "gate", train_domains, steps=100)
     """
+    from ..io import validated
+
+    fit = ADAPTER_ROUTERS.get(kind)
+    config = validated(RouteConfig, dict(router=kind, top_k=top_k, temperature=temperature, steps=steps, lr=lr,
+                                         batch_size=batch_size, seed=seed), "adapter router settings")
     if top_k is None and kind == "arrow":
         top_k = 1
-    if kind not in ADAPTER_ROUTERS:
-        raise BricksError(f"unknown adapter router {kind!r}: choose one of {', '.join(ADAPTER_ROUTERS)}")
-    if top_k is not None and not 1 <= top_k <= len(multi.bricks):
+    if top_k is not None and top_k > len(multi.bricks):
         raise BricksError(f"top_k must be in [1, {len(multi.bricks)}] (the number of bricks), got {top_k}")
-    if temperature <= 0 or not math.isfinite(temperature):
-        raise BricksError(f"temperature must be a positive number, got {temperature}")
-    gates = _empty_gates(multi, kind, top_k)
-    meta = {}
-    if kind == "arrow":
-        for name, layer in multi.layers.items():
-            gates[name.replace(".", "/")].directions.copy_(_directions(layer, len(multi.bricks)))
-        return AdapterRouter(multi, kind, gates, top_k, meta)
-    mean, std, protos = hidden_prototypes(multi, domains, batch_size)
-    for i, g in enumerate(gates.values()):
+    router = AdapterRouter(multi, kind, _empty_gates(multi, kind, top_k), top_k)
+    fit(router, domains, config, log)
+    return router
+
+
+@ADAPTER_ROUTERS.register("arrow", "gradient- and data-free: each token mixes the bricks whose top ΔW input direction "
+                                   "it aligns with")
+def _fit_arrow(router: AdapterRouter, domains, config: RouteConfig, log) -> None:
+    for name, layer in router.multi.layers.items():
+        router.gates[name.replace(".", "/")].directions.copy_(_directions(layer, len(router.multi.bricks)))
+
+
+@ADAPTER_ROUTERS.register("prototype", "gradient-free: similarity of a token's hidden state to each brick's mean "
+                                       "over sample text")
+def _fit_prototype(router: AdapterRouter, domains, config: RouteConfig, log) -> None:
+    mean, std, protos = hidden_prototypes(router.multi, domains, config.batch_size)
+    for i, g in enumerate(router.gates.values()):
         g.mean.copy_(mean[i])
         g.std.copy_(std[i])
-        g.weight.data.copy_(protos[i] / temperature)
-    meta["temperature"] = temperature
-    router = AdapterRouter(multi, kind, gates, top_k, meta)
-    if kind == "gate":
-        if top_k == 1:
-            raise BricksError("a trained gate needs top_k >= 2 or none (with one brick per token the gate gets no gradient)")
-        meta.update(train_gate(router, _domains_for_bricks(multi, domains), steps, lr, batch_size, seed, log))
-    return router
+        g.weight.data.copy_(protos[i] / config.temperature)
+    router.meta["temperature"] = config.temperature
+
+
+@ADAPTER_ROUTERS.register("gate", "a token-level gate per layer, started from the prototypes and trained with the "
+                                  "LM loss (X-LoRA, MoLE)")
+def _fit_gate(router: AdapterRouter, domains, config: RouteConfig, log) -> None:
+    if router.top_k == 1:
+        raise BricksError("a trained gate needs top_k >= 2 or none (with one brick per token the gate gets no gradient)")
+    _fit_prototype(router, domains, config, log)
+    router.meta.update(train_gate(router, _domains_for_bricks(router.multi, domains), config.steps, config.lr,
+                                  config.batch_size, config.seed, log))
 
 
 def train_gate(router: AdapterRouter, domains, steps: int = 100, lr: float = 1e-2, batch_size: int = 8, seed: int = 0,
                log=None) -> dict:
     """Train the router's gates with the language-model loss on the domains' mixed windows; bricks and base stay frozen."""
-    model = router.multi.model
-    from ..merge.training import train_lm
-
     if steps < 1 or lr <= 0:
         raise BricksError(f"steps ({steps}) must be >= 1 and lr ({lr}) > 0")
-    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(router.gates.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with router.active():
-            report = train_lm(model, torch.cat([d.windows for d in domains]), torch.optim.Adam(params, lr=lr), steps,
-                              batch_size, seed, "gate", log)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(frozen[n])
-        for p in params:
-            p.requires_grad_(False)
+    model = router.multi.model
+    with trainable(model, router.gates.parameters()) as params, router.active():
+        report = train_lm(model, torch.cat([d.windows for d in domains]), torch.optim.Adam(params, lr=lr), steps,
+                          batch_size, seed, "gate", log)
     return {**report, "lr": lr}
 
 

@@ -1,68 +1,22 @@
-"""Training small LoRA adapters with PEFT, returned as adapter bricks.
+"""The one training loop and what it needs: optimizer and schedule, a loss, resumable checkpoints, `trainable`.
 
-Enough to make customized bricks to combine (the merging notebook trains one
-per built-in domain in a few minutes on CPU); it is not a replacement for a
-fine-tuning framework. PEFT does the training so that the bricks are real PEFT
-adapters: the brick is read back from PEFT's own saved directory.
+LoRA bricks, adapter gates, MoE gates and recovery training all run
+`train_lm`: random batches of token windows (seeded), one optimizer step per
+batch, a non-finite loss stops it, and with a `TrainingCheckpoint` an
+interrupted run resumes to the weights an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..analysis.capture import input_device
-from ..errors import BricksError
-from .adapters import AdapterBrick
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 16, alpha: float | None = None,
-               targets=DEFAULT_TARGETS, steps: int = 100, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-               rslora: bool = False, log=None) -> tuple[AdapterBrick, dict]:
-    """Train a LoRA adapter on token `windows [n, seq]` (causal LM loss); the model is left unchanged.
-
-    Returns the brick and a report (loss of the first and last tenth of the steps).
-    """
-    from peft import LoraConfig, get_peft_model
-
-    if windows.numel() == 0:
-        raise BricksError("no training windows: give data with at least one window of tokens")
-    if rank < 1 or steps < 1 or lr <= 0:
-        raise BricksError(f"rank ({rank}) and steps ({steps}) must be >= 1 and lr ({lr}) > 0")
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise BricksError(f"target modules {missing} do not exist in this model; choose among its linear layers")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
-                        lora_dropout=0.0, bias="none", use_rslora=rslora, task_type="CAUSAL_LM")
-    # Taken before PEFT freezes the base, so that the model comes back as it was.
-    was_training = model.training
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    torch.manual_seed(seed)  # PEFT initialises A with the global generator
-    peft_model = get_peft_model(model, config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt, sched = adamw_cosine(params, lr, steps)
-    peft_model.train()
-    try:
-        report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params)
-        peft_model.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            brick = AdapterBrick.from_peft(tmp, name=name)
-    finally:
-        peft_model.unload()  # back to the plain base modules, weights untouched
-        model.train(was_training)
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(n, p.requires_grad))
-    report.update({"name": name, "rank": rank, "tokens": steps * min(batch_size, len(windows)) * windows.shape[1]})
-    return brick, report
-
+from .errors import BricksError
+from .runtime import input_device
 
 def adamw_cosine(params, lr: float, steps: int):
     """AdamW (no weight decay) with a short warm-up then cosine decay: stable for the few hundred steps used here."""
@@ -171,3 +125,30 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
             checkpoint.save(model, opt, sched, gen, settings, step + 1, losses)
     tenth = max(1, steps // 10)
     return {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+
+
+@contextlib.contextmanager
+def trainable(model, params=()):
+    """Inside the block only `params` require gradients: every parameter of `model` is frozen first.
+
+    On exit, whatever happened inside, every parameter's `requires_grad` (of
+    `model` and of `params`, which may live outside it, e.g. a router's gates)
+    and the model's train/eval mode are as they were before.
+
+    Example:
+        >>> with trainable(model, gate.parameters()):
+        ...     train_lm(model, windows, opt, steps)
+    """
+    params = list(params)
+    saved = [(p, p.requires_grad) for p in [*model.parameters(), *params]]
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)

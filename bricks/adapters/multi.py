@@ -11,16 +11,15 @@ B), so that a batch runs in one forward pass:
   the extra work is the sequences' own low-rank products, each brick's factors
   read once per step;
 - a mix per sequence (`weights [batch, n]`) or per token (`[batch, seq, n]`,
-  set by a router, see `adapter_router`): x is projected on every brick's A at
+  set by a router, see `bricks.adapters.routers`): x is projected on every brick's A at
   once (one matmul with the stacked `[n·r, in]` factors), each brick's block is
   scaled by its weight, and one matmul with the stacked `[out, n·r]` B adds the
   mixture.
 
 Gathering each sequence's factors per step (as Punica/S-LoRA's kernels do on
-GPU) copies them once per sequence, which was much slower on CPU (3.5x the
-base's time on 32 sequences over 8 bricks, against 1.3x for the stacked path,
-in different runs); the grouped path gathers the used bricks' factors once per
-`use()`.
+GPU) copies them once per sequence, which was much slower on CPU
+(`bench/README.md`); the grouped path gathers the used bricks' factors once
+per `use()`.
 
     >>> multi = attach_adapters(model, [code_brick, math_brick])
     >>> with multi.use(ids=torch.tensor([0, 1, 1, 0])):
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import BricksError
+from .lora import LoRAModule
 
 
 class MultiLoRALinear(nn.Module):
@@ -198,8 +198,6 @@ def attach_adapters(model: nn.Module, bricks: list) -> MultiAdapter:
             m = b.modules.get(name)
             if m is None:  # a brick that does not touch this layer: a zero brick of rank 1 here
                 ref = next(x.modules[name] for x in bricks if name in x.modules)
-                from ..merge.adapters import LoRAModule
-
                 m = LoRAModule(ref.A.new_zeros(1, ref.A.shape[1]), ref.B.new_zeros(ref.B.shape[0], 1), 1.0)
             mods.append(m)
         fan = any(m.fan_in_fan_out for m in mods)

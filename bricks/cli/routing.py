@@ -1,0 +1,191 @@
+"""Commands on routed models: `moefy`, `eval`, `bench ffn`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import BricksError
+from ..routing import ROUTERS
+from .common import DATA_HELP, config_option, emit, load, log_to_stderr, main, model_options, settings, user_errors
+
+
+@main.command()
+@click.argument("model")
+@click.option("--bricks", "brickset", default=None, type=click.Path(),
+              help="BrickSet directory made from MODEL (bricks partition); not used by --router teal")
+@click.option("--router", default="centroid", show_default=True,
+              help=f"brick router ({ROUTERS.help()}); or teal: single neurons and input channels by magnitude, no BrickSet")
+@click.option("--active", default=0.5, show_default=True,
+              help="share of routed bricks each token runs, in (0, 1] (teal: the FFN compute fraction)")
+@click.option("--compute", default=None, type=float,
+              help="instead of --active: FFN compute fraction per layer, router and shared brick included, in (0, 1]")
+@click.option("--budget", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
+              help="with --compute: the same share in every layer, or per-layer shares by calibrated sensitivity")
+@click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
+@click.option("--data", "data", multiple=True,
+              help=DATA_HELP + " (train split; trains or calibrates the router and the sensitivity budget)")
+@click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--epochs", default=20, show_default=True, help="router training epochs")
+@click.option("--recover-steps", default=0, show_default=True,
+              help="then fine-tune the model with its routers in the loop for this many steps (needs --data)")
+@click.option("--recover-windows", default=512, show_default=True, help="train windows per domain for recovery")
+@click.option("--recover-lr", default=5e-5, show_default=True, help="recovery learning rate (AdamW, cosine decay)")
+@click.option("--recover-batch-size", default=8, show_default=True, help="recovery windows per step")
+@click.option("--recover-objective", type=click.Choice(["distill", "lm"]), default="distill", show_default=True,
+              help="recovery loss: match the dense model's next-token distribution, or the causal LM loss on the data")
+@click.option("--recover-refit-routers", is_flag=True,
+              help="mlp/hybrid routers keep learning during recovery, towards the current weights' top bricks")
+@click.option("--recover-checkpoint", type=click.Path(dir_okay=False),
+              help="save the recovery state to this file every 50 steps; rerunning the same command resumes from it "
+                   "(deleted once --out is written)")
+@config_option
+@model_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@user_errors
+def moefy(ctx, model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
+          recover_windows, recover_lr, recover_batch_size, recover_objective, recover_refit_routers, recover_checkpoint,
+          config_file, device, dtype, device_map, as_json):
+    """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens.
+
+    With --router teal there is no BrickSet: every token runs the gate/up rows of its largest input channels
+    and the down rows of its largest neurons (TEAL), at the FFN compute fraction --compute (or --active).
+    """
+    import torch
+
+    from ..brick import BrickSet
+    from ..configured import MoefyConfig, configuration, save_configured
+    from ..configured import moefy as run
+    from ..data import load_domains, parse_data_specs
+    from ..io import check_output
+    from ..routing import SparseFFN, compute_fraction
+
+    cfg = settings(ctx, config_file, MoefyConfig, router=router, active=active, compute=compute, budget=budget,
+                   windows=windows, seq_len=seq_len, epochs=epochs, recover_steps=recover_steps,
+                   recover_windows=recover_windows, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
+                   recover_objective=recover_objective, recover_refit_routers=recover_refit_routers,
+                   recover_checkpoint=recover_checkpoint)
+    specs = parse_data_specs(data) if data else []
+    cfg.check_inputs(has_bricks=brickset is not None, has_data=bool(specs))
+    check_output(out)
+    bs = None if cfg.sparse else BrickSet.load(brickset)
+    m, tok = load(model, device, dtype, device_map)
+    domains = load_domains(specs, tok, "train", cfg.seq_len, cfg.windows) if cfg.needs_training_data else None
+    recover_data = None
+    if cfg.recover_steps:
+        recover_data = torch.cat([d.windows for d in load_domains(specs, tok, "train", cfg.seq_len, cfg.recover_windows)])
+    run(m, bs, cfg.router, cfg.active, train_domains=domains, epochs=cfg.epochs, compute=cfg.compute, budget=cfg.budget,
+        recover_windows=recover_data, recover_steps=cfg.recover_steps, recover_lr=cfg.recover_lr,
+        recover_batch_size=cfg.recover_batch_size, recover_objective=cfg.recover_objective,
+        recover_refit_routers=cfg.recover_refit_routers, recover_checkpoint=cfg.recover_checkpoint,
+        log=log_to_stderr(as_json))
+    state = configuration(m)
+    save_configured(m, tok, out)
+    if cfg.recover_checkpoint:
+        Path(cfg.recover_checkpoint).unlink(missing_ok=True)  # the recovered model is saved: the training state is not needed
+    recovery = state.reports.get("recovery")
+    if cfg.sparse:
+        layer = next(x for x in m.modules() if isinstance(x, SparseFFN))
+        result = {"out": str(out), "router": cfg.router, "compute_fraction": compute_fraction(m), "keep_inputs": layer.keep_in,
+                  "keep_neurons": layer.keep_act, "recovery": recovery}
+        emit(as_json, result, f"wrote {out}: router teal, FFN compute fraction {result['compute_fraction']:.3f} "
+                              f"(per token: the largest {layer.keep_in:.0%} of the FFN inputs, {layer.keep_act:.0%} of the "
+                              f"neurons); open it with bricks.load_model({str(out)!r})")
+        return
+    actives = state.active if isinstance(state.active, list) else [state.active]
+    mean_active = sum(actives) / len(actives)
+    report = state.reports.get("router_training", [])
+    result = {"out": str(out), "router": cfg.router, "active": mean_active, "bricks_per_layer": bs.n_bricks(0),
+              "layers": bs.n_layers, "router_training": report, "budget": state.reports.get("budget", {"kind": "uniform"}),
+              "recovery": recovery}
+    recall = f"; router recall of the oracle's top bricks {sum(r['recall_at_k'] for r in report) / len(report):.3f}" if report else ""
+    shared = " + a shared brick" if bs.shared[0] is not None else ""
+    routed = bs.n_bricks(0) - (1 if bs.shared[0] is not None else 0)
+    emit(as_json, result, f"wrote {out}: {bs.n_layers} layers, {routed} routed bricks{shared} per layer, router {cfg.router}, "
+                          f"{mean_active:g} of the routed bricks per token{recall}; open it with bricks.load_model({str(out)!r})")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True, help=DATA_HELP)
+@click.option("--windows", default=16, show_default=True, help="held-out windows per domain")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--baseline", is_flag=True, help="also evaluate the dense base model and print ratios")
+@model_options
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype, device_map, as_json):
+    """Per-domain held-out perplexity, FFN compute fraction and tokens/s (with --baseline: dense figures and ratios)."""
+    from ..configured import configuration, load_model
+    from ..data import load_domains, parse_data_specs
+    from ..evaluate import evaluate
+
+    specs = parse_data_specs(data)
+    m, tok = load(model, device, dtype, device_map)
+    domains = load_domains(specs, tok, "heldout", seq_len, windows)
+    result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
+    if baseline:
+        # A recovered MoE's own dense weights were trained for routed execution: compare with its source model.
+        state = configuration(m)
+        source = ((state.recovery if state is not None else None) or {}).get("base_model")
+        del m
+        if source is not None and not Path(source).exists():
+            raise BricksError(f"the dense baseline of {model} is its source model {source}, which no longer exists; "
+                              "evaluate that model separately")
+        result["baseline_model"] = source or model
+        base, _ = load_model(source or model, device=device, dtype=dtype, device_map=device_map, configured=False)
+        result["baseline"] = evaluate(base, domains, batch_size)
+        result["ratio"] = {
+            "ppl": {d: result["model_eval"]["ppl"][d] / result["baseline"]["ppl"][d] for d in result["model_eval"]["ppl"]},
+            "tokens_per_s": result["model_eval"]["tokens_per_s"] / result["baseline"]["tokens_per_s"],
+        }
+    lines = [f"{model}: FFN compute fraction {result['model_eval']['compute_fraction']:.3f}, "
+             f"{result['model_eval']['tokens_per_s']:.0f} tokens/s"]
+    for d, p in result["model_eval"]["ppl"].items():
+        extra = f"  (dense {result['baseline']['ppl'][d]:.3f}, ratio {result['ratio']['ppl'][d]:.3f})" if baseline else ""
+        lines.append(f"  {d:>10}: perplexity {p:.3f}{extra}")
+    if baseline:
+        lines.append(f"  tokens/s ratio to dense: {result['ratio']['tokens_per_s']:.2f}")
+    emit(as_json, result, "\n".join(lines))
+
+
+@main.group()
+def bench():
+    """Benchmarks whose ratios are measured in one run."""
+
+
+@bench.command("ffn")
+@click.option("--shape", "shapes", multiple=True, default=("576x1536", "4096x11008"), show_default=True, help="HIDDENxD_FF, repeatable")
+@click.option("--dtype", "dtypes", multiple=True, default=("float32", "bfloat16"), show_default=True)
+@click.option("--batch", "batches", multiple=True, type=int, default=(1, 32), show_default=True)
+@click.option("--active", "actives", multiple=True, type=float, default=(0.5, 0.25), show_default=True)
+@click.option("--bricks", "n_bricks", default=64, show_default=True)
+@click.option("--router", default="centroid", show_default=True,
+              help="brick router, or teal: the activation-sparse FFN with --active as its compute fraction")
+@click.option("--reps", default=20, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON rows")
+@user_errors
+def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, as_json):
+    """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""
+    from ..routing.bench import bench_ffn
+
+    parsed = []
+    for s in shapes:
+        try:
+            hidden, d_ff = (int(v) for v in s.lower().split("x"))
+        except ValueError:
+            raise BricksError(f"bad --shape {s!r}: expected HIDDENxD_FF, e.g. 4096x11008") from None
+        parsed.append((hidden, d_ff))
+    for a in actives:
+        if not 0 < a <= 1:
+            raise BricksError(f"active fraction must be in (0, 1], got {a}")
+    rows = bench_ffn(parsed, dtypes, batches, actives, n_bricks, router, reps, device,
+                     progress=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))

@@ -1,0 +1,109 @@
+"""What every routed FFN shares: swapping into and out of a model, and counting the compute it runs.
+
+A routed FFN (`BrickedFFN`: emergent bricks chosen by a router; `SparseFFN`:
+single neurons and input channels chosen by magnitude) replaces one layer's FFN
+module and runs a share of its multiply-accumulates per token. The *compute
+fraction* is that share as configured (router included); the *executed
+fraction* is what the forward passes since the last reset actually ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+from torch import nn
+
+from ..arch import FFN, decoder_layers, ffns, layout_for
+from ..errors import BricksError
+
+
+class RoutedFFN(nn.Module):
+    """Base class of FFN modules that run a share of the dense FFN's compute per token."""
+
+    def dense_macs_per_token(self) -> int:
+        """Multiply-accumulates per token of the dense FFN this module replaces."""
+        raise NotImplementedError
+
+    def compute_fraction(self) -> float:
+        """FFN multiply-accumulates per token over dense, as configured."""
+        raise NotImplementedError
+
+    def executed_fraction(self) -> float | None:
+        """Compute fraction of the tokens run since the counts were last reset (None when none ran)."""
+        raise NotImplementedError
+
+    def reset_counts(self) -> None:
+        self.counts.zero_()
+
+    def set_full(self) -> None:
+        """Run the whole FFN: the dense model's function (the distillation teacher's setting)."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Rebuild what is derived from the weights after they changed (recovery training)."""
+
+    def write_dense(self, dense: FFN) -> None:
+        """Write this FFN's weights back, in the original neuron order, into a dense FFN of the same shape."""
+        raise NotImplementedError
+
+
+def swap_ffns(model: nn.Module, make: Callable[[FFN], nn.Module], what: str = "routed") -> list[nn.Module]:
+    """Replace every FFN module of `model` (in place) by `make(ffn)`; returns the original modules, in layer order."""
+    layout = layout_for(model)
+    if not layout.mlp:
+        raise BricksError(f"{model.config.model_type} keeps its FFN inside the decoder block; {what} execution "
+                          "needs a separate FFN module (supported: every family but opt)")
+    layers = decoder_layers(model, layout)
+    blocks = ffns(model)
+    new = [make(f) for f in blocks]  # all built before any is swapped in: a failure leaves the model as it was
+    originals = []
+    for f, module in zip(blocks, new):
+        originals.append(f.module)
+        setattr(layers[f.layer], layout.mlp, module)
+    return originals
+
+
+def restore_ffns(model: nn.Module, originals: list[nn.Module]) -> None:
+    """Put back the FFN modules `swap_ffns` returned."""
+    layout = layout_for(model)
+    for layer, module in zip(decoder_layers(model, layout), originals):
+        setattr(layer, layout.mlp, module)
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, originals: list[nn.Module]):
+    """Inside the block the model runs as assembled; on exit (whatever happens) `originals` come back."""
+    try:
+        yield model
+    finally:
+        restore_ffns(model, originals)
+
+
+def routed_layers(model: nn.Module) -> list[RoutedFFN]:
+    """The FFNs of `model` that run a share of their compute, in layer order."""
+    return [m for m in model.modules() if isinstance(m, RoutedFFN)]
+
+
+def compute_fraction(model: nn.Module) -> float:
+    """Mean FFN compute fraction over the layers of `model`, as configured (1.0 for a dense model).
+
+    No forward pass is needed to know it; routers that run a variable number
+    of bricks per token (threshold) report their calibrated mean.
+    """
+    fr = [m.compute_fraction() for m in routed_layers(model)]
+    return sum(fr) / len(fr) if fr else 1.0
+
+
+def executed_fraction(model: nn.Module, reset: bool = False) -> float:
+    """Mean FFN compute fraction the forward passes actually ran (1.0 for a dense model).
+
+    `reset` zeroes the counts afterwards.
+    """
+    layers = routed_layers(model)
+    fr = [m.executed_fraction() for m in layers]
+    if reset:
+        for m in layers:
+            m.reset_counts()
+    fr = [f if f is not None else m.compute_fraction() for f, m in zip(fr, layers)]
+    return sum(fr) / len(fr) if fr else 1.0
