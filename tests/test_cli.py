@@ -5,21 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 import bricks
-from bricks.cli import main
 
+from .conftest import one_line_error, run
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result):
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 def test_help_lists_commands():

@@ -11,11 +11,6 @@ from bricks.routing import assemble_bricked
 
 
 @pytest.fixture(scope="module")
-def llama(llama_dir):
-    return bricks.load_model(llama_dir)
-
-
-@pytest.fixture(scope="module")
 def stats(llama):
     model, tok = llama
     return activation_statistics(model, tok, ["code=builtin:code", "math=builtin:math"], windows=6, seq_len=32)

@@ -8,11 +8,6 @@ from bricks.arch import ffns
 from bricks.routing import ROUTERS, BrickedFFN, bricked, compute_fraction
 
 
-@pytest.fixture(scope="module")
-def llama(llama_dir):
-    return bricks.load_model(llama_dir)
-
-
 def _shared_brickset(model, tok, n=8, shared=0.125, method="param-kmeans"):
     from bricks.analysis.partition import activation_statistics
 

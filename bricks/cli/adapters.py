@@ -9,7 +9,7 @@ import click
 
 from ..adapters.routers import ADAPTER_ROUTERS
 from ..errors import BricksError
-from .common import DATA_HELP, config_option, emit, load, main, model_options, settings, user_errors
+from .common import DATA_HELP, config_option, emit, json_option, load, main, model_options, settings, user_errors
 
 
 @main.group()
@@ -21,7 +21,7 @@ def adapter():
 @click.argument("peft_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="adapter brick directory to write (must not exist)")
 @click.option("--base", default=None, help="check the adapter against this model (dir, .gguf or 'default') first")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def adapter_import(peft_dir, out, base, as_json):
     """Import a PEFT LoRA adapter directory as a brick."""
@@ -42,7 +42,7 @@ def adapter_import(peft_dir, out, base, as_json):
 @adapter.command("export")
 @click.argument("brick_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="PEFT adapter directory to write (must not exist)")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def adapter_export(brick_dir, out, as_json):
     """Export an adapter brick as a PEFT LoRA adapter directory (PeftModel.from_pretrained opens it)."""
@@ -61,7 +61,7 @@ def adapter_export(brick_dir, out, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="adapter brick directory to write (must not exist)")
 @click.option("--peft", "as_peft", is_flag=True, help="write a PEFT adapter directory instead of a brick")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def adapter_merge(adapters, weights, method, density, rank, seed, out, as_peft, as_json):
     """Merge adapter bricks (or PEFT adapter dirs) in delta-weight space."""
@@ -85,7 +85,7 @@ def adapter_merge(adapters, weights, method, density, rank, seed, out, as_peft, 
 
 @adapter.command("info")
 @click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def adapter_info(path, as_json):
     """Describe an adapter brick or PEFT adapter directory."""
@@ -111,7 +111,7 @@ def adapter_info(path, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--peft", "as_peft", is_flag=True, help="write a PEFT adapter directory instead of a brick")
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def adapter_train(model, data, out, rank, alpha, targets, steps, lr, batch_size, seq_len, windows, seed, as_peft, device,
                   dtype, device_map, as_json):
@@ -149,7 +149,7 @@ def adapter_train(model, data, out, rank, alpha, targets, steps, lr, batch_size,
 @click.option("--out", required=True, type=click.Path(), help="router directory to write (must not exist)")
 @config_option
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 @user_errors
 def route(ctx, model, adapters, router, data, top_k, temperature, steps, lr, windows, eval_windows, seq_len, batch_size,

@@ -6,13 +6,13 @@ import click
 
 from ..analysis.partition import PARTITIONERS
 from ..errors import BricksError
-from .common import DATA_HELP, config_option, emit, load, main, model_options, settings, user_errors
+from .common import DATA_HELP, config_option, emit, json_option, load, main, model_options, settings, user_errors
 
 
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@json_option
 @user_errors
 def info(model, device, dtype, device_map, as_json):
     """Print MODEL's architecture, FFN layout and parameter counts."""
@@ -44,7 +44,7 @@ def info(model, device, dtype, device_map, as_json):
 @click.option("--seed", default=0, show_default=True)
 @config_option
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@json_option
 @click.pass_context
 @user_errors
 def analyze(ctx, model, data, out, windows, eval_windows, seq_len, calib_tokens, batch_size, ppl_increase,
@@ -101,7 +101,7 @@ def _summary(r: dict, out: str) -> str:
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@json_option
 @user_errors
 def partition(model, method, n_bricks, out, data, shared, windows, seq_len, cett, batch_size, seed, device, dtype,
               device_map, as_json):
@@ -140,7 +140,7 @@ def partition(model, method, n_bricks, out, data, shared, windows, seq_len, cett
 @click.option("--windows", default=2, show_default=True)
 @click.option("--seq-len", default=64, show_default=True)
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@json_option
 @user_errors
 def verify(model, brickset, data, windows, seq_len, device, dtype, device_map, as_json):
     """Check that BRICKSET belongs to MODEL and that all its bricks together reproduce the dense logits."""

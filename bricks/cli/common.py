@@ -30,6 +30,11 @@ def model_options(fn):
     return fn
 
 
+def json_option(fn):
+    """`--json`: print JSON instead of the human summary."""
+    return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a human summary")(fn)
+
+
 def config_option(fn):
     """`--config FILE`: a YAML file of the command's settings; flags given on the command line win over it."""
     return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),

@@ -6,14 +6,14 @@ import click
 
 from ..errors import BricksError
 from ..io import parse_size
-from .common import DATA_HELP, emit, main, user_errors
+from .common import DATA_HELP, emit, json_option, main, user_errors
 
 
 @main.command("merge")
 @click.argument("config", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="output model directory (must not exist)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 500MB, 2GB")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def merge_cmd(config, out, max_shard_size, as_json):
     """Merge models (and adapter bricks) as CONFIG (mergekit-style YAML) says, tensor by tensor, into OUT."""
@@ -32,7 +32,7 @@ def merge_cmd(config, out, max_shard_size, as_json):
 @click.option("--lr", default=1e-3, show_default=True, help="learning rate of router training")
 @click.option("--seed", default=0, show_default=True, help="seed of random gates and of training batches")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 500MB, 2GB")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def moe_cmd(config, out, train_steps, data, lr, seed, max_shard_size, as_json):
     """Assemble a Mixtral MoE from dense models as CONFIG (mergekit-moe YAML) says: their FFNs become experts."""

@@ -9,7 +9,7 @@ import click
 
 from ..errors import BricksError
 from ..routing import ROUTERS
-from .common import DATA_HELP, config_option, emit, load, log_to_stderr, main, model_options, settings, user_errors
+from .common import (DATA_HELP, config_option, emit, json_option, load, log_to_stderr, main, model_options, settings, user_errors)
 
 
 @main.command()
@@ -44,7 +44,7 @@ from .common import DATA_HELP, config_option, emit, load, log_to_stderr, main, m
                    "(deleted once --out is written)")
 @config_option
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 @user_errors
 def moefy(ctx, model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
@@ -117,7 +117,7 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--baseline", is_flag=True, help="also evaluate the dense base model and print ratios")
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype, device_map, as_json):
     """Per-domain held-out perplexity, FFN compute fraction and tokens/s (with --baseline: dense figures and ratios)."""
@@ -169,7 +169,7 @@ def bench():
               help="brick router, or teal: the activation-sparse FFN with --active as its compute fraction")
 @click.option("--reps", default=20, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON rows")
+@json_option
 @user_errors
 def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, as_json):
     """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""

@@ -1,5 +1,6 @@
 """Written with bricks at commit 3474ee8 (before the restructure): files the restructured package must still open."""
-import sys, torch
+import sys
+import torch
 sys.path.insert(0, "/work/main/tests")
 from pathlib import Path
 from conftest import tiny_config, tiny_tokenizer
