@@ -316,3 +316,19 @@ def test_moefy_recovery_checkpoint_on_the_cli(llama_dir, tmp_path):
     assert (tmp_path / "teal" / "bricks_model.json").exists() and not ckpt.exists()  # removed once the model is saved
     r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--out", tmp_path / "other", "--recover-checkpoint", ckpt)
     assert r.exit_code != 0 and "give --recover-steps" in r.output and not (tmp_path / "other").exists()
+
+
+def test_moefy_settings_from_a_yaml_file(llama_dir, tmp_path):
+    """moefy's flags and its YAML file share one schema: unknown keys are one-line errors, flags win over the file."""
+    from .conftest import one_line_error
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("router: teal\ncompute: 0.5\nrecover_stpes: 3\n")
+    line = one_line_error(run("moefy", llama_dir, "--config", bad, "--out", tmp_path / "o"))
+    assert "recover_stpes" in line and "unknown key" in line and not (tmp_path / "o").exists()
+    good = tmp_path / "good.yaml"
+    good.write_text("router: teal\ncompute: 0.25\n")
+    r = run("moefy", llama_dir, "--config", good, "--compute", 0.5, "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["router"] == "teal" and 0.45 < json.loads(r.stdout)["compute_fraction"] <= 0.5
+    assert json.loads((tmp_path / "o" / "bricks_model.json").read_text())["active"] == 0.5
