@@ -9,9 +9,16 @@ A domain is `NAME=SOURCE`, where SOURCE is a text file, a JSON-lines file (a
                   (`pydoc_data.topics`, split into paragraphs groups)
 - `builtin:math`  generated arithmetic questions with worked answers
 
-Every source has a fixed train / held-out split, made at document level so no
-text is in both. Text is tokenised into fixed-length windows; a window is one
-"sample" of its domain.
+Every source has three fixed splits: `train` (fitting, training), `validation`
+(every choice tuned on data: thresholds, budgets, searches) and `heldout` (the
+test split every reported figure is measured on). Documents are assigned to a
+split by a hash of their id; then every *unit* that can repeat (a paragraph:
+a block of text between blank lines, e.g. one math problem or one function)
+is kept in one split only: a validation unit whose normalized text occurs in
+train, or a held-out unit whose text occurs in train or validation, is dropped.
+Built-in math problems are assigned to a split one by one, by a hash of their
+text. Text is tokenised into fixed-length windows; a window is one "sample"
+of its domain.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ import torch
 
 from .errors import BricksError
 
-SPLITS = ("train", "heldout")
-HELDOUT_PERCENT = 10
+SPLITS = ("train", "validation", "heldout")
+HELDOUT_PERCENT = 10  # documents with hash % 100 below this are held out (the test split)
+VALIDATION_PERCENT = 10  # the next ones are the validation split
 CHUNK_CHARS = 3000  # long documents are cut at paragraph boundaries near this size
 BUILTINS = ("builtin:code", "builtin:prose", "builtin:math")
 
@@ -73,8 +81,20 @@ def parse_data_specs(items: Iterable[str]) -> list[DataSpec]:
 # --------------------------------------------------------------------------- documents
 
 
-def _is_heldout(doc_id: str) -> bool:
-    return int(hashlib.sha1(doc_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+def _split_of(key: str) -> str:
+    """The split of a document id (or of a math problem's text), fixed by its hash."""
+    h = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+    return "heldout" if h < HELDOUT_PERCENT else "validation" if h < HELDOUT_PERCENT + VALIDATION_PERCENT else "train"
+
+
+def normalized(unit: str) -> str:
+    """A unit's identity across splits: its text with runs of whitespace collapsed."""
+    return " ".join(unit.split())
+
+
+def units(text: str) -> list[str]:
+    """The units of a text that can repeat across documents: its blocks between blank lines."""
+    return [u for u in text.split("\n\n") if u.strip()]
 
 
 def _chunks(text: str) -> list[str]:
@@ -107,9 +127,17 @@ def _prose_documents() -> Iterator[tuple[str, str]]:
         yield key, topics[key]
 
 
-def _math_documents(split: str) -> Iterator[tuple[str, str]]:
-    """Arithmetic word problems with answers; each split has its own seed."""
-    rng = random.Random(1 if split == "train" else 2)
+MATH_PROBLEMS = 50_000
+MATH_PER_DOCUMENT = 8
+
+
+def _math_documents() -> Iterator[tuple[str, str, str]]:
+    """Arithmetic word problems with answers, as (split, id, text) documents of 8 problems of one split.
+
+    Each problem goes to a split by a hash of its text: a problem generated twice (small operands repeat) is
+    always in the same split, so no held-out problem is ever seen in training.
+    """
+    rng = random.Random(1)
     names = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun"]
     things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "cards"]
 
@@ -146,8 +174,14 @@ def _math_documents(split: str) -> Iterator[tuple[str, str]]:
         return (f"Question: One box of {what} costs {price} dollars. How much do {n} boxes cost?\n"
                 f"Answer: {n} * {price} = {n * price}. The answer is {n * price} dollars.")
 
-    for i in range(5000):
-        yield f"math-{split}-{i}", "\n\n".join(problem() for _ in range(8))
+    pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for _ in range(MATH_PROBLEMS):
+        text = problem()
+        split = _split_of(normalized(text))
+        pending[split].append(text)
+        if len(pending[split]) == MATH_PER_DOCUMENT:
+            yield split, f"math-{split}-{_}", "\n\n".join(pending[split])
+            pending[split] = []
 
 
 def _user_documents(source: str) -> Iterator[tuple[str, str]]:
@@ -192,42 +226,47 @@ def _datasets_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
 
 
 def documents(source: str, split: str) -> list[str]:
-    """The documents of one split of a source, long ones cut into chunks.
-
-    Held-out chunks whose exact text also occurs in the train split (files
-    duplicated in the standard library, boilerplate) are dropped so that
-    held-out perplexity never measures memorised train text.
-    """
+    """The documents of one split of a source, long ones cut into chunks (see the module docstring)."""
     if split not in SPLITS:
-        raise BricksError(f"unknown split {split!r}: use one of {SPLITS}")
-    train, heldout = _split_documents(source)
-    return list(train if split == "train" else heldout)
+        raise BricksError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    part = _split_documents(source)[SPLITS.index(split)]
+    if not part:
+        raise BricksError(f"the {split} split of {source!r} is empty: give it more text (at least a few paragraphs)")
+    return list(part)
 
 
 @functools.lru_cache(maxsize=16)
-def _split_documents(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if source == "builtin:math":  # generated: the two splits have their own seeds
-        return tuple(t for _, t in _math_documents("train")), tuple(t for _, t in _math_documents("heldout"))
-    if source == "builtin:code":
-        docs = list(_code_documents())
-    elif source == "builtin:prose":
-        docs = list(_prose_documents())
+def _split_documents(source: str) -> tuple[tuple[str, ...], ...]:
+    """(train, validation, heldout) chunks of a source, every repeating unit in one split only."""
+    if source == "builtin:math":
+        assigned = [(split, text) for split, _, text in _math_documents()]
     else:
-        docs = list(_user_documents(source))
-    if not any(text.strip() for _, text in docs):
-        raise BricksError(f"data source {source!r} contains no text")
-    if len(docs) >= 20:
-        held = [_is_heldout(doc_id) for doc_id, _ in docs]
-    else:  # too few documents for a split by hash: every 10th chunk (at least the last one) is held out
-        docs = [(f"{doc_id}#{i}", c) for doc_id, text in docs for i, c in enumerate(_chunks(text))]
-        held = [i % 10 == 9 or (len(docs) < 10 and i == len(docs) - 1 > 0) for i in range(len(docs))]
-    train = [c for (_, text), h in zip(docs, held) if not h for c in _chunks(text) if c.strip()]
-    seen = set(train)
-    heldout = [c for (_, text), h in zip(docs, held) if h for c in _chunks(text) if c.strip() and c not in seen]
-    for name, part in (("train", train), ("heldout", heldout)):
-        if not part:
-            raise BricksError(f"the {name} split of {source!r} is empty: give it more text (at least a few paragraphs)")
-    return tuple(train), tuple(heldout)
+        if source == "builtin:code":
+            docs = list(_code_documents())
+        elif source == "builtin:prose":
+            docs = list(_prose_documents())
+        else:
+            docs = list(_user_documents(source))
+        if not any(text.strip() for _, text in docs):
+            raise BricksError(f"data source {source!r} contains no text")
+        if len(docs) >= 20:
+            assigned = [(_split_of(doc_id), text) for doc_id, text in docs]
+        else:  # too few documents for a split by hash: every 10th chunk is held out, the one before it validates
+            chunks = [c for _, text in docs for c in _chunks(text)]
+            n = len(chunks)
+            assigned = [("heldout" if i % 10 == 9 or (n < 10 and i == n - 1 > 0) else
+                         "validation" if i % 10 == 8 or (n < 10 and i == n - 2 > 0) else "train", c)
+                        for i, c in enumerate(chunks)]
+    parts: list[list[str]] = []
+    seen: set[str] = set()  # units of the splits before this one
+    for split in SPLITS:  # train first: a unit stays in the earliest split it occurs in
+        chunks = [c for s, text in assigned if s == split for c in _chunks(text)]
+        if split != "train":
+            chunks = ["\n\n".join(u for u in units(c) if normalized(u) not in seen) for c in chunks]
+        chunks = [c for c in chunks if c.strip()]
+        parts.append(chunks)
+        seen.update(normalized(u) for c in chunks for u in units(c))
+    return tuple(tuple(p) for p in parts)
 
 
 def windows(tokenizer, source: str, split: str = "train", seq_len: int = 128, max_windows: int = 64, seed: int = 0) -> torch.Tensor:

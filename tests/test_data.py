@@ -5,14 +5,23 @@ import json
 import pytest
 
 import bricks
-from bricks.data import BUILTINS, DataSpec, documents, parse_data_specs, windows
+from bricks.data import BUILTINS, DataSpec, documents, normalized, parse_data_specs, units, windows
+
+
+def _units_of(source, split):
+    return {normalized(u) for doc in documents(source, split) for u in units(doc)}
 
 
 @pytest.mark.parametrize("source", BUILTINS)
-def test_builtin_splits_are_fixed_and_disjoint(source, tokenizer):
-    train, held = documents(source, "train"), documents(source, "heldout")
-    assert train and held and not set(train) & set(held)
-    assert documents(source, "heldout") == held  # deterministic
+def test_builtin_splits_are_fixed_and_share_no_unit(source, tokenizer):
+    """No held-out unit (a math problem, a block of code, a paragraph) is in train or validation, no validation
+    unit in train, after whitespace normalization; the splits are deterministic."""
+    train, val, held = (_units_of(source, s) for s in ("train", "validation", "heldout"))
+    assert len(train) > 5 * len(held) > 0 and len(val) > 0
+    assert not held & (train | val) and not val & train
+    assert documents(source, "heldout") == documents(source, "heldout")  # deterministic
+    held_docs = documents(source, "heldout")
+    assert held_docs
     w = windows(tokenizer, source, "heldout", seq_len=32, max_windows=4)
     assert w.shape == (4, 32)
     assert (windows(tokenizer, source, "heldout", seq_len=32, max_windows=4) == w).all()
@@ -29,8 +38,8 @@ def test_text_jsonl_and_datasets(tmp_path, tokenizer):
     datasets.Dataset.from_dict({"text": paras}).save_to_disk(str(tmp_path / "ds"))
     for spec in (f"t={txt}", f"j={jl}#body", f"d={tmp_path / 'ds'}"):
         s = DataSpec.parse(spec)
-        tr, he = documents(s.source, "train"), documents(s.source, "heldout")
-        assert tr and he and not set(tr) & set(he)
+        tr, va, he = (_units_of(s.source, split) for split in ("train", "validation", "heldout"))
+        assert tr and va and he and not he & (tr | va) and not va & tr
     doms = bricks.load_domains([f"t={txt}"], tokenizer, "train", seq_len=16, max_windows=3)
     assert doms[0].name == "t" and doms[0].windows.shape == (3, 16)
 
@@ -56,3 +65,13 @@ def test_bad_data(tmp_path, tokenizer):
     short.write_text("tiny text")
     with pytest.raises(bricks.BricksError, match="fewer than|is empty"):
         windows(tokenizer, str(short), "train", seq_len=512)
+
+
+def test_repeated_units_stay_in_one_split(tmp_path):
+    """A paragraph that recurs in many documents (boilerplate, a repeated problem) is kept in train only."""
+    docs = [{"text": f"Unique paragraph number {i} of the corpus.\n\nThe same boilerplate line."} for i in range(200)]
+    src = tmp_path / "rep.jsonl"
+    src.write_text("\n".join(json.dumps(d) for d in docs))
+    train, val, held = (_units_of(str(src), s) for s in ("train", "validation", "heldout"))
+    assert "The same boilerplate line." in train
+    assert "The same boilerplate line." not in val | held and held and val

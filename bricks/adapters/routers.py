@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..analysis.sparsity import perplexity
 from ..arch import decoder_layers
 from ..errors import BricksError
-from ..io import atomic_dir
+from ..io import atomic_dir, validated
 from ..registry import Registry
 from ..runtime import batches, run_model
 from ..training import train_lm, trainable
@@ -313,8 +313,6 @@ def fit_router(multi, kind: str, domains=None, top_k: int | None = None, tempera
     Example:
         >>> router = fit_router(multi, "gate", train_domains, steps=100)
     """
-    from ..io import validated
-
     fit = ADAPTER_ROUTERS.get(kind)
     config = validated(RouteConfig, dict(router=kind, top_k=top_k, temperature=temperature, steps=steps, lr=lr,
                                          batch_size=batch_size, seed=seed), "adapter router settings")

@@ -13,14 +13,15 @@ report.json schema (version 1)::
     {
       "schema": "bricks.analysis", "version": 1,
       "model": {model_type, layers, hidden_size, d_ff, fingerprint, spec},
-      "data": {"domains": [{name, source, train_windows, heldout_windows}], "seq_len", "train_tokens"},
+      "data": {"domains": [{name, source, train_windows, validation_windows, heldout_windows}], "seq_len", "train_tokens"},
       "config": {... AnalyzeConfig ...},
       "sparsity": {
         "definition": "CETT-PPL-p%",
         "p": 1.0,                      # target perplexity increase, percent
-        "cett": 0.19,                  # CETT shared by all layers at that point
-        "ppl_dense": .., "ppl_sparse": .., "achieved_increase": 0.0098,
-        "activation_ratio": [per layer], "mean_activation_ratio": ..,
+        "cett": 0.19,                  # CETT shared by all layers, searched on the validation split
+        "validation": {"ppl_dense", "ppl_sparse", "increase"},   # where the search met p%
+        "ppl_dense": .., "ppl_sparse": .., "achieved_increase": 0.0098,   # those thresholds on held-out data
+        "activation_ratio": [per layer, held-out tokens], "mean_activation_ratio": ..,
         "sparsity": 1 - mean_activation_ratio,
         "threshold": [per-layer eps on the neuron output norm],
         "search": [{cett, ppl, increase, mean_activation_ratio}, ...],
@@ -50,6 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
+from ..arch import ffns
 from ..brick import model_fingerprint
 from ..data import DataSpec, load_domains
 from ..io import atomic_dir, check_output
@@ -57,7 +59,7 @@ from ..loading import model_info
 from ..runtime import progress, world
 from .capture import capture_stats
 from .coactivation import coactivation_graph, graph_modularity
-from .sparsity import activation_sample, cett_ppl_search, perplexity
+from .sparsity import activation_sample, cett_ppl_search, perplexity, thresholded_perplexity
 from .specialization import ablation_matrix, func_scores, specialization_summary
 
 
@@ -68,7 +70,7 @@ class AnalyzeConfig(BaseModel):
 
     seq_len: int = Field(128, ge=16, description="tokens per window (one window = one sample)")
     windows: int = Field(48, ge=4, description="train windows per domain for neuron statistics")
-    eval_windows: int = Field(12, ge=1, description="held-out windows per domain for perplexity")
+    eval_windows: int = Field(12, ge=1, description="validation (CETT search) and held-out windows per domain for perplexity")
     calib_tokens: int = Field(1024, ge=64, description="tokens whose activations set the CETT thresholds")
     batch_size: int = Field(8, ge=1)
     ppl_increase: float = Field(1.0, gt=0, le=50, description="p of CETT-PPL-p%, in percent")
@@ -94,9 +96,9 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         check_output(out, overwrite)
     torch.manual_seed(cfg.seed)
     train = load_domains(data, tokenizer, "train", cfg.seq_len, cfg.windows)
+    validation = load_domains(data, tokenizer, "validation", cfg.seq_len, cfg.eval_windows)
     heldout = load_domains(data, tokenizer, "heldout", cfg.seq_len, cfg.eval_windows)
     names = [d.name for d in train]
-    eval_ids = torch.cat([d.windows for d in heldout])
 
     # 1. Sparsity: per-layer thresholds at one shared CETT, searched for +p% perplexity.
     per_domain = max(1, -(-cfg.calib_tokens // cfg.seq_len) // len(train))
@@ -106,9 +108,13 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
     # Perplexity of all held-out windows together, from the per-domain ones (no second dense pass).
     n_pred = [len(d.windows) * (cfg.seq_len - 1) for d in heldout]
     ppl_mixed = math.exp(sum(n * math.log(p) for n, p in zip(n_pred, dense_per_domain)) / sum(n_pred))
-    cett, curves = cett_ppl_search(model, calib, eval_ids, cfg.ppl_increase, batch_size=cfg.batch_size,
-                                   ppl_dense=ppl_mixed)
+    # The CETT is tuned on the validation split; what it does is then measured on the held-out split.
+    cett, curves = cett_ppl_search(model, calib, torch.cat([d.windows for d in validation]), cfg.ppl_increase,
+                                   batch_size=cfg.batch_size)
     del calib
+    down_norms = [b.down_weight().detach().float().norm(dim=0) for b in ffns(model)]
+    ppl_sparse, ratio = thresholded_perplexity(model, torch.cat([d.windows for d in heldout]), torch.tensor(cett.eps),
+                                               down_norms, cfg.batch_size)
 
     # 2. Neuron statistics on the train windows, "active" meaning above the CETT threshold.
     stats = capture_stats(model, train, cfg.batch_size, torch.tensor(cett.eps),
@@ -120,7 +126,8 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         "model": {**{k: v for k, v in model_info(model).items() if k in ("model_type", "layers", "hidden_size", "d_ff")},
                   "fingerprint": model_fingerprint(model), "spec": spec},
         "data": {"domains": [{"name": t.name, "source": t.source, "train_windows": len(t.windows),
-                              "heldout_windows": len(h.windows)} for t, h in zip(train, heldout)],
+                              "validation_windows": len(v.windows), "heldout_windows": len(h.windows)}
+                             for t, v, h in zip(train, validation, heldout)],
                  "seq_len": cfg.seq_len, "train_tokens": int(stats.n_tokens)},
         "config": cfg.model_dump(),
     }
@@ -129,12 +136,13 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         "definition": "CETT-PPL-p%",
         "p": cfg.ppl_increase,
         "cett": cett.cett,
-        "ppl_dense": cett.ppl_dense,
-        "ppl_sparse": cett.ppl_sparse,
-        "achieved_increase": cett.achieved_increase,
-        "activation_ratio": cett.activation_ratio,
-        "mean_activation_ratio": cett.mean_activation_ratio,
-        "sparsity": 1 - cett.mean_activation_ratio,
+        "validation": {"ppl_dense": cett.ppl_dense, "ppl_sparse": cett.ppl_sparse, "increase": cett.achieved_increase},
+        "ppl_dense": ppl_mixed,
+        "ppl_sparse": ppl_sparse,
+        "achieved_increase": ppl_sparse / ppl_mixed - 1,
+        "activation_ratio": ratio,
+        "mean_activation_ratio": sum(ratio) / len(ratio),
+        "sparsity": 1 - sum(ratio) / len(ratio),
         "threshold": cett.eps,
         "activation_frequency_mean": stats.activation_frequency().mean(1).tolist(),
         "search": cett.search,

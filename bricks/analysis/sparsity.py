@@ -102,6 +102,18 @@ def threshold_hook(eps: torch.Tensor, down_norms: torch.Tensor, counter: dict | 
 
 
 @torch.no_grad()
+def thresholded_perplexity(model: nn.Module, ids: torch.Tensor, eps: torch.Tensor, down_norms: list[torch.Tensor],
+                           batch_size: int = 8) -> tuple[float, list[float]]:
+    """Perplexity of `ids` with every layer's neurons below its threshold `eps` zeroed, and each layer's share
+    of active neurons on those tokens."""
+    counter = {"active": torch.zeros(len(down_norms), dtype=torch.float64),
+               "tokens": torch.zeros(len(down_norms), dtype=torch.float64)}
+    ppl = perplexity(model, ids, batch_size, threshold_hook(eps, down_norms, counter))
+    all_reduce_(counter["active"]), all_reduce_(counter["tokens"])
+    return ppl, (counter["active"] / counter["tokens"].clamp(min=1)).tolist()
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=None, desc: str | None = None) -> float:
     """Perplexity of token windows `[n, seq_len]` (data-parallel under accelerate)."""
     nll = torch.zeros(2, dtype=torch.float64)
@@ -172,7 +184,8 @@ def cett_ppl_search(model: nn.Module, calib_acts: list[torch.Tensor], eval_ids: 
 
     Args:
         calib_acts: per-layer activations `[tokens, d_ff]` used to set each layer's ε.
-        eval_ids: windows on which perplexity is measured (held-out data).
+        eval_ids: windows on which perplexity is measured during the search: validation data (the threshold is
+            tuned on it; report its effect on held-out data with `thresholded_perplexity`).
     """
     blocks = ffns(model)
     down_norms = [b.down_weight().detach().float().norm(dim=0) for b in blocks]
@@ -186,10 +199,7 @@ def cett_ppl_search(model: nn.Module, calib_acts: list[torch.Tensor], eval_ids: 
     cett = 0.15  # typical CETT-PPL-1% values are 0.1-0.3
     for _ in progress(range(max_steps), "CETT-PPL search"):
         eps = torch.tensor([c.eps_for(cett) for c in curves])
-        counter = {"active": torch.zeros(len(blocks), dtype=torch.float64), "tokens": torch.zeros(len(blocks), dtype=torch.float64)}
-        ppl = perplexity(model, eval_ids, batch_size, threshold_hook(eps, down_norms, counter))
-        all_reduce_(counter["active"]), all_reduce_(counter["tokens"])
-        ratio = (counter["active"] / counter["tokens"].clamp(min=1)).tolist()
+        ppl, ratio = thresholded_perplexity(model, eval_ids, eps, down_norms, batch_size)
         inc = ppl / ppl_dense - 1
         history.append({"cett": cett, "ppl": ppl, "increase": inc, "mean_activation_ratio": sum(ratio) / len(ratio)})
         if best is None or abs(inc - target) < abs(best[1] - target):

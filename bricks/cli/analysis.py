@@ -35,7 +35,7 @@ def info(model, device, dtype, device_map, as_json):
 @click.option("--data", "data", multiple=True, required=True, help=DATA_HELP)
 @click.option("--out", required=True, type=click.Path(), help="output directory (must not exist)")
 @click.option("--windows", default=48, show_default=True, help="train windows per domain for neuron statistics")
-@click.option("--eval-windows", default=12, show_default=True, help="held-out windows per domain for perplexity")
+@click.option("--eval-windows", default=12, show_default=True, help="validation and held-out windows per domain for perplexity")
 @click.option("--seq-len", default=128, show_default=True, help="tokens per window")
 @click.option("--calib-tokens", default=1024, show_default=True, help="tokens that set the CETT thresholds")
 @click.option("--batch-size", default=8, show_default=True)
