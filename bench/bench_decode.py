@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bricks.brick import BrickSet, model_fingerprint
 from bricks.routing import bricked, compute_fraction, sparsified
+from record import save
 
 
 def main():
@@ -63,8 +64,7 @@ def main():
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
               "speedup": round(max(routed) / max(dense), 3)}
     print(json.dumps(result, indent=1))
-    if a.json:
-        json.dump(result, open(a.json, "w"), indent=1)
+    save(a.json, {"args": vars(a), **result})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ merged models' tensors.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 import yaml
 
 import bricks
+from record import save
 
 # Peak RSS of a child, and of an interpreter that only imports torch (the baseline any Python tool pays).
 _PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \
@@ -96,8 +96,7 @@ def main():
         rows["ratio_wall_bricks_over_mergekit"] = round(rows["bricks"]["wall_s"] / rows["mergekit"]["wall_s"], 3)
         print(f"agreement: {len(common)} common tensors, max |bricks - mergekit| = {diff:.3g}; "
               f"wall time bricks/mergekit = {rows['ratio_wall_bricks_over_mergekit']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+    save(a.json, {"args": vars(a), "rows": rows})
 
 
 if __name__ == "__main__":

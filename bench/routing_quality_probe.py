@@ -5,7 +5,10 @@ Quality only: the FFN is computed densely and the unchosen neurons are zeroed
 meet a quality target before any fast execution path is built (the `SparseFFN`
 rows run the shipped module itself, as a check on the masked TEAL rows). Printed per
 rule: FFN compute fraction (selection cost included where the rule has one)
-and per-domain held-out perplexity ratio to the dense model.
+and per-domain perplexity ratio to the dense model, on the validation split
+(where a rule would be chosen) and on the held-out split (what is reported).
+The TEAL input/neuron split is chosen on validation and its held-out figures
+are printed last.
 
     python bench/routing_quality_probe.py [--windows 8] [--json out.json]
 """
@@ -13,7 +16,6 @@ and per-domain held-out perplexity ratio to the dense model.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -22,6 +24,7 @@ from bricks.analysis.partition import activation_statistics
 from bricks.analysis.sparsity import perplexity
 from bricks.arch import ffns
 from bricks.routing import routed_layers, sparsified
+from record import save
 
 DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
 
@@ -126,22 +129,28 @@ def main():
     p.add_argument("--groups", default="neuron,bricks,cats,lowrank,teal", help="comma-separated rule groups to run")
     args = p.parse_args()
     model, tok = bricks.load_model("default")
-    heldout = bricks.load_domains(DATA, tok, "heldout", args.seq_len, args.windows)
+    splits = {s: bricks.load_domains(DATA, tok, s, args.seq_len, args.windows) for s in ("validation", "heldout")}
+    names = [x.name for x in splits["heldout"]]
     blocks = ffns(model)
     d, h = blocks[0].d_ff, blocks[0].down_weight().shape[0]
     down_norms = [b.down_weight().detach().norm(dim=0) for b in blocks]
-    dense = evaluate(model, heldout, None)
+    dense = {s: evaluate(model, doms, None) for s, doms in splits.items()}
     rows = []
 
-    def record(name, compute, ppl):
-        ratio = [p / q for p, q in zip(ppl, dense)]
-        rows.append({"rule": name, "compute": round(compute, 3), "ppl_ratio": dict(zip([x.name for x in heldout], [round(r, 3) for r in ratio]))})
-        print(f"{name:<46} compute {compute:.3f}  ppl ratio " + "  ".join(f"{x.name}={r:.3f}" for x, r in zip(heldout, ratio)), flush=True)
+    def record(name, compute, run):
+        """`run(domains)`: the rule's perplexity per domain; measured on both splits."""
+        row = {"rule": name, "compute": round(compute, 3)}
+        for split, doms in splits.items():
+            ratio = [p / q for p, q in zip(run(doms), dense[split])]
+            row[f"ppl_ratio_{split}"] = dict(zip(names, [round(r, 3) for r in ratio]))
+        rows.append(row)
+        print(f"{name:<46} compute {compute:.3f}  held-out ppl ratio "
+              + "  ".join(f"{n}={r:.3f}" for n, r in row["ppl_ratio_heldout"].items()), flush=True)
 
     groups = set(args.groups.split(","))
     if "neuron" in groups:
         for frac in (0.5, 0.3, 0.2):
-            record(f"neuron oracle top {frac:.0%}", frac, evaluate(model, heldout, neuron_oracle(frac, down_norms)))
+            record(f"neuron oracle top {frac:.0%}", frac, lambda doms: evaluate(model, doms, neuron_oracle(frac, down_norms)))
     if "bricks" in groups:
         stats = activation_statistics(model, tok, DATA, windows=32, seq_len=128)
         for method in ("random", "param-kmeans", "coactivation", "functional"):
@@ -150,30 +159,37 @@ def main():
                 for frac in (0.5, 0.3):
                     # routed share chosen so that shared + routed neurons = frac of the FFN
                     routed = (frac - shared) / (1 - shared)
-                    ev = evaluate(model, heldout, brick_oracle(routed, bs.assignments, bs.shared, down_norms))
-                    record(f"brick oracle {method} {n}x{d // n}{' +shared 1/16' if shared else ''} {frac:.0%}", frac, ev)
+                    oracle = brick_oracle(routed, bs.assignments, bs.shared, down_norms)
+                    record(f"brick oracle {method} {n}x{d // n}{' +shared 1/16' if shared else ''} {frac:.0%}", frac,
+                           lambda doms: evaluate(model, doms, oracle))
     if "cats" in groups:
         for frac in (0.25, 0.1):
             pre, extra = cats(frac, model)
-            record(f"CATS gate-only top {frac:.0%}", (1 + 2 * frac) / 3, evaluate(model, heldout, pre, extra))
+            record(f"CATS gate-only top {frac:.0%}", (1 + 2 * frac) / 3, lambda doms: evaluate(model, doms, pre, extra))
     if "lowrank" in groups:
         for rank in (32, 64):
             for frac in (0.4, 0.25):
                 pre, extra = lowrank(frac, model, rank)
                 cost = rank * (2 * h + 2 * d) / (3 * h * d)
-                record(f"low-rank r={rank} predictor top {frac:.0%}", frac + cost, evaluate(model, heldout, pre, extra))
+                record(f"low-rank r={rank} predictor top {frac:.0%}", frac + cost, lambda doms: evaluate(model, doms, pre, extra))
     if "teal" in groups:
         for f_in, f_act in ((0.5, 0.5), (0.6, 0.3), (0.4, 0.7), (0.3, 0.3), (0.35, 0.2), (0.25, 0.4)):
             for weighted in (False, True):
                 pre, extra = teal(f_in, f_act, model, weighted)
                 record(f"TEAL inputs {f_in:.0%} / down {f_act:.0%}{' (|a| x down norm)' if weighted else ''}",
-                       (2 * f_in + f_act) / 3, evaluate(model, heldout, pre, extra))
+                       (2 * f_in + f_act) / 3, lambda doms: evaluate(model, doms, pre, extra))
         for compute in (0.5, 0.3):  # the shipped module (its own split and rounding), to check the rows above
             with sparsified(model, compute):
                 fraction = max(m.compute_fraction() for m in routed_layers(model))
-                record(f"SparseFFN (moefy --router teal) {compute}", fraction, evaluate(model, heldout, None))
-    if args.json:
-        json.dump({"dense_ppl": dict(zip([x.name for x in heldout], dense)), "rows": rows}, open(args.json, "w"), indent=1)
+                record(f"SparseFFN (moefy --router teal) {compute}", fraction, lambda doms: evaluate(model, doms, None))
+    chosen = None
+    teal_rows = [r for r in rows if r["rule"].startswith("TEAL") and abs(r["compute"] - 0.5) < 0.02]
+    if teal_rows:  # the split a user would pick at compute 0.5: the best worst-domain ratio on validation
+        chosen = min(teal_rows, key=lambda r: max(r["ppl_ratio_validation"].values()))
+        print(f"chosen on validation at compute 0.5: {chosen['rule']}; held-out ratio "
+              + " / ".join(f"{v:.3f}" for v in chosen["ppl_ratio_heldout"].values()))
+    save(args.json, {"args": vars(args), "dense_ppl": {s: dict(zip(names, v)) for s, v in dense.items()}, "rows": rows,
+                     "chosen_on_validation": chosen}, model)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -31,20 +30,9 @@ import torch
 import bricks
 from bricks.analysis.partition import activation_statistics
 from bricks.routing.recovery import recover
+from record import environment, save
 
 DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
-
-
-def environment(model) -> dict:
-    """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
-    and documentation, so perplexities are comparable only between runs on the same Python version."""
-    import platform
-
-    import transformers
-
-    dev = next(model.parameters()).device
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or dev.type,
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def main() -> None:
@@ -133,9 +121,7 @@ def main() -> None:
         print("with router refit, rec/dense:", {d: round(v, 3) for d, v in res["ratio_refit"].items()})
     print(f"FFN compute fraction executed: {res['recovered']['compute_fraction']:.3f}; "
           f"run took {time.time() - t0:.0f} s (recovery {res['recovery']['seconds']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    save(args.json, res)
     if args.checkpoint:
         os.remove(args.checkpoint)  # the run is complete: its training state is not needed any more
 

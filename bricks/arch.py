@@ -104,6 +104,15 @@ class FFN:
     def down_bias(self) -> torch.Tensor | None:
         return self.down.bias
 
+    @torch.no_grad()
+    def down_norms(self) -> torch.Tensor:
+        """[d_ff] fp32 on CPU: each neuron's output norm per unit activation, ||W_down[:, i]||. Also for a layer
+        accelerate offloaded (its weights are loaded for the moment it takes)."""
+        from accelerate.utils import align_module_device
+
+        with align_module_device(self.down):
+            return self.down_weight().detach().float().norm(dim=0).cpu()
+
     def up_weight(self) -> torch.Tensor:
         """[d_ff, hidden]: row i is neuron i's (up / fc1) input direction."""
         if self.gate_up is not None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 from .analysis.sparsity import perplexity
-from .routing import executed_fraction
+from .routing import executed_fraction, selection_fraction
 
 
 def evaluate(model, domains, batch_size: int = 8) -> dict:
     """Perplexity per domain, FFN compute fraction executed (1.0 when dense) and tokens/s of the forward passes.
+
+    Beside the compute fraction, `selection_fraction` is the cost of choosing what runs (values ranked per
+    token by a top-k, over the dense FFN's multiply-accumulates), which the compute fraction does not count.
 
     Example:
         >>> bricks.evaluate(model, bricks.load_domains(["code=builtin:code"], tok, "heldout"))
@@ -19,4 +22,5 @@ def evaluate(model, domains, batch_size: int = 8) -> dict:
     ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
     seconds = time.perf_counter() - t
     tokens = sum(d.windows.numel() for d in domains)
-    return {"ppl": ppl, "compute_fraction": executed_fraction(model), "tokens_per_s": tokens / seconds, "tokens": tokens}
+    return {"ppl": ppl, "compute_fraction": executed_fraction(model), "selection_fraction": selection_fraction(model),
+            "tokens_per_s": tokens / seconds, "tokens": tokens}

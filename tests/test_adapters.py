@@ -180,13 +180,24 @@ def test_adapter_cli(llama_dir, tmp_path):
     r = run(main, ["adapter", "import", str(a), "--out", str(tmp_path / "brick"), "--base", str(llama_dir), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["modules"] == 8
-    assert run(main, ["adapter", "info", str(tmp_path / "brick")]).exit_code == 0
     assert run(main, ["adapter", "export", str(tmp_path / "brick"), "--out", str(tmp_path / "peft")]).exit_code == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     r = run(main, ["adapter", "merge", str(tmp_path / "brick"), str(b), "--weights", "0.5,0.5", "--rank", "2",
                    "--out", str(tmp_path / "m"), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["ranks"] == [2] and AdapterBrick.load(tmp_path / "m").modules
+    report = json.loads(r.stdout)
+    assert report["ranks"] == [2]
+    # The merged brick is the best rank-2 approximation of the mean delta: its error is the reported SVD error.
+    merged, da, db = (AdapterBrick.load(p).deltas() for p in (tmp_path / "m", a, b))
+    assert set(merged) == set(da)
+    errors = [float((merged[k] - (da[k] + db[k]) / 2).norm() / ((da[k] + db[k]) / 2).norm()) for k in merged]
+    assert max(errors) == pytest.approx(report["truncation_error"]["max"], rel=1e-3)
+    assert 0 < min(errors) and max(errors) < 1
+    # info and export describe and write the same brick.
+    r = run(main, ["adapter", "info", str(tmp_path / "brick"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["modules"] == 8 and json.loads(r.stdout)["ranks"] == [4]
+    exported, imported = AdapterBrick.load(tmp_path / "peft").deltas(), AdapterBrick.load(tmp_path / "brick").deltas()
+    assert all(torch.equal(exported[k], imported[k]) for k in imported)
     r = run(main, ["adapter", "merge", str(a), str(b), "--weights", "x", "--out", str(tmp_path / "m2")])
     assert r.exit_code == 1 and "bad --weights" in r.stderr and not (tmp_path / "m2").exists()
     r = run(main, ["adapter", "import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])

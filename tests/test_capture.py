@@ -78,10 +78,16 @@ def test_cett_curve_and_threshold_hook(llama_dir, tokenizer):
     assert perplexity(model, ids, hook=threshold_hook(torch.full((2,), 1e3), norms)) != pytest.approx(dense, rel=1e-3)
 
 
-def test_capture_on_device_map_auto_model(llama_dir, tokenizer):
-    """Models dispatched by accelerate (device_map="auto") are captured like plain ones."""
+def test_capture_on_a_dispatched_model(llama_dir, tokenizer, tmp_path):
+    """Models dispatched by accelerate (device_map, here with a layer offloaded to disk and loaded back by
+    accelerate's hooks at each forward pass) are captured like plain ones."""
+    from transformers import AutoModelForCausalLM
+
     plain, _ = bricks.load_model(llama_dir)
-    dispatched, _ = bricks.load_model(llama_dir, device_map="auto")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(llama_dir, device_map=device_map, offload_folder=str(tmp_path))
+    assert hasattr(dispatched.model.layers[1], "_hf_hook")  # really dispatched: weights come back per forward
     domains = bricks.load_domains(["prose=builtin:prose"], tokenizer, seq_len=16, max_windows=4)
     a = capture_stats(plain, domains, coactivation=False)
     b = capture_stats(dispatched, domains, coactivation=False)

@@ -31,7 +31,7 @@ def test_default_model_shape(model_tok):
     assert (info["model_type"], info["layers"], info["hidden_size"], info["d_ff"]) == ("llama", 30, 576, 1536)
     ids = tok("def add(a, b):\n    return", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "a" in tok.decode(out[0, ids.shape[1]:])  # the de-quantized model still writes code
+    assert tok.decode(out[0, ids.shape[1]:]).startswith(" a + b")  # the de-quantized model still writes code
 
 
 @pytest.mark.parametrize("method", ["random", "coactivation"])
@@ -44,8 +44,8 @@ def test_all_bricks_reproduce_dense_logits(method):
     err = bricks.verify_bricks(model, bs, ids)
     assert err["reassembled"] <= 1e-5
     # Brick-by-brick execution differs from dense only by fp32 summation order:
-    # permuting the dense model's neurons alone moves its logits by ~1e-4.
-    assert err["brickwise"] <= 5e-4
+    # permuting the dense model's neurons alone moves its logits by ~1e-4 (8.8e-5 measured here).
+    assert 0 < err["brickwise"] <= 2e-4
 
 
 def test_brickwise_execution_is_exact_in_float64():

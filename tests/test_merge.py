@@ -73,9 +73,13 @@ def test_every_method_is_registered_and_runs():
     for m in METHODS:
         inputs = xs[:1] if m == "slerp" else xs
         params = {"t": 0.3} if m == "slerp" else {}
-        out = merge(m, base, inputs, [{"weight": 1.0, "density": 0.6} for _ in inputs], params,
-                    torch.Generator().manual_seed(0))
+        per_model = [{"weight": 1.0, "density": 0.6} for _ in inputs]
+        out = merge(m, base, inputs, per_model, params, torch.Generator().manual_seed(0))
         assert out.shape == base.shape and torch.isfinite(out).all(), m
+        assert (out - base).abs().max() > 1e-3, m  # the models moved it away from the base
+        # Models identical to the base (every task vector zero) merge to the base itself.
+        same = merge(m, base, [base.clone() for _ in inputs], per_model, params, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(same, base, rtol=1e-6, atol=1e-6, msg=m)
 
 
 @pytest.fixture
@@ -183,9 +187,12 @@ def test_model_plus_adapter_in_a_merge(tiny_dirs, tmp_path):
     m, _ = bricks.load_model(base)
     expected = PeftModel.from_pretrained(m, adapter).merge_and_unload().state_dict()
     merged = _state(out)
-    for k, v in expected.items():
-        if k in merged:
-            assert (merged[k] - v).abs().max() <= 1e-5, k
+    # Every tensor is there under PEFT's own names (a tied LM head is stored once, as the embeddings).
+    assert set(expected) - set(merged) <= {"lm_head.weight"} and set(merged) <= set(expected)
+    for k, v in merged.items():
+        assert (v - expected[k]).abs().max() <= 1e-5, k
+    original, _ = bricks.load_model(base)
+    assert any((merged[k] - v).abs().max() > 1e-4 for k, v in original.state_dict().items() if k in merged)  # changed
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -68,8 +68,8 @@ def test_mlp_router_trains_saves_and_reloads(llama_dir, brickset_dir, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)["router_training"]
     assert len(report) == 2 and all(0 <= x["recall_at_k"] <= 1 for x in report)
-    # Better than chance (k/n = 0.25) at finding the oracle's top bricks.
-    assert sum(x["recall_at_k"] for x in report) / 2 > 0.35
+    # Far better than chance (k/n = 0.25) at finding the oracle's top bricks (0.70 / 0.53 measured).
+    assert sum(x["recall_at_k"] for x in report) / 2 > 0.45 and min(x["recall_at_k"] for x in report) > 0.35
     model, _ = bricks.load_model(out)
     ids = torch.randint(0, 300, (1, 8))
     with torch.no_grad():
@@ -123,6 +123,12 @@ def test_sensitivity_budget(llama_dir, tmp_path):
     layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
     assert [round(m.active * 8) for m in layers] == [x["bricks"] for x in budget["layers"]]
     assert sum(m.compute_fraction() for m in layers) / 2 <= 0.6 + 1e-9
+    # Nothing left unspent: one more brick in any layer would go over the target.
+    dense_macs = sum(m.dense_macs_per_token() for m in layers)
+    spent = sum(m._macs(m.k_active) for m in layers)
+    for m in layers:
+        if m.k_active < m.n_bricks:
+            assert spent - m._macs(m.k_active) + m._macs(m.k_active + 1) > 0.6 * dense_macs
     x = torch.randn(50, 32)
     with torch.no_grad():
         curve = error_curve(layers[0], x)

@@ -59,8 +59,18 @@ def test_sparse_path_matches_the_masked_reference(tiny_dirs, family, tokens):
         sparse.train()
         with torch.enable_grad():
             assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4)
-    # What ran is what was configured: sparse and masked passes both counted.
+    # What ran is counted: the rows the sparse pass read (the configured share), then the masked pass's dense
+    # matmuls (the whole FFN).
+    sparse.reset_counts()
+    with torch.no_grad():
+        sparse.eval()(x)
     assert sparse.executed_fraction() == pytest.approx(sparse.compute_fraction())
+    sparse.reset_counts()
+    with torch.enable_grad():
+        sparse.train()(x)
+    assert sparse.executed_fraction() == pytest.approx(1.0)
+    # The top-k choice is reported beside the fraction: hidden + d_ff values ranked per token.
+    assert sparse.selection_fraction() == pytest.approx((x.shape[1] + f.d_ff) / sparse.dense_macs_per_token())
 
 
 def test_budget_split_and_accounting(llama_dir):

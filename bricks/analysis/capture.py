@@ -173,9 +173,9 @@ def capture_stats(model: nn.Module, domains, batch_size: int = 8, thresholds: to
     blocks = ffns(model)
     ids = torch.cat([d.windows for d in domains])
     sample_domain = torch.cat([torch.full((len(d.windows),), k) for k, d in enumerate(domains)])
-    down_norms = torch.stack([b.down_weight().detach().float().norm(dim=0).cpu() for b in blocks])
+    down_norms = torch.stack([b.down_norms() for b in blocks]) if thresholds is not None else None
     stats = NeuronStats(len(blocks), blocks[0].d_ff, [d.name for d in domains], sample_domain, thresholds,
-                        down_norms if thresholds is not None else None, coactivation, coactivation_stride)
+                        down_norms, coactivation, coactivation_stride)
     with ffn_hooks(model, lambda i, a: stats.update(i, a)):
         for rows in progress(batches(len(ids), batch_size), desc):
             stats.set_batch(rows, ids.shape[1])

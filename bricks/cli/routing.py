@@ -144,8 +144,9 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
             "ppl": {d: result["model_eval"]["ppl"][d] / result["baseline"]["ppl"][d] for d in result["model_eval"]["ppl"]},
             "tokens_per_s": result["model_eval"]["tokens_per_s"] / result["baseline"]["tokens_per_s"],
         }
-    lines = [f"{model}: FFN compute fraction {result['model_eval']['compute_fraction']:.3f}, "
-             f"{result['model_eval']['tokens_per_s']:.0f} tokens/s"]
+    ev = result["model_eval"]
+    lines = [f"{model}: FFN compute fraction {ev['compute_fraction']:.3f} (plus {100 * ev['selection_fraction']:.2f}% "
+             f"of the dense FFN's MACs in values ranked to choose what runs), {ev['tokens_per_s']:.0f} tokens/s"]
     for d, p in result["model_eval"]["ppl"].items():
         extra = f"  (dense {result['baseline']['ppl'][d]:.3f}, ratio {result['ratio']['ppl'][d]:.3f})" if baseline else ""
         lines.append(f"  {d:>10}: perplexity {p:.3f}{extra}")

@@ -1,7 +1,7 @@
 """Routing: FFNs that run a share of their compute per token (emergent bricks chosen by a router, or single
 neurons and input channels chosen by magnitude), their routers, budgets and recovery training."""
 
-from .base import RoutedFFN, compute_fraction, executed_fraction, routed_layers
+from .base import RoutedFFN, compute_fraction, executed_fraction, routed_layers, selection_fraction
 from .bricked_ffn import BrickedFFN, assemble_bricked, bricked
 from .budget import allocate_budgets
 from .recovery import recover
@@ -10,6 +10,6 @@ from .routers import ROUTERS, Router, make_router
 from .sparse_ffn import SparseFFN, assemble_sparse, sparsified
 from .verify import verify_bricks
 
-__all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_layers", "BrickedFFN", "assemble_bricked",
+__all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_layers", "selection_fraction", "BrickedFFN", "assemble_bricked",
            "bricked", "allocate_budgets", "recover", "train_routers", "ROUTERS", "Router", "make_router", "SparseFFN",
            "assemble_sparse", "sparsified", "verify_bricks"]

@@ -33,6 +33,14 @@ class RoutedFFN(nn.Module):
         """Compute fraction of the tokens run since the counts were last reset (None when none ran)."""
         raise NotImplementedError
 
+    def ranked_per_token(self) -> int:
+        """Values ranked per token to choose what runs (a top-k: comparisons, no multiply-accumulates)."""
+        return 0
+
+    def selection_fraction(self) -> float:
+        """The choice's own cost beside the compute fraction: values ranked per token over dense MACs."""
+        return self.ranked_per_token() / self.dense_macs_per_token()
+
     def reset_counts(self) -> None:
         self.counts.zero_()
 
@@ -93,6 +101,15 @@ def compute_fraction(model: nn.Module) -> float:
     """
     fr = [m.compute_fraction() for m in routed_layers(model)]
     return sum(fr) / len(fr) if fr else 1.0
+
+
+def selection_fraction(model: nn.Module) -> float:
+    """Mean over layers of the values ranked per token to choose what runs, over dense MACs (0.0 for a dense model).
+
+    Not part of the compute fraction (a top-k makes comparisons, not multiply-accumulates); reported beside it.
+    """
+    fr = [m.selection_fraction() for m in routed_layers(model)]
+    return sum(fr) / len(fr) if fr else 0.0
 
 
 def executed_fraction(model: nn.Module, reset: bool = False) -> float:

@@ -125,8 +125,7 @@ class BrickedFFN(RoutedFFN):
     def k_active(self) -> int:
         return max(1, round(self.active * self.n_bricks))
 
-    def _act(self, h: torch.Tensor, size: int) -> torch.Tensor:
-        """h [..., k*size] -> activations [..., size]."""
+    def _act(self, h: torch.Tensor, size: int) -> torch.Tensor:  # h [..., k*size] -> activations [..., size]
         if self.gated:
             return self.act(h[..., :size]) * h[..., size:]
         return self.act(h)
@@ -144,8 +143,7 @@ class BrickedFFN(RoutedFFN):
         h = F.linear(x, self.shared_in, self.shared_b_in)
         return self._down(self._act(h, self.shared_in.shape[0] // (2 if self.gated else 1)), self.shared_down)
 
-    def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """a [tokens, size] through one brick's down block (stored per `down_rows`)."""
+    def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # a [tokens, size] through a down block
         return a @ w if self.down_rows else F.linear(a, w)
 
     def select(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -157,7 +155,6 @@ class BrickedFFN(RoutedFFN):
         return self.router.select(x, self.k_active)
 
     def set_full(self) -> None:
-        """Every brick, in the original neuron order: the dense FFN."""
         self.active, self.dense_at_full = 1.0, True
 
     @torch.no_grad()
@@ -181,15 +178,16 @@ class BrickedFFN(RoutedFFN):
         self._dense_cache = None  # routing again: drop the full-activity copy
         if sel is None:
             sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
+        masked = self.training and torch.is_grad_enabled()  # every brick is computed there: count them all
         self.counts[0] += x2.shape[0]
-        self.counts[1] += sel.sum()
+        self.counts[1] += x2.shape[0] * self.n_bricks if masked else sel.sum()
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         y = x2.new_zeros(x2.shape[0], self.hidden)
         shared = self._shared(x2)
         if shared is not None:
             y += shared
-        if self.training and torch.is_grad_enabled():
+        if masked:
             y += self._masked(x2, sel)
         elif x2.shape[0] == 1 and self._gathers(x2):
             self._gathered(x2, sel, y)
@@ -224,8 +222,7 @@ class BrickedFFN(RoutedFFN):
             else:
                 y += F.linear(a, self.w_down[b])
 
-    def _gathers(self, x: torch.Tensor) -> bool:
-        """Whether one token runs `_gathered`: on accelerators, under a router that picks exactly k bricks."""
+    def _gathers(self, x: torch.Tensor) -> bool:  # on accelerators, under a router that picks exactly k bricks
         return x.device.type != "cpu" and self.router is not None and not self.router.reuses_gate
 
     def _gathered(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
@@ -340,6 +337,9 @@ class BrickedFFN(RoutedFFN):
         calibrated mean; `executed_fraction` gives what the forward passes ran.
         """
         return self._macs(min(self.k_active, self.n_bricks)) / self.dense_macs_per_token()
+
+    def ranked_per_token(self) -> int:
+        return self.n_bricks if self.router is not None and self.k_active < self.n_bricks else 0
 
     def executed_fraction(self) -> float | None:
         tokens, run = self.counts.tolist()

@@ -116,11 +116,14 @@ class SparseFFN(RoutedFFN):
         return self.k * self.d_ff * n_in + self.hidden * n_act
 
     def compute_fraction(self) -> float:
-        """FFN multiply-accumulates per token over dense, as configured (selection by top-k is not counted: it is
-        a partial sort of hidden + d_ff values, no multiplications)."""
+        """FFN multiply-accumulates per token over dense, as configured (the top-k choice is reported apart, see
+        `selection_fraction`: it ranks hidden + d_ff values, with no multiplications)."""
         if self.full:
             return 1.0
         return self._macs(self.n_in, self.n_act) / self.dense_macs_per_token()
+
+    def ranked_per_token(self) -> int:
+        return 0 if self.full else self.hidden + self.d_ff
 
     def executed_fraction(self) -> float | None:
         tokens, n_in, n_act = self.counts.tolist()
@@ -161,14 +164,14 @@ class SparseFFN(RoutedFFN):
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """Training (recovery): the same function as `_sparse`, with dense matmuls on zeroed entries (the masks are
-        constants: gradients flow through the kept entries only)."""
+        constants: gradients flow through the kept entries only). Counted as what runs: the whole FFN."""
         n = x.shape[0]
         h = (x * self._top(x.detach(), self.n_in)) @ self.w_in_t
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
         y = (a * self._top(a.detach(), self.n_act)) @ self.w_down_t
-        self.counts += torch.tensor([n, n * self.n_in, n * self.n_act], dtype=self.counts.dtype, device=self.counts.device)
+        self.counts += torch.tensor([n, n * self.hidden, n * self.d_ff], dtype=self.counts.dtype, device=self.counts.device)
         return y if self.b_down is None else y + self.b_down
 
     def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -195,7 +198,8 @@ class SparseFFN(RoutedFFN):
         a = self._activation(h)
         j = a.abs().topk(self.n_act, dim=-1, sorted=False).indices.sort(-1).values
         y = self._bag(j, a.gather(-1, j), self.w_down_t)
-        self.counts += torch.tensor([n, n * self.n_in, n * self.n_act], dtype=self.counts.dtype, device=self.counts.device)
+        # The rows the bags were given to read: what ran, not what was configured.
+        self.counts += torch.tensor([n, idx.numel(), j.numel()], dtype=self.counts.dtype, device=self.counts.device)
         return y if self.b_down is None else y + self.b_down
 
     # ------------------------------------------------------------------ weights

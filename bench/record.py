@@ -1,0 +1,50 @@
+"""What every results file records beside its numbers: the command, the settings, the environment, the date.
+
+    from record import environment, save      # bench scripts run as `python bench/NAME.py`
+    save(path, {"args": vars(args), **results}, model)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def environment(model=None) -> dict:
+    """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
+    and documentation, so perplexities are comparable only between runs on the same Python version."""
+    import peft
+    import torch
+    import transformers
+
+    device = "cpu"
+    if model is not None:
+        dev = next(model.parameters()).device
+        device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
+    if device == "cpu":
+        device = f"cpu ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} threads"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bricks_commit": commit,
+            "date": datetime.date.today().isoformat()}
+
+
+def save(path: str | os.PathLike | None, result: dict, model=None) -> None:
+    """Write `result` with the command line and the environment to `path` (atomically; nothing when path is None)."""
+    if not path:
+        return
+    doc = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), **result}
+    doc.setdefault("env", environment(model))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
