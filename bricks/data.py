@@ -184,6 +184,15 @@ def _math_documents() -> Iterator[tuple[str, str, str]]:
             pending[split] = []
 
 
+def _text_of(path: Path) -> str:
+    """A user's text file, refused when it is not text (a binary file would be 'perplexity' measured on noise)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if b"\x00" in raw[:1 << 20] or text.count("\ufffd") > 0.01 * max(len(text), 1):
+        raise BricksError(f"{path} is not UTF-8 text (binary data?): give a text, JSON-lines or datasets source")
+    return text
+
+
 def _user_documents(source: str) -> Iterator[tuple[str, str]]:
     path_str, _, field = source.partition("#")
     path = Path(path_str)
@@ -191,19 +200,18 @@ def _user_documents(source: str) -> Iterator[tuple[str, str]]:
         yield from _datasets_documents(path, field or "text")
     elif path.suffix in (".jsonl", ".json"):
         field = field or "text"
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
-                if not isinstance(record, dict) or field not in record:
-                    raise BricksError(f"{path}:{n} has no {field!r} field; name the text field as {path}#FIELD")
-                yield f"{path}:{n}", str(record[field])
+        for n, line in enumerate(_text_of(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+            if not isinstance(record, dict) or field not in record:
+                raise BricksError(f"{path}:{n} has no {field!r} field; name the text field as {path}#FIELD")
+            yield f"{path}:{n}", str(record[field])
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _text_of(path)
         for i, chunk in enumerate(_chunks(text)):
             yield f"{path}#{i}", chunk
 

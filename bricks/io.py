@@ -8,8 +8,10 @@ leaves a half-written directory and never costs the user a long run first.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,8 +28,11 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise BricksError(f"cannot create output {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BricksError(f"cannot create output {path}: {parent} is not writable; choose another --out")
+    try:  # permission bits do not tell everything (root, read-only or virtual file systems): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".bricks-probe-", dir=parent))
+    except OSError as exc:
+        raise BricksError(f"cannot create output {path}: {parent} is not writable ({exc.strerror}); "
+                          "choose another --out") from None
     return path
 
 
@@ -35,7 +40,10 @@ class atomic_dir:
     """Context manager giving a temporary sibling directory that becomes `path` on success.
 
     On any error (or Ctrl-C) the temporary directory is removed and `path` is
-    left as it was; an existing `path` is refused unless `overwrite`.
+    left as it was; an existing `path` is refused unless `overwrite`, also one
+    that another run created while this one was writing (the first output
+    survives). Temporary directories carry their process id, so that those of
+    runs that died (kill -9, power loss) are found and removed by the next run.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
@@ -46,7 +54,8 @@ class atomic_dir:
         check_output(self.path, self.overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+            remove_stale_temporaries(self.path)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=self.path.parent))
         except OSError as exc:
             raise BricksError(f"cannot create output {self.path}: {exc.strerror or exc}; choose another --out") from exc
         return self.tmp
@@ -55,14 +64,42 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.path.exists():
+        if self.overwrite and self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
             os.replace(self.tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+            return False
+        try:
+            # Renaming a directory onto a non-empty one fails: a run that finished first keeps its output.
+            os.rename(self.tmp, self.path)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise BricksError(f"output {self.path} was created by another run while this one was writing: "
+                              "kept it and discarded this run's output") from None
         return False
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary siblings of `path` left by runs whose process is gone; say so on stderr."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            print(f"removed {tmp}, left by a run of {path.name} that did not finish", file=sys.stderr)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def read_yaml(path: str | os.PathLike, what: str, refused: dict[str, str] | None = None) -> dict:

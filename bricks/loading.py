@@ -147,13 +147,20 @@ def load_dense(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     except Exception as exc:
         raise BricksError(f"cannot read the config of {path}: {exc}") from exc
     layout_for(config)  # refuse unsupported families before loading any weight
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a bad checkpoint is reported in one line below, not by transformers' load report
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, local_files_only=True, device_map=device_map
         )
     except Exception as exc:
+        wrong = _shape_mismatch(path, config)
+        if wrong:
+            raise BricksError(f"cannot load the weights in {path}: {wrong}; the weight files do not match config.json") from exc
         raise BricksError(f"cannot load the weights in {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
                           "are the weight files complete and matching config.json?") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _check_finite(model, path)
     if device_map is None and device is not None:
         model.to(device)
@@ -165,6 +172,25 @@ def load_dense(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _shape_mismatch(path: Path, config) -> str | None:
+    """The first tensor whose shape in the checkpoint differs from what config.json implies, in words."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    shape = tuple(st.get_slice(k).get_shape())
+                    if k in expected and shape != expected[k]:
+                        return f"{k} is {list(shape)} in {f.name}, config.json implies {list(expected[k])}"
+    except Exception:  # the diagnosis is a courtesy: never let it hide the original error
+        return None
+    return None
 
 
 def _check_finite(model, path) -> None:

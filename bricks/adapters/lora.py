@@ -46,7 +46,10 @@ _UNSUPPORTED = {
     "use_qalora": False,
     "alora_invocation_tokens": None,
     "megatron_config": None,
+    "use_bdlora": False,
+    "kasa_config": None,
 }
+SUPPORTED_SWITCHES = {"use_rslora"}  # any other truthy `use_*` field is a LoRA variant a brick cannot carry
 
 
 @dataclass
@@ -228,7 +231,8 @@ def _check_config(config: dict, where: Path) -> None:
     kind = config.get("peft_type")
     if kind != "LORA":
         raise BricksError(f"{where}: PEFT type {kind!r} is not supported as a brick (LoRA only)")
-    for key, off in _UNSUPPORTED.items():
+    switches = {k: False for k in config if k.startswith("use_") and k not in SUPPORTED_SWITCHES}
+    for key, off in {**switches, **_UNSUPPORTED}.items():
         value = config.get(key, off)
         if value not in (off, None, False, [], {}):
             raise BricksError(f"{where}: {key}={value!r} is not supported by adapter bricks "

@@ -113,6 +113,10 @@ def partition(model, method, n_bricks, out, data, shared, windows, seq_len, cett
     from ..runtime import world
 
     needs_stats = PARTITIONERS.get(method).needs_stats  # unknown methods fail before any loading
+    if not 0.0 <= shared < 1.0:
+        raise BricksError(f"--shared must be in [0, 1), got {shared}")
+    if n_bricks < 1:
+        raise BricksError(f"--bricks must be >= 1, got {n_bricks}")
     specs = parse_data_specs(data) if data else []
     if (needs_stats or shared > 0) and not specs:
         raise BricksError(f"method {method!r}{' with --shared' if shared else ''} needs activation data: pass --data NAME=SOURCE")

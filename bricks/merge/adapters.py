@@ -14,7 +14,7 @@ import torch
 
 from ..adapters.lora import AdapterBrick, LoRAModule
 from ..errors import BricksError
-from .methods import METHODS, merge
+from .methods import METHODS, check_params, merge
 
 
 def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -53,6 +53,7 @@ def merge_adapters(bricks: list[AdapterBrick], weights: list[float] | None = Non
             raise BricksError(f"adapters {bricks[0].name!r} and {b.name!r} target different modules (e.g. {diff[0]}): "
                               "merge adapters with the same target modules")
     weights = list(weights) if weights is not None else [1.0] * len(bricks)
+    check_params(method, dict(params or {}), [{**p, "weight": w} for p, w in zip(model_params or [{}] * len(bricks), weights)])
     if len(weights) != len(bricks):
         raise BricksError(f"{len(weights)} weights for {len(bricks)} adapters")
     if rank is not None and rank < 1:

@@ -194,6 +194,9 @@ def _linear(base_of, tensors, model_params, params, generator):
     for x, wi in zip(tensors, w):
         out.add_(x.to(dtype), alpha=float(wi))
     if params.get("normalize", True):
+        if abs(float(w.sum())) < 1e-8:
+            raise BricksError(f"linear merge with normalize divides by the sum of the weights, which is 0 "
+                              f"({[float(x) for x in w]}): change the weights or set normalize: false")
         out /= w.sum()
     return out.to(first.dtype)
 
@@ -307,18 +310,36 @@ for _name, _spec, _summary in (
     METHODS.add(_name, _spec, _summary)
 
 
+# Parameters whose values are flags; every other one is a number, with these ranges where it has one.
+FLAG_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise"}
+RANGES = {"density": (0.0, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0)}
+
+
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:
-    """Reject parameters a method does not know, and values outside their range, before any work."""
+    """Reject parameters a method does not know, and values of the wrong kind or outside their range, before any
+    work. A value may be a scalar or the list of every value a setting can take (a gradient's points)."""
     METHODS.get(method)  # unknown methods: a one-line error listing the known ones
     for key in shared:
         if key not in SHARED_PARAMS | MODEL_PARAMS:
             raise BricksError(f"unknown merge parameter {key!r}: known are {', '.join(sorted(SHARED_PARAMS | MODEL_PARAMS))}")
     for p in per_model:
-        for key, value in p.items():
+        for key in p:
             if key not in MODEL_PARAMS | SHARED_PARAMS:
                 raise BricksError(f"unknown model parameter {key!r}: known are {', '.join(sorted(MODEL_PARAMS))}")
-            if key == "density" and isinstance(value, (int, float)) and not 0 <= value <= 1:
-                raise BricksError(f"density must be in [0, 1], got {value}")
-    t = shared.get("t")
-    if isinstance(t, (int, float)) and not 0 <= t <= 1:  # NaN fails this too
-        raise BricksError(f"slerp t must be in [0, 1], got {t}")
+    for key, value in [*shared.items(), *(kv for p in per_model for kv in p.items())]:
+        for v in value if isinstance(value, list) else [value]:
+            _check_value(key, v)
+
+
+def _check_value(key: str, v) -> None:
+    if key in FLAG_PARAMS:
+        if not isinstance(v, bool):
+            raise BricksError(f"{key} is true or false, got {v!r}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BricksError(f"{key} must be a number, got {v!r}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise BricksError(f"{key} must be a finite number, got {v}")
+    lo, hi = RANGES.get(key, (None, None))
+    if lo is not None and not lo <= v <= hi:
+        raise BricksError(f"{key} must be in [{lo:g}, {hi:g}], got {v}")

@@ -96,21 +96,24 @@ def load_config(path: str | Path) -> MergeConfig:
         raise BricksError(f"{path}: 'models' is empty: list the models to merge")
     if needs_base(cfg.merge_method) and cfg.base_model is None:
         raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
-    check_params(cfg.merge_method, {k: _probe(v) for k, v in cfg.parameters.items()},
-                 [{k: _probe(v) for k, v in m.parameters.items()} for m in cfg.models])
+    try:
+        check_params(cfg.merge_method, {k: _values(v) for k, v in cfg.parameters.items()},
+                     [{k: _values(v) for k, v in m.parameters.items()} for m in cfg.models])
+    except BricksError as exc:
+        raise BricksError(f"{path}: {exc}") from None
     missing = [m.model for m in cfg.models if "weight" not in m.parameters]
     if is_task_method(cfg.merge_method) and missing:  # as in mergekit, the task-vector methods require a weight
         raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
     return cfg
 
 
-def _probe(setting: Setting):
-    """A representative scalar of a setting, for validation (first value of a gradient or condition)."""
+def _values(setting: Setting) -> list:
+    """Every scalar a setting can take (each point of a gradient, each condition's value), for validation."""
     if isinstance(setting, list):
-        return _probe(setting[0]) if setting else None
+        return [v for x in setting for v in _values(x)]
     if isinstance(setting, Conditional):
-        return _probe(setting.value)
-    return setting
+        return _values(setting.value)
+    return [setting]
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.")
@@ -216,6 +219,10 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
                 g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
                 base_of = functools.partial(_read, base, None, n, dtype) if base else None
                 merged = merge(method, base_of, tensors, per_model, shared, g)
+                if not torch.isfinite(merged).all():
+                    bad = int((~torch.isfinite(merged)).sum())
+                    raise BricksError(f"merging {n} gave {bad} NaN or infinite values of {merged.numel()}: check the "
+                                      "weights (with normalize, weights that sum to 0 divide by zero)")
                 writer.write(n, merged.to(final_dtype(n)))
                 if progress:
                     progress(i + 1, len(names))
