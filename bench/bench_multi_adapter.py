@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 import bricks
-from bricks.adapters import AdapterBrick
-from bricks.adapters import attach_adapters
+from bricks.adapters import AdapterBrick, attach_adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
