@@ -52,14 +52,18 @@ class MultiLoRALinear(nn.Module):
             A[i, : m.rank] = m.A.to(w.dtype)
             B[i, :, : m.rank] = (m.B.float() * m.scaling).to(w.dtype)  # the scaling folded into B
         self.register_buffer("A", A, persistent=False)  # [n, r, in]
-        self.register_buffer("A_flat", A.reshape(-1, A.shape[-1]), persistent=False)  # [n*r, in]
+        self.register_buffer("B", B, persistent=False)  # [n, out, r], scaled
+        self.register_buffer("A_flat", A.reshape(-1, A.shape[-1]), persistent=False)  # [n*r, in], a view of A
         self.register_buffer("B_flat", B.permute(1, 0, 2).reshape(B.shape[1], -1).contiguous(), persistent=False)  # [out, n*r]
         self.fan_in_fan_out = fan_in_fan_out
+        # While the factors train (`MultiAdapter.training_factors`), the flat and grouped copies are derived from
+        # A and B in every forward pass so that gradients reach them; otherwise they are cached.
+        self.factors_train = False
         # Each sequence's mix ([batch, n]; one-hot for one brick; batch 1 applies to all sequences) or each
         # token's ([batch, seq, n]), set by `MultiAdapter.use` or a router; `gate(x)` computes it from the input.
         self.weights: torch.Tensor | None = None
         self.gate: nn.Module | None = None
-        self.slots = self.group_A = self.group_B = None  # one brick per sequence, see set_groups
+        self.slots = self.group_A = self.group_B = self.group_bricks = None  # one brick per sequence, see set_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -74,22 +78,37 @@ class MultiLoRALinear(nn.Module):
         if w.shape[0] not in (1, x3.shape[0]) or w.shape[1] not in (1, x3.shape[1]):
             raise BricksError(f"adapter routing weights {tuple(w.shape)} do not fit the batch {tuple(x3.shape[:2])}")
         n, r = self.A.shape[:2]
-        h = x3 @ self.A_flat.t()  # [b, s, n*r]
+        A_flat, B_flat = (self.A.reshape(-1, self.A.shape[-1]), self._b_flat()) if self.factors_train else (self.A_flat, self.B_flat)
+        h = x3 @ A_flat.t()  # [b, s, n*r]
         h = (h.view(*h.shape[:2], n, r) * w[..., None].to(h.dtype)).view(h.shape)
-        return y + (h @ self.B_flat.t()).reshape(y.shape).to(y.dtype)
+        return y + (h @ B_flat.t()).reshape(y.shape).to(y.dtype)
+
+    def _b_flat(self) -> torch.Tensor:
+        return self.B.permute(1, 0, 2).reshape(self.B.shape[1], -1)
+
+    def _group_factors(self, bricks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of the g `bricks`, laid out for batched matmuls: A `[g, in, r]`, B `[g, r, out]`."""
+        idx = torch.as_tensor(bricks, device=self.A.device)
+        return self.A.index_select(0, idx).transpose(1, 2), self.B.index_select(0, idx).transpose(1, 2)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the cached copies of the factors after training changed them."""
+        self.B_flat.copy_(self._b_flat())
+        if self.slots is not None and self.group_bricks is not None:
+            self.group_A, self.group_B = (t.contiguous() for t in self._group_factors(self.group_bricks))
 
     def set_groups(self, groups: tuple | None, bricks: list[int] | None) -> None:
         """Route one brick per sequence: `groups` from `MultiAdapter.use` (slots [g, m] of batch rows, the
         positions of real rows among the slots, those rows, the batch size) for the g `bricks`. Their factors
         are gathered once here, not per forward pass."""
+        self.group_bricks = bricks
         if groups is None:
             self.slots = self.group_A = self.group_B = None
             return
         self.slots, self.keep, self.keep_rows, self.slot_batch = groups
         self.slot_rows = self.slots.reshape(-1)
-        self.group_A = self.A[bricks].transpose(1, 2).contiguous()  # [g, in, r]
-        B = self.B_flat.view(self.B_flat.shape[0], *self.A.shape[:2])  # [out, n, r]
-        self.group_B = B[:, bricks].permute(1, 2, 0).contiguous()  # [g, r, out]
+        self.group_A, self.group_B = (t.contiguous() for t in self._group_factors(bricks))  # [g, in, r], [g, r, out]
 
     def _grouped(self, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One brick per sequence: each brick's sequences through its own factors, in two batched matmuls.
@@ -106,7 +125,7 @@ class MultiLoRALinear(nn.Module):
         # index_select rather than x3[slots]: advanced indexing costs several times more per call, and a decode
         # step makes this call once per adapted layer.
         xg = x3.index_select(0, self.slot_rows).view(g, m * s, -1)
-        A, B = self.group_A, self.group_B
+        A, B = self._group_factors(self.group_bricks) if self.factors_train else (self.group_A, self.group_B)
         if A.dtype != xg.dtype:
             A, B = A.to(xg.dtype), B.to(xg.dtype)
         d = torch.bmm(torch.bmm(xg, A), B).view(g * m, s, -1)
@@ -159,6 +178,32 @@ class MultiAdapter:
             for layer in self.layers.values():
                 layer.weights = None
                 layer.set_groups(None, None)
+
+    @contextlib.contextmanager
+    def training_factors(self):
+        """Inside the block the stacked factors (A and the scaled B of every layer) are trainable tensors, yielded as
+        a list for an optimizer; on exit the trained factors are written back into the bricks (`self.bricks`)."""
+        factors = [t for layer in self.layers.values() for t in (layer.A, layer.B)]
+        for layer in self.layers.values():
+            layer.factors_train = True
+        try:
+            yield factors
+        finally:
+            for layer in self.layers.values():
+                layer.factors_train = False
+                layer.A.requires_grad_(False)
+                layer.B.requires_grad_(False)
+                layer.refresh()
+            self._write_back()
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        for name, layer in self.layers.items():
+            for i, brick in enumerate(self.bricks):
+                m = brick.modules.get(name)
+                if m is not None:  # a brick that does not adapt this layer stays without it
+                    m.A = layer.A[i, : m.rank].detach().to(m.A.dtype).cpu().clone()
+                    m.B = (layer.B[i, :, : m.rank].float() / m.scaling).to(m.B.dtype).cpu().clone()
 
     def detach(self) -> nn.Module:
         """Put the plain base layers back; the model is the base model again."""

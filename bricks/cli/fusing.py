@@ -14,7 +14,7 @@ class FuseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     stage1_steps: int = Field(100, ge=0)  # gate alone, specialists frozen
-    stage2_steps: int = Field(0, ge=0)  # gate and full-model specialists together
+    stage2_steps: int = Field(0, ge=0)  # gate and specialists together (LoRA factors, or full weights)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     stage2_lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
     batch_size: int = Field(6, ge=1)
@@ -32,7 +32,8 @@ class FuseConfig(BaseModel):
 @click.option("--name", "names", multiple=True, help="a name per specialist, in order (default: directory names)")
 @click.option("--data", "data", multiple=True, required=True, help=DATA_HELP + " (gate training and the held-out comparison)")
 @click.option("--stage1-steps", default=100, show_default=True, help="gate training steps, specialists frozen")
-@click.option("--stage2-steps", default=0, show_default=True, help="then gate and full-model specialists together")
+@click.option("--stage2-steps", default=0, show_default=True,
+              help="then gate and specialists together (their LoRA factors, or full weights for full models)")
 @click.option("--lr", default=1e-3, show_default=True, help="stage-1 learning rate")
 @click.option("--stage2-lr", default=1e-5, show_default=True)
 @click.option("--batch-size", default=6, show_default=True)

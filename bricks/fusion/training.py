@@ -4,16 +4,18 @@ Loss: cross-entropy of the fused logits on every next token of plain-text
 windows. Batches are class-balanced by default: the same number of windows
 from every domain (the paper's balanced sampler); `balanced=False` samples
 windows in proportion to the data. Stage 1 trains the gate with the
-specialists frozen (they run without gradients); stage 2 trains the gate and
-the full weights of model specialists (adapter specialists on one base: not
-yet, their stacked factors are not trainable parameters; stage 2 is refused
-for them). Training is resumable through a `TrainingCheckpoint` file per stage.
+specialists frozen (they run without gradients); stage 2 trains the gate with
+the specialists: their LoRA factors for adapter specialists (written back into
+their bricks afterwards), their full weights for model specialists. Training
+is resumable through a `TrainingCheckpoint` file per stage.
 
     >>> report = train_fusion(fused, train_domains, stage1_steps=400, lr=2e-5)
     >>> gate_shares(fused, heldout_domains)    # mean gate weight per domain and specialist
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -43,26 +45,26 @@ def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_ste
         raise BricksError(f"give stage-1 and/or stage-2 steps (>= 0, not both 0), got {stage1_steps} and {stage2_steps}")
     if lr <= 0 or stage2_lr <= 0 or batch_size < 1:
         raise BricksError(f"learning rates must be > 0 and batch size >= 1 (got {lr}, {stage2_lr}, {batch_size})")
-    if stage2_steps and not isinstance(fused.specialists, ModelSpecialists):
-        raise BricksError("stage 2 trains the specialists' weights, which adapter specialists on one base do not "
-                          "expose yet: use stage 1 only, or full-model specialists")
     windows = torch.cat([d.windows for d in domains])
     groups = [len(d.windows) for d in domains] if balanced else None
     report = {"balanced": balanced, "domains": [d.name for d in domains]}
     for stage, steps, rate in ((1, stage1_steps, lr), (2, stage2_steps, stage2_lr)):
         if not steps:
             continue
-        params = list(fused.gate.parameters())
-        if stage == 2:
-            params += [p for m in fused.specialists.models for p in m.parameters() if p.is_floating_point()]
-        opt, sched = adamw_cosine(params, rate, steps)
-        saver = None if checkpoint is None else TrainingCheckpoint(f"{checkpoint}.stage{stage}")
-        with trainable(fused, params):
-            fused.train()
-            report[f"stage{stage}"] = train_lm(
-                fused, windows, opt, steps, batch_size, seed + stage, f"fusion stage {stage}", log, sched=sched,
-                clip=params, loss_fn=lambda m, x, s=stage: fused_loss(m, x, specialists_grad=s == 2),
-                checkpoint=saver, settings={"lr": rate, "balanced": balanced, "stage": stage}, groups=groups)
+        with contextlib.ExitStack() as stack:
+            params = list(fused.gate.parameters())
+            if stage == 2 and isinstance(fused.specialists, ModelSpecialists):
+                params += [p for m in fused.specialists.models for p in m.parameters() if p.is_floating_point()]
+            elif stage == 2:  # the stacked LoRA factors, written back into the bricks when the block ends
+                params += stack.enter_context(fused.specialists.multi.training_factors())
+            opt, sched = adamw_cosine(params, rate, steps)
+            saver = None if checkpoint is None else TrainingCheckpoint(f"{checkpoint}.stage{stage}")
+            with trainable(fused, params):
+                fused.train()
+                report[f"stage{stage}"] = train_lm(
+                    fused, windows, opt, steps, batch_size, seed + stage, f"fusion stage {stage}", log, sched=sched,
+                    clip=params, loss_fn=lambda m, x, s=stage: fused_loss(m, x, specialists_grad=s == 2),
+                    checkpoint=saver, settings={"lr": rate, "balanced": balanced, "stage": stage}, groups=groups)
         report[f"stage{stage}"]["lr"] = rate
     fused.eval()
     return report
