@@ -156,6 +156,11 @@ def test_fuse_cli(llama_dir, adapters, tmp_path):
     assert set(res["ppl"]) == {"fused", "code", "math", "uniform"} and set(res["gate_shares"]) == {"code", "math"}
     model, _ = bricks.load_model(out)
     assert isinstance(model, FusedModel) and model.names == ["code", "math"]
+    import matplotlib.image
+
+    for png in ("gate_shares", "token_gates"):
+        image = matplotlib.image.imread(out / f"{png}.png")
+        assert image.shape[0] > 100 and image[..., :3].std() > 0.05, png
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model_eval"]["ppl"]["code"] == pytest.approx(res["ppl"]["fused"]["code"], rel=0.2)

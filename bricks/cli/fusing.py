@@ -56,7 +56,7 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     train it on --data, compare it on held-out data with each specialist and their uniform logit average, and
     write a directory bricks.load_model opens."""
     from ..data import load_domains, parse_data_specs
-    from ..fusion import compare_fusion, fuse, gate_shares, save_fused, train_fusion
+    from ..fusion import compare_fusion, fuse, gate_shares, plot_gate_shares, plot_token_gates, save_fused, train_fusion
     from ..io import check_output
 
     cfg = settings(ctx, config_file, FuseConfig, stage1_steps=stage1_steps, stage2_steps=stage2_steps, lr=lr,
@@ -75,8 +75,11 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows)
     result = {"out": str(out), "specialists": fused.names, "training": report, "ppl": compare_fusion(fused, heldout),
               "gate_shares": gate_shares(fused, heldout)}
-    save_fused(fused, tok, out, sources=None if base else list(specialists),
-               training={**report, "settings": cfg.model_dump()})
+    path = save_fused(fused, tok, out, sources=None if base else list(specialists),
+                      training={**report, "settings": cfg.model_dump()})
+    plot_gate_shares(result["gate_shares"], path / "gate_shares.png")
+    sample = tok.decode(heldout[0].windows[0][:48])
+    plot_token_gates(fused, tok, sample, path / "token_gates.png")
     rows = result["ppl"]
     cols = list(next(iter(rows.values())))
     lines = [f"held-out perplexity (fused {len(fused.names)} specialists, gate trained {cfg.stage1_steps}"
@@ -85,5 +88,5 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     lines += [f"{name:>12}" + "".join(f"{row[c]:>10.3f}" for c in cols) for name, row in rows.items()]
     lines += [f"{dom}: mean gate weight " + ", ".join(f"{n} {w:.2f}" for n, w in shares.items())
               for dom, shares in result["gate_shares"].items()]
-    lines.append(f"wrote {out}; open it with bricks.load_model({str(out)!r})")
+    lines.append(f"wrote {out} (with gate_shares.png, token_gates.png); open it with bricks.load_model({str(out)!r})")
     emit(as_json, result, "\n".join(lines))
