@@ -64,6 +64,7 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        _ordinary_modes(self.tmp)
         if self.overwrite and self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
@@ -78,6 +79,18 @@ class atomic_dir:
             raise BricksError(f"output {self.path} was created by another run while this one was writing: "
                               "kept it and discarded this run's output") from None
         return False
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Give an output the modes any file the user writes gets (the umask's), not mkdtemp's owner-only 700/600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for parent, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(parent, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(parent, f), 0o666 & ~umask)
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

@@ -8,6 +8,8 @@ are summed across processes), CPU or accelerators, no KV cache.
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,20 @@ def run_model(model: nn.Module, ids: torch.Tensor, logits: bool = False):
     # The decoder stack alone: the LM head (a large share of a small model's
     # FLOPs) is not needed to see FFN activations.
     return model.get_decoder()(input_ids=ids, use_cache=False)
+
+
+class Timeline:
+    """One lasting line on stderr per finished step of a long command, with its time, so that a log keeps the
+    record (progress bars vanish when done). Rank 0 only."""
+
+    def __init__(self, command: str):
+        self.command, self.last = command, time.perf_counter()
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        if world()[0] == 0:
+            print(f"{self.command}: {what} ({now - self.last:.0f} s)", file=sys.stderr, flush=True)
+        self.last = now
 
 
 def progress(iterable, desc: str, total: int | None = None):

@@ -130,3 +130,14 @@ def test_analyze_config_file(llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "report.json").read_text())["config"]
     assert cfg["windows"] == 5 and cfg["seq_len"] == 32  # the flag wins over the file
+
+
+def test_eval_explains_a_routed_models_bad_looking_figures():
+    from bricks.cli.routing import _explain
+
+    slow_and_worse = {"model_eval": {"compute_fraction": 0.5}, "ratio": {"tokens_per_s": 0.53, "ppl": {"code": 1.46}},
+                      "recovered": False}
+    lines = _explain(slow_and_worse, 8)
+    assert len(lines) == 2 and "one-token decoding" in lines[0] and "before training" in lines[1]
+    fine = {"model_eval": {"compute_fraction": 0.5}, "ratio": {"tokens_per_s": 1.3, "ppl": {"code": 1.05}}}
+    assert _explain(fine, 8) == [] and _explain({**slow_and_worse, "model_eval": {"compute_fraction": 1.0}}, 8) == []

@@ -1,5 +1,7 @@
 """Shared services: output checks, atomic directories, registries, `trainable`."""
 
+import os
+
 import pytest
 import torch
 
@@ -29,7 +31,11 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with atomic_dir(out) as tmp:
         (tmp / "whole").write_text("x")
+        (tmp / "whole").chmod(0o600)  # as safetensors and mkdtemp leave them
     assert (out / "whole").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777, (out / "whole").stat().st_mode & 0o777) == (0o777 & ~umask, 0o666 & ~umask)
 
 
 def test_parse_size():

@@ -34,8 +34,10 @@ report.json schema (version 1)::
       "ablation": {                      # absent with a single domain
         "fraction": 0.05, "domains": [...], "baseline": [ppl per domain],
         "ablated_ppl": [[ablated][evaluated]], "relative_change": [[ablated][evaluated]],
-        "diagonal_dominates": true,      # every row's largest change is on its own domain
-        "min_diagonal_margin": 2.6       # smallest ratio own-domain change / largest other change
+        "diagonal_dominates": true,      # rows: zeroing a domain's neurons hurts that domain more than any other
+        "min_diagonal_margin": 2.6,      # smallest ratio own-domain change / largest other change, per row
+        "column_diagonal_dominates": .., # columns: on each domain's text, its own neurons cost the most
+        "min_column_margin": ..
       },
       "coactivation": {"k": 16, "per_layer": [{"modularity", "communities", "largest"}], "mean_modularity": ..}
     }
@@ -56,7 +58,7 @@ from ..brick import model_fingerprint
 from ..data import DataSpec, load_domains
 from ..io import atomic_dir, check_output
 from ..loading import model_info
-from ..runtime import progress, world
+from ..runtime import Timeline, progress, world
 from .capture import capture_stats
 from .coactivation import coactivation_graph, graph_modularity
 from .sparsity import activation_sample, cett_ppl_search, perplexity, thresholded_perplexity
@@ -99,6 +101,7 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
     validation = load_domains(data, tokenizer, "validation", cfg.seq_len, cfg.eval_windows)
     heldout = load_domains(data, tokenizer, "heldout", cfg.seq_len, cfg.eval_windows)
     names = [d.name for d in train]
+    timeline = Timeline("analyze")
 
     # 1. Sparsity: per-layer thresholds at one shared CETT, searched for +p% perplexity.
     per_domain = max(1, -(-cfg.calib_tokens // cfg.seq_len) // len(train))
@@ -112,13 +115,17 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
     cett, curves = cett_ppl_search(model, calib, torch.cat([d.windows for d in validation]), cfg.ppl_increase,
                                    batch_size=cfg.batch_size)
     del calib
+    timeline.done(f"CETT-PPL-{cfg.ppl_increase:g}% searched on validation: CETT {cett.cett:.3f}")
     down_norms = [b.down_weight().detach().float().norm(dim=0) for b in ffns(model)]
     ppl_sparse, ratio = thresholded_perplexity(model, torch.cat([d.windows for d in heldout]), torch.tensor(cett.eps),
                                                down_norms, cfg.batch_size)
 
+    timeline.done(f"held-out perplexity at those thresholds: +{100 * (ppl_sparse / ppl_mixed - 1):.2f}%")
+
     # 2. Neuron statistics on the train windows, "active" meaning above the CETT threshold.
     stats = capture_stats(model, train, cfg.batch_size, torch.tensor(cett.eps),
                           coactivation=True, coactivation_stride=cfg.coactivation_stride)
+    timeline.done(f"neuron statistics over {int(stats.n_tokens):,} train tokens")
 
     report: dict = {
         "schema": "bricks.analysis",
@@ -164,7 +171,12 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
         abl["diagonal_dominates"] = all(rc[k][k] > max(others(k)) for k in range(len(names)))
         # How much more, at worst: own-domain change over the largest other-domain change.
         abl["min_diagonal_margin"] = min(rc[k][k] / max(max(others(k)), 1e-9) for k in range(len(names)))
+        # The other direction: on each domain's text, zeroing its own neurons costs more than zeroing any other's.
+        column = lambda k: [rc[j][k] for j in range(len(names)) if j != k]  # noqa: E731
+        abl["column_diagonal_dominates"] = all(rc[k][k] > max(column(k)) for k in range(len(names)))
+        abl["min_column_margin"] = min(rc[k][k] / max(max(column(k)), 1e-9) for k in range(len(names)))
         report["ablation"] = abl
+        timeline.done("specialization (FuncScore) and its ablation check")
     else:
         report["specialization"] = None
         report["ablation"] = None
@@ -174,6 +186,7 @@ def analyze(model, tokenizer, data: list[DataSpec | str], config: AnalyzeConfig 
                  for i in progress(range(stats.coact.shape[0]), "co-activation graphs")]
     report["coactivation"] = {"k": cfg.graph_k, "per_layer": per_layer,
                               "mean_modularity": sum(p["modularity"] for p in per_layer) / len(per_layer)}
+    timeline.done("co-activation graphs and their modularity")
 
     if out is not None and world()[0] == 0:
         tensors = {

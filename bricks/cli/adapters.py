@@ -9,6 +9,7 @@ import click
 
 from ..adapters.routers import ADAPTER_ROUTERS
 from ..errors import BricksError
+from ..merge.methods import METHODS
 from .common import DATA_HELP, config_option, emit, json_option, load, main, model_options, settings, user_errors
 
 
@@ -55,7 +56,8 @@ def adapter_export(brick_dir, out, as_json):
 @adapter.command("merge")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", default=None, help="comma-separated weights, one per adapter (default: all 1)")
-@click.option("--method", default="linear", show_default=True, help="a merge method of `bricks merge` but slerp and model_stock")
+@click.option("--method", default="linear", show_default=True,
+              help="one of " + ", ".join(m for m in METHODS if m not in ("slerp", "model_stock")))
 @click.option("--density", default=None, type=float, help="density for the sparsifying methods (TIES, DARE, ...)")
 @click.option("--rank", default=None, type=int, help="re-factor to this rank by SVD (default: exact, rank = sum of ranks)")
 @click.option("--seed", default=0, show_default=True)

@@ -82,7 +82,8 @@ def _summary(r: dict, out: str) -> str:
         lines.append(f"ablation (top {100 * abl['fraction']:g}% neurons per domain zeroed), PPL change [ablated -> evaluated]:")
         for name, row in zip(abl["domains"], abl["relative_change"]):
             lines.append(f"  {name:>10}: " + "  ".join(f"{d}={100 * x:+.1f}%" for d, x in zip(abl["domains"], row)))
-        lines.append(f"  diagonal dominates: {abl['diagonal_dominates']}")
+        lines.append(f"  zeroing a domain's neurons hurts that domain most (each row): {abl['diagonal_dominates']}")
+        lines.append(f"  on each domain's text its own neurons cost most (each column): {abl['column_diagonal_dominates']}")
     lines.append(f"co-activation modularity (mean over layers): {r['coactivation']['mean_modularity']:.3f}")
     lines.append(f"wrote {out}/report.json and plots")
     return "\n".join(lines)

@@ -6,10 +6,11 @@ import click
 
 from ..errors import BricksError
 from ..io import parse_size
+from ..merge.methods import METHODS
 from .common import DATA_HELP, emit, json_option, main, user_errors
 
 
-@main.command("merge")
+@main.command("merge", epilog="merge_method (in CONFIG): " + METHODS.help())
 @click.argument("config", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="output model directory (must not exist)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 500MB, 2GB")

@@ -9,6 +9,7 @@ import click
 
 from ..errors import BricksError
 from ..routing import ROUTERS
+from ..runtime import Timeline
 from .common import (DATA_HELP, config_option, emit, json_option, load, log_to_stderr, main, model_options, settings, user_errors)
 
 
@@ -128,7 +129,9 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
     specs = parse_data_specs(data)
     m, tok = load(model, device, dtype, device_map)
     domains = load_domains(specs, tok, "heldout", seq_len, windows)
+    timeline = Timeline("eval")
     result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
+    timeline.done(f"{model} on {sum(d.windows.numel() for d in domains):,} held-out tokens")
     if baseline:
         # A recovered MoE's own dense weights were trained for routed execution: compare with its source model.
         state = configuration(m)
@@ -138,8 +141,10 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
             raise BricksError(f"the dense baseline of {model} is its source model {source}, which no longer exists; "
                               "evaluate that model separately")
         result["baseline_model"] = source or model
+        result["recovered"] = source is not None
         base, _ = load_model(source or model, device=device, dtype=dtype, device_map=device_map, configured=False)
         result["baseline"] = evaluate(base, domains, batch_size)
+        timeline.done(f"dense baseline {result['baseline_model']}")
         result["ratio"] = {
             "ppl": {d: result["model_eval"]["ppl"][d] / result["baseline"]["ppl"][d] for d in result["model_eval"]["ppl"]},
             "tokens_per_s": result["model_eval"]["tokens_per_s"] / result["baseline"]["tokens_per_s"],
@@ -152,7 +157,23 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
         lines.append(f"  {d:>10}: perplexity {p:.3f}{extra}")
     if baseline:
         lines.append(f"  tokens/s ratio to dense: {result['ratio']['tokens_per_s']:.2f}")
+        lines += _explain(result, batch_size)
     emit(as_json, result, "\n".join(lines))
+
+
+def _explain(result: dict, batch_size: int) -> list[str]:
+    """One line per figure of a routed model that looks bad, saying why."""
+    ev, ratio = result["model_eval"], result["ratio"]
+    lines = []
+    if ev["compute_fraction"] < 0.999 and ratio["tokens_per_s"] < 1:
+        lines.append(f"  note: slower than dense here: eval runs batches of {batch_size} full windows, where one dense "
+                     "matrix product beats per-token sparse ones; the saving is in one-token decoding "
+                     "(bricks bench ffn, bench/bench_decode.py)")
+    worst = max(ratio["ppl"].values())
+    if ev["compute_fraction"] < 0.999 and worst > 1.1 and not result.get("recovered"):
+        lines.append(f"  note: perplexity up to x{worst:.2f} dense: routing alone, before training; recovery "
+                     "(moefy --recover-steps N --data ...) wins most of it back (bench/README.md)")
+    return lines
 
 
 @main.group()
