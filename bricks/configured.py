@@ -9,6 +9,11 @@ model (so transformers alone still opens it, as the dense model) plus:
   `teal` router, whose bricks are the model's own neurons and input channels;
 - `router.safetensors`: trained router parameters, when the router has any.
 
+A configuration that changes no weight (the `teal` router without recovery)
+is saved as a reference to its source model instead (`source`: the model
+spec and its fingerprint, checked when the directory is opened): megabytes,
+not a copy of the checkpoint.
+
 In memory, the configuration of a model lives in one `Configuration` object
 (`configuration(model)`), never in loose attributes.
 """
@@ -55,6 +60,7 @@ class Configuration:
     compute: float | None = None  # the FFN compute target the actives were chosen for
     budget: str = "uniform"
     recovery: dict | None = None  # the record of recovery training (objective, steps, source model, ...)
+    source: dict | None = None  # {"spec", "fingerprint"}: the weights are the source model's, not stored
     brickset: BrickSet | None = None  # saved under bricks/; None for teal
     dense_ffns: list = field(default_factory=list)  # the dense FFN modules' structure (meta device), for saving
     reports: dict = field(default_factory=dict)  # this run's router training, budget and recovery reports (not saved)
@@ -63,7 +69,8 @@ class Configuration:
         """The `bricks_model.json` document."""
         doc = {"format": FORMAT, "version": VERSION, "kind": self.kind, "router": self.router, "active": self.active,
                "compute": self.compute, "budget": self.budget}
-        return doc if self.recovery is None else {**doc, "recovery": self.recovery}
+        extra = {"recovery": self.recovery, "source": self.source}
+        return {**doc, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def configuration(model) -> Configuration | None:
@@ -212,13 +219,26 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
     return model
 
 
-def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a configured model directory atomically (see the module docstring)."""
+def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False, source: str | None = None) -> Path:
+    """Write a configured model directory atomically (see the module docstring).
+
+    `source`: the spec the model was loaded from ("default", a directory); when the configuration changes no
+    weight, the directory then refers to it instead of holding a copy of its checkpoint.
+    """
     state = configuration(model)
     if state is None:
         raise BricksError("this model has no bricks configuration to save: build one with bricks.moefy first")
     layers = routed_layers(model)
     layout = layout_for(model)
+    if source is not None and state.router == SPARSE_ROUTER and state.recovery is None:
+        blocks = [FFN(None, i, layout, module=copy.deepcopy(s).to_empty(device="cpu")) for i, s in enumerate(state.dense_ffns)]
+        for block, routed in zip(blocks, layers):
+            routed.write_dense(block)
+        reference = dataclasses.replace(state, source={"spec": _absolute(source), "fingerprint": model_fingerprint(model, blocks)})
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            tokenizer.save_pretrained(tmp)
+            (tmp / MARKER).write_text(json.dumps(reference.record(), indent=1))
+        return Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         # The checkpoint holds the dense base: the FFN tensors, rebuilt from the bricks, replace the bricked ones.
         weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
@@ -261,7 +281,7 @@ def read_marker(path: Path) -> dict:
 def load_configured(path: Path, model) -> torch.nn.Module:
     """Re-apply the (MoE) configuration stored in `path` to its freshly loaded base `model`."""
     cfg = read_marker(path)
-    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery"}
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery", "source"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = None if cfg.get("router") == SPARSE_ROUTER else BrickSet.load(path / "bricks")
@@ -269,6 +289,7 @@ def load_configured(path: Path, model) -> torch.nn.Module:
     # Kept as they were written: the compute target and budget the actives came from, the recovery record.
     state = configuration(model)
     state.compute, state.budget, state.recovery = cfg.get("compute"), cfg.get("budget", "uniform"), cfg.get("recovery")
+    state.source = cfg.get("source")
     router_file = path / "router.safetensors"
     if router_file.is_file():
         weights = load_file(str(router_file))
@@ -306,10 +327,36 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
         AdapterBrick.load(adapter).merge_into(model)
         return model, tokenizer
     given = Path(str(spec)).expanduser()
-    if configured and (given / MARKER).is_file() and read_marker(given).get("kind") == "fused":
-        return load_fused(given, read_marker(given), device, dtype)  # full-model specialists: no checkpoint inside
+    doc = read_marker(given) if (given / MARKER).is_file() else {}
+    if configured and doc.get("kind") == "fused":
+        return load_fused(given, doc, device, dtype)  # full-model specialists: no checkpoint inside
+    if doc.get("source"):  # the weights are the source model's: load it, check it is the same, configure it
+        model, _ = load_dense(doc["source"]["spec"], device, dtype, device_map)
+        if model_fingerprint(model) != doc["source"]["fingerprint"]:
+            raise BricksError(f"{given} refers to {doc['source']['spec']}, which has changed since (fingerprint "
+                              f"{model_fingerprint(model)}, was {doc['source']['fingerprint']}): run moefy again")
+        tokenizer = _tokenizer_of(given)
+        if configured:
+            load_configured(given, model)
+        return model, tokenizer
     path = resolve(spec)
     model, tokenizer = load_dense(spec, device, dtype, device_map)
     if configured and (path / MARKER).is_file():
         load_configured(path, model)
     return model, tokenizer
+
+
+def _absolute(spec: str) -> str:
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def _tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise BricksError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -179,3 +179,25 @@ def test_sparsified_context_restores_the_dense_ffns(llama_dir):
             gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert not _layers(model) and torch.equal(model(ids).logits, dense)
     assert gen.shape == (1, 11)
+
+
+def test_teal_output_refers_to_its_source(llama_dir, tmp_path):
+    """teal without recovery changes no weight: the directory holds a reference to the source model (spec and
+    fingerprint), not a copy of its checkpoint, and refuses a source that changed."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(llama_dir, source)
+    out = tmp_path / "teal"
+    assert run("moefy", source, "--router", "teal", "--compute", 0.5, "--out", out).exit_code == 0
+    assert not list(out.glob("*.safetensors")) and sum(f.stat().st_size for f in out.iterdir()) < 1_000_000
+    assert json.loads((out / "bricks_model.json").read_text())["source"]["spec"] == str(source.resolve())
+    model, _ = bricks.load_model(out)
+    assert len(_layers(model)) == 2
+    changed, _ = bricks.load_model(source)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(2)
+        changed.model.layers[0].mlp.down_proj.weight.mul_(2)
+    changed.save_pretrained(source)
+    with pytest.raises(bricks.BricksError, match="has changed since"):
+        bricks.load_model(out)

@@ -85,7 +85,7 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
         recover_refit_routers=cfg.recover_refit_routers, recover_checkpoint=cfg.recover_checkpoint,
         log=log_to_stderr(as_json))
     state = configuration(m)
-    save_configured(m, tok, out)
+    save_configured(m, tok, out, source=model)
     if cfg.recover_checkpoint:
         Path(cfg.recover_checkpoint).unlink(missing_ok=True)  # the recovered model is saved: the training state is not needed
     recovery = state.reports.get("recovery")
