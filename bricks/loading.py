@@ -96,8 +96,14 @@ def resolve(spec: str | os.PathLike) -> Path:
 
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantize a GGUF file once into a cached float safetensors checkpoint."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    # Keyed on the file's content (its size, first and last MiB), not on where it is installed: reinstalling
+    # the package, or a second environment, reuses the one converted copy.
+    h = hashlib.sha256(str(gguf.stat().st_size).encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, gguf.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    key = h.hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
