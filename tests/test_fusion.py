@@ -188,3 +188,32 @@ def test_fuse_bad_input(args, message, llama_dir, tiny_dirs, tmp_path):
     out = tmp_path / "out"
     line = one_line_error(run("fuse", *[str(a).format(**fields) for a in args], "--out", out))
     assert message in line and not out.exists(), line
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_stage2_resumes_to_the_same_factors(llama_dir, adapters, tmp_path):
+    def fresh():
+        torch.manual_seed(0)  # the gate's random start
+        fused, tok = fuse([str(a) for a in adapters], base=str(llama_dir), names=["code", "math"])
+        torch.nn.init.normal_(fused.gate.second.weight, std=0.1)
+        return fused, bricks.load_domains(["code=builtin:code", "math=builtin:math"], tok, "train", 16, 4)
+
+    settings = dict(stage1_steps=0, stage2_steps=6, stage2_lr=3e-3, batch_size=2)
+    whole, train = fresh()
+    expected = train_fusion(whole, train, **settings)
+
+    def stop_at_step_5(line):
+        if "step 5/" in line:
+            raise _Interrupt
+    interrupted, train = fresh()
+    with pytest.raises(_Interrupt):
+        train_fusion(interrupted, train, log=stop_at_step_5, checkpoint=str(tmp_path / "fuse"), checkpoint_every=2, **settings)
+    resumed, train = fresh()
+    report = train_fusion(resumed, train, checkpoint=str(tmp_path / "fuse"), checkpoint_every=2, **settings)
+    assert report["stage2"]["loss_last"] == pytest.approx(expected["stage2"]["loss_last"], rel=1e-6)
+    for a, b in zip(whole.specialists.multi.bricks, resumed.specialists.multi.bricks):
+        assert all(torch.equal(a.modules[k].A, b.modules[k].A) and torch.equal(a.modules[k].B, b.modules[k].B) for k in a.modules)
+    assert all(torch.equal(x, y) for x, y in zip(whole.gate.state_dict().values(), resumed.gate.state_dict().values()))

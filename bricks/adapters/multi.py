@@ -51,8 +51,9 @@ class MultiLoRALinear(nn.Module):
         for i, m in enumerate(modules):
             A[i, : m.rank] = m.A.to(w.dtype)
             B[i, :, : m.rank] = (m.B.float() * m.scaling).to(w.dtype)  # the scaling folded into B
-        self.register_buffer("A", A, persistent=False)  # [n, r, in]
-        self.register_buffer("B", B, persistent=False)  # [n, out, r], scaled
+        # A and B are in the state dict, so that a training checkpoint of the model holds them as they train.
+        self.register_buffer("A", A)  # [n, r, in]
+        self.register_buffer("B", B)  # [n, out, r], scaled
         self.register_buffer("A_flat", A.reshape(-1, A.shape[-1]), persistent=False)  # [n*r, in], a view of A
         self.register_buffer("B_flat", B.permute(1, 0, 2).reshape(B.shape[1], -1).contiguous(), persistent=False)  # [out, n*r]
         self.fan_in_fan_out = fan_in_fan_out

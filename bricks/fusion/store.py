@@ -37,9 +37,11 @@ def save_fused(fused: FusedModel, tokenizer, out: str | os.PathLike, sources: li
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if isinstance(spec, AdapterSpecialists):
             # The base as loaded: the wrappers that stack the adapters are left out of its tensor names.
+            # The base as loaded: without the stacked factors (saved in the bricks), under its own tensor names.
             state = spec.base.state_dict()
             for name in spec.multi.layers:
-                state = {k.replace(f"{name}.base.", f"{name}."): v for k, v in state.items()}
+                state = {k.replace(f"{name}.base.", f"{name}."): v for k, v in state.items()
+                         if k not in (f"{name}.A", f"{name}.B")}
             spec.base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             for brick in spec.multi.bricks:
                 brick.save(tmp / "specialists" / brick.name)

@@ -34,10 +34,12 @@ def fused_loss(model: FusedModel, x: torch.Tensor, specialists_grad: bool = Fals
 
 def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_steps: int = 0, lr: float = 1e-3,
                  stage2_lr: float = 1e-5, batch_size: int = 6, balanced: bool = True, seed: int = 0, log=None,
-                 checkpoint: str | None = None) -> dict:
+                 checkpoint: str | None = None, checkpoint_every: int = 50) -> dict:
     """Stage 1 (gate) then stage 2 (gate and model specialists) on token windows of named `domains` (train split).
 
-    Returns the training report per stage (mean loss of the first and last tenth of the steps, settings).
+    `checkpoint`: a path prefix; each stage saves its state to `PREFIX.stageN` every `checkpoint_every` steps and
+    a rerun with the same settings resumes from it. Returns the training report per stage (mean loss of the
+    first and last tenth of the steps, settings).
     """
     if not domains or any(d.windows.numel() == 0 for d in domains):
         raise BricksError("fusion training needs token windows for every domain: give --data NAME=SOURCE")
@@ -58,7 +60,7 @@ def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_ste
             elif stage == 2:  # the stacked LoRA factors, written back into the bricks when the block ends
                 params += stack.enter_context(fused.specialists.multi.training_factors())
             opt, sched = adamw_cosine(params, rate, steps)
-            saver = None if checkpoint is None else TrainingCheckpoint(f"{checkpoint}.stage{stage}")
+            saver = None if checkpoint is None else TrainingCheckpoint(f"{checkpoint}.stage{stage}", checkpoint_every)
             with trainable(fused, params):
                 fused.train()
                 report[f"stage{stage}"] = train_lm(
