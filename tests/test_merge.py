@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import bricks
 from bricks.cli import main
 from bricks.merge.methods import METHODS, merge, sparsify
-from bricks.merge.models import load_config
+from bricks.merge.config import load_config
 
 from .test_adapters import make_adapter
 
@@ -71,7 +71,7 @@ def test_every_method_is_registered_and_runs():
     base = torch.randn(6, 4)
     xs = [base + torch.randn(6, 4) * 0.1 for _ in range(3)]
     for m in METHODS:
-        inputs = xs[:1] if m == "slerp" else xs
+        inputs = xs[:1] if m in ("slerp", "passthrough") else xs
         params = {"t": 0.3} if m == "slerp" else {}
         per_model = [{"weight": 1.0, "density": 0.6} for _ in inputs]
         out = merge(m, base, inputs, per_model, params, torch.Generator().manual_seed(0))
@@ -125,7 +125,8 @@ def test_yaml_ties_merge_streams_into_shards(tiny_dirs, tuned, tmp_path):
     ref = _state(base)
     assert set(merged) == set(ref)
     for name in ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
-        layer_t = 1.0 if ".layers.1." in name else 0.0  # gradient [0.2, 1.0] over 2 layers
+        # Gradient [0.2, 1.0] over the 2 layers; the final norm is read at the end (t = 1), as mergekit does.
+        layer_t = 0.0 if ".layers.0." in name else 1.0
         w3 = 0.2 + 0.8 * layer_t
         expected = merge("ties", ref[name], [x[name] for x in inputs],
                          [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}, {"weight": w3, "density": 0.5}],
@@ -243,3 +244,61 @@ def test_nan_weights_are_refused(tiny_dirs, tuned, tmp_path):
     r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "NaN" in r.stderr and name in r.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_slerp_over_slices_follows_the_gradient_within_the_slice(tiny_dirs, tuned, tmp_path):
+    """mergekit's most common config: SLERP over layer ranges with a gradient t. Layer i of a slice of n layers
+    reads t at i / (n - 1); embeddings at 0, the final norm and the head at 1."""
+    base, other = tiny_dirs["llama"], tuned[0]
+    cfg = write_config(tmp_path / "slerp.yaml", merge_method="slerp", base_model=str(base), dtype="float32",
+                       slices=[{"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                            {"model": str(other), "layer_range": [0, 2]}]}],
+                       parameters={"t": [0.0, 1.0]})
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0, r.output
+    merged, a, b = _state(tmp_path / "m"), _state(base), _state(other)
+    assert set(merged) == set(a)
+    for name in merged:
+        t = 0.0 if (".layers.0." in name or "embed" in name) else 1.0
+        torch.testing.assert_close(merged[name], merge("slerp", a[name], [b[name]], [{}], {"t": t}), rtol=0, atol=0)
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], merged["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_passthrough_frankenmerge_stacks_layers(tiny_dirs, tuned, tmp_path):
+    a_dir, b_dir = tiny_dirs["llama"], tuned[1]
+    cfg = write_config(tmp_path / "frank.yaml", merge_method="passthrough", dtype="float32",
+                       slices=[{"sources": [{"model": str(a_dir), "layer_range": [0, 2]}]},
+                               {"sources": [{"model": str(b_dir), "layer_range": [1, 2]}]}])
+    out = tmp_path / "frank"
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers"] == 3 and json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    merged, a, b = _state(out), _state(a_dir), _state(b_dir)
+    for k in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+        assert torch.equal(merged[f"model.layers.0.{k}"], a[f"model.layers.0.{k}"])
+        assert torch.equal(merged[f"model.layers.1.{k}"], a[f"model.layers.1.{k}"])
+        assert torch.equal(merged[f"model.layers.2.{k}"], b[f"model.layers.1.{k}"])
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # from the first slice
+    assert torch.equal(merged["model.norm.weight"], b["model.norm.weight"])  # from the last slice
+    model, _ = bricks.load_model(out)
+    assert len(model.model.layers) == 3 and model(torch.randint(0, 300, (1, 5))).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("slices, method, message", [
+    ([{"sources": [{"model": "{a}", "layer_range": [0, 2]}, {"model": "{b}", "layer_range": [0, 1]}]}], "slerp",
+     "same number of layers"),
+    ([{"sources": [{"model": "{a}", "layer_range": [0, 2]}, {"model": "{b}", "layer_range": [0, 2]}]}], "passthrough",
+     "one source per slice"),
+    ([{"sources": [{"model": "{b}", "layer_range": [0, 2]}]}], "slerp", "must be among the slice's sources"),
+    ([{"sources": [{"model": "{a}", "layer_range": [2, 1]}]}], "passthrough", "0 <= start < end"),
+    ([{"sources": [{"model": "{a}", "layer_range": [0, 5]}]}], "passthrough", "goes past its 2 layers"),
+])
+def test_bad_slices(tiny_dirs, tuned, tmp_path, slices, method, message):
+    fill = {"a": str(tiny_dirs["llama"]), "b": str(tuned[0])}
+    for sl in slices:
+        for s in sl["sources"]:
+            s["model"] = s["model"].format(**fill)
+    cfg = write_config(tmp_path / "bad.yaml", merge_method=method, base_model=fill["a"], slices=slices,
+                       parameters={"t": 0.5} if method == "slerp" else {})
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and message in r.stderr and not (tmp_path / "o").exists(), r.output

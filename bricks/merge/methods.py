@@ -34,11 +34,11 @@ METHODS: Registry = Registry("merge method")  # name -> fn(base_of, tensors, mod
 
 # Parameters each method reads: shared ones, and per-model ones.
 SHARED_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise"}
-MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
+MODEL_PARAMS = {"weight", "density", "gamma", "epsilon", "scale"}
 
 
 def needs_base(method: str) -> bool:
-    return method != "linear"
+    return method not in ("linear", "passthrough")
 
 
 def is_task_method(method: str) -> bool:
@@ -199,6 +199,14 @@ def _linear(base_of, tensors, model_params, params, generator):
                               f"({[float(x) for x in w]}): change the weights or set normalize: false")
         out /= w.sum()
     return out.to(first.dtype)
+
+
+@METHODS.register("passthrough", "one model's tensor as it is (with `slices:`, layers stacked from several models)")
+def _passthrough(base_of, tensors, model_params, params, generator):
+    if len(tensors) != 1:
+        raise BricksError(f"passthrough copies exactly one model's tensor, got {len(tensors)}")
+    scale = model_params[0].get("scale")
+    return tensors[0] if scale is None else (tensors[0].float() * float(scale)).to(tensors[0].dtype)
 
 
 @METHODS.register("slerp", "spherical interpolation between the base and one model")

@@ -1,231 +1,234 @@
-"""Out-of-core model merging from a mergekit-style YAML config.
+"""Out-of-core model merging from a mergekit-style YAML config (`bricks.merge.config`).
 
-    merge_method: ties
-    base_model: path/to/base
-    models:
-      - model: path/to/tuned-a
-        parameters: {weight: 0.5, density: 0.5}
-      - model: path/to/base+path/to/lora   # an adapter applied to its base first
-        parameters: {weight: 0.5, density: 0.5}
-    parameters: {normalize: true}
-    dtype: float32
+The config becomes a plan of output tensors, each merged from named input
+tensors: with `models:`, tensor by tensor of whole models (one slice of all
+their layers); with `slices:`, output layer j of a slice from layer
+`start + offset` of each of its sources, the output layers numbered in slice
+order (so `passthrough` slices stack layers of several models). Embeddings
+come from the first slice's sources, the final norm and head from the last
+one's, as mergekit does; a gradient parameter is read at the layer's relative
+position in its slice (0 for embeddings, 1 for the final norm and head).
 
-Parameter values are scalars, gradients (a list interpolated over the layer
-index, as mergekit does) or lists of `{filter, value}` (the first whose filter
-is a substring of the tensor name applies). The config is validated before any
-tensor is read. Tensors are streamed one at a time from the inputs' safetensors
-shards and written into sharded safetensors output. A merge holds at most one
-whole input tensor (plus the base's and the output's) and row chunks of the
-others, so its memory does not grow with the number of inputs.
+Tensors are streamed one at a time from the inputs' safetensors shards and
+written into sharded safetensors output. A merge holds at most one whole input
+tensor (plus the base's and the output's) and row chunks of the others, so its
+memory does not grow with the number of inputs.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..adapters.lora import AdapterBrick
 from ..errors import BricksError
-from ..io import atomic_dir, check_output, read_yaml, validated
+from ..io import atomic_dir, check_output
 from ..loading import split_spec
-from .methods import METHODS, check_params, is_task_method, merge, needs_base
+from .config import InputSlice, MergeConfig, OutputSlice, load_config, resolve
+from .methods import MODEL_PARAMS, SHARED_PARAMS, merge
 from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
 
-Scalar = Union[bool, int, float, str]
+_LAYER = re.compile(r"(\.layers\.|\.h\.)(\d+)\.")
 
 
-class Conditional(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    value: Union[Scalar, list[Scalar]]
-    filter: str | None = None
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(2)) if m else None
 
 
-Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+def with_layer(name: str, layer: int) -> str:
+    return _LAYER.sub(lambda m: f"{m.group(1)}{layer}.", name, count=1)
 
 
-class InputModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    parameters: dict[str, Setting] = {}
+@dataclass
+class Source:
+    """One input of a slice: a checkpoint (with an adapter applied, for `base+adapter`) and its layer range."""
+
+    spec: str
+    ckpt: Checkpoint
+    adapter: AdapterBrick | None
+    start: int
+    levels: list[dict]  # its parameter settings, most specific first (source, slice, model)
 
 
-class MergeConfig(BaseModel):
-    """A merge, as written in YAML (mergekit's `models:` form)."""
+@dataclass
+class Job:
+    """One output tensor: the input tensor of each source, the base's position among them, the relative depth."""
 
-    model_config = ConfigDict(extra="forbid")
-    merge_method: str
-    base_model: str | None = None
-    models: list[InputModel]
-    parameters: dict[str, Setting] = {}
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    seed: int = 0  # for the random methods (DARE, DELLA): same seed, same merge
-
-    @field_validator("merge_method")
-    @classmethod
-    def _known(cls, v):
-        if v not in METHODS:
-            raise ValueError(f"unknown merge method {v!r}: choose from {METHODS.names()}")
-        return v
-
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _dtype(cls, v):
-        if v is not None and v not in ("float32", "float16", "bfloat16", "float64"):
-            raise ValueError(f"dtype {v!r}: choose float32, float16, bfloat16 or float64")
-        return v
+    out: str
+    names: list[str]
+    sources: list[Source]
+    base: int | None
+    t: float
+    slice_params: dict
 
 
-_NOT_YET = {"slices": "slices (layer ranges, passthrough stacking)", "modules": "per-module slices",
-            "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
+def _layers(ckpt: Checkpoint) -> int:
+    return 1 + max([layer_of(n) for n in ckpt.names() if layer_of(n) is not None] or [-1])
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
-    raw = read_yaml(path, "merge", {k: f"({what}) is not supported yet; write the merge with 'models:'"
-                                    for k, what in _NOT_YET.items()})
-    cfg = validated(MergeConfig, raw, path)
-    if not cfg.models:
-        raise BricksError(f"{path}: 'models' is empty: list the models to merge")
-    if needs_base(cfg.merge_method) and cfg.base_model is None:
-        raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
-    try:
-        check_params(cfg.merge_method, {k: _values(v) for k, v in cfg.parameters.items()},
-                     [{k: _values(v) for k, v in m.parameters.items()} for m in cfg.models])
-    except BricksError as exc:
-        raise BricksError(f"{path}: {exc}") from None
-    missing = [m.model for m in cfg.models if "weight" not in m.parameters]
-    if is_task_method(cfg.merge_method) and missing:  # as in mergekit, the task-vector methods require a weight
-        raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
-    return cfg
+def plan(config: MergeConfig) -> tuple[list[Job], Checkpoint, int]:
+    """The output tensors of a merge, the reference checkpoint (config and side files) and the output depth."""
+    opened: dict[str, tuple[Checkpoint, AdapterBrick | None]] = {}
+
+    def open_spec(spec: str):
+        if spec not in opened:
+            path, adapter = split_spec(spec)
+            if not Path(path).is_dir():
+                raise BricksError(f"model {path} is not a directory (merging reads local checkpoints, never downloads)")
+            opened[spec] = (Checkpoint(path), AdapterBrick.load(adapter) if adapter else None)
+        return opened[spec]
+
+    slices = config.slices
+    if config.models:  # whole models: one slice of all their layers (the base joins it if it is not listed)
+        specs = [m.model for m in config.models]
+        if config.base_model and config.base_model not in specs:
+            specs.append(config.base_model)
+        slices = [OutputSlice(sources=[InputSlice(model=s, layer_range=(0, max(1, _layers(open_spec(s)[0]))),
+                                                  parameters=config.model_parameters(s)) for s in specs])]
+    grouped = []
+    for sl in slices:
+        sources = []
+        for s in sl.sources:
+            ckpt, adapter = open_spec(s.model)
+            if s.layer_range[1] > max(1, _layers(ckpt)):
+                raise BricksError(f"layer_range {list(s.layer_range)} of {s.model} goes past its {_layers(ckpt)} layers")
+            sources.append(Source(s.model, ckpt, adapter, s.layer_range[0], [s.parameters, sl.parameters,
+                                                                               config.model_parameters(s.model)]))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) > 1:
+            raise BricksError(f"the models to merge differ in depth ({sorted(lengths)} layers): merge layer ranges of "
+                              "equal length with 'slices'")
+        base = next((i for i, s in enumerate(sources) if s.spec == config.base_model), None)
+        grouped.append((sl, sources, base, lengths.pop()))
+    reference = open_spec(config.base_model)[0] if config.base_model else grouped[0][1][0].ckpt
+    _check_inputs(reference, [c for c, _ in opened.values()], [(c, a) for c, a in opened.values() if a])
+    first_layer = [n for n in reference.names() if layer_of(n) == 0] or [n for n in reference.names() if layer_of(n) is not None]
+    templates = sorted({with_layer(n, 0) for n in first_layer})
+    jobs: list[Job] = []
+    outer = [n for n in reference.names() if layer_of(n) is None]
+    pre = [n for n in outer if _is_input_embedding(n)]
+    out_layer = 0
+    for sl, sources, base, length in grouped:
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            for tpl in templates:
+                jobs.append(Job(with_layer(tpl, out_layer), [with_layer(tpl, s.start + offset) for s in sources],
+                                sources, base, t, sl.parameters))
+            out_layer += 1
+    for names, (sl, sources, base, _), t in ((pre, grouped[0], 0.0), ([n for n in outer if n not in pre], grouped[-1], 1.0)):
+        jobs += [Job(n, [n] * len(sources), sources, base, t, sl.parameters) for n in names]
+    return jobs, reference, out_layer
 
 
-def _values(setting: Setting) -> list:
-    """Every scalar a setting can take (each point of a gradient, each condition's value), for validation."""
-    if isinstance(setting, list):
-        return [v for x in setting for v in _values(x)]
-    if isinstance(setting, Conditional):
-        return _values(setting.value)
-    return [setting]
+def _is_input_embedding(name: str) -> bool:
+    return any(k in name for k in ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions"))
 
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.|\.h\.(\d+)\.")
+def _check_inputs(reference: Checkpoint, checkpoints: list[Checkpoint], adapted: list) -> None:
+    """Refuse inputs of another architecture (per tensor name and shape, layer count aside), and adapters whose
+    deltas do not fit their base."""
+    kind = _model_type(reference.path)
+    shapes = {with_layer(n, 0): reference.shape(n) for n in reference.names()}
+    for ckpt in checkpoints:
+        if _model_type(ckpt.path) != kind:
+            raise BricksError(f"{ckpt.path} is a {_model_type(ckpt.path)} model, {reference.path} a {kind} model: "
+                              "the models to merge differ in architecture")
+        own = {with_layer(n, 0): ckpt.shape(n) for n in ckpt.names()}
+        extra = sorted(set(own) - set(shapes))
+        if extra:
+            raise BricksError(f"{ckpt.path} has {extra[0]} (and {len(extra) - 1} more) that {reference.path} lacks: "
+                              "the models to merge differ in architecture")
+        missing = sorted(set(shapes) - set(own))
+        if missing:
+            raise BricksError(f"{ckpt.path} lacks {missing[0]} (and {len(missing) - 1} more): the models to merge "
+                              "differ in architecture")
+        for n, shape in own.items():
+            if shape != shapes[n]:
+                raise BricksError(f"{ckpt.path}: {n} is {shape}, {reference.path} has {shapes[n]}: "
+                                  "shape mismatch, these models cannot be merged")
+    for ckpt, adapter in adapted:
+        for mod, lora in adapter.modules.items():
+            if f"{mod}.weight" not in ckpt.entries:
+                raise BricksError(f"adapter {adapter.name!r} targets {mod}, which {ckpt.path} does not have: "
+                                  "adapters for a different base")
+            want = tuple(lora.delta().shape)
+            if ckpt.shape(f"{mod}.weight") != want:
+                raise BricksError(f"adapter {adapter.name!r}: {mod} is {ckpt.shape(f'{mod}.weight')} in {ckpt.path}, "
+                                  f"the adapter's delta {want}: rank or shape mismatch")
 
 
-def resolve(setting: Setting, name: str, t: float):
-    """Value of a parameter setting for tensor `name` at relative layer position t (mergekit's rules)."""
-    if isinstance(setting, Conditional):
-        setting = [setting]
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(x, Conditional) for x in setting):
-            for cond in setting:
-                if cond.filter in (None, "*") or cond.filter in name:
-                    return resolve(cond.value, name, t)
-            return None
-        values = list(setting)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return values[int(t * (len(values) - 1))]
-        pos = t * (len(values) - 1)
-        i = int(pos)
-        j = min(len(values) - 1, i + 1)
-        return (1 - (pos - i)) * values[i] + (pos - i) * values[j]
-    return setting
+def _setting(levels: list[dict], key: str):
+    return next((p[key] for p in levels if key in p), None)
 
 
 def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
               progress=None) -> dict:
     """Merge tensor by tensor into `out` (atomic); returns a summary."""
-    method = config.merge_method
-    inputs = []
-    for m in config.models:
-        path, adapter = split_spec(m.model)
-        if not Path(path).is_dir():
-            raise BricksError(f"model {path} is not a directory (merging reads local checkpoints, never downloads)")
-        inputs.append((Checkpoint(path), AdapterBrick.load(adapter) if adapter else None, m.parameters))
-    base_path = config.base_model
-    base = Checkpoint(base_path) if base_path else None
-    # The base may also be listed among the models (mergekit allows it): it contributes no task vector.
-    if base is not None:
-        inputs = [x for x, m in zip(inputs, config.models) if split_spec(m.model) != (base_path, None)]
-    reference = base or inputs[0][0]
-    names = reference.names()
-    kind = _model_type(reference.path)
-    for ckpt, adapter, _ in inputs:
-        if _model_type(ckpt.path) != kind:
-            raise BricksError(f"{ckpt.path} is a {_model_type(ckpt.path)} model, {reference.path} a {kind} model: "
-                              "the models to merge differ in architecture")
-        extra = [n for n in ckpt.entries if n not in reference.entries]
-        if extra:
-            raise BricksError(f"{ckpt.path} has {extra[0]} (and {len(extra) - 1} more) that {reference.path} lacks: "
-                              "the models to merge differ in architecture")
-        missing = [n for n in names if n not in ckpt.entries]
-        if missing:
-            raise BricksError(f"{ckpt.path} lacks {missing[0]} (and {len(missing) - 1} more): the models to merge "
-                              "differ in architecture")
-        for n in names:
-            if ckpt.shape(n) != reference.shape(n):
-                raise BricksError(f"{ckpt.path}: {n} is {ckpt.shape(n)}, {reference.path} has {reference.shape(n)}: "
-                                  "shape mismatch, these models cannot be merged")
-        if adapter is not None:
-            for mod, lora in adapter.modules.items():
-                if f"{mod}.weight" not in ckpt.entries:
-                    raise BricksError(f"adapter {adapter.name!r} targets {mod}, which {ckpt.path} does not have: "
-                                      "adapters for a different base")
-                want = tuple(lora.delta().shape)
-                if ckpt.shape(f"{mod}.weight") != want:
-                    raise BricksError(f"adapter {adapter.name!r}: {mod} is {ckpt.shape(f'{mod}.weight')} in {ckpt.path}, "
-                                      f"the adapter's delta {want}: rank or shape mismatch")
-    n_layers = 1 + max([int(next(g for g in m.groups() if g)) for n in names for m in [_LAYER.search(n)] if m] or [0])
+    jobs, reference, depth = plan(config)
     compute_dtype = getattr(torch, config.dtype) if config.dtype else None
     out_dtype = getattr(torch, config.out_dtype) if config.out_dtype else compute_dtype
 
-    def final_dtype(n):
-        d = reference.dtype(n)
+    def final_dtype(job):
+        d = job.sources[0].ckpt.dtype(job.names[0])
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
-    plan = [(n, reference.shape(n), final_dtype(n)) for n in names]
+    writer_plan = [(j.out, j.sources[0].ckpt.shape(j.names[0]), final_dtype(j)) for j in jobs]
     _return_freed_memory()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        writer = ShardedWriter(tmp, writer_plan, max_shard_bytes)
         try:
-            for i, n in enumerate(names):
-                layer = _LAYER.search(n)
-                t = int(next(g for g in layer.groups() if g)) / max(1, n_layers - 1) if layer else 0.0
-                if not reference.dtype(n).is_floating_point:
-                    writer.write(n, reference.get(n))
-                    continue
-                dtype = compute_dtype or reference.dtype(n)
-                per_model = [{k: resolve(v, n, t) for k, v in params.items()} for _, _, params in inputs]
-                tensors = [functools.partial(_read, ckpt, adapter, n, dtype) for ckpt, adapter, _ in inputs]
-                shared = {k: resolve(v, n, t) for k, v in config.parameters.items()}
-                seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{n}".encode()).digest()[:8], "little") >> 1
-                g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
-                base_of = functools.partial(_read, base, None, n, dtype) if base else None
-                merged = merge(method, base_of, tensors, per_model, shared, g)
-                if not torch.isfinite(merged).all():
-                    bad = int((~torch.isfinite(merged)).sum())
-                    raise BricksError(f"merging {n} gave {bad} NaN or infinite values of {merged.numel()}: check the "
-                                      "weights (with normalize, weights that sum to 0 divide by zero)")
-                writer.write(n, merged.to(final_dtype(n)))
+            for i, job in enumerate(jobs):
+                writer.write(job.out, _merge_job(config, job, compute_dtype).to(final_dtype(job)))
                 if progress:
-                    progress(i + 1, len(names))
+                    progress(i + 1, len(jobs))
         finally:
             writer.close()
-        copy_side_files(Path(config.tokenizer_source or base_path or split_spec(config.models[0].model)[0]),
-                         Path(base_path or split_spec(config.models[0].model)[0]), tmp, out_dtype)
+        first = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
+        copy_side_files(Path(split_spec(config.tokenizer_source or first)[0]), reference.path, tmp, out_dtype)
+        if depth != _layers(reference):  # slices changed the depth: the config says so
+            cfg = json.loads((tmp / "config.json").read_text())
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in cfg:
+                    cfg[key] = depth
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
-    return {"out": str(out), "method": method, "tensors": len(names), "shards": len(writer.files),
-            "inputs": [str(c.path) + (f"+{a.name}" if a else "") for c, a, _ in inputs]}
+    inputs = sorted({s.spec for j in jobs for s in j.sources})
+    return {"out": str(out), "method": config.merge_method, "tensors": len(jobs), "shards": len(writer.files),
+            "layers": depth, "inputs": inputs}
+
+
+def _merge_job(config: MergeConfig, job: Job, compute_dtype) -> torch.Tensor:
+    first = job.sources[0].ckpt
+    if not first.dtype(job.names[0]).is_floating_point:
+        return first.get(job.names[0])
+    dtype = compute_dtype or (job.sources[job.base] if job.base is not None else job.sources[0]).ckpt.dtype(job.names[0])
+    others = [k for k in range(len(job.sources)) if k != job.base]
+    per_model = [{key: resolve(v, job.names[k], job.t) for key in MODEL_PARAMS
+                  if (v := _setting([*job.sources[k].levels, config.parameters], key)) is not None} for k in others]
+    shared = {key: resolve(v, job.out, job.t) for key in SHARED_PARAMS
+              if (v := _setting([job.slice_params, config.parameters], key)) is not None}
+    tensors = [functools.partial(_read, job.sources[k].ckpt, job.sources[k].adapter, job.names[k], dtype) for k in others]
+    base_of = None
+    if job.base is not None:
+        b = job.sources[job.base]
+        base_of = functools.partial(_read, b.ckpt, b.adapter, job.names[job.base], dtype)
+    seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{job.out}".encode()).digest()[:8], "little") >> 1
+    g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
+    merged = merge(config.merge_method, base_of, tensors, per_model, shared, g)
+    if not torch.isfinite(merged).all():
+        bad = int((~torch.isfinite(merged)).sum())
+        raise BricksError(f"merging {job.out} gave {bad} NaN or infinite values of {merged.numel()}: check the "
+                          "weights (with normalize, weights that sum to 0 divide by zero)")
+    return merged
 
 
 def _return_freed_memory() -> None:
@@ -260,8 +263,6 @@ def _read(ckpt: Checkpoint, adapter: AdapterBrick | None, name: str, dtype: torc
 
 
 def _model_type(path: Path) -> str | None:
-    import json
-
     try:
         return json.loads((path / "config.json").read_text()).get("model_type")
     except (FileNotFoundError, json.JSONDecodeError):

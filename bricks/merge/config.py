@@ -1,0 +1,174 @@
+"""The merge YAML, as mergekit users write it: `models:` (whole models) or `slices:` (layer ranges).
+
+    merge_method: slerp                 # or: ties, linear, passthrough, ...
+    base_model: path/to/a
+    slices:
+      - sources:
+          - model: path/to/a
+            layer_range: [0, 24]
+          - model: path/to/b
+            layer_range: [0, 24]
+    parameters:
+      t: [0, 0.5, 1]                    # a gradient over each slice's layers
+
+Parameter values are scalars, gradients (a list interpolated over the
+position of the layer within its slice, as mergekit does) or lists of
+`{filter, value}` (the first whose filter is a substring of the tensor name
+applies). A parameter is looked up on the slice source first, then on the
+output slice, then on the model (`models:` form), then in the global
+`parameters`. The whole config is validated before any tensor is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from ..errors import BricksError
+from ..io import read_yaml, validated
+from .methods import METHODS, check_params, is_task_method, needs_base
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Setting] = {}
+
+
+class InputSlice(BaseModel):
+    """Layers `[start, end)` of one model, in an output slice."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = {}
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range [{v[0]}, {v[1]}] must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(BaseModel):
+    """Output layers made from the same number of layers of each source, merged layer by layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSlice]
+    parameters: dict[str, Setting] = {}
+
+
+class MergeConfig(BaseModel):
+    """A merge, as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Setting] = {}
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0  # for the random methods (DARE, DELLA): same seed, same merge
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known(cls, v):
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r}: choose from {METHODS.names()}")
+        return v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"dtype {v!r}: choose float32, float16, bfloat16 or float64")
+        return v
+
+    def model_parameters(self, model: str) -> dict[str, Setting]:
+        """The `models:` entry's parameters of `model` (none in the `slices:` form)."""
+        return next((m.parameters for m in self.models or [] if m.model == model), {})
+
+
+_NOT_YET = {"modules": "per-module slices", "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
+
+
+def values(setting: Setting) -> list:
+    """Every scalar a setting can take (each point of a gradient, each condition's value), for validation."""
+    if isinstance(setting, list):
+        return [v for x in setting for v in values(x)]
+    if isinstance(setting, Conditional):
+        return values(setting.value)
+    return [setting]
+
+
+def resolve(setting: Setting, name: str, t: float):
+    """Value of a parameter setting for tensor `name` at relative position t in its slice (mergekit's rules)."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(x, Conditional) for x in setting):
+            for cond in setting:
+                if cond.filter in (None, "*") or cond.filter in name:
+                    return resolve(cond.value, name, t)
+            return None
+        vals = list(setting)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            return vals[int(t * (len(vals) - 1))]
+        pos = t * (len(vals) - 1)
+        i = int(pos)
+        j = min(len(vals) - 1, i + 1)
+        return (1 - (pos - i)) * vals[i] + (pos - i) * vals[j]
+    return setting
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
+    raw = read_yaml(path, "merge", {k: f"({what}) is not supported yet" for k, what in _NOT_YET.items()})
+    cfg = validated(MergeConfig, raw, path)
+    for key in ("models", "slices"):
+        if getattr(cfg, key) == []:
+            raise BricksError(f"{path}: '{key}' is empty: list the models to merge")
+    if bool(cfg.models) == bool(cfg.slices):
+        raise BricksError(f"{path}: give the models to merge either as 'models' or as 'slices' (exactly one)")
+    if needs_base(cfg.merge_method) and cfg.base_model is None:
+        raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
+    sources = [(m.model, [m.parameters]) for m in cfg.models or []]
+    for i, sl in enumerate(cfg.slices or []):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if not sl.sources or len(lengths) > 1:
+            raise BricksError(f"{path}: slice {i}: every source must give the same number of layers, got "
+                              f"{[list(s.layer_range) for s in sl.sources]}")
+        if cfg.merge_method == "passthrough" and len(sl.sources) != 1:
+            raise BricksError(f"{path}: slice {i}: passthrough copies one source per slice, got {len(sl.sources)}")
+        if needs_base(cfg.merge_method) and cfg.base_model not in [s.model for s in sl.sources]:
+            raise BricksError(f"{path}: slice {i}: base_model {cfg.base_model} must be among the slice's sources")
+        sources += [(s.model, [s.parameters, sl.parameters]) for s in sl.sources]
+    try:
+        check_params(cfg.merge_method, {k: values(v) for k, v in cfg.parameters.items()},
+                     [{k: values(v) for p in levels for k, v in p.items()} for _, levels in sources])
+    except BricksError as exc:
+        raise BricksError(f"{path}: {exc}") from None
+    # As in mergekit, the task-vector methods require a weight for every model but the base.
+    missing = [m for m, levels in sources if m != cfg.base_model and not any("weight" in p for p in levels)
+               and "weight" not in cfg.model_parameters(m) and "weight" not in cfg.parameters]
+    if is_task_method(cfg.merge_method) and missing:
+        raise BricksError(f"{path}: {cfg.merge_method} needs a weight for every model (missing for {', '.join(missing)})")
+    return cfg
