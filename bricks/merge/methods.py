@@ -146,9 +146,9 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
 
 
-# Pass 2 of a task-vector merge runs in row chunks of about this many entries (16 MB in fp32), so that it
+# Pass 2 of a task-vector merge runs in row chunks of about this many entries (8 MB in fp32), so that it
 # holds a chunk of each input instead of whole task vectors: its memory no longer grows with the inputs' size.
-CHUNK_ENTRIES = 1 << 22
+CHUNK_ENTRIES = 1 << 21
 
 
 def _row_loader(x):
@@ -262,45 +262,49 @@ class TaskArithmetic:
             del mag
 
         # Pass 2, chunk by chunk of rows: every operation from here on is element-wise, so the chunks give the
-        # same values as whole tensors would.
+        # same values as whole tensors would. The arithmetic is mergekit's, step for step, so that low-precision
+        # merges round as its do: the weights in the tensors' dtype, each sum over the models one reduction
+        # (which accumulates in float32 and rounds once), not a running sum rounded at every model.
         b = base_of()
         out = torch.empty_like(b)
         normalize = params.get("normalize", spec.normalize)
         lam = float(params.get("lambda", 1.0))
+        w = torch.tensor(weights, dtype=b.dtype, device=b.device)
         for rows in _row_chunks(tuple(b.shape)):
             base_rows = b if rows is None else b[rows]
-            taus = []
+            deltas = base_rows.new_empty((len(loaders), *base_rows.shape))  # [models, ...]
             for k in range(len(loaders)):
                 tau = loaders[k](rows).to(b.dtype).sub_(base_rows)
                 if masks[k] is not None:
                     tau.mul_(masks[k] if rows is None else masks[k][rows])
                     if factors[k] is not None:
                         tau.mul_(factors[k])
-                taus.append(tau.mul_(weights[k]))
-            mixed = torch.zeros_like(base_rows)
-            for tau in taus:
-                mixed += tau
+                deltas[k] = tau
+                del tau
+            wk = w.view(-1, *[1] * base_rows.dim())
+            deltas.mul_(wk)
             if spec.consensus:
-                # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element; an
-                # input counts (in the sum and the divisor) where its sign agrees, and a zero never agrees.
-                negative = mixed < 0
-                mixed.zero_()
-                divisor = torch.zeros_like(base_rows)
-                for k, tau in enumerate(taus):
-                    agree = torch.where(negative, tau < 0, tau > 0)
-                    mixed += tau.mul_(agree)
-                    divisor.add_(agree, alpha=weights[k])
+                # TIES sign election: the sign of the summed (weighted) task vectors wins, element by element (a
+                # zero sum counts as positive); an input counts, in the sum and the divisor, where its sign agrees,
+                # and a zero never agrees.
+                majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+                agree = deltas.sign() == majority
+                mixed = (deltas * agree).sum(0)
+                divisor = (wk * agree).sum(0)
                 divisor[divisor == 0] = 1
+                del agree
             else:
-                s_w = sum(weights)
-                divisor = torch.full_like(base_rows, 1.0 if abs(s_w) < 1e-8 else s_w)
-            del taus
+                mixed = deltas.sum(0)
+                divisor = w.sum(0)
+                if divisor.abs() < 1e-8:
+                    divisor = torch.ones_like(divisor)
+            del deltas
             if normalize:
                 mixed /= divisor
             if lam != 1:
                 mixed *= lam
             out_rows = out if rows is None else out[rows]
-            torch.add(base_rows, mixed, out=out_rows)
+            out_rows.copy_(base_rows + mixed)
         return out
 
 
