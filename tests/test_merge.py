@@ -125,8 +125,8 @@ def test_yaml_ties_merge_streams_into_shards(tiny_dirs, tuned, tmp_path):
     ref = _state(base)
     assert set(merged) == set(ref)
     for name in ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
-        # Gradient [0.2, 1.0] over the 2 layers; the final norm is read at the end (t = 1), as mergekit does.
-        layer_t = 0.0 if ".layers.0." in name else 1.0
+        # Gradient [0.2, 1.0] over the 2 layers; tensors outside the layers read it at 0, as mergekit 0.1.5 does.
+        layer_t = 1.0 if ".layers.1." in name else 0.0
         w3 = 0.2 + 0.8 * layer_t
         expected = merge("ties", ref[name], [x[name] for x in inputs],
                          [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}, {"weight": w3, "density": 0.5}],
@@ -248,7 +248,7 @@ def test_nan_weights_are_refused(tiny_dirs, tuned, tmp_path):
 
 def test_slerp_over_slices_follows_the_gradient_within_the_slice(tiny_dirs, tuned, tmp_path):
     """mergekit's most common config: SLERP over layer ranges with a gradient t. Layer i of a slice of n layers
-    reads t at i / (n - 1); embeddings at 0, the final norm and the head at 1."""
+    reads t at i / (n - 1); the tensors outside the layers at 0 (mergekit 0.1.5)."""
     base, other = tiny_dirs["llama"], tuned[0]
     cfg = write_config(tmp_path / "slerp.yaml", merge_method="slerp", base_model=str(base), dtype="float32",
                        slices=[{"sources": [{"model": str(base), "layer_range": [0, 2]},
@@ -259,7 +259,7 @@ def test_slerp_over_slices_follows_the_gradient_within_the_slice(tiny_dirs, tune
     merged, a, b = _state(tmp_path / "m"), _state(base), _state(other)
     assert set(merged) == set(a)
     for name in merged:
-        t = 0.0 if (".layers.0." in name or "embed" in name) else 1.0
+        t = 1.0 if ".layers.1." in name else 0.0
         torch.testing.assert_close(merged[name], merge("slerp", a[name], [b[name]], [{}], {"t": t}), rtol=0, atol=0)
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], merged["model.layers.1.mlp.up_proj.weight"])
 

@@ -109,20 +109,32 @@ def sparsify(tau: torch.Tensor, kind: str, density: float, rescale: bool, gamma:
     return kept if factor is None else kept * factor
 
 
+SLERP_CHUNK = 1 << 20  # entries per partial norm and partial dot product (summed as mergekit 0.1.5 sums them)
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors (linear when they are nearly collinear)."""
+    """Spherical interpolation of two whole tensors (linear when they are nearly collinear), in float32 (float64
+    for float64 inputs). Norms and the dot product are sums of per-chunk parts, and the result is
+    `c0 * v0 + c1 * v1`: the order of operations of mergekit 0.1.5, so that the results round alike."""
     dtype = _work_dtype(v0)
-    a, b = v0.to(dtype).reshape(-1), v1.to(dtype).reshape(-1)
-    na, nb = a.norm(), b.norm()
-    ua = a / na if na > eps else a
-    ub = b / nb if nb > eps else b
-    dot = (ua * ub).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        out = (1 - t) * a + t * b
-    else:
-        theta = torch.acos(dot)
-        out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    return out.reshape(v0.shape)
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    tt = torch.tensor(float(t), dtype=dtype)
+    starts = range(0, a.numel(), SLERP_CHUNK)
+    if not a.numel():
+        return ((1 - tt) * a.to(dtype) + tt * b.to(dtype)).reshape(v0.shape)
+
+    def norm(x):
+        n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[s : s + SLERP_CHUNK].to(dtype)) for s in starts]))
+        return torch.where(n > eps, n, 1)
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([((a[s : s + SLERP_CHUNK].to(dtype) / na) * (b[s : s + SLERP_CHUNK].to(dtype) / nb)).sum()
+                       for s in starts]).sum().clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    c1 = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return (c0 * a.to(dtype) + c1 * b.to(dtype)).reshape(v0.shape)
 
 
 def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -222,9 +234,9 @@ def _slerp(base_of, tensors, model_params, params, generator):
 @METHODS.register("model_stock", "interpolation towards the average by the angle between task vectors "
                                  "(https://arxiv.org/abs/2403.19522)")
 def _model_stock(base_of, tensors, model_params, params, generator):
+    # In the tensors' own dtype, as mergekit 0.1.5 computes it (a bf16 merge rounds as its does).
     b = base_of()
-    dtype = _work_dtype(b)
-    return model_stock(b.to(dtype), [x.to(dtype) for x in tensors], bool(params.get("filter_wise", False))).to(b.dtype)
+    return model_stock(b, [x.to(b.dtype) for x in tensors], bool(params.get("filter_wise", False))).to(b.dtype)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ their layers); with `slices:`, output layer j of a slice from layer
 order (so `passthrough` slices stack layers of several models). Embeddings
 come from the first slice's sources, the final norm and head from the last
 one's, as mergekit does; a gradient parameter is read at the layer's relative
-position in its slice (0 for embeddings, 1 for the final norm and head).
+position in its slice, and at 0 for the tensors outside the layers (mergekit
+0.1.5's plan).
 
 Tensors are streamed one at a time from the inputs' safetensors shards and
 written into sharded safetensors output. A merge holds at most one whole input
@@ -124,7 +125,7 @@ def plan(config: MergeConfig) -> tuple[list[Job], Checkpoint, int]:
                 jobs.append(Job(with_layer(tpl, out_layer), [with_layer(tpl, s.start + offset) for s in sources],
                                 sources, base, t, sl.parameters))
             out_layer += 1
-    for names, (sl, sources, base, _), t in ((pre, grouped[0], 0.0), ([n for n in outer if n not in pre], grouped[-1], 1.0)):
+    for names, (sl, sources, base, _), t in ((pre, grouped[0], 0.0), ([n for n in outer if n not in pre], grouped[-1], 0.0)):
         jobs += [Job(n, [n] * len(sources), sources, base, t, sl.parameters) for n in names]
     return jobs, reference, out_layer
 
