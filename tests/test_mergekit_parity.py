@@ -1,0 +1,76 @@
+"""bricks merge against mergekit itself (an optional test dependency: set BRICKS_MERGEKIT to a `mergekit-yaml`
+executable, e.g. in its own venv; skipped otherwise). Every deterministic method both tools have, the models and
+slices forms, float32 and bfloat16: the merged tensors must be bit-equal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from bricks.cli import main
+
+MERGEKIT = os.environ.get("BRICKS_MERGEKIT") or shutil.which("mergekit-yaml")
+pytestmark = pytest.mark.skipif(not MERGEKIT, reason="mergekit is not installed (set BRICKS_MERGEKIT=PATH/mergekit-yaml)")
+
+PER_MODEL = {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.5, 0.5]}
+METHODS = {"linear": ({"weight": PER_MODEL["weight"]}, {"normalize": True}), "task_arithmetic": ({"weight": PER_MODEL["weight"]}, {}),
+           "ties": (PER_MODEL, {"normalize": True}), "breadcrumbs_ties": (PER_MODEL, {}), "model_stock": ({}, {})}
+
+
+def _state(d):
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.fixture(scope="module")
+def variants(llama_dir, tmp_path_factory):
+    import bricks
+
+    root = tmp_path_factory.mktemp("parity")
+    out = []
+    for i in range(3):
+        model, tok = bricks.load_model(llama_dir)
+        torch.manual_seed(20 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        model.save_pretrained(root / f"v{i}")
+        tok.save_pretrained(root / f"v{i}")
+        out.append(root / f"v{i}")
+    return out
+
+
+def _configs(base, tuned):
+    for dtype in ("float32", "bfloat16"):
+        for method, (per_model, shared) in METHODS.items():
+            models = [{"model": str(d), "parameters": {k: v[i] for k, v in per_model.items()}} for i, d in enumerate(tuned)]
+            yield f"{method}-{dtype}", {"merge_method": method, "dtype": dtype, "models": models, "parameters": shared,
+                                        **({} if method == "linear" else {"base_model": str(base)})}
+        yield f"slerp-slices-{dtype}", {"merge_method": "slerp", "base_model": str(base), "dtype": dtype,
+                                        "parameters": {"t": [0.0, 0.3, 1.0]},
+                                        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                                                {"model": str(tuned[0]), "layer_range": [0, 2]}]}]}
+        yield f"passthrough-{dtype}", {"merge_method": "passthrough", "dtype": dtype,
+                                       "slices": [{"sources": [{"model": str(tuned[0]), "layer_range": [0, 2]}]},
+                                                  {"sources": [{"model": str(tuned[1]), "layer_range": [1, 2]}]}]}
+
+
+def test_bit_equal_to_mergekit(llama_dir, variants, tmp_path):
+    failures = []
+    for name, cfg in _configs(llama_dir, variants):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = CliRunner().invoke(main, ["merge", str(path), "--out", str(tmp_path / f"b-{name}")])
+        assert r.exit_code == 0, r.output
+        subprocess.run([MERGEKIT, str(path), str(tmp_path / f"m-{name}")], check=True, capture_output=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        ours, theirs = _state(tmp_path / f"b-{name}"), _state(tmp_path / f"m-{name}")
+        if set(ours) != set(theirs) or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+            failures.append(name)
+    assert not failures, f"not bit-equal to mergekit: {failures}"
