@@ -38,7 +38,7 @@ from .adapters.lora import AdapterBrick
 from .errors import BricksError
 from .fusion import load_fused
 from .io import atomic_dir, validated
-from .loading import DEFAULT_MODEL, load_dense, resolve, split_spec
+from .loading import DEFAULT_MODEL, load_dense, load_tokenizer, resolve, split_spec
 from .routing import ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, recover, routed_layers, train_routers
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
@@ -335,7 +335,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
         if model_fingerprint(model) != doc["source"]["fingerprint"]:
             raise BricksError(f"{given} refers to {doc['source']['spec']}, which has changed since (fingerprint "
                               f"{model_fingerprint(model)}, was {doc['source']['fingerprint']}): run moefy again")
-        tokenizer = _tokenizer_of(given)
+        tokenizer = load_tokenizer(given)
         if configured:
             load_configured(given, model)
         return model, tokenizer
@@ -348,15 +348,3 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
 
 def _absolute(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
-def _tokenizer_of(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise BricksError(f"cannot load the tokenizer in {path}: {exc}") from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

@@ -152,7 +152,7 @@ def load_dense(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     Example:
         >>> model, tokenizer = load_dense("default")
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = resolve(spec)
@@ -180,14 +180,21 @@ def load_dense(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     _check_finite(model, path)
     if device_map is None and device is not None:
         model.to(device)
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a directory, with a padding token (the end-of-sequence one when it has none)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise BricksError(f"cannot load the tokenizer in {path}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def _shape_mismatch(path: Path, config) -> str | None:

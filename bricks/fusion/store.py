@@ -21,7 +21,7 @@ from ..adapters.lora import AdapterBrick
 from ..brick import model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
-from ..loading import load_dense, split_spec
+from ..loading import load_dense, load_tokenizer, split_spec
 from .model import AdapterSpecialists, FusedModel, FusionGate, ModelSpecialists
 
 FORMAT, VERSION, MARKER = "bricks.configured", 1, "bricks_model.json"
@@ -81,7 +81,7 @@ def load_fused(path: Path, doc: dict, device=None, dtype="float32"):
                                   f"{model_fingerprint(m)}, was {ref['fingerprint']}): fuse again")
             models.append(m)
         specialists = ModelSpecialists(models, names)
-        tokenizer = _tokenizer(path, tokenizer)
+        tokenizer = load_tokenizer(path)
     gate = FusionGate(doc["gate"]["hidden_sizes"], doc["gate"]["width"])
     try:
         gate.load_state_dict(load_file(str(path / "gate.safetensors")))
@@ -94,12 +94,3 @@ def load_fused(path: Path, doc: dict, device=None, dtype="float32"):
 def _absolute(spec: str) -> str:
     """A specialist spec with its paths made absolute (`base+adapter` too), so the directory can move."""
     return "+".join(str(Path(p).resolve()) if Path(p).exists() else p for p in filter(None, split_spec(spec)))
-
-
-def _tokenizer(path: Path, fallback):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        return fallback
