@@ -1,0 +1,76 @@
+"""Every figure a reader is shown has its evidence: a results file under bench/results/ that holds it.
+
+The README's headline figures are listed here with the file and the computation that gives each from the
+file's raw numbers; a figure changed in one place and not the other fails. Results files name their settings
+and their environment, and no measured figure lives in a code docstring, where it would go stale.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def ratios(r: dict, key: str, digits: int = 3) -> str:
+    """`code / math / prose` ratios of run `key` to the dense model, as the docs write them."""
+    dense = r["dense"]["ppl"]
+    return " / ".join(f"{r[key]['ppl'][d] / dense[d]:.{digits}f}" for d in dense)
+
+
+def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float) -> str:
+    row = next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"]) == (d_ff, dtype, batch, active))
+    return f"{row['speedup']:.2f}x"
+
+
+# (document, text as written there, results file, the text computed from the file)
+HEADLINES = [
+    ("README.md", "**{}**", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "recovered")),
+    ("README.md", "before training {}", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "routed", 2)),
+    ("README.md", "1.69x dense at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("README.md", "3.51x at 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
+    ("README.md", "1.34x", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+]
+
+
+@pytest.mark.parametrize("doc, pattern, name, compute", HEADLINES, ids=[f"{h[0]}:{h[2]}:{i}" for i, h in enumerate(HEADLINES)])
+def test_headline_figures_are_in_their_results_files(doc, pattern, name, compute):
+    text = (ROOT / doc).read_text()
+    figure = compute(load(name))
+    expected = pattern.format(figure) if "{}" in pattern else pattern
+    assert figure in expected, f"{doc} says {pattern!r}, {name} gives {figure}"
+    assert expected in text, f"{doc} should say {expected!r} (from bench/results/{name})"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "bench/README.md"])
+def test_every_results_file_a_document_names_exists(doc):
+    names = re.findall(r"results/([\w./-]+\.json)", (ROOT / doc).read_text())
+    assert names or doc == "README.md", doc  # the README links to bench/README.md, which names them
+    missing = [n for n in names if not (RESULTS / n).is_file()]
+    assert not missing, f"{doc} names results files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_results_files_hold_their_settings_and_environment(path):
+    doc = json.loads(path.read_text())
+    assert "args" in doc or "settings" in doc, f"{path.name} does not say how it was run"
+    assert "env" in doc or path.parent.name == "leaky-split", f"{path.name} does not say where it was run"
+    if "env" in doc and path.parent.name != "leaky-split":
+        assert doc["env"].get("device"), path.name
+
+
+def test_no_measured_figure_in_code_docstrings():
+    """Speed-ups and ratios belong in bench/README.md beside their results files, not in code."""
+    figure = re.compile(r"\b\d+\.\d+x\b|\bx\d+\.\d+\b|\d+(\.\d+)? s a step|~\d+x (faster|slower)")
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sorted((ROOT / "bricks").rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if figure.search(line)]
+    assert not found, "measured figures in code:\n" + "\n".join(found)
