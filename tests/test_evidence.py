@@ -39,6 +39,12 @@ HEADLINES = [
     ("README.md", "1.69x dense at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
     ("README.md", "3.51x at 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
     ("README.md", "1.34x", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "rows take {}x", "fusion_decode_cpu.json", lambda r: f"{r['adapter_rows_over_base']:.2f}"),
+    ("README.md", "three full models {}x", "fusion_decode_cpu.json", lambda r: f"{r['full_models_over_base']:.2f}"),
+    ("bench/README.md", "**{}**", "routing_quality_probe_cpu.json",
+     lambda r: " / ".join(f"{v:.3f}" for v in r["chosen_on_validation"]["ppl_ratio_heldout"].values())),
+    ("bench/README.md", "{}", "teal_layer_budget_cpu.json",
+     lambda r: " / ".join(f"{v:.2f}" for v in next(x for x in r["rows"] if x["target"] == 0.3 and x["rule"].startswith("sens"))["ratio"])),
 ]
 
 
