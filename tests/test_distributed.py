@@ -19,13 +19,8 @@ def test_two_processes_reduce_to_single_process_stats(llama_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     subprocess.run([sys.executable, str(HELPER), str(llama_dir), str(single)], check=True, env=env)
-    import socket
-
-    with socket.socket() as s:  # a free port: a fixed one may be taken on a shared machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
                         str(HELPER), str(llama_dir), str(double)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(single), load_file(double)
