@@ -45,17 +45,11 @@ def state_of(d: Path) -> dict[str, torch.Tensor]:
     return s
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="ties")
-    p.add_argument("--mergekit", default=None, help="path of a mergekit-yaml executable (its own venv), to compare with")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
-    a = p.parse_args()
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
+def variants(work: Path, spec: str = "default") -> tuple[Path, list[Path]]:
+    """The model and three 'fine-tuned' variants of it (small noise), saved under `work` once."""
     base_dir = work / "base"
     if not base_dir.exists():
-        model, tok = bricks.load_model("default")
+        model, tok = bricks.load_model(spec)
         model.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
         for i in range(3):
@@ -65,6 +59,18 @@ def main():
                          if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}  # keep the tie
             model.save_pretrained(work / f"tuned{i}", state_dict=tuned)
             tok.save_pretrained(work / f"tuned{i}")
+    return base_dir, [work / f"tuned{i}" for i in range(3)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="ties")
+    p.add_argument("--mergekit", default=None, help="path of a mergekit-yaml executable (its own venv), to compare with")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
+    base_dir, _ = variants(work)
     ckpt_mb = sum(f.stat().st_size for f in (work / "tuned0").glob("*.safetensors")) / 2**20
     cfg = {"merge_method": a.method, "base_model": str(base_dir), "dtype": "float32",
            "models": [{"model": str(work / f"tuned{i}"), "parameters": {"weight": w, "density": 0.5}}

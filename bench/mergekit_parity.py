@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_merge import state_of
+from bench_merge import state_of, variants
 
 import bricks
 from record import save
@@ -33,22 +33,6 @@ METHODS = {
     "breadcrumbs_ties": ({"weight": [1.0, 0.7, 0.4], "density": [0.8, 0.8, 0.8]}, {}),
     "model_stock": ({}, {}),
 }
-
-
-def variants(work: Path, spec: str) -> tuple[Path, list[Path]]:
-    base_dir = work / "base"
-    if not base_dir.exists():
-        model, tok = bricks.load_model(spec)
-        model.save_pretrained(base_dir)
-        tok.save_pretrained(base_dir)
-        for i in range(3):
-            torch.manual_seed(i)
-            with torch.no_grad():
-                tuned = {k: v + torch.randn_like(v) * 0.002 * v.std() for k, v in model.state_dict().items()
-                         if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-            model.save_pretrained(work / f"tuned{i}", state_dict=tuned)
-            tok.save_pretrained(work / f"tuned{i}")
-    return base_dir, [work / f"tuned{i}" for i in range(3)]
 
 
 def configs(base: Path, tuned: list[Path], depth: int) -> dict[str, dict]:
