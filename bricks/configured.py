@@ -38,15 +38,14 @@ from .adapters.lora import AdapterBrick
 from .errors import BricksError
 from .fusion import load_fused
 from .io import atomic_dir, validated
-from .loading import DEFAULT_MODEL, load_dense, load_tokenizer, resolve, split_spec
+from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
+                      load_tokenizer, resolve, split_spec)
 from .routing import ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, recover, routed_layers, train_routers
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
 SPARSE_ROUTER = "teal"
 
-FORMAT = "bricks.configured"
-VERSION = 1
-MARKER = "bricks_model.json"
+FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
 ATTRIBUTE = "bricks_configuration"  # where a model keeps its `Configuration`
 
 
@@ -234,7 +233,7 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False, 
         blocks = [FFN(None, i, layout, module=copy.deepcopy(s).to_empty(device="cpu")) for i, s in enumerate(state.dense_ffns)]
         for block, routed in zip(blocks, layers):
             routed.write_dense(block)
-        reference = dataclasses.replace(state, source={"spec": _absolute(source), "fingerprint": model_fingerprint(model, blocks)})
+        reference = dataclasses.replace(state, source={"spec": absolute_spec(source), "fingerprint": model_fingerprint(model, blocks)})
         with atomic_dir(out, overwrite=overwrite) as tmp:
             tokenizer.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps(reference.record(), indent=1))
@@ -344,7 +343,3 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     if configured and (path / MARKER).is_file():
         load_configured(path, model)
     return model, tokenizer
-
-
-def _absolute(spec: str) -> str:
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec

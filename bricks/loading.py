@@ -66,6 +66,16 @@ def default_gguf_path() -> Path:
     raise BricksError(f"package {DEFAULT_PACKAGE} has no {DEFAULT_GGUF}: reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
 
 
+# A directory that is more than a dense checkpoint (a routed MoE, a fused model) says so in this file, which
+# `bricks.load_model` reads; the kinds are written by `bricks.configured` and `bricks.fusion`.
+CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER = "bricks.configured", 1, "bricks_model.json"
+
+
+def absolute_spec(spec: str) -> str:
+    """A model spec with its paths made absolute (`base+adapter` too), so that a directory referring to it can move."""
+    return "+".join(str(Path(p).resolve()) if Path(p).exists() else p for p in filter(None, split_spec(spec)))
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
     """`model+adapter` (mergekit's spelling of an adapter applied to its base) -> (model, adapter or None)."""
     if "+" in spec and not Path(spec).exists():

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..errors import BricksError
+from ..fusion.training import FuseConfig
 from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, main, model_options, settings, user_errors
-
-
-class FuseConfig(BaseModel):
-    """Settings of `bricks fuse` (flags and YAML files share this schema)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    stage1_steps: int = Field(100, ge=0)  # gate alone, specialists frozen
-    stage2_steps: int = Field(0, ge=0)  # gate and specialists together (LoRA factors, or full weights)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    stage2_lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
-    batch_size: int = Field(6, ge=1)
-    balanced: bool = True  # the same number of windows from every domain in each batch
-    width: int = Field(512, ge=1)  # the gate's hidden width
-    windows: int = Field(64, ge=1)  # train windows per domain
-    eval_windows: int = Field(16, ge=1)  # held-out windows per domain
-    seq_len: int = Field(128, ge=2)
-    seed: int = 0
 
 
 @main.command("fuse")

@@ -21,10 +21,11 @@ from ..adapters.lora import AdapterBrick
 from ..brick import model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
-from ..loading import load_dense, load_tokenizer, split_spec
+from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
+                       split_spec)
 from .model import AdapterSpecialists, FusedModel, FusionGate, ModelSpecialists
 
-FORMAT, VERSION, MARKER = "bricks.configured", 1, "bricks_model.json"
+FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
 
 
 def save_fused(fused: FusedModel, tokenizer, out: str | os.PathLike, sources: list[str] | None = None,
@@ -48,7 +49,7 @@ def save_fused(fused: FusedModel, tokenizer, out: str | os.PathLike, sources: li
         else:
             if sources is None or len(sources) != len(spec.names):
                 raise BricksError("saving full-model specialists needs the path each was loaded from (sources)")
-            doc["models"] = [{"path": _absolute(s), "fingerprint": model_fingerprint(m)} for s, m in zip(sources, spec.models)]
+            doc["models"] = [{"path": absolute_spec(s), "fingerprint": model_fingerprint(m)} for s, m in zip(sources, spec.models)]
         tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in fused.gate.state_dict().items()}, str(tmp / "gate.safetensors"))
         (tmp / MARKER).write_text(json.dumps(doc, indent=1))
@@ -89,8 +90,3 @@ def load_fused(path: Path, doc: dict, device=None, dtype="float32"):
         raise BricksError(f"cannot read the gate of {path}: {str(exc).splitlines()[0]}; the directory is corrupt") from exc
     fused = FusedModel(specialists, gate)
     return fused.eval(), tokenizer
-
-
-def _absolute(spec: str) -> str:
-    """A specialist spec with its paths made absolute (`base+adapter` too), so the directory can move."""
-    return "+".join(str(Path(p).resolve()) if Path(p).exists() else p for p in filter(None, split_spec(spec)))
