@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from ..errors import BricksError
 from ..fusion.training import FuseConfig
 from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, main, model_options, settings, user_errors
