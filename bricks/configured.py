@@ -36,6 +36,7 @@ from .arch import FFN, layout_for
 from .brick import BrickSet, model_fingerprint
 from .adapters.lora import AdapterBrick
 from .errors import BricksError
+from .compress import load_compressed
 from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
@@ -303,8 +304,9 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
                configured: bool = True):
     """Load a causal LM and its tokenizer from local files, with its bricks configuration if it has one.
 
-    A fused-model directory (`bricks fuse`) opens as its `FusedModel`; `base+adapter` (mergekit's spelling)
-    is the base with the adapter merged into its weights.
+    A fused-model directory (`bricks fuse`) opens as its `FusedModel`; a compressed one (`bricks compress`) as the
+    compressed checkpoint, and a CPET one (`bricks cpet`) with its LoRA and recovery bricks attached;
+    `base+adapter` (mergekit's spelling) is the base with the adapter merged into its weights.
 
     Args:
         spec: "default" (SmolLM2-135M-Instruct), a local HF model directory, a .gguf file, or `base+adapter`.
@@ -329,6 +331,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     doc = read_marker(given) if (given / MARKER).is_file() else {}
     if configured and doc.get("kind") == "fused":
         return load_fused(given, doc, device, dtype)  # full-model specialists: no checkpoint inside
+    if doc.get("kind") in ("compressed", "cpet"):
+        return load_compressed(given, doc, device, dtype, configured)
     if doc.get("source"):  # the weights are the source model's: load it, check it is the same, configure it
         model, _ = load_dense(doc["source"]["spec"], device, dtype, device_map)
         if model_fingerprint(model) != doc["source"]["fingerprint"]:

@@ -170,6 +170,9 @@ class AdapterBrick:
         if meta.get("format") != FORMAT:
             raise BricksError(f"{path} is not an adapter brick (format {meta.get('format')!r}); emergent bricks load with "
                               "bricks.BrickSet.load")
+        if meta.get("kind") == "recovery":
+            raise BricksError(f"{path} is a recovery brick (non-linear, from CPET), not a LoRA adapter: it cannot be "
+                              "merged into weights or exported to PEFT; bricks.load_model opens the CPET directory holding it")
         try:
             state = load_file(str(path / "bricks.safetensors"))
         except (SafetensorError, OSError) as exc:

@@ -47,9 +47,9 @@ def adapter_import(peft_dir, out, base, as_json):
 @user_errors
 def adapter_export(brick_dir, out, as_json):
     """Export an adapter brick as a PEFT LoRA adapter directory (PeftModel.from_pretrained opens it)."""
-    from ..adapters import AdapterBrick
+    from ..adapters import load_customized
 
-    AdapterBrick.load(brick_dir).to_peft(out)
+    load_customized(brick_dir).to_peft(out)  # a recovery brick refuses, saying why
     emit(as_json, {"out": str(out)}, f"wrote {out} (PEFT LoRA adapter)")
 
 
@@ -90,10 +90,10 @@ def adapter_merge(adapters, weights, method, density, rank, seed, out, as_peft, 
 @json_option
 @user_errors
 def adapter_info(path, as_json):
-    """Describe an adapter brick or PEFT adapter directory."""
-    from ..adapters import AdapterBrick
+    """Describe an adapter brick, a PEFT adapter directory or a recovery brick (CPET)."""
+    from ..adapters import load_customized
 
-    info = AdapterBrick.load(path).info()
+    info = load_customized(path).info()
     emit(as_json, info, "\n".join(f"{k:>15}: {v}" for k, v in info.items()))
 
 

@@ -1,0 +1,123 @@
+"""Compressors by name, their settings, and `compress`: pruning and/or quantization in one call.
+
+A compression is a sequence of steps: at most one pruning (`magnitude`,
+`wanda`; unstructured at a sparsity, or N:M) followed by at most one
+quantization (`int8`, `int4`), e.g. Wanda 2:4 then int8. Settings are
+checked before any model work.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import BricksError
+from ..registry import Registry
+from .pruning import check_pattern, measured_sparsity, parse_pattern, prunable, prune
+from .quantization import BITS, quantize
+
+COMPRESSORS: Registry[str] = Registry("compression method")
+COMPRESSORS.add("magnitude", "prune", "prune the smallest |W| of each layer (unstructured at --sparsity, or --pattern N:M)")
+COMPRESSORS.add("wanda", "prune", "prune by |W|·||X||₂ per output row (Sun et al. 2023), calibrated on --data")
+COMPRESSORS.add("int8", "quantize", "8-bit weight-only quantization, per output channel (torchao)")
+COMPRESSORS.add("int4", "quantize", "4-bit NF4 weight-only quantization, blocks of 64 (bitsandbytes)")
+
+
+class CompressConfig(BaseModel):
+    """Settings of `bricks compress` (flags and YAML files share this schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    methods: list[str]  # in order: at most one pruning, then at most one quantization
+    sparsity: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+    pattern: str | None = None  # N:M, e.g. "2:4"
+    windows: int = Field(64, ge=1)  # calibration windows (train split), for wanda
+    eval_windows: int = Field(32, ge=1)  # held-out windows for the perplexity report
+    seq_len: int = Field(128, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.methods:
+            raise ValueError("give a compression method (--method M, or --bits 8|4)")
+        for m in self.methods:
+            if m not in COMPRESSORS:
+                raise ValueError(f"unknown compression method {m!r}: choose from {COMPRESSORS.names()}")
+        kinds = [COMPRESSORS.get(m) for m in self.methods]
+        if kinds.count("prune") > 1 or kinds.count("quantize") > 1:
+            raise ValueError(f"at most one pruning and one quantization, got {self.methods}")
+        if kinds != sorted(kinds):  # "prune" < "quantize": pruning decides on float weights, quantization comes last
+            raise ValueError(f"prune before quantizing: {self.methods} puts a quantization first")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)  # a malformed pattern is refused here, with the rest
+        if "prune" in kinds and (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("pruning needs either --sparsity S in (0, 1) or --pattern N:M (e.g. 2:4), not both")
+        if "prune" not in kinds and (self.sparsity is not None or self.pattern is not None):
+            raise ValueError("--sparsity and --pattern are for pruning: add --method magnitude or wanda")
+        return self
+
+    @property
+    def pruning(self) -> str | None:
+        return next((m for m in self.methods if COMPRESSORS.get(m) == "prune"), None)
+
+    @property
+    def quantization(self) -> str | None:
+        return next((m for m in self.methods if COMPRESSORS.get(m) == "quantize"), None)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.pruning == "wanda"
+
+    def label(self) -> str:
+        """e.g. "wanda 2:4 + int8"."""
+        parts = []
+        if self.pruning:
+            parts.append(f"{self.pruning} {self.pattern or f'{self.sparsity:.0%}'}")
+        if self.quantization:
+            parts.append(self.quantization)
+        return " + ".join(parts)
+
+
+def methods_with_bits(methods: list[str], bits: int | None) -> list[str]:
+    """`--bits 8|4` is the quantization step `int8` / `int4` at the end of the sequence."""
+    if bits is None:
+        return list(methods)
+    if bits not in BITS:
+        raise BricksError(f"--bits must be one of {sorted(BITS)}, got {bits}")
+    return [*methods, BITS[bits]]
+
+
+def check_model(model, cfg: CompressConfig) -> None:
+    """What can be refused from the model's shapes alone, before calibration."""
+    if not prunable(model):
+        raise BricksError(f"{type(model).__name__} has no nn.Linear projections in its decoder blocks (GPT-2 style Conv1D?): "
+                          "compression supports Linear projections only")
+    if cfg.pruning and cfg.pattern:
+        check_pattern(model, parse_pattern(cfg.pattern))
+
+
+def compress(model, tokenizer, cfg: CompressConfig, calibration: torch.Tensor | None = None, log=None):
+    """Compress `model` as `cfg` says: prune it in place, then (if asked) return a quantized copy.
+
+    Returns (compressed model, report with the achieved sparsity).
+
+    Example:
+        >>> cfg = CompressConfig(methods=["wanda", "int8"], pattern="2:4")
+        >>> small, report = compress(model, tok, cfg, calibration=train[0].windows)
+    """
+    check_model(model, cfg)
+    if cfg.needs_data and (calibration is None or calibration.numel() == 0):
+        raise BricksError("wanda scores weights by their inputs: give calibration data (--data NAME=SOURCE)")
+    report = {"methods": cfg.methods, "label": cfg.label(), "sparsity": cfg.sparsity, "pattern": cfg.pattern}
+    if cfg.pruning:
+        if log:
+            log(f"pruning ({cfg.pruning} {cfg.pattern or cfg.sparsity}) ...")
+        report["pruning"] = prune(model, cfg.pruning, cfg.sparsity, cfg.pattern, calibration)
+    if cfg.quantization:
+        if log:
+            log(f"quantizing ({cfg.quantization}) ...")
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        model = quantize(model, tokenizer, cfg.quantization, dtype)
+    if not cfg.quantization:
+        report["achieved"] = measured_sparsity(model)
+    else:
+        report["achieved"] = report.get("pruning", {"sparsity": 0.0})
+    return model, report

@@ -1,0 +1,108 @@
+"""Compressed and CPET directories: written here, opened by `bricks.load_model`.
+
+- A **compressed** directory is a Hugging Face checkpoint of the compressed
+  model (pruned weights as zeros; quantized ones in the library's format, with
+  its `quantization_config` in config.json), so plain transformers opens it,
+  plus `bricks_model.json`: kind "compressed", the compression report and the
+  source model (spec and fingerprint; `bricks cpet` takes it as the teacher).
+- A **CPET** directory is a copy of the compressed checkpoint plus
+  `adapter/` (the LoRA brick, PEFT-exportable), `recovery/` (the recovery
+  brick, when CPET trained one) and `bricks_model.json`: kind "cpet", the
+  compression and training records. Plain transformers opens it as the
+  compressed base without bricks; `bricks.load_model` attaches them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..adapters.lora import AdapterBrick
+from ..adapters.recovery import RecoveryBrick
+from ..brick import model_fingerprint
+from ..errors import BricksError
+from ..io import atomic_dir
+from ..loading import CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense
+from .cpet import CPETBricks, attach_cpet
+from .quantization import differentiable_4bit
+
+FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
+
+
+def save_compressed(model, tokenizer, out: str | os.PathLike, report: dict, source: str, source_fingerprint: str,
+                    overwrite: bool = False) -> Path:
+    """Write a compressed-model directory atomically."""
+    doc = {"format": FORMAT, "version": VERSION, "kind": "compressed", "compression": report,
+           "source": {"spec": absolute_spec(source), "fingerprint": source_fingerprint}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(doc, indent=1))
+    return Path(out)
+
+
+def read_compressed(path: str | os.PathLike) -> dict:
+    """The record of a compressed directory, or a one-line error saying what the directory is instead."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        raise BricksError(f"{path} is not a compressed model (no {MARKER}): make one with bricks compress") from None
+    except json.JSONDecodeError as exc:
+        raise BricksError(f"{path / MARKER} is not valid JSON: the directory is corrupt") from exc
+    if doc.get("kind") != "compressed":
+        raise BricksError(f"{path} is a {doc.get('kind')!r} directory, not a compressed model: make one with bricks compress")
+    return doc
+
+
+def teacher_spec(doc: dict, compressed: Path, given: str | None) -> str:
+    """The teacher model: the one given, else the compressed model's recorded source, which must still exist."""
+    if given is not None:
+        return given
+    spec = doc.get("source", {}).get("spec")
+    if spec is None:
+        raise BricksError(f"{compressed} records no source model: give the uncompressed model with --teacher")
+    if spec != "default" and not all(Path(p).exists() for p in spec.split("+")):
+        raise BricksError(f"the source model of {compressed}, {spec}, no longer exists: give the uncompressed model "
+                          "with --teacher MODEL")
+    return spec
+
+
+def check_teacher(teacher, doc: dict, compressed: Path, spec: str) -> None:
+    """The teacher is the model the compressed one was made from (compared by fingerprint)."""
+    want = doc.get("source", {}).get("fingerprint")
+    if want is not None and model_fingerprint(teacher) != want:
+        raise BricksError(f"teacher {spec} is not the model {compressed} was compressed from (fingerprint "
+                          f"{model_fingerprint(teacher)}, recorded {want}): give that model as --teacher")
+
+
+def save_cpet(bricks: CPETBricks, compressed: str | os.PathLike, out: str | os.PathLike, record: dict, name: str = "cpet",
+              overwrite: bool = False) -> Path:
+    """Write a CPET directory: the compressed checkpoint copied from `compressed`, the bricks, the record."""
+    compressed = Path(compressed)
+    doc = read_compressed(compressed)
+    lora, recovery = bricks.lora_brick(name), bricks.recovery_brick(f"{name}-recovery")
+    marker = {"format": FORMAT, "version": VERSION, "kind": "cpet", "compression": doc["compression"],
+              "source": doc.get("source"), **record}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for f in compressed.iterdir():
+            if f.is_file() and f.name != MARKER:
+                shutil.copy2(f, tmp / f.name)
+        lora.save(tmp / "adapter")
+        if recovery is not None:
+            recovery.save(tmp / "recovery")
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+    return Path(out)
+
+
+def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configured: bool = True):
+    """(model, tokenizer) of a compressed or CPET directory whose `bricks_model.json` is `doc`."""
+    model, tokenizer = load_dense(path, device, dtype)
+    differentiable_4bit(model)
+    if doc.get("kind") == "cpet" and configured:
+        lora = AdapterBrick.load(path / "adapter")
+        recovery = RecoveryBrick.load(path / "recovery") if (path / "recovery").is_dir() else None
+        attach_cpet(model, lora, recovery=recovery, recovery_rank=None)
+    return model.eval(), tokenizer

@@ -1,0 +1,286 @@
+"""Compressors (pruning, quantization) and CPET: recovery bricks, inheritance, distillation, directories, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from .conftest import one_line_error, run, tiny_config, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import bricks
+from bricks.adapters import AdapterBrick, RecoveryBrick
+from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, cpet_loss, measured_sparsity, nm_violations,
+                             prune, save_compressed, train_cpet, weight_bytes)
+from bricks.compress.pruning import mask, prunable
+from bricks.errors import BricksError
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny Llama wide enough for bitsandbytes' CPU 4-bit kernels (inputs of 64, outputs in multiples of 32)."""
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 64, 128, 2, 2, 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    d = tmp_path_factory.mktemp("tiny64") / "llama"
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 384, (16, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def lora_t(tiny64, windows):
+    model, _ = bricks.load_model(tiny64)
+    brick, _ = bricks.train_lora(model, windows, "code", rank=4, steps=8, lr=1e-2)
+    return brick
+
+
+def groups_nonzero(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
+    return (weight.reshape(weight.shape[0], -1, m) != 0).sum(2)
+
+
+# ------------------------------------------------------------------ pruning
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_nm_pattern_keeps_exactly_n_of_every_m(tiny64, windows, method):
+    model, _ = bricks.load_model(tiny64)
+    report = prune(model, method, pattern="2:4", windows=windows)
+    assert report["sparsity"] == 0.5
+    for name, lin in prunable(model).items():
+        assert (groups_nonzero(lin.weight) == 2).all(), name  # every group of 4 inputs: exactly two non-zeros
+        assert nm_violations(lin.weight, (2, 4)) == 0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_unstructured_sparsity_is_the_target(tiny64, windows, method):
+    model, _ = bricks.load_model(tiny64)
+    prune(model, method, sparsity=0.3, windows=windows)
+    measured = measured_sparsity(model)
+    assert measured["sparsity"] == pytest.approx(0.3, abs=0.005)
+    if method == "wanda":  # compared per output row: every row loses the same share
+        for lin in prunable(model).values():
+            zeros = (lin.weight == 0).sum(1)
+            assert zeros.min() == zeros.max() == round(0.3 * lin.in_features)
+
+
+def test_wanda_scores_weights_by_their_inputs():
+    # Column 0 has the smallest weights but by far the largest inputs: Wanda keeps it, magnitude drops it.
+    w = torch.tensor([[0.1, 0.5, 0.6, 0.7]])
+    norms = torch.tensor([100.0, 1.0, 1.0, 1.0])
+    assert mask(w.abs(), 0.25, None, per_row=True).tolist() == [[False, True, True, True]]
+    assert mask(w.abs() * norms, 0.25, None, per_row=True).tolist() == [[True, False, True, True]]
+
+
+def test_wanda_calibration_is_sequential(tiny64, windows):
+    """Block 1's input norms are measured after block 0 was pruned, as in the paper: pruning block 0 alone first
+    changes block 1's choices, so a one-shot calibration on the dense model would prune differently."""
+    model, _ = bricks.load_model(tiny64)
+    seq = copy.deepcopy(model)
+    prune(seq, "wanda", sparsity=0.5, windows=windows)
+    # One-shot: norms of every layer from the dense model.
+    from bricks.compress.pruning import _input_norms, prunable
+    from bricks.arch import decoder_layers
+    layers = prunable(model)
+    block1 = decoder_layers(model)[1]
+    own = {n: lin for n, lin in layers.items() if ".layers.1." in n}
+    norms = _input_norms(model, block1, own, windows, 8)
+    name = next(n for n in own if n.endswith("q_proj"))
+    one_shot = mask(own[name].weight.abs() * norms[name], 0.5, None, per_row=True)
+    assert not torch.equal(one_shot, prunable(seq)[name].weight != 0)
+
+
+# ------------------------------------------------------------------ quantization and directories
+
+
+@pytest.mark.parametrize("method,bound", [("int8", 0.55), ("int4", 0.3)])
+def test_quantized_directory_reopens_in_bricks_and_transformers(tiny64, tmp_path, method, bound):
+    model, tok = bricks.load_model(tiny64)
+    fingerprint = bricks.model_fingerprint(model)
+    small, report = compress(copy.deepcopy(model), tok, CompressConfig(methods=[method]))
+    b, b16 = weight_bytes(small), bf16_bytes(model)
+    assert b["linear"] <= bound * b16["linear"]
+    out = save_compressed(small, tok, tmp_path / "c", report, str(tiny64), fingerprint)
+    x = torch.randint(0, 384, (2, 16))
+    first, _ = bricks.load_model(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, with the library installed
+    with torch.no_grad():
+        a, p, dense = first(x).logits, plain(x).logits, model(x).logits
+    if method == "int8":
+        assert torch.equal(a, p)
+    else:  # transformers runs bitsandbytes' bf16 CPU kernel, bricks the exact float path (differentiable_4bit)
+        torch.testing.assert_close(a, p, rtol=0, atol=0.02 * dense.abs().max().item())
+    assert 0 < (a - dense).abs().max() < 0.5 * dense.abs().max()  # changed, but still the same model
+    doc = json.loads((out / "bricks_model.json").read_text())
+    assert doc["kind"] == "compressed" and doc["source"]["fingerprint"] == fingerprint
+
+
+def test_pruning_then_int8_keeps_the_pattern(tiny64, windows, tmp_path):
+    model, tok = bricks.load_model(tiny64)
+    small, report = compress(model, tok, CompressConfig(methods=["wanda", "int8"], pattern="2:4"), windows)
+    assert report["achieved"]["sparsity"] == 0.5
+    w = small.model.layers[0].mlp.up_proj.weight.dequantize()
+    assert (groups_nonzero(w) <= 2).all()  # a zero quantizes to zero
+
+
+# ------------------------------------------------------------------ CPET
+
+
+def test_recovery_bricks_change_no_logit_at_initialisation(tiny64, lora_t):
+    model, _ = bricks.load_model(tiny64)
+    x = torch.randint(0, 384, (2, 16))
+    lora_only = attach_cpet(model, lora_t, recovery_rank=None)
+    with torch.no_grad():
+        before = model(x).logits
+    lora_only.detach()
+    attach_cpet(model, lora_t, recovery_rank=8)
+    with torch.no_grad():
+        after = model(x).logits
+    assert torch.equal(before, after)
+
+
+def test_identity_compression_has_zero_distillation_loss(tiny64, lora_t, windows):
+    teacher, _ = bricks.load_model(tiny64)
+    lora_t.merge_into(teacher)
+    student, _ = bricks.load_model(tiny64)
+    attach_cpet(student, lora_t)  # inherited LoRA_T, recovery bricks at zero
+    _, parts = cpet_loss(student, teacher, windows[:4], beta=0.01)
+    assert parts["mse"] < 1e-10
+    fresh, _ = bricks.load_model(tiny64)
+    attach_cpet(fresh, lora_t, inherit=False)
+    assert cpet_loss(fresh, teacher, windows[:4], beta=0.01)[1]["mse"] > 1e-6  # without inheritance it is not
+
+
+def test_int4_gradients_equal_those_of_the_dequantized_model(tiny64, lora_t):
+    """bitsandbytes' CPU inference kernel for 4-bit weights has no autograd (gradients through it came out 84% off):
+    after an inference pass, gradients through the quantized projections are still those of the same weights in
+    float."""
+    import bitsandbytes as bnb
+
+    model, tok = bricks.load_model(tiny64)
+    q, _ = compress(copy.deepcopy(model), tok, CompressConfig(methods=["int4"]))
+    named = dict(q.named_modules())
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(named.get(n), bnb.nn.Linear4bit):
+                w = named[n].weight
+                m.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).float())
+    x = torch.randint(0, 384, (4, 16))
+    with torch.no_grad():  # an inference pass first: bitsandbytes would repack for its kernel without autograd
+        q(x)
+    grads = []
+    for m in (q, model):
+        parts = attach_cpet(m, lora_t, recovery_rank=4)
+        m.train()
+        cpet_loss(m, None, x, 0.0)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in parts.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_cpet_training_resumes_to_the_uninterrupted_result(tiny64, lora_t, windows, tmp_path):
+    teacher, _ = bricks.load_model(tiny64)
+    lora_t.merge_into(teacher)
+
+    def fresh():
+        student, _ = bricks.load_model(tiny64)
+        return attach_cpet(student, lora_t, recovery_rank=4)
+
+    whole = fresh()
+    train_cpet(whole, teacher, windows, steps=4, batch_size=4)
+
+    def interrupt(line):
+        if "step 3/4" in line:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "cpet.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_cpet(fresh(), teacher, windows, steps=4, batch_size=4, log=interrupt, checkpoint=ckpt, checkpoint_every=2)
+    resumed = fresh()
+    train_cpet(resumed, teacher, windows, steps=4, batch_size=4, checkpoint=ckpt, checkpoint_every=2)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cli_compress_then_cpet_writes_directories_that_serve(tiny64, tmp_path):
+    c, lt, out = tmp_path / "c", tmp_path / "lt", tmp_path / "cpet"
+    res = run("compress", tiny64, "--method", "wanda", "--pattern", "2:4", "--bits", "4", "--data", "code=builtin:code",
+              "--windows", "4", "--eval-windows", "2", "--seq-len", "32", "--out", c, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["compression"]["achieved"]["sparsity"] == 0.5
+    assert doc["compressed"]["bytes"]["linear"] < 0.3 * doc["source"]["bf16_bytes"]["linear"]
+    assert run("adapter", "train", tiny64, "--data", "code=builtin:code", "--out", lt, "--steps", "3", "--rank", "4",
+               "--windows", "8", "--seq-len", "32").exit_code == 0
+    res = run("cpet", c, "--adapter", lt, "--data", "code=builtin:code", "--steps", "3", "--batch-size", "2",
+              "--windows", "8", "--eval-windows", "2", "--seq-len", "32", "--recovery-rank", "4", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc["heldout_ppl"]) == {"uncompressed + LoRA_T", "compressed + LoRA_T", "CPET"}
+    model, _ = bricks.load_model(out)
+    x = torch.randint(0, 384, (1, 6))
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (1, 9)
+    assert RecoveryBrick.load(out / "recovery").info()["ranks"] == [4]
+    info = run("adapter", "info", out / "recovery", "--json")
+    assert json.loads(info.stdout)["kind"] == "recovery"
+    assert "recovery brick" in one_line_error(run("adapter", "export", out / "recovery", "--out", tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
+    assert "recovery brick" in str(pytest.raises(BricksError, AdapterBrick.load, out / "recovery").value)
+    # The LoRA part is a plain adapter: it exports to PEFT.
+    assert run("adapter", "export", out / "adapter", "--out", tmp_path / "peft2").exit_code == 0
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "wanda", "--sparsity", "1.5"], "less than 1"),
+    (["--method", "wanda", "--sparsity", "0"], "greater than 0"),
+    (["--method", "magnitude", "--pattern", "3:7"], "divisible by 7"),
+    (["--method", "magnitude", "--pattern", "4:2"], "0 < N < M"),
+    (["--method", "prune-all"], "unknown compression method 'prune-all'"),
+    (["--method", "int8", "--method", "wanda", "--sparsity", "0.5"], "prune before quantizing"),
+    (["--method", "wanda"], "either --sparsity"),
+    (["--bits", "3"], "--bits must be one of"),
+])
+def test_compress_refuses_bad_settings_in_one_line(tiny64, tmp_path, args, message):
+    res = run("compress", tiny64, *args, "--data", "code=builtin:code", "--out", tmp_path / "out")
+    assert message in one_line_error(res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpet_refuses_bad_inputs_in_one_line(tiny64, llama_dir, tmp_path, windows):
+    model, tok = bricks.load_model(tiny64)
+    c = save_compressed(compress(copy.deepcopy(model), tok, CompressConfig(methods=["magnitude"], sparsity=0.5))[0], tok,
+                        tmp_path / "c", {"label": "magnitude 50%"}, str(tiny64), bricks.model_fingerprint(model))
+    other, _ = bricks.load_model(llama_dir)  # another base: hidden size 32
+    foreign = tmp_path / "foreign"
+    bricks.train_lora(other, windows, "other", rank=2, steps=1)[0].save(foreign)
+    common = ["--data", "code=builtin:code", "--steps", "1", "--windows", "2", "--seq-len", "32", "--out", tmp_path / "out"]
+    assert "another base" in one_line_error(run("cpet", c, "--adapter", foreign, *common))
+    assert "not a compressed model" in one_line_error(run("cpet", tiny64, "--adapter", foreign, *common))
+    # A compressed directory whose source has gone: the teacher cannot be found.
+    moved = tmp_path / "src"
+    shutil.copytree(tiny64, moved)
+    c2 = tmp_path / "c2"
+    shutil.copytree(c, c2)
+    doc = json.loads((c2 / "bricks_model.json").read_text())
+    doc["source"]["spec"] = str(moved)
+    (c2 / "bricks_model.json").write_text(json.dumps(doc))
+    shutil.rmtree(moved)
+    assert "no longer exists" in one_line_error(run("cpet", c2, "--adapter", foreign, *common))
+    # A teacher that is not the model the compressed one came from.
+    assert "is not the model" in one_line_error(run("cpet", c, "--adapter", foreign, "--teacher", llama_dir, *common))
+    assert not (tmp_path / "out").exists()
