@@ -71,8 +71,8 @@ def test_every_method_is_registered_and_runs():
     base = torch.randn(6, 4)
     xs = [base + torch.randn(6, 4) * 0.1 for _ in range(3)]
     for m in METHODS:
-        inputs = xs[:1] if m in ("slerp", "passthrough") else xs
-        params = {"t": 0.3} if m == "slerp" else {}
+        inputs = xs[:1] if m in ("slerp", "passthrough", "nearswap", "arcee_fusion") else xs[:2] if m == "nuslerp" else xs
+        params = {"t": 0.3} if m == "slerp" else {"t": 0.05} if m == "nearswap" else {}
         per_model = [{"weight": 1.0, "density": 0.6} for _ in inputs]
         out = merge(m, base, inputs, per_model, params, torch.Generator().manual_seed(0))
         assert out.shape == base.shape and torch.isfinite(out).all(), m
@@ -302,3 +302,60 @@ def test_bad_slices(tiny_dirs, tuned, tmp_path, slices, method, message):
                        parameters={"t": 0.5} if method == "slerp" else {})
     r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and message in r.stderr and not (tmp_path / "o").exists(), r.output
+
+
+# ------------------------------------------------------------------ spherical and entry-selecting methods
+
+
+def _unit(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def test_spherical_means_of_two_orthogonal_directions_are_the_geodesic_midpoint():
+    a, b = _unit(1.0, 0.0, 0.0), _unit(0.0, 1.0, 0.0)
+    mid = _unit(1.0, 1.0, 0.0) / 2 ** 0.5  # on the sphere; the linear mean would have norm 0.707
+    w = [{"weight": 1.0}, {"weight": 1.0}]
+    for method in ("nuslerp", "multislerp", "karcher"):
+        torch.testing.assert_close(merge(method, None, [a, b], w), mid, msg=method)
+    # nuslerp's t is w1 / (w0 + w1): weight 3:1 is a quarter of the way from a.
+    quarter = _unit(torch.cos(torch.tensor(torch.pi / 8)).item(), torch.sin(torch.tensor(torch.pi / 8)).item(), 0.0)
+    torch.testing.assert_close(merge("nuslerp", None, [a, b], [{"weight": 3.0}, {"weight": 1.0}]), quarter)
+    # With a base: the task vectors are interpolated, then added back.
+    base = _unit(5.0, 5.0, 5.0)
+    torch.testing.assert_close(merge("nuslerp", base, [a + base, b + base], w), mid + base)
+
+
+def test_nearswap_takes_the_other_value_only_where_it_is_close():
+    base, other = _unit(0.0, 0.0, 0.0, 0.0), _unit(0.001, -0.002, 0.5, -1.0)
+    out = merge("nearswap", base, [other], [{}], {"t": 0.01})
+    torch.testing.assert_close(out[:2], other[:2])  # within t: the other model's value
+    torch.testing.assert_close(out[2:], _unit(0.01, -0.01))  # far: moved by t / |a - b| of the way only
+
+
+def test_ram_keeps_unique_changes_whole_and_averages_shared_ones():
+    base = torch.zeros(3)
+    m1, m2 = _unit(1.0, 0.0, 2.0), _unit(0.0, 3.0, 4.0)
+    out = merge("ram", base, [m1, m2], [{}, {}], {"epsilon": 1e-5})
+    torch.testing.assert_close(out, _unit(1.0, 3.0, 3.0))  # task arithmetic would give 1, 3, 6; an average 0.5, 1.5, 3
+    # ramplus_tl scales each model's unique changes up by 1 + r * min(shared/unique, alpha).
+    plus = merge("ramplus_tl", base, [m1, m2], [{}, {}], {"epsilon": 1e-5, "r": 0.5, "alpha": 0.2})
+    torch.testing.assert_close(plus, _unit(1.1, 3.3, 3.0))
+
+
+def test_sce_erases_sign_conflicts_and_weights_by_energy():
+    base = torch.zeros(2)
+    m1, m2 = _unit(1.0, 1.0), _unit(3.0, -3.0)  # second entry: the signs disagree, the larger (negative) sum wins
+    out = merge("sce", base, [m1, m2], [{}, {}])
+    assert out[0] == pytest.approx((0.1 * 1 + 0.9 * 3) / 1.0)  # weights 1:9 from the mean squared task vectors
+    assert out[1] == pytest.approx(-3.0)  # model 1's +1 is erased
+
+
+def test_arcee_fusion_keeps_only_outlying_changes():
+    torch.manual_seed(0)
+    base = torch.randn(64, 64)
+    other = base + 1e-3 * torch.randn(64, 64)
+    other[3, 5] += 5.0  # one large, important change
+    out = merge("arcee_fusion", base, [other], [{}], generator=torch.Generator().manual_seed(0))
+    changed = out != base
+    assert changed[3, 5] and changed.float().mean() < 0.2
+    torch.testing.assert_close(out[changed], other[changed])

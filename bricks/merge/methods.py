@@ -15,7 +15,9 @@ in mergekit YAML):
 
 Methods: `linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
 `magnitude_prune` (task arithmetic on magnitude-pruned τ), `breadcrumbs`,
-`breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `model_stock`.
+`breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `model_stock`; on the
+sphere (`spherical.py`) `nuslerp`, `multislerp`, `karcher`; entry-selecting
+(`selective.py`) `nearswap`, `sce`, `arcee_fusion`, `ram`, `ramplus_tl`.
 Random methods draw from a `torch.Generator` the caller seeds per tensor, so a
 seed reproduces a merge exactly.
 """
@@ -33,12 +35,17 @@ from ..registry import Registry
 METHODS: Registry = Registry("merge method")  # name -> fn(base_of, tensors, model_params, params, generator)
 
 # Parameters each method reads: shared ones, and per-model ones.
-SHARED_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise"}
+SHARED_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
+                 "normalize_weights", "eps", "max_iter", "tol", "select_topk", "r", "alpha"}
 MODEL_PARAMS = {"weight", "density", "gamma", "epsilon", "scale"}
 
 
+# Methods that take the base model when one is given but do not need it (karcher counts it as one more input).
+BASE_OPTIONAL = {"linear", "passthrough", "nuslerp", "multislerp", "karcher"}
+
+
 def needs_base(method: str) -> bool:
-    return method not in ("linear", "passthrough")
+    return method not in BASE_OPTIONAL
 
 
 def is_task_method(method: str) -> bool:
@@ -335,8 +342,9 @@ for _name, _spec, _summary in (
 
 
 # Parameters whose values are flags; every other one is a number, with these ranges where it has one.
-FLAG_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise"}
-RANGES = {"density": (0.0, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0)}
+FLAG_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights"}
+RANGES = {"density": (0.0, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0), "select_topk": (0.0, 1.0),
+          "eps": (0.0, 1.0), "tol": (0.0, 1.0), "max_iter": (1, 10_000), "r": (0.0, 1e6), "alpha": (0.0, 1e6)}
 
 
 def check_params(method: str, shared: dict, per_model: list[dict]) -> None:
