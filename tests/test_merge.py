@@ -359,3 +359,48 @@ def test_arcee_fusion_keeps_only_outlying_changes():
     changed = out != base
     assert changed[3, 5] and changed.float().mean() < 0.2
     torch.testing.assert_close(out[changed], other[changed])
+
+
+# ------------------------------------------------------------------ tokenizer and chat template
+
+
+def test_chat_template_builtin_auto_and_inline(tiny_dirs, tuned, tmp_path):
+    from transformers import AutoTokenizer
+
+    from bricks.merge.tokenizers import BUILTIN_TEMPLATES
+
+    messages = [{"role": "user", "content": "hi"}]
+    models = [{"model": str(d), "parameters": {"weight": 1.0}} for d in tuned]
+    out = tmp_path / "chatml"
+    cfg = write_config(tmp_path / "a.yaml", merge_method="linear", models=models, chat_template="chatml")
+    assert CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out)]).exit_code == 0
+    text = AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # auto: the template most inputs use (two of three here).
+    for d in tuned[:2]:
+        (d / "chat_template.jinja").write_text(BUILTIN_TEMPLATES["alpaca"])
+    out = tmp_path / "auto"
+    cfg = write_config(tmp_path / "b.yaml", merge_method="linear", models=models, chat_template="auto", tokenizer_source=str(tuned[2]))
+    assert CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out)]).exit_code == 0
+    assert AutoTokenizer.from_pretrained(out).chat_template == BUILTIN_TEMPLATES["alpaca"]
+    inline = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    out = tmp_path / "inline"
+    cfg = write_config(tmp_path / "c.yaml", merge_method="linear", models=models, chat_template=inline)
+    assert CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out)]).exit_code == 0
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=False) == "<<hi>>"
+
+
+def test_tokenizer_source_union_and_bad_templates_in_one_line(tiny_dirs, tuned, tmp_path):
+    models = [{"model": str(d), "parameters": {"weight": 1.0}} for d in tuned]
+    cfg = write_config(tmp_path / "u.yaml", merge_method="linear", models=models, tokenizer_source="union")
+    assert CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "u")]).exit_code == 0  # same vocabulary
+    tok = json.loads((tuned[1] / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzz-new-token"] = len(tok["model"]["vocab"])
+    (tuned[1] / "tokenizer.json").write_text(json.dumps(tok))
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "u2")])
+    assert r.exit_code == 1 and "union of different vocabularies" in r.output and str(tuned[1]) in r.output
+    assert not (tmp_path / "u2").exists()
+    for bad, message in (("chatmlx", "neither auto, a built-in"), ("{x}", "neither auto")):
+        cfg = write_config(tmp_path / "t.yaml", merge_method="linear", models=models, chat_template=bad)
+        r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "t")])
+        assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..errors import BricksError
 from ..io import read_yaml, validated
 from .methods import METHODS, check_params, is_task_method, needs_base
+from .tokenizers import chat_template
 
 Scalar = Union[bool, int, float, str]
 
@@ -83,7 +84,8 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # a model, "base" or "union" (of identical vocabularies)
+    chat_template: str | None = None  # "auto", a built-in name, or a Jinja template
     seed: int = 0  # for the random methods (DARE, DELLA): same seed, same merge
 
     @field_validator("merge_method")
@@ -105,7 +107,7 @@ class MergeConfig(BaseModel):
         return next((m.parameters for m in self.models or [] if m.model == model), {})
 
 
-_NOT_YET = {"modules": "per-module slices", "tokenizer": "tokenizer surgery", "chat_template": "chat template selection"}
+_NOT_YET = {"modules": "per-module slices", "tokenizer": "tokenizer surgery"}
 
 
 def values(setting: Setting) -> list:
@@ -150,6 +152,13 @@ def load_config(path: str | Path) -> MergeConfig:
         raise BricksError(f"{path}: give the models to merge either as 'models' or as 'slices' (exactly one)")
     if needs_base(cfg.merge_method) and cfg.base_model is None:
         raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
+    if cfg.tokenizer_source == "base" and cfg.base_model is None:
+        raise BricksError(f"{path}: tokenizer_source: base needs a base_model")
+    if cfg.chat_template not in (None, "auto"):
+        try:
+            chat_template(cfg.chat_template, [])
+        except BricksError as exc:
+            raise BricksError(f"{path}: {exc}") from None
     sources = [(m.model, [m.parameters]) for m in cfg.models or []]
     for i, sl in enumerate(cfg.slices or []):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}

@@ -36,6 +36,7 @@ from ..loading import split_spec
 from .config import InputSlice, MergeConfig, OutputSlice, load_config, resolve
 from .methods import MODEL_PARAMS, SHARED_PARAMS, merge
 from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
+from .tokenizers import chat_template, tokenizer_dir, write_chat_template
 
 _LAYER = re.compile(r"(\.layers\.|\.h\.)(\d+)\.")
 
@@ -194,7 +195,13 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
         finally:
             writer.close()
         first = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
-        copy_side_files(Path(split_spec(config.tokenizer_source or first)[0]), reference.path, tmp, out_dtype)
+        inputs = sorted({s.spec for j in jobs for s in j.sources})
+        source = tokenizer_dir(config.tokenizer_source, config.base_model, first, inputs)
+        copy_side_files(Path(split_spec(source)[0]), reference.path, tmp, out_dtype)
+        if config.chat_template:
+            template = chat_template(config.chat_template, inputs)
+            if template is not None:
+                write_chat_template(tmp, template)
         if depth != _layers(reference):  # slices changed the depth: the config says so
             cfg = json.loads((tmp / "config.json").read_text())
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -202,7 +209,6 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
                     cfg[key] = depth
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
-    inputs = sorted({s.spec for j in jobs for s in j.sources})
     return {"out": str(out), "method": config.merge_method, "tensors": len(jobs), "shards": len(writer.files),
             "layers": depth, "inputs": inputs}
 
