@@ -30,7 +30,7 @@ def test_moefy_save_reload_same_logits(llama_dir, brickset_dir, tmp_path):
 
 def test_eval_with_baseline(llama_dir, brickset_dir, tmp_path):
     out = tmp_path / "moe"
-    assert run("moefy", llama_dir, "--bricks", brickset_dir, "--active", 1.0, "--out", out).exit_code == 0
+    assert run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, "--active", 1.0, "--out", out).exit_code == 0
     r = run("eval", out, "--data", "code=builtin:code", "--data", "math=builtin:math", "--windows", 2, "--seq-len", 32,
             "--baseline", "--json")
     assert r.exit_code == 0, r.output
@@ -48,13 +48,13 @@ def test_eval_with_baseline(llama_dir, brickset_dir, tmp_path):
 ])
 def test_moefy_bad_input(llama_dir, brickset_dir, tmp_path, args, message):
     out = tmp_path / "moe"
-    r = run("moefy", llama_dir, "--bricks", brickset_dir, *args, "--out", out)
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, *args, "--out", out)
     assert r.exit_code == 1 and message in r.stderr and not out.exists()
 
 
 def test_moefy_brickset_from_other_model(tiny_dirs, brickset_dir, tmp_path):
     out = tmp_path / "moe"
-    r = run("moefy", tiny_dirs["qwen2"], "--bricks", brickset_dir, "--out", out)
+    r = run("moefy", tiny_dirs["qwen2"], "--router", "centroid", "--bricks", brickset_dir, "--out", out)
     assert r.exit_code == 1 and "not from this model" in r.stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".moe")]
 
@@ -91,7 +91,7 @@ def test_moefy_compute_target(llama_dir, tmp_path):
     assert run("partition", llama_dir, "--method", "random", "--bricks", 8, "--shared", 0.125,
                "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--out", bs_dir).exit_code == 0
     out = tmp_path / "moe"
-    r = run("moefy", llama_dir, "--bricks", bs_dir, "--compute", 0.5, "--out", out, "--json")
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", bs_dir, "--compute", 0.5, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     model, _ = bricks.load_model(out)
     layers = [m for m in model.modules() if isinstance(m, BrickedFFN)]
@@ -101,7 +101,7 @@ def test_moefy_compute_target(llama_dir, tmp_path):
         assert m.compute_fraction() > 0.5
     cfg = json.loads((out / "bricks_model.json").read_text())
     assert cfg["compute"] == 0.5 and len(cfg["active"]) == 2
-    r = run("moefy", llama_dir, "--bricks", bs_dir, "--compute", 0.1, "--out", tmp_path / "moe2")
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", bs_dir, "--compute", 0.1, "--out", tmp_path / "moe2")
     assert r.exit_code == 1 and "leaves no room" in r.stderr and not (tmp_path / "moe2").exists()
 
 
@@ -113,9 +113,9 @@ def test_sensitivity_budget(llama_dir, tmp_path):
     assert run("partition", llama_dir, "--method", "random", "--bricks", 8, "--out", bs_dir).exit_code == 0
     out = tmp_path / "moe"
     args = ["--router", "threshold", "--compute", 0.6, "--data", "code=builtin:code", "--windows", 4, "--seq-len", 32]
-    r = run("moefy", llama_dir, "--bricks", bs_dir, "--budget", "sensitivity", "--compute", 0.6, "--out", out)
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", bs_dir, "--budget", "sensitivity", "--compute", 0.6, "--out", out)
     assert r.exit_code == 1 and "needs --compute F and --data" in r.stderr and not out.exists()
-    r = run("moefy", llama_dir, "--bricks", bs_dir, "--budget", "sensitivity", *args, "--out", out, "--json")
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", bs_dir, "--budget", "sensitivity", *args, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     budget = json.loads(r.stdout)["budget"]
     assert [x["layer"] for x in budget["layers"]] == [0, 1] and all(x["sensitivity"] >= 0 for x in budget["layers"])
@@ -236,14 +236,14 @@ def test_distillation_recovery_needs_a_bricked_model(llama_dir):
 def test_moefy_cli_recovery(llama_dir, brickset_dir, tmp_path):
     out = tmp_path / "moe"
     data = ["--data", "code=builtin:code", "--seq-len", 16, "--windows", 2]
-    r = run("moefy", llama_dir, "--bricks", brickset_dir, "--recover-steps", 2, "--out", out)
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, "--recover-steps", 2, "--out", out)
     assert r.exit_code == 1 and "--recover-steps needs --data" in r.stderr and not out.exists()
-    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
             "--recover-refit-routers", "--out", out)  # the centroid router has nothing to refit
     assert r.exit_code == 1 and "learns by gradient" in r.stderr and not out.exists()
-    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-batch-size", 0, "--out", out)
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-batch-size", 0, "--out", out)
     assert r.exit_code == 1 and "--recover-batch-size >= 1" in r.stderr and not out.exists()
-    r = run("moefy", llama_dir, "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
+    r = run("moefy", llama_dir, "--router", "centroid", "--bricks", brickset_dir, *data, "--recover-steps", 2, "--recover-windows", 4,
             "--recover-batch-size", 3, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)["recovery"]
@@ -338,3 +338,14 @@ def test_moefy_settings_from_a_yaml_file(llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["router"] == "teal" and 0.45 < json.loads(r.stdout)["compute_fraction"] <= 0.5
     assert json.loads((tmp_path / "o" / "bricks_model.json").read_text())["active"] == 0.5
+
+
+def test_default_router_is_the_recommended_one(llama_dir, brickset_dir, tmp_path):
+    """Without --router: teal when there is no BrickSet, a trained router over a BrickSet (as the README advises)."""
+    r = run("moefy", llama_dir, "--compute", 0.5, "--out", tmp_path / "t", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["router"] == "teal"
+    from .conftest import one_line_error
+
+    shared = any(s is not None for s in bricks.BrickSet.load(brickset_dir).shared)
+    line = one_line_error(run("moefy", llama_dir, "--bricks", brickset_dir, "--out", tmp_path / "b"))
+    assert f"router '{'hybrid' if shared else 'mlp'}' must be trained" in line

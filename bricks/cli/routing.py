@@ -17,8 +17,10 @@ from .common import (DATA_HELP, config_option, emit, json_option, load, log_to_s
 @click.argument("model")
 @click.option("--bricks", "brickset", default=None, type=click.Path(),
               help="BrickSet directory made from MODEL (bricks partition); not used by --router teal")
-@click.option("--router", default="centroid", show_default=True,
-              help=f"brick router ({ROUTERS.help()}); or teal: single neurons and input channels by magnitude, no BrickSet")
+@click.option("--router", default=None,
+              help=f"brick router ({ROUTERS.help()}); or teal: single neurons and input channels by magnitude, no "
+                   "BrickSet. Default: teal without --bricks; with --bricks, hybrid if the BrickSet has a shared brick, "
+                   "else mlp (both train on --data)")
 @click.option("--active", default=0.5, show_default=True,
               help="share of routed bricks each token runs, in (0, 1] (teal: the FFN compute fraction)")
 @click.option("--compute", default=None, type=float,
@@ -65,6 +67,9 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
     from ..io import check_output
     from ..routing import SparseFFN, compute_fraction
 
+    if router is None:  # the README's recommendation: teal, or hybrid / mlp routers over a BrickSet
+        router = "teal" if brickset is None else ("hybrid" if any(s is not None for s in BrickSet.load(brickset).shared)
+                                                 else "mlp")
     cfg = settings(ctx, config_file, MoefyConfig, router=router, active=active, compute=compute, budget=budget,
                    windows=windows, seq_len=seq_len, epochs=epochs, recover_steps=recover_steps,
                    recover_windows=recover_windows, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
