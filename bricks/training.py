@@ -4,6 +4,9 @@ LoRA bricks, adapter gates, MoE gates and recovery training all run
 `train_lm`: random batches of token windows (seeded), one optimizer step per
 batch, a non-finite loss stops it, and with a `TrainingCheckpoint` an
 interrupted run resumes to the weights an uninterrupted one would have.
+Under `accelerate launch` (N processes) each process runs its share of every
+batch and the gradients are summed across processes, so the run trains the
+weights one process would (`tests/test_distributed.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BricksError
-from .runtime import input_device
+from .runtime import all_reduce_, input_device, world
 
 def adamw_cosine(params, lr: float, steps: int):
     """AdamW (no weight decay) with a short warm-up then cosine decay: stable for the few hundred steps used here."""
@@ -100,6 +103,9 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
     domain), and every batch takes the same number of windows from each (a class-balanced sampler)."""
     gen = torch.Generator().manual_seed(seed)
     dev = input_device(model)
+    rank, size = world()
+    if size > 1 and batch_size < size:
+        raise BricksError(f"a batch of {batch_size} cannot be shared by {size} processes: give --batch-size >= {size}")
     start, losses = 0, []
     if checkpoint is not None:
         settings = {"name": name, "steps": steps, "batch_size": batch_size, "seed": seed, "windows": list(windows.shape),
@@ -108,22 +114,34 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
         if start and log is not None:
             log(f"{name}: resumed at step {start}/{steps} from {checkpoint.path}")
     for step in range(start, steps):
-        x = windows[_batch_rows(len(windows), batch_size, gen, groups)].to(dev)
+        # Every process draws the same batch (one generator, one seed) and takes its share of the rows; the
+        # gradients summed over processes are then those of the whole batch, so N processes train as one does.
+        rows = _batch_rows(len(windows), batch_size, gen, groups)
+        mine = rows[rank::size]
+        x = windows[mine].to(dev)
         loss = lm_loss(model, x, **forward) if loss_fn is None else loss_fn(model, x)
-        if not torch.isfinite(loss):
-            raise BricksError(f"{name} training diverged at step {step + 1} (loss {loss.item()}): lower the learning rate")
+        share = len(mine) / len(rows)
+        whole = all_reduce_(loss.detach().float() * share)  # the whole batch's loss, the same in every process
+        if not torch.isfinite(whole):
+            raise BricksError(f"{name} training diverged at step {step + 1} (loss {whole.item()}): lower the learning rate")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
+        if size > 1:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        all_reduce_(p.grad)
+        loss = whole
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(clip, 1.0)
         opt.step()
         if sched is not None:
             sched.step()
         losses.append(loss.item())
-        if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
+        if log is not None and rank == 0 and (step % max(1, steps // 10) == 0 or step == steps - 1):
             log(f"{name}: step {step + 1}/{steps} loss {loss.item():.3f}")
-        if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step == steps - 1):
-            checkpoint.save(model, opt, sched, gen, settings, step + 1, losses)
+        if checkpoint is not None and rank == 0 and ((step + 1) % checkpoint.every == 0 or step == steps - 1):
+            checkpoint.save(model, opt, sched, gen, settings, step + 1, losses)  # the same state in every process
     tenth = max(1, steps // 10)
     return {"steps": steps, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
 

@@ -6,7 +6,6 @@ import click
 
 from ..compress.build import COMPRESSORS, CompressConfig
 from ..compress.cpet import CPETConfig
-from ..errors import BricksError
 from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, main, model_options, settings, user_errors
 
 
@@ -102,7 +101,8 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
              no_distill, windows, eval_windows, seq_len, seed, checkpoint, out, config_file, device, as_json):
     """Recover a COMPRESSED model (from bricks compress) with CPET: LoRA_T inherited, recovery bricks,
     distillation from the uncompressed teacher with LoRA_T; compare on held-out data with the teacher and with
-    LoRA_T on the compressed model as it is; write a directory bricks.load_model opens."""
+    LoRA_T on the compressed model as it is; write a directory bricks.load_model opens. Data-parallel under
+    `accelerate launch` (each process takes its share of every batch)."""
     from pathlib import Path
 
     import torch
@@ -119,8 +119,6 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     cfg = settings(ctx, config_file, CPETConfig, steps=steps, lr=lr, batch_size=batch_size, beta=beta,
                    recovery_rank=recovery_rank, inherit=not no_inherit, recovery=not no_recovery, distill=not no_distill,
                    windows=windows, eval_windows=eval_windows, seq_len=seq_len, seed=seed)
-    if world()[1] > 1:
-        raise BricksError("bricks cpet runs in one process for now: run it without accelerate launch")
     compressed = Path(compressed)
     doc = read_compressed(compressed)
     lora_t = AdapterBrick.load(adapter)
@@ -145,7 +143,8 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     rows["CPET"] = evaluate(student, heldout)["ppl"]
     record = {"teacher": spec, "adapter": str(Path(adapter).resolve()), "settings": cfg.model_dump(), "training": report,
               "heldout_ppl": rows}
-    save_cpet(bricks, compressed, out, record, name=lora_t.name)
+    if world()[0] == 0:  # under accelerate launch every process trained the same bricks; one writes them
+        save_cpet(bricks, compressed, out, record, name=lora_t.name)
     parts = ", ".join(p for p, on in (("inheritance", cfg.inherit), ("recovery bricks", cfg.recovery),
                                       ("distillation", cfg.distill)) if on) or "a fresh LoRA only"
     cols = list(rows["CPET"])
