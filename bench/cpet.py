@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--calibration", type=int, default=64, help="Wanda's calibration windows (train split)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rows", default=",".join(ROWS), help="trained rows to run (comma-separated names)")
     ap.add_argument("--lora-dir", default=None, help="where LoRA_T is kept (default runs/cpet-lora_t-DOMAIN)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -142,7 +143,7 @@ def main():
             continue
         for row, (inherit, recovery, distill) in ROWS.items():
             key = f"{name} / {row}"
-            if key in results:
+            if key in results or row not in args.rows.split(","):
                 continue
             student = small  # the bricks are detached again after each row
             bricks_ = attach_cpet(student, lora_t, recovery_rank=32 if recovery else None, inherit=inherit)
@@ -152,6 +153,8 @@ def main():
             record(key, {"ppl": ppl(student, heldout), "train_s": round(time.perf_counter() - t, 1),
                          "loss_first": report["loss_first"], "loss_last": report["loss_last"], "start": report["start"]})
             bricks_.detach()
+        if f"{name} / (iv) CPET" not in results or f"{name} / (iii) fresh LoRA" not in results:
+            continue
         full, as_is = results["(i) uncompressed + LoRA_T"]["ppl"], results[f"{name} / (ii) compressed + LoRA_T"]["ppl"]
         cpet, fresh = results[f"{name} / (iv) CPET"]["ppl"], results[f"{name} / (iii) fresh LoRA"]["ppl"]
         gap = math.log(as_is) - math.log(full)
