@@ -65,7 +65,7 @@ def decode_ms(model, ids: torch.Tensor, new: int = 32, reps: int = 3) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domain", default="code", help="a built-in domain: code, prose, math")
-    ap.add_argument("--compressions", default="wanda-2:4,int4,int8", help="trained rows for these (comma-separated)")
+    ap.add_argument("--compressions", default="wanda-2:4,int4", help="trained rows for these (comma-separated)")
     ap.add_argument("--untrained", default="int8", help="compressed and (ii) rows, bytes and speed only, for these")
     ap.add_argument("--pruning-only", default="wanda-50%,magnitude-50%,magnitude-2:4", help="perplexity only, no adapter")
     ap.add_argument("--lora-steps", type=int, default=100, help="training steps of LoRA_T")
