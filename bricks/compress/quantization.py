@@ -7,7 +7,7 @@
 - `int4`: bitsandbytes NF4 (4-bit NormalFloat, blocks of 64, as QLoRA and CPET
   used for Llama-2-13B). torchao 0.18's int4 weight-only formats need CUDA or
   the `mslk` package, and its CPU int4 stores each value in a byte (no memory
-  saved), so int4 comes from bitsandbytes, which runs on CPU since 0.4x.
+  saved), so int4 comes from bitsandbytes, which runs on CPU.
 
 Both quantize the linear layers of the decoder blocks; transformers keeps the
 embeddings and the LM head in floating point (for a small model with a large
@@ -97,8 +97,8 @@ def differentiable_4bit(model) -> None:
     """Keep bitsandbytes' 4-bit layers on their dequantize-then-matmul path on CPU.
 
     At its first forward in eval mode, a CPU `Linear4bit` repacks its weight for a bf16 AVX-512 kernel that has
-    no autograd: gradients through it are wrong (the LoRA gradients of a CPET step came out 84% off, measured
-    against the same weights in float), the repacked weight no longer trains or saves as it was loaded
+    no autograd: gradients through it are wrong (far from those of the same weights in float; the unit test
+    compares them after an inference pass), the repacked weight no longer trains or saves as it was loaded
     (bitsandbytes' inverse is "best effort"), and eval and train mode compute different outputs. Bricks turns
     the repacking off, so that a 4-bit model computes one way, trains correctly and saves what it loaded.
     """
