@@ -222,6 +222,10 @@ def test_cli_compress_then_cpet_writes_directories_that_serve(tiny64, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["compression"]["achieved"]["sparsity"] == 0.5
     assert doc["compressed"]["bytes"]["linear"] < 0.3 * doc["source"]["bf16_bytes"]["linear"]
+    ev = run("eval", c, "--data", "code=builtin:code", "--windows", "2", "--seq-len", "32", "--baseline", "--json")
+    assert ev.exit_code == 0, ev.output
+    ev = json.loads(ev.stdout)  # the baseline of a compressed model is the model it was compressed from
+    assert ev["baseline_model"] == str(tiny64.resolve()) and ev["ratio"]["ppl"]["code"] != 1.0
     assert run("adapter", "train", tiny64, "--data", "code=builtin:code", "--out", lt, "--steps", "3", "--rank", "4",
                "--windows", "8", "--seq-len", "32").exit_code == 0
     res = run("cpet", c, "--adapter", lt, "--data", "code=builtin:code", "--steps", "3", "--batch-size", "2",

@@ -164,6 +164,17 @@ def test_fuse_cli(llama_dir, adapters, tmp_path):
     r = run("eval", out, "--data", "code=builtin:code", "--windows", 2, "--seq-len", 16, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model_eval"]["ppl"]["code"] == pytest.approx(res["ppl"]["fused"]["code"], rel=0.2)
+    # --baseline of a fused model: each specialist alone and their average, on the same windows as the fused model.
+    r = run("eval", out, "--data", "code=builtin:code", "--data", "math=builtin:math", "--windows", 2, "--seq-len", 16,
+            "--baseline", "--json")
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert set(ev["baseline"]["specialists"]) == {"code", "math"}
+    for d in ("code", "math", "mixed"):
+        best = min(ev["baseline"]["specialists"][n][d] for n in ("code", "math"))
+        fused = ev["model_eval"]["ppl"][d] if d != "mixed" else None
+        if fused is not None:
+            assert ev["ratio"]["ppl_vs_best_specialist"][d] == pytest.approx(fused / best, rel=1e-4)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -137,10 +137,13 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
     timeline = Timeline("eval")
     result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
     timeline.done(f"{model} on {sum(d.windows.numel() for d in domains):,} held-out tokens")
+    if baseline and _is_fused(m):
+        return _eval_fused(m, model, domains, batch_size, result, as_json)
     if baseline:
-        # A recovered MoE's own dense weights were trained for routed execution: compare with its source model.
+        # A recovered MoE's own dense weights were trained for routed execution, a compressed model's are not the
+        # source's any more: compare with the source model.
         state = configuration(m)
-        source = ((state.recovery if state is not None else None) or {}).get("base_model")
+        source = ((state.recovery if state is not None else None) or {}).get("base_model") or _compressed_source(model)
         del m
         if source is not None and not Path(source).exists():
             raise BricksError(f"the dense baseline of {model} is its source model {source}, which no longer exists; "
@@ -163,6 +166,39 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
     if baseline:
         lines.append(f"  tokens/s ratio to dense: {result['ratio']['tokens_per_s']:.2f}")
         lines += _explain(result, batch_size)
+    emit(as_json, result, "\n".join(lines))
+
+
+def _is_fused(m) -> bool:
+    from ..fusion import FusedModel
+
+    return isinstance(m, FusedModel)
+
+
+def _compressed_source(model: str) -> str | None:
+    """The source a compressed or CPET directory was made from (its recorded spec), else None."""
+    from ..loading import CONFIGURED_MARKER
+
+    marker = Path(model) / CONFIGURED_MARKER
+    if not marker.is_file():
+        return None
+    doc = json.loads(marker.read_text())
+    return (doc.get("source") or {}).get("spec") if doc.get("kind") in ("compressed", "cpet") else None
+
+
+def _eval_fused(fused, model: str, domains, batch_size: int, result: dict, as_json: bool) -> None:
+    """`eval --baseline` of a fused model: each specialist alone and their uniform logit average, on the same text."""
+    from ..fusion import compare_fusion
+
+    rows = compare_fusion(fused, domains, batch_size)
+    result["baseline"] = {"specialists": {n: rows[n] for n in fused.names}, "uniform": rows["uniform"]}
+    names = [*[d.name for d in domains], "mixed"]
+    best = {d: min(fused.names, key=lambda n: rows[n][d]) for d in names}
+    result["ratio"] = {"ppl_vs_best_specialist": {d: rows["fused"][d] / rows[best[d]][d] for d in names}}
+    lines = [f"{model}: fused {len(fused.names)} specialists ({', '.join(fused.names)}), held-out perplexity:"]
+    for d in names:
+        lines.append(f"  {d:>10}: fused {rows['fused'][d]:.3f}, best specialist {best[d]} {rows[best[d]][d]:.3f} "
+                     f"(ratio {result['ratio']['ppl_vs_best_specialist'][d]:.3f}), uniform average {rows['uniform'][d]:.3f}")
     emit(as_json, result, "\n".join(lines))
 
 
