@@ -41,23 +41,28 @@ def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, ev
     from ..evaluate import evaluate
     from ..io import check_output
 
+    from ..runtime import Timeline
+
     cfg = settings(ctx, config_file, CompressConfig, methods=methods_with_bits(list(methods), bits), sparsity=sparsity,
                    pattern=pattern, windows=windows, eval_windows=eval_windows, seq_len=seq_len)
     specs = parse_data_specs(data)
     check_output(out)
-    log = log_to_stderr(as_json)
+    timeline = Timeline("compress")
     source, tok = load_model(model, device, dtype, device_map)
     check_model(source, cfg)  # shapes (an N:M pattern that does not divide) before any calibration
     heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows)
     before = {"ppl": evaluate(source, heldout)["ppl"], "bytes": weight_bytes(source), "bf16_bytes": bf16_bytes(source)}
+    timeline.done(f"source {model} evaluated on held-out data")
     fingerprint = model_fingerprint(source)
     calibration = None
     if cfg.needs_data:
         calibration = torch.cat([d.windows for d in load_domains(specs, tok, "train", cfg.seq_len, cfg.windows)])
-    compressed, report = compress(source, tok, cfg, calibration, log)
+    compressed, report = compress(source, tok, cfg, calibration)
     path = save_compressed(compressed, tok, out, report, model, fingerprint)
+    timeline.done(f"compressed ({cfg.label()}) and written to {out}")
     reopened, _ = load_model(path, device, dtype)  # measured as saved, as a user will load it
     after = {"ppl": evaluate(reopened, heldout)["ppl"], "bytes": weight_bytes(reopened)}
+    timeline.done("compressed model evaluated on held-out data")
     result = {"out": str(out), "compression": report, "source": before, "compressed": after}
     b16 = before["bf16_bytes"]
     lines = [f"compressed {model} with {cfg.label()}: sparsity of the decoder projections "
@@ -114,7 +119,7 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     from ..data import load_domains, parse_data_specs
     from ..evaluate import evaluate
     from ..io import check_output
-    from ..runtime import world
+    from ..runtime import Timeline, world
 
     cfg = settings(ctx, config_file, CPETConfig, steps=steps, lr=lr, batch_size=batch_size, beta=beta,
                    recovery_rank=recovery_rank, inherit=not no_inherit, recovery=not no_recovery, distill=not no_distill,
@@ -126,6 +131,7 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     check_output(out)
     spec = teacher_spec(doc, compressed, teacher)
     log = log_to_stderr(as_json)
+    timeline = Timeline("cpet")
     teacher_model, tok = load_model(spec, device)
     check_teacher(teacher_model, doc, compressed, spec)
     lora_t.merge_into(teacher_model)  # refuses an adapter trained for another base, in one line
@@ -135,11 +141,13 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     as_is = attach_cpet(student, lora_t, recovery_rank=None)
     rows["compressed + LoRA_T"] = evaluate(student, heldout)["ppl"]
     as_is.detach()
+    timeline.done("teacher and compressed model with LoRA_T evaluated on held-out data")
     bricks = attach_cpet(student, lora_t, recovery_rank=cfg.recovery_rank if cfg.recovery else None, inherit=cfg.inherit,
                          seed=cfg.seed, base_model=spec)
     train = torch.cat([d.windows for d in load_domains(specs, tok, "train", cfg.seq_len, cfg.windows)])
     report = train_cpet(bricks, teacher_model if cfg.distill else None, train, cfg.steps, cfg.lr, cfg.batch_size, cfg.beta,
                         cfg.seed, log, checkpoint)
+    timeline.done(f"trained {cfg.steps} steps")
     rows["CPET"] = evaluate(student, heldout)["ppl"]
     record = {"teacher": spec, "adapter": str(Path(adapter).resolve()), "settings": cfg.model_dump(), "training": report,
               "heldout_ppl": rows}

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..arch import decoder_layers
 from ..errors import BricksError
-from ..runtime import batches, input_device
+from ..runtime import batches, input_device, progress
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -135,7 +135,7 @@ def prune(model: nn.Module, method: str, sparsity: float | None = None, pattern:
         raise BricksError("wanda scores weights by their inputs: give calibration data (--data NAME=SOURCE)")
     all_layers = prunable(model)
     kept = {}
-    for block in decoder_layers(model):
+    for block in progress(decoder_layers(model), f"pruning ({method})"):
         own = {n: lin for n, lin in all_layers.items() if any(lin is m for m in block.modules())}
         norms = _input_norms(model, block, own, windows, batch_size) if method == "wanda" else {}
         for name, lin in own.items():
