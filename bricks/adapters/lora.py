@@ -151,10 +151,7 @@ class AdapterBrick:
         for n, m in self.modules.items():
             state[f"{n}.lora_A"] = m.A.contiguous()
             state[f"{n}.lora_B"] = m.B.contiguous()
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            (tmp / "bricks.json").write_text(json.dumps(meta, indent=1))
-            save_file(state, str(tmp / "bricks.safetensors"))
-        return Path(out)
+        return write_brick_dir(out, meta, state, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "AdapterBrick":
@@ -173,10 +170,7 @@ class AdapterBrick:
         if meta.get("kind") == "recovery":
             raise BricksError(f"{path} is a recovery brick (non-linear, from CPET), not a LoRA adapter: it cannot be "
                               "merged into weights or exported to PEFT; bricks.load_model opens the CPET directory holding it")
-        try:
-            state = load_file(str(path / "bricks.safetensors"))
-        except (SafetensorError, OSError) as exc:
-            raise BricksError(f"cannot read {path / 'bricks.safetensors'}: {exc} (truncated or corrupt file)") from exc
+        state = read_brick_tensors(path)
         modules = {}
         for n, m in meta["modules"].items():
             if f"{n}.lora_A" not in state or f"{n}.lora_B" not in state:
@@ -223,6 +217,21 @@ class AdapterBrick:
         for n, m in self.modules.items():
             w = named[n].weight
             w.add_((m.delta(torch.float32) * weight).to(w.device, w.dtype))
+
+
+def write_brick_dir(out: str | Path, meta: dict, state: dict, overwrite: bool = False) -> Path:
+    """A customized brick's directory, atomically: `bricks.json` (its record) and `bricks.safetensors`."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "bricks.json").write_text(json.dumps(meta, indent=1))
+        save_file(state, str(tmp / "bricks.safetensors"))
+    return Path(out)
+
+
+def read_brick_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / "bricks.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise BricksError(f"cannot read {path / 'bricks.safetensors'}: {exc} (truncated or corrupt file)") from exc
 
 
 def _pattern(module: str) -> str:

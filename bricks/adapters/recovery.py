@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import BricksError
-from ..io import atomic_dir
-from .lora import FORMAT, VERSION
+from .lora import FORMAT, VERSION, read_brick_tensors, write_brick_dir
 
 ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": nn.functional.relu, "silu": nn.functional.silu}
 
@@ -86,10 +83,7 @@ class RecoveryBrick:
         for n, m in self.modules.items():
             state[f"{n}.recovery_D"] = m.D.detach().float().cpu().contiguous()
             state[f"{n}.recovery_U"] = m.U.detach().float().cpu().contiguous()
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            (tmp / "bricks.json").write_text(json.dumps(meta, indent=1))
-            save_file(state, str(tmp / "bricks.safetensors"))
-        return Path(out)
+        return write_brick_dir(out, meta, state, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "RecoveryBrick":
@@ -97,10 +91,7 @@ class RecoveryBrick:
         meta = read_meta(path)
         if meta.get("kind") != "recovery":
             raise BricksError(f"{path} is a {meta.get('kind')!r} brick, not a recovery brick")
-        try:
-            state = load_file(str(path / "bricks.safetensors"))
-        except (SafetensorError, OSError) as exc:
-            raise BricksError(f"cannot read {path / 'bricks.safetensors'}: {exc} (truncated or corrupt file)") from exc
+        state = read_brick_tensors(path)
         modules = {}
         for n, m in meta["modules"].items():
             D, U = state.get(f"{n}.recovery_D"), state.get(f"{n}.recovery_U")
