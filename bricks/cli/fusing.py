@@ -41,6 +41,7 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     from ..data import load_domains, parse_data_specs
     from ..fusion import compare_fusion, fuse, gate_shares, plot_gate_shares, plot_token_gates, save_fused, train_fusion
     from ..io import check_output
+    from ..runtime import world
 
     cfg = settings(ctx, config_file, FuseConfig, stage1_steps=stage1_steps, stage2_steps=stage2_steps, lr=lr,
                    stage2_lr=stage2_lr, batch_size=batch_size, balanced=not proportional, width=width, windows=windows,
@@ -58,11 +59,12 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows)
     result = {"out": str(out), "specialists": fused.names, "training": report, "ppl": compare_fusion(fused, heldout),
               "gate_shares": gate_shares(fused, heldout)}
-    path = save_fused(fused, tok, out, sources=None if base else list(specialists),
-                      training={**report, "settings": cfg.model_dump()})
-    plot_gate_shares(result["gate_shares"], path / "gate_shares.png")
-    sample = tok.decode(heldout[0].windows[0][:48])
-    plot_token_gates(fused, tok, sample, path / "token_gates.png")
+    if world()[0] == 0:  # under accelerate launch every process trained the same gate; one writes it
+        path = save_fused(fused, tok, out, sources=None if base else list(specialists),
+                          training={**report, "settings": cfg.model_dump()})
+        plot_gate_shares(result["gate_shares"], path / "gate_shares.png")
+        sample = tok.decode(heldout[0].windows[0][:48])
+        plot_token_gates(fused, tok, sample, path / "token_gates.png")
     rows = result["ppl"]
     cols = list(next(iter(rows.values())))
     lines = [f"held-out perplexity (fused {len(fused.names)} specialists, gate trained {cfg.stage1_steps}"
