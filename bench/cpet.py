@@ -32,8 +32,8 @@ import torch
 
 import bricks
 from bricks.adapters import AdapterBrick
-from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, measured_sparsity, train_cpet,
-                             weight_bytes)
+from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, differentiable_4bit, measured_sparsity,
+                             train_cpet, weight_bytes)
 from bricks.evaluate import evaluate
 from record import environment, save
 
@@ -134,6 +134,11 @@ def main():
                                                                   if not cfg.quantization else rep["achieved"]["sparsity"]),
                          "bytes": b, "bytes_vs_bf16": {k: round(b[k] / b16[k], 4) for k in b},
                          "decode_ms_per_token": decode_ms(small, prompt)})
+        if cfg.quantization == "int4":
+            # Inference above ran bitsandbytes' repacked kernel, which cannot train: the rows below use a fresh copy
+            # on the differentiable path (for (ii) too, so that every row with an adapter computes the same way).
+            small, _ = compress(copy.deepcopy(source), tok, cfg, calibration)
+            differentiable_4bit(small)
         key = f"{name} / (ii) compressed + LoRA_T"
         if key not in results:
             as_is = attach_cpet(small, lora_t, recovery_rank=None)

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import bricks
 from bricks.adapters import AdapterBrick, RecoveryBrick
-from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, cpet_loss, measured_sparsity, nm_violations,
-                             prune, save_compressed, train_cpet, weight_bytes)
+from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, cpet_loss, differentiable_4bit,
+                             measured_sparsity, nm_violations, prune, save_compressed, train_cpet, weight_bytes)
 from bricks.compress.pruning import mask, prunable
 from bricks.errors import BricksError
 
@@ -118,10 +118,7 @@ def test_quantized_directory_reopens_in_bricks_and_transformers(tiny64, tmp_path
     plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, with the library installed
     with torch.no_grad():
         a, p, dense = first(x).logits, plain(x).logits, model(x).logits
-    if method == "int8":
-        assert torch.equal(a, p)
-    else:  # transformers runs bitsandbytes' bf16 CPU kernel, bricks the exact float path (differentiable_4bit)
-        torch.testing.assert_close(a, p, rtol=0, atol=0.02 * dense.abs().max().item())
+    assert torch.equal(a, p)
     assert 0 < (a - dense).abs().max() < 0.5 * dense.abs().max()  # changed, but still the same model
     doc = json.loads((out / "bricks_model.json").read_text())
     assert doc["kind"] == "compressed" and doc["source"]["fingerprint"] == fingerprint
@@ -178,7 +175,8 @@ def test_int4_gradients_equal_those_of_the_dequantized_model(tiny64, lora_t):
                 w = named[n].weight
                 m.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).float())
     x = torch.randint(0, 384, (4, 16))
-    with torch.no_grad():  # an inference pass first: bitsandbytes would repack for its kernel without autograd
+    differentiable_4bit(q)
+    with torch.no_grad():  # an inference pass: without the call above, bitsandbytes would repack for its kernel
         q(x)
     grads = []
     for m in (q, model):
@@ -188,6 +186,12 @@ def test_int4_gradients_equal_those_of_the_dequantized_model(tiny64, lora_t):
         grads.append(torch.cat([p.grad.flatten() for p in parts.parameters()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    # A 4-bit model that already ran inference (repacked, no autograd) is refused by training, in one line.
+    fresh, _ = compress(bricks.load_model(tiny64)[0], tok, CompressConfig(methods=["int4"]))
+    with torch.no_grad():
+        fresh(x)
+    with pytest.raises(BricksError, match="repacked its weights"):
+        train_cpet(attach_cpet(fresh, lora_t), None, x, steps=1)
 
 
 def test_cpet_training_resumes_to_the_uninterrupted_result(tiny64, lora_t, windows, tmp_path):

@@ -114,6 +114,7 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
 
     from ..adapters import AdapterBrick
     from ..compress import attach_cpet, read_compressed, save_cpet, train_cpet
+    from ..compress.quantization import differentiable_4bit
     from ..compress.store import check_teacher, teacher_spec
     from ..configured import load_model
     from ..data import load_domains, parse_data_specs
@@ -136,6 +137,7 @@ def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, bet
     check_teacher(teacher_model, doc, compressed, spec)
     lora_t.merge_into(teacher_model)  # refuses an adapter trained for another base, in one line
     student, _ = load_model(compressed, device)
+    differentiable_4bit(student)  # before any inference pass: a 4-bit student trains on the differentiable path
     heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows)
     rows = {"uncompressed + LoRA_T": evaluate(teacher_model, heldout)["ppl"]}
     as_is = attach_cpet(student, lora_t, recovery_rank=None)

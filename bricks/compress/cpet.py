@@ -35,6 +35,7 @@ from ..adapters.lora import AdapterBrick, LoRAModule
 from ..adapters.recovery import RecoveryBrick, RecoveryModule
 from ..errors import BricksError
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
+from .quantization import differentiable_4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -145,9 +146,6 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
     LoRA of the same shape (A Kaiming-uniform, B zero, as PEFT initialises one). Without `lora`, a fresh LoRA
     of `rank` on `targets`. `recovery`: existing recovery bricks to attach instead of new ones (reloading).
     """
-    from .quantization import differentiable_4bit
-
-    differentiable_4bit(model)  # refuses a 4-bit model whose weights bitsandbytes repacked for inference
     named = dict(model.named_modules())
     if lora is not None:
         lora.check_model(model) if not _quantized(model) else _check_names(lora, named)
@@ -250,6 +248,7 @@ def train_cpet(bricks: CPETBricks, teacher: nn.Module | None, windows: torch.Ten
     if not params:
         raise BricksError("nothing to train: the CPET model has neither LoRA nor recovery bricks")
     student = bricks.model
+    differentiable_4bit(student)  # a 4-bit model must train on bitsandbytes' differentiable path
     first = {}
     with torch.no_grad():
         _, parts = cpet_loss(student, teacher, windows[:batch_size].to(_device_of(bricks)), beta)

@@ -2,8 +2,9 @@
 
 - `int8`: torchao's `Int8WeightOnlyConfig` (per output channel, symmetric).
   Chosen over bitsandbytes' LLM.int8() because on CPU the latter casts inputs
-  to float16 and runs slower; torchao's checkpoints round-trip through
-  transformers in safetensors.
+  to float16 and loses more; torchao's checkpoints round-trip through
+  transformers in safetensors. Its CPU path is slower than float (it saves
+  memory, not time, there: `bench/bench_compressed_linear.py`).
 - `int4`: bitsandbytes NF4 (4-bit NormalFloat, blocks of 64, as QLoRA and CPET
   used for Llama-2-13B). torchao 0.18's int4 weight-only formats need CUDA or
   the `mslk` package, and its CPU int4 stores each value in a byte (no memory
@@ -89,25 +90,24 @@ def quantize(model, tokenizer, method: str, dtype: torch.dtype = torch.float32):
             quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config, dtype=dtype, device_map="cpu")
         except Exception as exc:
             raise BricksError(f"{method} quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    differentiable_4bit(quantized)
     return quantized.eval()
 
 
 def differentiable_4bit(model) -> None:
-    """Keep bitsandbytes' 4-bit layers on their dequantize-then-matmul path on CPU.
+    """Keep bitsandbytes' 4-bit layers on their dequantize-then-matmul path on CPU: call it before training.
 
-    At its first forward in eval mode, a CPU `Linear4bit` repacks its weight for a bf16 AVX-512 kernel that has
-    no autograd: gradients through it are wrong (far from those of the same weights in float; the unit test
-    compares them after an inference pass), the repacked weight no longer trains or saves as it was loaded
-    (bitsandbytes' inverse is "best effort"), and eval and train mode compute different outputs. Bricks turns
-    the repacking off, so that a 4-bit model computes one way, trains correctly and saves what it loaded.
+    At its first forward in eval mode, a CPU `Linear4bit` repacks its weight for a bf16 AVX-512 kernel, which is
+    fast (`bench/bench_compressed_linear.py`) but has no autograd: gradients through it are wrong (far from those
+    of the same weights in float; the unit test compares them), and bitsandbytes' inverse of the repacking is
+    only "best effort". Inference keeps the kernel; training (`train_cpet`) needs this path, from before any
+    inference pass, so a model already repacked is refused.
     """
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             state = getattr(m.weight, "quant_state", None)
             if state is not None and getattr(state, "packing_format_for_cpu", False):
-                raise BricksError("this 4-bit model was already repacked for bitsandbytes' CPU inference kernel, which "
-                                  "cannot be undone exactly: load it again with bricks.load_model")
+                raise BricksError("this 4-bit model ran an inference pass, and bitsandbytes repacked its weights for a "
+                                  "kernel that cannot train: load it again and call differentiable_4bit(model) first")
             m.support_avx512bf16_for_cpu = False
 
 

@@ -26,7 +26,6 @@ from ..errors import BricksError
 from ..io import atomic_dir
 from ..loading import CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense
 from .cpet import CPETBricks, attach_cpet
-from .quantization import differentiable_4bit
 
 FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
 
@@ -100,7 +99,6 @@ def save_cpet(bricks: CPETBricks, compressed: str | os.PathLike, out: str | os.P
 def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configured: bool = True):
     """(model, tokenizer) of a compressed or CPET directory whose `bricks_model.json` is `doc`."""
     model, tokenizer = load_dense(path, device, dtype)
-    differentiable_4bit(model)
     if doc.get("kind") == "cpet" and configured:
         lora = AdapterBrick.load(path / "adapter")
         recovery = RecoveryBrick.load(path / "recovery") if (path / "recovery").is_dir() else None
