@@ -89,4 +89,5 @@ class Timeline:
 
 def progress(iterable, desc: str, total: int | None = None):
     rank, _ = world()
-    return tqdm(iterable, desc=desc, total=total, disable=rank != 0, leave=False, dynamic_ncols=True)
+    # disable=None: a bar on a terminal only (not in logs or notebooks, where Timeline lines keep the record).
+    return tqdm(iterable, desc=desc, total=total, disable=True if rank != 0 else None, leave=False, dynamic_ncols=True)
