@@ -91,7 +91,7 @@ def test_wanda_calibration_is_sequential(tiny64, windows):
     seq = copy.deepcopy(model)
     prune(seq, "wanda", sparsity=0.5, windows=windows)
     # One-shot: norms of every layer from the dense model.
-    from bricks.compress.pruning import _input_norms, prunable
+    from bricks.compress.pruning import _input_norms
     from bricks.arch import decoder_layers
     layers = prunable(model)
     block1 = decoder_layers(model)[1]

@@ -35,7 +35,7 @@ from ..adapters.lora import AdapterBrick, LoRAModule
 from ..adapters.recovery import RecoveryBrick, RecoveryModule
 from ..errors import BricksError
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
-from .quantization import differentiable_4bit
+from .quantization import differentiable_4bit, is_quantized
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -84,12 +84,10 @@ class CPETLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        extra = 0
-        if self.lora is not None:
-            extra = extra + self.lora(x)
-        if self.recovery is not None:
-            extra = extra + self.recovery(x)
-        return y + extra.to(y.dtype) if torch.is_tensor(extra) else y
+        for brick in (self.lora, self.recovery):
+            if brick is not None:
+                y = y + brick(x).to(y.dtype)
+        return y
 
 
 class CPETBricks(nn.Module):
@@ -148,7 +146,10 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
     """
     named = dict(model.named_modules())
     if lora is not None:
-        lora.check_model(model) if not _quantized(model) else _check_names(lora, named)
+        if is_quantized(model):  # packed weights have other shapes: compare the modules' sizes instead
+            _check_names(lora, named)
+        else:
+            lora.check_model(model)
         names = list(lora.modules)
     else:
         names = [n for n, m in named.items() if n.rsplit(".", 1)[-1] in targets and _is_projection(m)]
@@ -194,10 +195,6 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
 
 def _is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear)
-
-
-def _quantized(model) -> bool:
-    return getattr(model.config, "quantization_config", None) is not None
 
 
 def _check_names(lora: AdapterBrick, named: dict) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -152,8 +151,3 @@ def bf16_bytes(model) -> dict:
             seen.add(id(p))
             total += p.numel() * 2
     return {"total": total, "linear": sum(m.weight.numel() * 2 for m in prunable(model).values())}
-
-
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes of the safetensors files of a checkpoint directory, as on disk."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
