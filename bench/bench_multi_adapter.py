@@ -23,6 +23,7 @@ import torch
 
 import bricks
 from bricks.adapters import AdapterBrick, attach_adapters
+from record import save
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,6 +65,7 @@ def main():
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--peft", action="store_true", help="also time PEFT's mixed-batch path (adapter_names=)")
+    p.add_argument("--json", default=None)
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_multi_"))
     dirs = make_adapters(a.adapters, a.rank, root)
@@ -83,6 +85,7 @@ def main():
 
     t_mixed, out = timed(mixed, a.reps)
     multi.detach()
+    result = {"base_s": round(t_base, 3), "mixed_s": round(t_mixed, 3), "mixed_over_base": round(t_mixed / t_base, 3)}
     print(f"base model: {t_base:.2f} s; bricks mixed batch ({a.adapters} adapters, r={a.rank}): {t_mixed:.2f} s "
           f"= {t_mixed / t_base:.2f}x base", flush=True)
 
@@ -95,6 +98,7 @@ def main():
         names = [f"a{int(i)}" for i in which]
         t_peft, _ = timed(lambda: pm.generate(input_ids=prompts, adapter_names=names, **gen), a.reps)
         print(f"PEFT mixed batch (adapter_names=): {t_peft:.2f} s = {t_peft / t_base:.2f}x base", flush=True)
+        result.update(peft_s=round(t_peft, 3), peft_over_base=round(t_peft / t_base, 3))
     # Each adapter alone in PEFT, on the same 32-row batch (its rows are compared): the same matrix shapes as the
     # mixed batch, so that the difference measures the mixing and not the BLAS blocking of another batch size.
     # PEFT's generate() and PEFT's own forward pass differ in fp32 at the first step (by 4.4e-5 on the default
@@ -116,6 +120,10 @@ def main():
     print(f"each adapter alone in PEFT (same batch) vs its rows in the mixed batch: first step vs PEFT's forward "
           f"max |logit diff| {worst_fwd:.2e}; steps 2-{a.new} vs PEFT's generate {worst_gen:.2e}; identical tokens: "
           f"{same}. (PEFT's generate vs its own forward at the first step: {noise:.2e})")
+    result.update(first_step_vs_peft=worst_fwd, later_steps_vs_peft=worst_gen, identical_tokens=bool(same),
+                  peft_generate_vs_forward=noise)
+    save(a.json, {"args": vars(a), **result}, model)
+
 
 if __name__ == "__main__":
     main()

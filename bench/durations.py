@@ -55,8 +55,9 @@ def main():
     ap.add_argument("--write-notebooks", action="store_true", help="save executed notebooks with their outputs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    done = json.loads(Path(args.json).read_text()).get("seconds", {}) if args.json and Path(args.json).is_file() else {}
-    seconds = dict(done)
+    # Jobs measured by earlier invocations are kept; each job records the command and environment it was timed with.
+    done = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+    seconds, jobs = dict(done.get("seconds", {})), dict(done.get("jobs", {}))
     for job in args.job:
         with tempfile.TemporaryDirectory() as tmp:
             if job == "gguf":
@@ -68,8 +69,9 @@ def main():
             else:
                 raise SystemExit(f"unknown job {job!r}")
         seconds[job] = round(s, 1)
+        jobs[job] = {"seconds": seconds[job], "command": "python " + " ".join(sys.argv), "env": environment()}
         print(f"{job}: {s:.1f} s", flush=True)
-        save(args.json, {"args": vars(args), "seconds": seconds, "env": environment()})
+        save(args.json, {"args": vars(args), "seconds": seconds, "jobs": jobs, "env": environment()})
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def _converted_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} to a float checkpoint once (about 30 s), cached in {target}", file=sys.stderr, flush=True)
+    print(f"converting {gguf.name} to a float checkpoint once (well under a minute), cached in {target}", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

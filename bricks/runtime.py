@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, and warn without it
 
 
 def world() -> tuple[int, int]:

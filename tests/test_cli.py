@@ -44,6 +44,17 @@ def test_analyze_tiny(llama_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+def test_plotting_leaves_the_callers_backend_alone():
+    """A notebook that calls bricks.analyze keeps its inline plots: the plot modules never pick a backend."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import bricks.analysis.plots, bricks.fusion.plots; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
+
+
 def test_partition_cli(llama_dir, tmp_path):
     out = tmp_path / "bs"
     r = run("partition", llama_dir, "--method", "coactivation", "--bricks", 4, "--shared", 0.125,

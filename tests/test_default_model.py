@@ -1,7 +1,9 @@
 """Checks on the real default model (SmolLM2-135M-Instruct): equivalences and the papers' findings."""
 
+import ast
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -99,8 +101,8 @@ def test_teal_sparsity_beats_brick_oracle_at_half_compute(model_tok):
             m.set_compute(0.5)
     teal = bricks.evaluate(sparse_model, heldout)
     assert teal["compute_fraction"] <= 0.501 and oracle["compute_fraction"] <= 0.501
-    for d in dense:
-        assert teal["ppl"][d] / dense[d] < 1.7
+    for d in dense:  # measured: TEAL-style ratio RATIOS; brick oracle at least 1.6x worse than TEAL
+        assert teal["ppl"][d] / dense[d] < 1.55
         assert teal["ppl"][d] < oracle["ppl"][d]
 
 
@@ -112,13 +114,18 @@ def test_analyze_reproduces_the_papers_findings(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     spec = report["specialization"]["per_domain"]
-    for domain in ("code", "math"):  # best FuncScore above 0.8 in most layers
-        assert spec[domain]["layers_best_above"] > 0.5 * report["model"]["layers"]
-    assert report["ablation"]["diagonal_dominates"]
+    # Measured on this model (report of `bricks analyze default`, three domains): best FuncScore above 0.8 in 30/30
+    # layers for every domain; ablation diagonal margin 1.78; CETT-PPL-1% held-out increase 1.05%, mean activation
+    # ratio 0.69; co-activation modularity 0.157. The bounds leave room for another platform's arithmetic, not for
+    # a finding to disappear.
+    for domain in ("code", "math"):  # specialised neurons in (nearly) every layer
+        assert spec[domain]["layers_best_above"] >= 0.9 * report["model"]["layers"]
+    abl = report["ablation"]
+    assert abl["diagonal_dominates"] and abl["min_diagonal_margin"] > 1.3
     sp = report["sparsity"]
-    assert 0.005 <= sp["achieved_increase"] <= 0.015
-    assert 0.05 < sp["mean_activation_ratio"] < 0.95 and len(sp["activation_ratio"]) == 30
-    assert report["coactivation"]["mean_modularity"] > 0.05
+    assert 0.007 <= sp["achieved_increase"] <= 0.013  # searched on validation for 1%, measured on held-out text
+    assert 0.55 < sp["mean_activation_ratio"] < 0.85 and len(sp["activation_ratio"]) == 30
+    assert report["coactivation"]["mean_modularity"] > 0.1
 
 
 def _run_notebook(name: str, tmp_path) -> str:
@@ -135,30 +142,58 @@ def _run_notebook(name: str, tmp_path) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
+def _number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text, re.M)
+    assert m, f"the notebook printed no line matching {pattern!r}"
+    return float(m.group(1))
+
+
 @pytest.mark.slow
 def test_notebook_runs(tmp_path):
     text = _run_notebook("neuron_specialization.ipynb", tmp_path)
-    assert "max |logit difference|" in text and "diagonal dominates" in text
+    increase = _number(r"CETT-PPL-1%: .*\(\+([\d.]+)%\)", text)
+    assert 0.0 < increase < 3.0  # fast mode searches on 256 tokens: near 1%, not at it
+    assert 0.4 < _number(r"mean activation ratio = ([\d.]+)", text) < 0.95
+    assert "diagonal dominates: True" in text
+    # 1536 neurons: a shared brick of 1/16 (96) and 32 routed bricks of (1536 - 96) / 32 = 45.
+    assert "32 routed bricks of 45 neurons + a shared brick of 96" in text
+    assert _number(r"reassembled ([\d.e+-]+)", text) == 0.0
+    assert 0.0 < _number(r"brick by brick ([\d.e+-]+)", text) <= 2e-4
 
 
 @pytest.mark.slow
 def test_routing_notebook_runs(tmp_path):
     text = _run_notebook("routing_tradeoffs.ipynb", tmp_path)
-    assert "neuron oracle top 50%" in text and "hybrid + sensitivity budget" in text and "best non-oracle setting" in text
-    assert "recovery results read: " in text and "recovery results read: 0" not in text
+    ratio = r"compute [\d.]+\s+ratio code=([\d.]+)\s+math=([\d.]+)\s+prose=([\d.]+)"
+
+    def mean_ratio(label):
+        m = re.search(re.escape(label) + r"\s+" + ratio, text)
+        assert m, f"no row {label!r}"
+        return sum(map(float, m.groups())) / 3
+
+    assert mean_ratio("neuron oracle top 50%") < 1.3
+    # The papers' ordering at half the FFN: single neurons < co-activation bricks < random bricks (oracle routing).
+    assert mean_ratio("neuron oracle top 50%") < mean_ratio("brick oracle, coactivation @ 0.5") \
+        < mean_ratio("brick oracle, random @ 0.5")
+    assert "best non-oracle setting" in text
+    assert _number(r"of which on the clean splits: (\d+)", text) >= 1
 
 
 @pytest.mark.slow
 def test_merging_notebook_runs(tmp_path):
     text = _run_notebook("merging_adapters.ipynb", tmp_path)
-    assert "parameters per brick" in text and "routing weights" in text and "best routed pair" in text
+    assert _number(r"uniform 0.5/0.5 mix: relative ppl difference ([\d.e+-]+)", text) < 1e-3  # one model, two paths
+    assert _number(r"SVD truncation error: linear ([\d.]+)", text) == 0.0  # rank 16 + 16 kept whole
+    assert _number(r"linear @ r16 ([\d.]+)", text) > 0.0
+    for line in re.findall(r"routing weights (\{.*\})", text):
+        for shares in ast.literal_eval(line).values():
+            assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)  # rounded to 2 digits
     assert "MixtralForCausalLM" in text
+    assert 1.0 < _number(r"Mixtral \(top-1 of 2 FFN experts\): mixed ([\d.]+)", text) < 100.0
 
 
 @pytest.mark.slow
 def test_compressed_bricks_notebook_runs(tmp_path):
-    import re
-
     text = _run_notebook("compressed_bricks.ipynb", tmp_path)
     ppl = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s*([\w: ]+?): held-out ppl\s+([\d.]+)", text, re.M)}
     assert ppl["wanda 2:4"] < ppl["magnitude 2:4"]  # Wanda's finding

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# Figures are built without pyplot: no global backend is chosen or changed (a notebook that calls bricks.analyze
+# keeps its inline plots), and saving needs no display.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_sparsity(report: dict, path: Path) -> None:
     sp = report["sparsity"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig = Figure(figsize=(12, 4.4))
+    a, b = fig.subplots(1, 2)
     layers = range(len(sp["activation_ratio"]))
     a.bar(layers, sp["activation_ratio"], color="tab:blue")
     a.set(xlabel="layer", ylabel="share of neurons kept (activation ratio)",
@@ -34,7 +34,6 @@ def plot_sparsity(report: dict, path: Path) -> None:
              fontsize=8, color="dimgray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_specialization(report: dict, path: Path, scores=None) -> None:
@@ -44,7 +43,8 @@ def plot_specialization(report: dict, path: Path, scores=None) -> None:
     names = list(spec)
     threshold = report["specialization"].get("threshold", 0.8)
     share = [[spec[d]["share_above"][i] for d in names] for i in range(len(spec[names[0]]["best"]))]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig = Figure(figsize=(11, 6))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
     if scores is not None:  # [layers, domains, d_ff]
         bins = [i / 50 for i in range(51)]
         for k, d in enumerate(names):
@@ -62,7 +62,6 @@ def plot_specialization(report: dict, path: Path, scores=None) -> None:
              "(average precision; 0.5 = not at all, 1 = perfectly).", fontsize=8, color="dimgray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_ablation(report: dict, path: Path) -> None:
@@ -71,7 +70,8 @@ def plot_ablation(report: dict, path: Path) -> None:
     m = [[100 * x for x in row] for row in abl["relative_change"]]
     # Colour by log2 of the perplexity ratio: one domain's huge change must not wash out the others.
     colour = [[math.log2(1 + x) for x in row] for row in abl["relative_change"]]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5))
+    fig = Figure(figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(colour, cmap="Reds", vmin=0)
     top = max(max(row) for row in colour) or 1.0
     for i, row in enumerate(m):
@@ -83,17 +83,16 @@ def plot_ablation(report: dict, path: Path) -> None:
     fig.colorbar(im, ax=ax, label="log2(PPL ablated / PPL)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_modularity(report: dict, path: Path) -> None:
     per = report["coactivation"]["per_layer"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     ax.plot([p["modularity"] for p in per], marker="o")
     ax.set(xlabel="layer", ylabel="modularity (Louvain)", title="co-activation graph modularity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_report(report: dict, curves, scores, out: Path) -> None:
