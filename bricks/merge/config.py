@@ -73,6 +73,30 @@ class OutputSlice(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block: the merged vocabulary, and the multiple its size is padded to."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str  # "union", "base" or a model
+    pad_to_multiple_of: int | None = None
+    tokens: dict | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v):
+        if v:
+            raise ValueError("per-token embedding sources ('tokens') are not supported yet: leave them out, and "
+                             "tokens one model lacks take mergekit's default rows")
+        return v
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {v}")
+        return v
+
+
 class MergeConfig(BaseModel):
     """A merge, as written in YAML."""
 
@@ -84,7 +108,8 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Setting] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # a model, "base" or "union" (of identical vocabularies)
+    tokenizer_source: str | None = None  # a model, "base" or "union" (embeddings re-indexed when vocabularies differ)
+    tokenizer: TokenizerSettings | None = None  # the same, with padding
     chat_template: str | None = None  # "auto", a built-in name, or a Jinja template
     seed: int = 0  # for the random methods (DARE, DELLA): same seed, same merge
 
@@ -106,8 +131,12 @@ class MergeConfig(BaseModel):
         """The `models:` entry's parameters of `model` (none in the `slices:` form)."""
         return next((m.parameters for m in self.models or [] if m.model == model), {})
 
+    @property
+    def vocabulary_source(self) -> str | None:
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
-_NOT_YET = {"modules": "per-module slices", "tokenizer": "tokenizer surgery"}
+
+_NOT_YET = {"modules": "(per-module merges of multimodal models)"}
 
 
 def values(setting: Setting) -> list:
@@ -143,7 +172,7 @@ def resolve(setting: Setting, name: str, t: float):
 
 def load_config(path: str | Path) -> MergeConfig:
     """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
-    raw = read_yaml(path, "merge", {k: f"({what}) is not supported yet" for k, what in _NOT_YET.items()})
+    raw = read_yaml(path, "merge", {k: f"{what} is not supported yet" for k, what in _NOT_YET.items()})
     cfg = validated(MergeConfig, raw, path)
     for key in ("models", "slices"):
         if getattr(cfg, key) == []:
@@ -152,8 +181,10 @@ def load_config(path: str | Path) -> MergeConfig:
         raise BricksError(f"{path}: give the models to merge either as 'models' or as 'slices' (exactly one)")
     if needs_base(cfg.merge_method) and cfg.base_model is None:
         raise BricksError(f"{path}: merge method {cfg.merge_method!r} needs base_model")
-    if cfg.tokenizer_source == "base" and cfg.base_model is None:
-        raise BricksError(f"{path}: tokenizer_source: base needs a base_model")
+    if cfg.tokenizer_source and cfg.tokenizer:
+        raise BricksError(f"{path}: give tokenizer_source or tokenizer, not both")
+    if cfg.vocabulary_source == "base" and cfg.base_model is None:
+        raise BricksError(f"{path}: tokenizer source 'base' needs a base_model")
     if cfg.chat_template not in (None, "auto"):
         try:
             chat_template(cfg.chat_template, [])

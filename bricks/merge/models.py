@@ -37,6 +37,7 @@ from .config import InputSlice, MergeConfig, OutputSlice, load_config, resolve
 from .methods import MODEL_PARAMS, SHARED_PARAMS, merge
 from .safetensors_io import Checkpoint, ShardedWriter, copy_side_files
 from .tokenizers import chat_template, tokenizer_dir, write_chat_template
+from .vocabulary import VocabularyPlan, is_vocabulary_tensor, plan_vocabulary, write_vocabulary
 
 _LAYER = re.compile(r"(\.layers\.|\.h\.)(\d+)\.")
 
@@ -112,7 +113,8 @@ def plan(config: MergeConfig) -> tuple[list[Job], Checkpoint, int]:
         base = next((i for i, s in enumerate(sources) if s.spec == config.base_model), None)
         grouped.append((sl, sources, base, lengths.pop()))
     reference = open_spec(config.base_model)[0] if config.base_model else grouped[0][1][0].ckpt
-    _check_inputs(reference, [c for c, _ in opened.values()], [(c, a) for c, a in opened.values() if a])
+    _check_inputs(reference, [c for c, _ in opened.values()], [(c, a) for c, a in opened.values() if a],
+                  reindexed_vocabulary=config.vocabulary_source is not None)
     first_layer = [n for n in reference.names() if layer_of(n) == 0] or [n for n in reference.names() if layer_of(n) is not None]
     templates = sorted({with_layer(n, 0) for n in first_layer})
     jobs: list[Job] = []
@@ -135,9 +137,10 @@ def _is_input_embedding(name: str) -> bool:
     return any(k in name for k in ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions"))
 
 
-def _check_inputs(reference: Checkpoint, checkpoints: list[Checkpoint], adapted: list) -> None:
+def _check_inputs(reference: Checkpoint, checkpoints: list[Checkpoint], adapted: list,
+                  reindexed_vocabulary: bool = False) -> None:
     """Refuse inputs of another architecture (per tensor name and shape, layer count aside), and adapters whose
-    deltas do not fit their base."""
+    deltas do not fit their base. Vocabulary sizes may differ when a tokenizer source re-indexes them."""
     kind = _model_type(reference.path)
     shapes = {with_layer(n, 0): reference.shape(n) for n in reference.names()}
     for ckpt in checkpoints:
@@ -154,9 +157,12 @@ def _check_inputs(reference: Checkpoint, checkpoints: list[Checkpoint], adapted:
             raise BricksError(f"{ckpt.path} lacks {missing[0]} (and {len(missing) - 1} more): the models to merge "
                               "differ in architecture")
         for n, shape in own.items():
-            if shape != shapes[n]:
-                raise BricksError(f"{ckpt.path}: {n} is {shape}, {reference.path} has {shapes[n]}: "
-                                  "shape mismatch, these models cannot be merged")
+            if shape == shapes[n] or (reindexed_vocabulary and is_vocabulary_tensor(n) and shape[1:] == shapes[n][1:]):
+                continue
+            hint = (": their vocabularies differ, give tokenizer_source: union (or base, or a model) to re-index the "
+                    "embeddings" if is_vocabulary_tensor(n) and shape[1:] == shapes[n][1:]
+                    else ": shape mismatch, these models cannot be merged")
+            raise BricksError(f"{ckpt.path}: {n} is {shape}, {reference.path} has {shapes[n]}{hint}")
     for ckpt, adapter in adapted:
         for mod, lora in adapter.modules.items():
             if f"{mod}.weight" not in ckpt.entries:
@@ -178,26 +184,39 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
     jobs, reference, depth = plan(config)
     compute_dtype = getattr(torch, config.dtype) if config.dtype else None
     out_dtype = getattr(torch, config.out_dtype) if config.out_dtype else compute_dtype
+    first = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
+    inputs = sorted({s.spec for j in jobs for s in j.sources})
+    vocabulary = None
+    if config.vocabulary_source:
+        ordered = list(dict.fromkeys(s.spec for j in jobs for s in j.sources))  # config order, for the union
+        vocabulary = plan_vocabulary(config.vocabulary_source, config.base_model, ordered,
+                                     config.tokenizer.pad_to_multiple_of if config.tokenizer else None)
 
     def final_dtype(job):
         d = job.sources[0].ckpt.dtype(job.names[0])
         return out_dtype if (out_dtype is not None and d.is_floating_point) else d
 
-    writer_plan = [(j.out, j.sources[0].ckpt.shape(j.names[0]), final_dtype(j)) for j in jobs]
+    def shape(job):
+        s = job.sources[0].ckpt.shape(job.names[0])
+        return (vocabulary.size, *s[1:]) if vocabulary and is_vocabulary_tensor(job.out) else s
+
+    writer_plan = [(j.out, shape(j), final_dtype(j)) for j in jobs]
     _return_freed_memory()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, writer_plan, max_shard_bytes)
         try:
             for i, job in enumerate(jobs):
-                writer.write(job.out, _merge_job(config, job, compute_dtype).to(final_dtype(job)))
+                writer.write(job.out, _merge_job(config, job, compute_dtype, vocabulary).to(final_dtype(job)))
                 if progress:
                     progress(i + 1, len(jobs))
         finally:
             writer.close()
-        first = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
-        inputs = sorted({s.spec for j in jobs for s in j.sources})
-        source = tokenizer_dir(config.tokenizer_source, config.base_model, first, inputs)
-        copy_side_files(Path(split_spec(source)[0]), reference.path, tmp, out_dtype)
+        if vocabulary is None:
+            source = tokenizer_dir(config.vocabulary_source, config.base_model, first)
+            copy_side_files(Path(split_spec(source)[0]), reference.path, tmp, out_dtype)
+        else:
+            copy_side_files(None, reference.path, tmp, out_dtype)
+            write_vocabulary(vocabulary, tmp)
         if config.chat_template:
             template = chat_template(config.chat_template, inputs)
             if template is not None:
@@ -210,10 +229,10 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "bricks_merge.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_defaults=False), sort_keys=False))
     return {"out": str(out), "method": config.merge_method, "tensors": len(jobs), "shards": len(writer.files),
-            "layers": depth, "inputs": inputs}
+            "layers": depth, "inputs": inputs, "vocabulary": vocabulary.size if vocabulary else None}
 
 
-def _merge_job(config: MergeConfig, job: Job, compute_dtype) -> torch.Tensor:
+def _merge_job(config: MergeConfig, job: Job, compute_dtype, vocabulary: VocabularyPlan | None = None) -> torch.Tensor:
     first = job.sources[0].ckpt
     if not first.dtype(job.names[0]).is_floating_point:
         return first.get(job.names[0])
@@ -223,11 +242,11 @@ def _merge_job(config: MergeConfig, job: Job, compute_dtype) -> torch.Tensor:
                   if (v := _setting([*job.sources[k].levels, config.parameters], key)) is not None} for k in others]
     shared = {key: resolve(v, job.out, job.t) for key in SHARED_PARAMS
               if (v := _setting([job.slice_params, config.parameters], key)) is not None}
-    tensors = [functools.partial(_read, job.sources[k].ckpt, job.sources[k].adapter, job.names[k], dtype) for k in others]
-    base_of = None
-    if job.base is not None:
-        b = job.sources[job.base]
-        base_of = functools.partial(_read, b.ckpt, b.adapter, job.names[job.base], dtype)
+    loaders = [functools.partial(_read, s.ckpt, s.adapter, name, dtype) for s, name in zip(job.sources, job.names)]
+    if vocabulary is not None and is_vocabulary_tensor(job.out):
+        loaders = _reindexed(vocabulary, job, dtype)
+    tensors = [loaders[k] for k in others]
+    base_of = loaders[job.base] if job.base is not None else None
     seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{job.out}".encode()).digest()[:8], "little") >> 1
     g = torch.Generator().manual_seed(seed)  # per tensor: independent of the order tensors are merged in
     merged = merge(config.merge_method, base_of, tensors, per_model, shared, g)
@@ -236,6 +255,25 @@ def _merge_job(config: MergeConfig, job: Job, compute_dtype) -> torch.Tensor:
         raise BricksError(f"merging {job.out} gave {bad} NaN or infinite values of {merged.numel()}: check the "
                           "weights (with normalize, weights that sum to 0 divide by zero)")
     return merged
+
+
+def _reindexed(vocabulary: VocabularyPlan, job: Job, dtype) -> list:
+    """Loaders of each source's vocabulary tensor in the merged vocabulary (rows by token, not by old id)."""
+    by_spec = {s.spec: (s, n) for s, n in zip(job.sources, job.names)}
+
+    def whole(spec, _name):
+        s, n = by_spec[spec]
+        return _read(s.ckpt, s.adapter, n, dtype)
+
+    stand_ins = vocabulary.stand_ins(job.out, whole)
+
+    def loader(s, n):
+        def rows_of(lo, hi):
+            return _read(s.ckpt, s.adapter, n, dtype, slice(lo, hi))
+
+        return lambda rows=None: vocabulary.align(s.spec, rows_of, stand_ins, rows)
+
+    return [loader(s, n) for s, n in zip(job.sources, job.names)]
 
 
 def _return_freed_memory() -> None:

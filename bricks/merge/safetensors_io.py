@@ -165,8 +165,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
-def copy_side_files(tokenizer_dir: Path, config_dir: Path, out: Path, out_dtype) -> None:
-    """Copy config and tokenizer files beside written tensors; `out_dtype` (when given) goes into config.json."""
+def copy_side_files(tokenizer_dir: Path | None, config_dir: Path, out: Path, out_dtype) -> None:
+    """Copy config and tokenizer files (none when `tokenizer_dir` is None) beside written tensors; `out_dtype` (when
+    given) goes into config.json."""
     for name in ("config.json", "generation_config.json"):
         if (config_dir / name).is_file():
             shutil.copy2(config_dir / name, out / name)
@@ -174,6 +175,6 @@ def copy_side_files(tokenizer_dir: Path, config_dir: Path, out: Path, out_dtype)
         cfg = json.loads((out / "config.json").read_text())
         cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in _TOKENIZER_FILES:
+    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, out / name)

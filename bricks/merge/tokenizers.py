@@ -1,10 +1,9 @@
 """The merged model's tokenizer: `tokenizer_source` and `chat_template`, as mergekit configs write them.
 
 - `tokenizer_source`: a model (its tokenizer is copied), `base` (the base
-  model's), or `union`. A union of *identical* vocabularies is that vocabulary;
-  a union of different ones needs embedding surgery (rows added and mapped per
-  model), which bricks does not do yet: it is refused in one line, naming the
-  models whose vocabularies differ, rather than merged wrongly.
+  model's), or `union`. When every input already has the chosen vocabulary,
+  its files are copied; otherwise `bricks.merge.vocabulary` re-indexes the
+  embeddings and writes the merged tokenizer.
 - `chat_template`: `auto` (the template most of the input models use), one of
   the built-in names below, or a Jinja template given inline.
 """
@@ -41,34 +40,16 @@ BUILTIN_TEMPLATES = {
 }
 
 
-def tokenizer_dir(source: str | None, base_model: str | None, first: str, models: list[str]) -> str:
-    """Which model's tokenizer the merged model gets."""
-    if source in (None, ""):
+def tokenizer_dir(source: str | None, base_model: str | None, first: str) -> str:
+    """Which model's tokenizer files the merged model gets, when no input needs its embeddings re-indexed
+    (`bricks.merge.vocabulary` handles the others)."""
+    if source in (None, "", "union"):  # a union of equal vocabularies is the first one
         return first
     if source == "base":
         if base_model is None:
             raise BricksError("tokenizer_source: base needs a base_model")
         return base_model
-    if source == "union":
-        vocabs = {m: _vocabulary(Path(m.split("+")[0])) for m in models}
-        reference = vocabs[first]
-        differ = [m for m, v in vocabs.items() if v != reference]
-        if differ:
-            raise BricksError(f"tokenizer_source: union of different vocabularies ({', '.join(differ)} differ from {first}) "
-                              "needs embedding surgery, which bricks does not do yet: merge models sharing a tokenizer, "
-                              "or give tokenizer_source: base or a model")
-        return first
     return source
-
-
-def _vocabulary(path: Path) -> dict | None:
-    f = path / "tokenizer.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text()).get("model", {}).get("vocab")
-    except json.JSONDecodeError as exc:
-        raise BricksError(f"{f} is not valid JSON: the tokenizer is corrupt") from exc
 
 
 def chat_template(value: str, models: list[str]) -> str | None:

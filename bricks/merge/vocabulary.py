@@ -1,0 +1,191 @@
+"""Embedding surgery: merging models whose vocabularies differ (`tokenizer_source` / `tokenizer.source`).
+
+The merged model's vocabulary is one tokenizer's (`base`, or a named model's)
+or the `union` of every input's: the first input's tokenizer (the base's, when
+there is one), then the other inputs' tokens it lacks, in config order (plain
+tokens first, then special ones). Every vocabulary-indexed tensor (input
+embeddings, output head) of every input is then re-indexed to that vocabulary
+before the merge, so row i means the same token in every input.
+
+A token an input lacks gets a stand-in row in that input, chosen as mergekit
+chooses it, so that the merge keeps a meaningful row:
+
+- the one input that has the token gives its row (a token one fine-tune added
+  keeps that fine-tune's embedding, since every task vector is zero there);
+- else the base's row, when the base has it;
+- else the mean of the rows of the inputs that have it; zeros when none has.
+
+Rows added to reach `pad_to_multiple_of` are the mean of the real ones.
+
+Token order inside one model's additions follows that model's ids, so a merge
+is reproducible (mergekit orders them by hash, which varies between runs).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BricksError
+from ..loading import split_spec
+from .safetensors_io import Checkpoint
+
+# Vocabulary-indexed tensors (rows = tokens) across the supported families; position embeddings are not.
+_VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|lm_head|embed_out)\.weight$")
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    return bool(_VOCAB_TENSOR.search(name))
+
+
+@dataclass
+class VocabularyPlan:
+    """The merged vocabulary and, per input spec, the row of each merged token in that input (-1: absent)."""
+
+    tokenizer: object  # a transformers tokenizer, written beside the merged tensors
+    tokens: int  # real tokens in the merged vocabulary
+    size: int  # rows of every merged vocabulary tensor (tokens, padded)
+    rows: dict[str, torch.Tensor]
+    base: str | None
+
+    def stand_ins(self, name: str, read) -> dict[int, torch.Tensor]:
+        """Rows for the merged tokens some input lacks (the rules in the module docstring); `read(spec, name)`
+        gives an input's whole tensor."""
+        specs = list(self.rows)
+        have = torch.stack([self.rows[s] >= 0 for s in specs])  # [inputs, tokens]
+        missing = torch.nonzero(~have.all(0)).flatten()
+        if missing.numel() == 0:
+            return {}
+        count = have[:, missing].sum(0)
+        sums = base_rows = None
+        for spec in specs:
+            ids = self.rows[spec][missing]
+            x = read(spec, name)
+            picked = x[ids.clamp(min=0)] * (ids >= 0).view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+            sums = picked if sums is None else sums + picked
+            if spec == self.base:
+                base_rows = picked
+        out = {}
+        for j, token in enumerate(missing.tolist()):
+            if base_rows is not None and count[j] > 1 and self.rows[self.base][token] >= 0:
+                out[token] = base_rows[j]
+            else:  # the single holder's row, the holders' mean, or zeros when no input has the token
+                out[token] = sums[j] / max(int(count[j]), 1)
+        return out
+
+    def align(self, spec: str, x_rows, stand_ins: dict[int, torch.Tensor], rows: slice | None) -> torch.Tensor:
+        """Rows `rows` (all when None) of input `spec`'s tensor in the merged vocabulary.
+
+        `x_rows(lo, hi)` reads rows lo..hi-1 of the input's own tensor: only the span this chunk needs is read."""
+        if rows is not None and rows.start is not None and rows.start >= self.tokens:
+            return self._padding(spec, x_rows, stand_ins, rows)
+        lo, hi = (0, self.size) if rows is None else (rows.start or 0, min(rows.stop or self.size, self.size))
+        real_hi = min(hi, self.tokens)
+        ids = self.rows[spec][lo:real_hi]
+        present = ids >= 0
+        first = x_rows(0, 1)
+        out = first.new_empty((hi - lo, *first.shape[1:]))
+        if present.any():
+            a, b = int(ids[present].min()), int(ids[present].max()) + 1
+            out[: real_hi - lo][present] = x_rows(a, b)[ids[present] - a]
+        for j in torch.nonzero(~present).flatten().tolist():
+            out[j] = stand_ins[lo + j].to(out.dtype)
+        if hi > self.tokens:
+            out[real_hi - lo:] = self._padding(spec, x_rows, stand_ins, slice(self.tokens, hi))
+        return out
+
+    def _padding(self, spec, x_rows, stand_ins, rows: slice) -> torch.Tensor:
+        """Padding rows: the mean of this input's rows over the real merged tokens."""
+        mean = self.align(spec, x_rows, stand_ins, slice(0, self.tokens)).mean(0)
+        return mean.expand(rows.stop - rows.start, *mean.shape).clone()
+
+
+def plan_vocabulary(source: str, base: str | None, specs: list[str], pad_to_multiple_of: int | None = None,
+                    ) -> VocabularyPlan | None:
+    """The merged vocabulary for `source` ("union", "base" or a model); None when no input needs re-indexing."""
+    from transformers import AutoTokenizer
+
+    def load(spec):
+        path = split_spec(spec)[0]
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to read a tokenizer is the same problem for the user
+            raise BricksError(f"cannot read the tokenizer of {path} ({type(exc).__name__}): tokenizer surgery needs "
+                              "each model's tokenizer files") from None
+
+    order = ([base] if base in specs else []) + [s for s in specs if s != base]
+    tokenizers = {s: load(s) for s in order}
+    n_rows = {s: _vocabulary_rows(Checkpoint(split_spec(s)[0])) for s in order}
+    if source == "union":
+        merged = _union([(tokenizers[s], n_rows[s]) for s in order])
+    elif source == "base":
+        if base is None:
+            raise BricksError("tokenizer_source: base needs a base_model")
+        merged = tokenizers[base]
+    else:
+        merged = tokenizers.get(source) or load(source)
+    vocab = merged.get_vocab()
+    tokens = max(vocab.values()) + 1 if vocab else 0
+    size = tokens if not pad_to_multiple_of else -(-tokens // pad_to_multiple_of) * pad_to_multiple_of
+    rows = {}
+    for s in order:
+        own = tokenizers[s].get_vocab()
+        r = torch.full((tokens,), -1, dtype=torch.long)
+        for tok, i in vocab.items():
+            j = own.get(tok)
+            if j is not None and j < n_rows[s]:
+                r[i] = j
+        rows[s] = r
+    # Inputs that already share the merged vocabulary keep their tensors whole, padding rows included (mergekit
+    # would cut a padded embedding, e.g. Qwen2's, down to the tokenizer's length).
+    same_rows = len(set(n_rows.values())) == 1 and tokens <= n_rows[order[0]]
+    if same_rows and (not pad_to_multiple_of or n_rows[order[0]] % pad_to_multiple_of == 0) \
+            and all(torch.equal(r, torch.arange(tokens)) for r in rows.values()):
+        return None
+    return VocabularyPlan(merged, tokens, size, rows, base if base in specs else None)
+
+
+def _union(tokenizers: list[tuple[object, int]]):
+    """The first tokenizer, then the tokens the others add (plain ones, then special ones), in input order."""
+    first, _ = tokenizers[0]
+    with tempfile.TemporaryDirectory() as tmp:  # a copy: the first input's tokenizer object is left as it was
+        first.save_pretrained(tmp)
+        from transformers import AutoTokenizer
+
+        merged = AutoTokenizer.from_pretrained(tmp)
+    known = set(merged.get_vocab())
+    plain, special = [], {}
+    for tok, n_rows in tokenizers:
+        specials = {i: t for i, t in tok.added_tokens_decoder.items() if i < n_rows}
+        for content, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if i < n_rows and i not in specials and content not in known:
+                plain.append(content)
+                known.add(content)
+        for t in specials.values():
+            special.setdefault(t.content, t)
+    merged.add_tokens(plain)
+    merged.add_tokens([t for c, t in special.items() if c not in known])
+    return merged
+
+
+def _vocabulary_rows(ckpt: Checkpoint) -> int:
+    names = [n for n in ckpt.names() if is_vocabulary_tensor(n)]
+    if not names:
+        raise BricksError(f"{ckpt.path} has no token embedding tensor: tokenizer surgery cannot re-index it")
+    return ckpt.shape(names[0])[0]
+
+
+def write_vocabulary(plan: VocabularyPlan, out: Path) -> None:
+    """The merged tokenizer and the vocabulary size beside the merged tensors."""
+    import json
+
+    plan.tokenizer.save_pretrained(out)
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["vocab_size"] = plan.size
+        cfg_path.write_text(json.dumps(cfg, indent=2))
