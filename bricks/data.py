@@ -2,7 +2,9 @@
 
 A domain is `NAME=SOURCE`, where SOURCE is a text file, a JSON-lines file (a
 `text` field, or `file.jsonl#field`), a local `datasets` directory
-(`save_to_disk`), or a built-in offline corpus:
+(`save_to_disk`), a chat JSON-lines file (records with `prompt` and
+`response` fields, no `#field`: one example per row, only the response
+tokens scored), or a built-in offline corpus:
 
 - `builtin:code`  Python standard-library sources (one document per module)
 - `builtin:prose` the Python documentation text shipped with the interpreter
@@ -299,14 +301,90 @@ def windows(tokenizer, source: str, split: str = "train", seq_len: int = 128, ma
 
 @dataclass
 class Domain:
-    """Token windows of one named domain."""
+    """Token windows of one named domain; for chat data, which tokens are scored (the responses)."""
 
     name: str
     source: str
     windows: torch.Tensor  # [n_windows, seq_len]
+    loss_mask: torch.Tensor | None = None  # [n_windows, seq_len], True where token t is a target; None: every token
 
 
 def load_domains(specs: Iterable[DataSpec | str], tokenizer, split: str = "train", seq_len: int = 128,
                  max_windows: int = 64) -> list[Domain]:
     specs = [s if isinstance(s, DataSpec) else DataSpec.parse(s) for s in specs]
-    return [Domain(s.name, s.source, windows(tokenizer, s.source, split, seq_len, max_windows)) for s in specs]
+    out = []
+    for s in specs:
+        if is_chat_source(s.source):
+            out.append(Domain(s.name, s.source, *chat_examples(tokenizer, s.source, split, seq_len, max_windows)))
+        else:
+            out.append(Domain(s.name, s.source, windows(tokenizer, s.source, split, seq_len, max_windows)))
+    return out
+
+
+# --------------------------------------------------------------------------- chat examples
+
+
+def is_chat_source(source: str) -> bool:
+    """A JSON-lines file (no `#field`) whose first record has `prompt` and `response` fields."""
+    path = Path(source)
+    if "#" in source or path.suffix != ".jsonl" or not path.is_file():
+        return False
+    first = next((line for line in _text_of(path).splitlines() if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "prompt" in record and "response" in record
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_splits(source: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """(prompt, response) pairs per split. The split follows the normalized prompt's hash, so a prompt asked
+    twice (even with another response) is in one split only."""
+    path = Path(source)
+    parts: dict[str, list] = {s: [] for s in SPLITS}
+    for n, line in enumerate(_text_of(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) \
+                or not isinstance(record.get("response"), str) or not record["response"].strip():
+            raise BricksError(f"{path}:{n}: a chat record needs text fields 'prompt' and a non-empty 'response'")
+        parts[_split_of(normalized(record["prompt"]))].append((record["prompt"], record["response"]))
+    return {k: tuple(v) for k, v in parts.items()}
+
+
+def chat_examples(tokenizer, source: str, split: str = "train", seq_len: int = 128, max_examples: int = 64,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat examples as rows `[n, seq_len]` (prompt in the tokenizer's chat template, then the response and EOS,
+    cut or padded with EOS) and the mask of the response tokens, the only ones a loss or perplexity counts."""
+    if split not in SPLITS:
+        raise BricksError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    pairs = list(_chat_splits(source)[split])
+    if not pairs:
+        raise BricksError(f"the {split} split of {source!r} has no chat records: give more examples")
+    random.Random(seed).shuffle(pairs)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows, masks = [], []
+    for prompt, response in pairs[:max_examples]:
+        if getattr(tokenizer, "chat_template", None):
+            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+        else:  # no template: the prompt on its own line
+            head = prompt + "\n"
+        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        ids = (p + r)[:seq_len]
+        scored = ([False] * len(p) + [True] * len(r))[:seq_len]
+        if not any(scored):
+            continue  # the prompt alone fills the window: nothing to learn from it at this length
+        pad = seq_len - len(ids)
+        rows.append(torch.tensor(ids + [eos] * pad))
+        masks.append(torch.tensor(scored + [False] * pad))
+    if not rows:
+        raise BricksError(f"every prompt of the {split} split of {source!r} is longer than {seq_len} tokens: "
+                          "give a larger --seq-len")
+    return torch.stack(rows), torch.stack(masks)

@@ -19,7 +19,7 @@ def evaluate(model, domains, batch_size: int = 8) -> dict:
     """
     executed_fraction(model, reset=True)
     t = time.perf_counter()
-    ppl = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
+    ppl = {d.name: perplexity(model, d.windows, batch_size, mask=d.loss_mask) for d in domains}
     seconds = time.perf_counter() - t
     tokens = sum(d.windows.numel() for d in domains)
     return {"ppl": ppl, "compute_fraction": executed_fraction(model), "selection_fraction": selection_fraction(model),

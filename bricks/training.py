@@ -30,9 +30,10 @@ def adamw_cosine(params, lr: float, steps: int):
     return opt, sched
 
 
-def lm_loss(model, x: torch.Tensor, **forward) -> torch.Tensor:
-    """The causal LM loss of token batch `x` under `model`."""
-    return model(input_ids=x, labels=x, use_cache=False, **forward).loss
+def lm_loss(model, x: torch.Tensor, mask: torch.Tensor | None = None, **forward) -> torch.Tensor:
+    """The causal LM loss of token batch `x` under `model`; with `mask`, only the tokens it marks are targets."""
+    labels = x if mask is None else x.masked_fill(~mask.to(x.device), -100)
+    return model(input_ids=x, labels=labels, use_cache=False, **forward).loss
 
 
 class TrainingCheckpoint:
@@ -93,14 +94,16 @@ class TrainingCheckpoint:
 
 def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8, seed: int = 0, name: str = "model",
              log=None, sched=None, clip=None, loss_fn=None, checkpoint: TrainingCheckpoint | None = None,
-             settings: dict | None = None, groups: list[int] | None = None, **forward) -> dict:
+             settings: dict | None = None, groups: list[int] | None = None, loss_mask: torch.Tensor | None = None,
+             **forward) -> dict:
     """The language-model training loop of LoRA bricks, adapter gates and MoE routers: random batches of token
     `windows` (seeded), causal LM loss (`forward` adds model arguments; `loss_fn(model, x)` replaces the loss),
     one optimizer step per batch; a non-finite loss stops it. Reports the mean loss of the first and the last
     tenth of the steps. With a `checkpoint`, the state is saved every `checkpoint.every` steps and at the end,
     and a run resumes from it; `settings` (e.g. the learning rate) join the loop's own in the check that the
     checkpoint belongs to this run. `groups`: `windows` is that many consecutive blocks of these sizes (one per
-    domain), and every batch takes the same number of windows from each (a class-balanced sampler)."""
+    domain), and every batch takes the same number of windows from each (a class-balanced sampler). `loss_mask`
+    (the windows' shape): only the tokens it marks are targets (chat responses); `loss_fn` then gets it as `mask`."""
     gen = torch.Generator().manual_seed(seed)
     dev = input_device(model)
     rank, size = world()
@@ -119,7 +122,8 @@ def train_lm(model, windows: torch.Tensor, opt, steps: int, batch_size: int = 8,
         rows = _batch_rows(len(windows), batch_size, gen, groups)
         mine = rows[rank::size]
         x = windows[mine].to(dev)
-        loss = lm_loss(model, x, **forward) if loss_fn is None else loss_fn(model, x)
+        mask = {} if loss_mask is None else {"mask": loss_mask[mine].to(dev)}
+        loss = lm_loss(model, x, **mask, **forward) if loss_fn is None else loss_fn(model, x, **mask)
         share = len(mine) / len(rows)
         whole = all_reduce_(loss.detach().float() * share)  # the whole batch's loss, the same in every process
         if not torch.isfinite(whole):

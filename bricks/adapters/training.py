@@ -21,8 +21,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 16, alpha: float | None = None,
                targets=DEFAULT_TARGETS, steps: int = 100, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-               rslora: bool = False, log=None) -> tuple[AdapterBrick, dict]:
-    """Train a LoRA adapter on token `windows [n, seq]` (causal LM loss); the model is left unchanged.
+               rslora: bool = False, log=None, loss_mask: torch.Tensor | None = None) -> tuple[AdapterBrick, dict]:
+    """Train a LoRA adapter on token `windows [n, seq]` (causal LM loss; with `loss_mask`, of the tokens it marks,
+    e.g. a chat domain's responses); the model is left unchanged.
 
     Returns the brick and a report (loss of the first and last tenth of the steps).
 
@@ -49,7 +50,8 @@ def train_lora(model, windows: torch.Tensor, name: str = "adapter", rank: int = 
         opt, sched = adamw_cosine(params, lr, steps)
         peft_model.train()
         try:
-            report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params)
+            report = train_lm(peft_model, windows, opt, steps, batch_size, seed, name, log, sched=sched, clip=params,
+                              loss_mask=loss_mask)
             peft_model.eval()
             with tempfile.TemporaryDirectory() as tmp:
                 peft_model.save_pretrained(tmp, safe_serialization=True)

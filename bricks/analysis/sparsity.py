@@ -114,8 +114,10 @@ def thresholded_perplexity(model: nn.Module, ids: torch.Tensor, eps: torch.Tenso
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=None, desc: str | None = None) -> float:
-    """Perplexity of token windows `[n, seq_len]` (data-parallel under accelerate)."""
+def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=None, desc: str | None = None,
+               mask: torch.Tensor | None = None) -> float:
+    """Perplexity of token windows `[n, seq_len]` (data-parallel under accelerate); with `mask` (same shape), of
+    the tokens it marks only (chat responses)."""
     nll = torch.zeros(2, dtype=torch.float64)
     ctx = ffn_hooks(model, hook) if hook is not None else contextlib.nullcontext()
     with ctx:
@@ -124,8 +126,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=No
             x = ids[rows]
             logits = run_model(model, x, logits=True).float()
             target = x[:, 1:].to(logits.device)
+            if mask is not None:
+                target = target.masked_fill(~mask[rows][:, 1:].to(target.device), -100)
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-            nll += torch.tensor([float(loss), target.numel()], dtype=torch.float64)
+            nll += torch.tensor([float(loss), int((target != -100).sum())], dtype=torch.float64)
     all_reduce_(nll)
     return math.exp(nll[0] / nll[1])
 

@@ -126,7 +126,7 @@ def adapter_train(model, data, out, rank, alpha, targets, steps, lr, batch_size,
     m, tok = load(model, device, dtype, device_map)
     (dom,) = load_domains([data], tok, "train", seq_len, windows)
     brick, report = train_lora(m, dom.windows, dom.name, rank, alpha, [t.strip() for t in targets.split(",") if t.strip()],
-                               steps, lr, batch_size, seed, log=None if as_json else click.echo)
+                               steps, lr, batch_size, seed, log=None if as_json else click.echo, loss_mask=dom.loss_mask)
     (brick.to_peft if as_peft else brick.save)(out)
     emit(as_json, {"out": str(out), **report}, f"wrote {out}: LoRA r={rank} on {dom.name}, loss "
                                                f"{report['loss_first']:.3f} -> {report['loss_last']:.3f}")

@@ -60,7 +60,7 @@ def fuse(specialists: list[str], base: str | None = None, names: list[str] | Non
 @torch.no_grad()
 def compare_fusion(fused: FusedModel, domains, batch_size: int = 4) -> dict:
     """Held-out perplexity per domain (and `mixed`, all domains' tokens together) of the fused model, each
-    specialist alone, and the specialists' uniform logit average."""
+    specialist alone, and the specialists' uniform logit average (of the response tokens, for chat data)."""
     k = len(fused.names)
     settings = ["fused", *fused.names, "uniform"]
     nll = {s: {} for s in settings}
@@ -71,9 +71,12 @@ def compare_fusion(fused: FusedModel, domains, batch_size: int = 4) -> dict:
             out = fused.specialists(x)
             w = fused.gate(out.hidden)
             variants = [(w[..., None] * out.logits).sum(1), *[out.logits[:, j] for j in range(k)], out.logits.mean(1)]
+            target = x[:, 1:]
+            if d.loss_mask is not None:  # chat examples: the response tokens only
+                target = target.masked_fill(~d.loss_mask[rows][:, 1:].to(target.device), -100)
             for i, logits in enumerate(variants):
-                total[i] += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
-        n = d.windows.shape[0] * (d.windows.shape[1] - 1)
+                total[i] += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum")
+        n = int(d.loss_mask[:, 1:].sum()) if d.loss_mask is not None else d.windows.shape[0] * (d.windows.shape[1] - 1)
         for i, s in enumerate(settings):
             nll[s][d.name] = (float(total[i]), n)
     ppl = {}

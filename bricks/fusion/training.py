@@ -1,7 +1,7 @@
 """Training a fused model as UltraFuser does: the gate alone first, then gate and specialists together.
 
 Loss: cross-entropy of the fused logits on every next token of plain-text
-windows. Batches are class-balanced by default: the same number of windows
+windows, and on the response tokens only of chat examples (as the paper). Batches are class-balanced by default: the same number of windows
 from every domain (the paper's balanced sampler); `balanced=False` samples
 windows in proportion to the data. Stage 1 trains the gate with the
 specialists frozen (they run without gradients); stage 2 trains the gate with
@@ -44,10 +44,14 @@ class FuseConfig(BaseModel):
     seed: int = 0
 
 
-def fused_loss(model: FusedModel, x: torch.Tensor, specialists_grad: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy of the fused logits on token windows `x [B, T]`."""
+def fused_loss(model: FusedModel, x: torch.Tensor, specialists_grad: bool = False,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the fused logits on token windows `x [B, T]` (on the tokens `mask` marks)."""
     logits = model(x, specialists_grad=specialists_grad).logits[:, :-1].float()
-    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten().to(logits.device))
+    target = x[:, 1:].to(logits.device)
+    if mask is not None:
+        target = target.masked_fill(~mask[:, 1:].to(target.device), -100)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_steps: int = 0, lr: float = 1e-3,
@@ -66,6 +70,10 @@ def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_ste
     if lr <= 0 or stage2_lr <= 0 or batch_size < 1:
         raise BricksError(f"learning rates must be > 0 and batch size >= 1 (got {lr}, {stage2_lr}, {batch_size})")
     windows = torch.cat([d.windows for d in domains])
+    masks = None
+    if any(d.loss_mask is not None for d in domains):  # chat data somewhere: plain-text domains score every token
+        masks = torch.cat([d.loss_mask if d.loss_mask is not None else torch.ones_like(d.windows, dtype=torch.bool)
+                           for d in domains])
     groups = [len(d.windows) for d in domains] if balanced else None
     report = {"balanced": balanced, "domains": [d.name for d in domains]}
     for stage, steps, rate in ((1, stage1_steps, lr), (2, stage2_steps, stage2_lr)):
@@ -83,8 +91,9 @@ def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_ste
                 fused.train()
                 report[f"stage{stage}"] = train_lm(
                     fused, windows, opt, steps, batch_size, seed + stage, f"fusion stage {stage}", log, sched=sched,
-                    clip=params, loss_fn=lambda m, x, s=stage: fused_loss(m, x, specialists_grad=s == 2),
-                    checkpoint=saver, settings={"lr": rate, "balanced": balanced, "stage": stage}, groups=groups)
+                    clip=params, loss_fn=lambda m, x, s=stage, **mask: fused_loss(m, x, s == 2, **mask),
+                    checkpoint=saver, settings={"lr": rate, "balanced": balanced, "stage": stage}, groups=groups,
+                    loss_mask=masks)
         report[f"stage{stage}"]["lr"] = rate
     fused.eval()
     return report
