@@ -195,6 +195,16 @@ def _text_of(path: Path) -> str:
     return text
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file."""
+    for n, line in enumerate(_text_of(path).splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+
+
 def _user_documents(source: str) -> Iterator[tuple[str, str]]:
     path_str, _, field = source.partition("#")
     path = Path(path_str)
@@ -202,13 +212,7 @@ def _user_documents(source: str) -> Iterator[tuple[str, str]]:
         yield from _datasets_documents(path, field or "text")
     elif path.suffix in (".jsonl", ".json"):
         field = field or "text"
-        for n, line in enumerate(_text_of(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+        for n, record in _json_lines(path):
             if not isinstance(record, dict) or field not in record:
                 raise BricksError(f"{path}:{n} has no {field!r} field; name the text field as {path}#FIELD")
             yield f"{path}:{n}", str(record[field])
@@ -343,13 +347,7 @@ def _chat_splits(source: str) -> dict[str, tuple[tuple[str, str], ...]]:
     twice (even with another response) is in one split only."""
     path = Path(source)
     parts: dict[str, list] = {s: [] for s in SPLITS}
-    for n, line in enumerate(_text_of(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BricksError(f"{path}:{n} is not valid JSON ({exc.msg}); expected one JSON object per line") from exc
+    for n, record in _json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) \
                 or not isinstance(record.get("response"), str) or not record["response"].strip():
             raise BricksError(f"{path}:{n}: a chat record needs text fields 'prompt' and a non-empty 'response'")

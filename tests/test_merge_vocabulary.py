@@ -21,16 +21,14 @@ def _state(d):
     return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-@pytest.fixture(scope="module")
-def models(llama_dir, tmp_path_factory):
-    """The tiny llama as base; `extended`: fine-tuned with two added tokens (embedding and head grown);
-    `plain`: fine-tuned with the base vocabulary."""
-    root = tmp_path_factory.mktemp("vocab")
-    out = {"base": llama_dir}
+def vocabulary_variants(base, root, seed: int) -> dict:
+    """Two fine-tunes of `base` saved under `root`: `extended` with the tokens NEW added (embedding and head grown),
+    `plain` with the base vocabulary."""
+    out = {}
     for i, name in enumerate(("extended", "plain")):
-        model, tok = bricks.load_model(llama_dir)
-        torch.manual_seed(30 + i)
-        if name == "extended":
+        model, tok = bricks.load_model(base)
+        torch.manual_seed(seed + i)
+        if name == "extended":  # one special token and one plain token: both stand-in rules apply
             tok.add_special_tokens({"additional_special_tokens": [NEW[0]]})
             tok.add_tokens([NEW[1]])
             model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -41,6 +39,11 @@ def models(llama_dir, tmp_path_factory):
         tok.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="module")
+def models(llama_dir, tmp_path_factory):
+    return {"base": llama_dir, **vocabulary_variants(llama_dir, tmp_path_factory.mktemp("vocab"), 30)}
 
 
 def _merge(tmp_path, name, **cfg):

@@ -164,23 +164,11 @@ def test_vocabulary_union_matches_mergekit(llama_dir, tmp_path):
     the tokens one model adds in hash order), within 1e-6 in float32, and the same vocabulary."""
     import json
 
-    import bricks
     from transformers import AutoTokenizer
 
-    dirs = {}
-    for i, name in enumerate(("extended", "plain")):
-        model, tok = bricks.load_model(llama_dir)
-        torch.manual_seed(40 + i)
-        if name == "extended":  # one added special token and one plain token: both stand-in rules apply
-            tok.add_special_tokens({"additional_special_tokens": ["<tool_call>"]})
-            tok.add_tokens(["zzqx"])
-            model.resize_token_embeddings(len(tok), mean_resizing=False)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs[name] = str(tmp_path / name)
+    from .test_merge_vocabulary import vocabulary_variants
+
+    dirs = {k: str(v) for k, v in vocabulary_variants(llama_dir, tmp_path, 40).items()}
     models = [{"model": dirs["plain"], "parameters": {"weight": 0.3}}, {"model": dirs["extended"], "parameters": {"weight": 0.7}}]
     configs = {"linear": {"merge_method": "linear", "models": models},
                "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(llama_dir), "models": models},

@@ -23,6 +23,7 @@ is reproducible (mergekit orders them by hash, which varies between runs).
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -181,8 +182,6 @@ def _vocabulary_rows(ckpt: Checkpoint) -> int:
 
 def write_vocabulary(plan: VocabularyPlan, out: Path) -> None:
     """The merged tokenizer and the vocabulary size beside the merged tensors."""
-    import json
-
     plan.tokenizer.save_pretrained(out)
     cfg_path = out / "config.json"
     if cfg_path.is_file():
