@@ -101,7 +101,7 @@ def test_teal_sparsity_beats_brick_oracle_at_half_compute(model_tok):
             m.set_compute(0.5)
     teal = bricks.evaluate(sparse_model, heldout)
     assert teal["compute_fraction"] <= 0.501 and oracle["compute_fraction"] <= 0.501
-    for d in dense:  # measured: TEAL-style ratio RATIOS; brick oracle at least 1.6x worse than TEAL
+    for d in dense:  # the probe measures 1.418 / 1.185 / 1.442 for SparseFFN at 0.5 (routing_quality_probe_cpu.json)
         assert teal["ppl"][d] / dense[d] < 1.55
         assert teal["ppl"][d] < oracle["ppl"][d]
 
