@@ -129,7 +129,7 @@ def test_analyze_reproduces_the_papers_findings(tmp_path):
 
 
 def _run_notebook(name: str, tmp_path) -> str:
-    """Execute a notebook in fast mode; the text of all its outputs."""
+    """Execute a notebook in fast mode; the text of all its outputs, then how many images it showed."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -139,7 +139,9 @@ def _run_notebook(name: str, tmp_path) -> str:
         NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         os.environ.pop("BRICKS_NOTEBOOK_FAST", None)
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    return "".join(o.get("text", "") for o in outputs) + f"\n[{images} images]"
 
 
 def _number(pattern: str, text: str) -> float:
@@ -154,7 +156,9 @@ def test_notebook_runs(tmp_path):
     increase = _number(r"CETT-PPL-1%: .*\(\+([\d.]+)%\)", text)
     assert 0.0 < increase < 3.0  # fast mode searches on 256 tokens: near 1%, not at it
     assert 0.4 < _number(r"mean activation ratio = ([\d.]+)", text) < 0.95
-    assert "diagonal dominates: True" in text
+    assert "diagonal dominates: True" in text and "column diagonal dominates:" in text
+    assert _number(r"mean modularity over layers: ([\d.]+)", text) > 0.0
+    assert "[4 images]" in text  # the analysis' own plots, shown inline (a backend switch once hid them)
     # 1536 neurons: a shared brick of 1/16 (96) and 32 routed bricks of (1536 - 96) / 32 = 45.
     assert "32 routed bricks of 45 neurons + a shared brick of 96" in text
     assert _number(r"reassembled ([\d.e+-]+)", text) == 0.0
