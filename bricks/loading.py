@@ -39,9 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # transformers imports torchao (a dependency, for int8) whenever it loads a model; torchao then logs that its
-# CUDA-only extensions do not load on a CPU build, and torch a deprecation inside torchao: four lines before any
-# output that no user can act on. Quieted unless the application has set these loggers' levels itself.
-for _name in ("torchao", "torch.utils._pytree"):
+# CUDA-only extensions do not load on a CPU build, and torch a deprecation inside torchao; bitsandbytes (int4),
+# imported by peft, warns on CPUs with bf16 instructions that an optional kernel it would download is missing:
+# lines before any output that no user can act on. Quieted unless the application has set these loggers' levels.
+for _name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.ERROR)
 
