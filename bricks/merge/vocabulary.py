@@ -123,12 +123,11 @@ def plan_vocabulary(source: str, base: str | None, specs: list[str], pad_to_mult
     n_rows = {s: _vocabulary_rows(Checkpoint(split_spec(s)[0])) for s in order}
     if source == "union":
         merged = _union([(tokenizers[s], n_rows[s]) for s in order])
-    elif source == "base":
-        if base is None:
+    else:  # one model's vocabulary: the base's, or a named model's (an input or not)
+        if source == "base" and base is None:
             raise BricksError("tokenizer_source: base needs a base_model")
-        merged = tokenizers[base]
-    else:
-        merged = tokenizers.get(source) or load(source)
+        chosen = base if source == "base" else source
+        merged = tokenizers[chosen] if chosen in tokenizers else load(chosen)
     vocab = merged.get_vocab()
     tokens = max(vocab.values()) + 1 if vocab else 0
     size = tokens if not pad_to_multiple_of else -(-tokens // pad_to_multiple_of) * pad_to_multiple_of
