@@ -50,6 +50,8 @@ HEADLINES = [
     ("README.md", "batch 1 runs {}x faster than float32 in int4", "compressed_linear_cpu.json",
      lambda r: f"{next(x for x in r['rows'] if x['shape'] == '11008x4096' and 'repacked' in x['form'])['vs_fp32']:.2f}"),
     ("README.md", "({} s top to bottom", "durations_cpu.json", lambda r: f"{r['seconds']['notebook:compressed_bricks']:.0f}"),
+    ("README.md", "results files ({} s top to bottom", "durations_cpu.json",
+     lambda r: f"{r['seconds']['notebook:routing_tradeoffs']:.0f}"),
     ("README.md", "of each ({} s top to bottom", "durations_cpu.json",
      lambda r: f"{r['seconds']['notebook:merging_adapters']:.0f}"),
     ("README.md", "domains; {} s on 2 CPU cores", "durations_cpu.json", lambda r: f"{r['seconds']['analyze']:.0f}"),
