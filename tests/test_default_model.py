@@ -158,7 +158,7 @@ def test_notebook_runs(tmp_path):
     assert 0.4 < _number(r"mean activation ratio = ([\d.]+)", text) < 0.95
     assert "diagonal dominates: True" in text and "column diagonal dominates:" in text
     assert _number(r"mean modularity over layers: ([\d.]+)", text) > 0.0
-    assert "[4 images]" in text  # the analysis' own plots, shown inline (a backend switch once hid them)
+    assert "[5 images]" in text  # the analysis' four plots and the bricks' heatmap (a backend switch once hid them)
     # 1536 neurons: a shared brick of 1/16 (96) and 32 routed bricks of (1536 - 96) / 32 = 45.
     assert "32 routed bricks of 45 neurons + a shared brick of 96" in text
     assert _number(r"reassembled ([\d.e+-]+)", text) == 0.0
