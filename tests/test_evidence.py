@@ -68,6 +68,11 @@ HEADLINES = [
      lambda r: " / ".join(f"{v:.2f}" for v in next(x for x in r["rows"] if x["target"] == 0.3 and x["rule"].startswith("sens"))["ratio"])),
 ]
 
+# bench/README.md's durations table: one row per job of the file.
+HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
+              for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
+                          "notebook:merging_adapters", "notebook:compressed_bricks")]
+
 
 @pytest.mark.parametrize("doc, pattern, name, compute", HEADLINES, ids=[f"{h[0]}:{h[2]}:{i}" for i, h in enumerate(HEADLINES)])
 def test_headline_figures_are_in_their_results_files(doc, pattern, name, compute):
