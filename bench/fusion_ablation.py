@@ -30,6 +30,7 @@ from bricks.merge import merge_adapters
 from record import save
 
 DATA = ["code=builtin:code", "math=builtin:math", "prose=builtin:prose"]
+RUNS = ("two-stage balanced", "direct joint balanced", "two-stage proportional")
 
 
 def merged_ppl(model, brick, domains) -> dict:
@@ -58,6 +59,8 @@ def main():
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--run", action="append", default=None, choices=RUNS,
+                   help="train only these fused models (repeatable; default: all three)")
     p.add_argument("--json")
     a = p.parse_args()
     data = a.data or DATA
@@ -80,6 +83,8 @@ def main():
     runs = {"two-stage balanced": (a.stage1, a.stage2, True), "direct joint balanced": (0, a.stage1 + a.stage2, True),
             "two-stage proportional": (a.stage1, a.stage2, False)}
     for name, (s1, s2, balanced) in runs.items():
+        if a.run and name not in a.run:
+            continue
         fused = FusedModel(AdapterSpecialists(copy.deepcopy(base), copy.deepcopy(specialists)))
         res["training"][name] = train_fusion(fused, train, s1, s2, a.lr, a.stage2_lr, a.batch_size, balanced, log=print)
         ppl = compare_fusion(fused, heldout)

@@ -68,6 +68,20 @@ HEADLINES = [
      lambda r: " / ".join(f"{v:.2f}" for v in next(x for x in r["rows"] if x["target"] == 0.3 and x["rule"].startswith("sens"))["ratio"])),
 ]
 
+def fusion_row(setting: str, r: dict) -> str:
+    return " | ".join(f"{r['ppl'][setting][c]:.3f}" for c in ("code", "math", "prose"))
+
+
+HEADLINES += [
+    ("README.md", "perplexity {} against", "fusion_ablation_default_cpu.json",
+     lambda r: f"{r['ppl']['direct joint balanced']['mixed']:.3f}"),
+    ("README.md", "against {};\n`bench/fusion_ablation.py`", "fusion_ablation_default_cpu.json",
+     lambda r: f"{r['ppl']['uniform']['mixed']:.3f}"),
+    *[("bench/README.md", "| {} |", "fusion_ablation_default_cpu.json", lambda r, k=k: fusion_row(k, r))
+      for k in ("code", "math", "prose", "uniform", "linear merge", "TIES merge", "two-stage balanced",
+                "direct joint balanced", "two-stage proportional")],
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
