@@ -5,7 +5,7 @@ process; the plain pass has no hooks. Repeats alternate the two and keep each
 one's fastest time, so that a noisy shared machine hurts both alike.
 
     python bench/bench_capture.py                 # default model, 3 domains
-    python bench/bench_capture.py --model DIR --windows 16 --repeats 5
+    python bench/bench_capture.py --model DIR --windows 16 --repeats 5 --json OUT.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import bricks
 from bricks.analysis.capture import capture_stats
 from bricks.runtime import batches, run_model
+from record import save
 
 
 def plain(model, ids, batch_size):
@@ -36,6 +37,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", default=None, help="also save the result (with command and environment) here")
     args = p.parse_args()
 
     model, tok = bricks.load_model(args.model, device=args.device, dtype=args.dtype)
@@ -62,6 +64,7 @@ def main():
         "target": "<= 1.3",
     }
     print(json.dumps(result, indent=1))
+    save(args.json, {"args": vars(args), **result}, model)
 
 
 if __name__ == "__main__":

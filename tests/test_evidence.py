@@ -82,6 +82,9 @@ HEADLINES += [
                 "direct joint balanced", "two-stage proportional")],
 ]
 
+HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
+                  lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
