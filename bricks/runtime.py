@@ -63,6 +63,15 @@ def batches(n: int, batch_size: int, shard: bool = True) -> list[range]:
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def next_token_targets(x: torch.Tensor, mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """The targets of logits `[:, :-1]` over token batch `x`: `x[:, 1:]`, with -100 (ignored by cross-entropy)
+    where `mask` (x's shape, e.g. chat responses) does not mark the token."""
+    target = x[:, 1:].to(device if device is not None else x.device)
+    if mask is not None:
+        target = target.masked_fill(~mask[:, 1:].to(target.device), -100)
+    return target
+
+
 def run_model(model: nn.Module, ids: torch.Tensor, logits: bool = False):
     """Forward pass without KV cache; skips the LM head when logits are not needed."""
     ids = ids.to(input_device(model))

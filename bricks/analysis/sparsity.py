@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import ffns
-from ..runtime import all_reduce_, batches, progress, run_model
+from ..runtime import all_reduce_, batches, next_token_targets, progress, run_model
 from .capture import ffn_hooks
 
 
@@ -125,9 +125,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, hook=No
         for rows in (progress(rows_list, desc) if desc else rows_list):
             x = ids[rows]
             logits = run_model(model, x, logits=True).float()
-            target = x[:, 1:].to(logits.device)
-            if mask is not None:
-                target = target.masked_fill(~mask[rows][:, 1:].to(target.device), -100)
+            target = next_token_targets(x, None if mask is None else mask[rows], logits.device)
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
             nll += torch.tensor([float(loss), int((target != -100).sum())], dtype=torch.float64)
     all_reduce_(nll)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..adapters.lora import AdapterBrick
 from ..errors import BricksError
 from ..loading import load_dense, split_spec
-from ..runtime import batches
+from ..runtime import batches, next_token_targets
 from .model import AdapterSpecialists, FusedModel, ModelSpecialists
 
 
@@ -71,9 +71,7 @@ def compare_fusion(fused: FusedModel, domains, batch_size: int = 4) -> dict:
             out = fused.specialists(x)
             w = fused.gate(out.hidden)
             variants = [(w[..., None] * out.logits).sum(1), *[out.logits[:, j] for j in range(k)], out.logits.mean(1)]
-            target = x[:, 1:]
-            if d.loss_mask is not None:  # chat examples: the response tokens only
-                target = target.masked_fill(~d.loss_mask[rows][:, 1:].to(target.device), -100)
+            target = next_token_targets(x, None if d.loss_mask is None else d.loss_mask[rows])  # chat: responses
             for i, logits in enumerate(variants):
                 total[i] += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum")
         n = int(d.loss_mask[:, 1:].sum()) if d.loss_mask is not None else d.windows.shape[0] * (d.windows.shape[1] - 1)

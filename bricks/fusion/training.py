@@ -1,8 +1,9 @@
 """Training a fused model as UltraFuser does: the gate alone first, then gate and specialists together.
 
 Loss: cross-entropy of the fused logits on every next token of plain-text
-windows, and on the response tokens only of chat examples (as the paper). Batches are class-balanced by default: the same number of windows
-from every domain (the paper's balanced sampler); `balanced=False` samples
+windows, and on the response tokens only of chat examples (as the paper).
+Batches are class-balanced by default: the same number of windows from every
+domain (the paper's balanced sampler); `balanced=False` samples
 windows in proportion to the data. Stage 1 trains the gate with the
 specialists frozen (they run without gradients); stage 2 trains the gate with
 the specialists: their LoRA factors for adapter specialists (written back into
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import BricksError
-from ..runtime import batches
+from ..runtime import batches, next_token_targets
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
 from .model import FusedModel, ModelSpecialists
 
@@ -48,10 +49,7 @@ def fused_loss(model: FusedModel, x: torch.Tensor, specialists_grad: bool = Fals
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of the fused logits on token windows `x [B, T]` (on the tokens `mask` marks)."""
     logits = model(x, specialists_grad=specialists_grad).logits[:, :-1].float()
-    target = x[:, 1:].to(logits.device)
-    if mask is not None:
-        target = target.masked_fill(~mask[:, 1:].to(target.device), -100)
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+    return F.cross_entropy(logits.flatten(0, 1), next_token_targets(x, mask, logits.device).flatten())
 
 
 def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_steps: int = 0, lr: float = 1e-3,
