@@ -265,7 +265,7 @@ def _reindexed(vocabulary: VocabularyPlan, job: Job, dtype) -> list:
         s, n = by_spec[spec]
         return _read(s.ckpt, s.adapter, n, dtype)
 
-    stand_ins = vocabulary.stand_ins(job.out, whole)
+    stand_ins = vocabulary.stand_ins(job.out, whole, list(by_spec))  # a slice's sources, in a slices: merge
 
     def loader(s, n):
         def rows_of(lo, hi):

@@ -53,10 +53,9 @@ class VocabularyPlan:
     rows: dict[str, torch.Tensor]
     base: str | None
 
-    def stand_ins(self, name: str, read) -> dict[int, torch.Tensor]:
-        """Rows for the merged tokens some input lacks (the rules in the module docstring); `read(spec, name)`
-        gives an input's whole tensor."""
-        specs = list(self.rows)
+    def stand_ins(self, name: str, read, specs: list[str]) -> dict[int, torch.Tensor]:
+        """Rows for the merged tokens some of `specs` (the inputs of this tensor) lacks, by the rules in the module
+        docstring; `read(spec, name)` gives an input's whole tensor."""
         have = torch.stack([self.rows[s] >= 0 for s in specs])  # [inputs, tokens]
         missing = torch.nonzero(~have.all(0)).flatten()
         if missing.numel() == 0:
@@ -72,7 +71,7 @@ class VocabularyPlan:
                 base_rows = picked
         out = {}
         for j, token in enumerate(missing.tolist()):
-            if base_rows is not None and count[j] > 1 and self.rows[self.base][token] >= 0:
+            if base_rows is not None and count[j] > 1 and self.rows[self.base][token] >= 0:  # base in `specs`
                 out[token] = base_rows[j]
             else:  # the single holder's row, the holders' mean, or zeros when no input has the token
                 out[token] = sums[j] / max(int(count[j]), 1)
