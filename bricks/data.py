@@ -333,7 +333,8 @@ def is_chat_source(source: str) -> bool:
     path = Path(source)
     if "#" in source or path.suffix != ".jsonl" or not path.is_file():
         return False
-    first = next((line for line in _text_of(path).splitlines() if line.strip()), "")
+    with path.open(encoding="utf-8", errors="replace") as f:  # the first record only: files can be large
+        first = next((line for line in f if line.strip()), "")
     try:
         record = json.loads(first)
     except json.JSONDecodeError:
