@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import bricks
 from bricks.adapters import AdapterBrick
 from bricks.cli import main
+from bricks.routing import set_path
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 
@@ -25,11 +26,14 @@ def expected():
 def test_configured_models_of_the_previous_version_open(name, expected, tmp_path):
     model, tok = bricks.load_model(LEGACY / name)
     assert bricks.configuration(model) is not None and bricks.configuration(model).kind == "moe"
+    path = "bags" if name == "moe-teal" else "bricks"  # the path the expected logits ran: the same additions
+    set_path(model, path)
     with torch.no_grad():
         logits = model(expected["ids"]).logits
     assert torch.equal(logits, expected[name.replace("-", "_")])
     # Saved again by this version, it reads back to the same model.
     again, _ = bricks.load_model(bricks.save_configured(model, tok, tmp_path / "again"))
+    set_path(again, path)
     with torch.no_grad():
         assert torch.equal(again(expected["ids"]).logits, logits)
 

@@ -62,18 +62,21 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
         assert sel.shape == (5, 7) and sel.any(1).all()
         if router != "threshold":
             assert (sel.sum(1) == round(0.4 * 7)).all()
+        ffn.set_path("bricks")
         grouped = ffn(x)
         decoded = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
         if router != "threshold":  # the accelerator decode path, forced on CPU: the same function
             ffn._gathers = lambda x: True
             gathered = torch.cat([ffn(x[t : t + 1]) for t in range(5)])
             del ffn._gathers
+        ffn.set_path("masked")  # every brick computed, the unselected ones zeroed: the same function again
+        masked = [ffn(x), torch.cat([ffn(x[t : t + 1]) for t in range(5)])]
         routed = [b for b in bs.bricks(0) if not b.shared]
         chosen = [torch.cat([routed[b].neurons for b in torch.nonzero(s).flatten().tolist()]) for s in sel]
         shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]
         ref = _masked_reference(f, x, chosen, shared_neurons[0] if shared_neurons else torch.empty(0, dtype=torch.long))
-    torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(decoded, ref, rtol=1e-5, atol=1e-6)
+    for out in (grouped, decoded, *masked):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     if router != "threshold":
         torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-6)
     # Training (recovery) computes all bricks and masks: the same outputs and the same weight gradients.
@@ -132,6 +135,7 @@ def test_threshold_router_calibrates_to_the_target_share(llama):
         several = sel.sum(1) > 1
         assert scores[several][sel[several]].min() >= scores[~sel].max()
         ffn.counts.zero_()
+        ffn.set_path("bricks")  # reads only the selected bricks (the `masked` path counts every brick)
         ffn(x[:100])
         ran = float(sel.sum()) / 100
         # Counted independently of `_macs`: the router reads every brick's gate rows once, and each brick that

@@ -7,7 +7,7 @@ import torch
 
 import bricks
 from bricks.arch import ffns
-from bricks.routing import SparseFFN, assemble_sparse, compute_fraction, executed_fraction
+from bricks.routing import SparseFFN, assemble_sparse, compute_fraction, executed_fraction, set_path
 
 from .conftest import assert_configured_dir_serves, run
 
@@ -54,17 +54,23 @@ def test_sparse_path_matches_the_masked_reference(tiny_dirs, family, tokens):
     x = torch.randn(tokens, f.down_weight().shape[0])
     with torch.no_grad():
         ref = _reference(f, x, sparse.n_in, sparse.n_act)
-        assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4)
+        for path in (None, *sparse.paths):  # chosen by timing, then each path forced: the same function
+            sparse.set_path(path)
+            assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4), path
         # Training runs dense matmuls on the zeroed entries: the same function.
         sparse.train()
         with torch.enable_grad():
             assert torch.allclose(sparse(x), ref, atol=1e-5, rtol=1e-4)
-    # What ran is counted: the rows the sparse pass read (the configured share), then the masked pass's dense
-    # matmuls (the whole FFN).
-    sparse.reset_counts()
-    with torch.no_grad():
-        sparse.eval()(x)
-    assert sparse.executed_fraction() == pytest.approx(sparse.compute_fraction())
+    # What ran is counted: the rows the bags read (the configured share); the dense matmuls of the masked paths,
+    # inference or training, count as the whole FFN.
+    for path, executed in (("bags", sparse.compute_fraction()), ("split", sparse.compute_fraction()), ("masked", 1.0)):
+        sparse.set_path(path)
+        sparse.reset_counts()
+        with torch.no_grad():
+            sparse.eval()(x)
+        assert sparse.executed_fraction() == pytest.approx(executed), path
+    with pytest.raises(bricks.BricksError, match="unknown execution path 'bricks'"):
+        sparse.set_path("bricks")
     sparse.reset_counts()
     with torch.enable_grad():
         sparse.train()(x)
@@ -154,10 +160,17 @@ def test_recovery_under_teal_sparsity(llama_dir, tmp_path):
     executed_fraction(model, reset=True)
     out = bricks.save_configured(model, tok, tmp_path / "teal")
     ids = torch.randint(0, 300, (2, 10))
+    again, _ = bricks.load_model(out)
+    for m in (model, again):  # one path: the paths round differently, and `bags` reads only the kept rows
+        set_path(m, "bags")
     with torch.no_grad():
-        again, _ = bricks.load_model(out)
         assert torch.equal(again(ids).logits, model(ids).logits)
-    assert executed_fraction(model) == pytest.approx(compute_fraction(model))
+    assert executed_fraction(model, reset=True) == pytest.approx(compute_fraction(model))
+    # The dense matmuls on zeroed entries compute the same function, and count as the whole FFN.
+    set_path(model, "masked")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+    assert executed_fraction(model) == pytest.approx(1.0)
 
 
 def test_moefy_api_needs_a_brickset_for_brick_routers(llama_dir):

@@ -159,7 +159,8 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
         }
     ev = result["model_eval"]
     lines = [f"{model}: FFN compute fraction {ev['compute_fraction']:.3f} (plus {100 * ev['selection_fraction']:.2f}% "
-             f"of the dense FFN's MACs in values ranked to choose what runs), {ev['tokens_per_s']:.0f} tokens/s"]
+             f"of the dense FFN's MACs in values ranked to choose what runs), {ev['executed_fraction']:.3f} executed, "
+             f"{ev['tokens_per_s']:.0f} tokens/s"]
     for d, p in result["model_eval"]["ppl"].items():
         extra = f"  (dense {result['baseline']['ppl'][d]:.3f}, ratio {result['ratio']['ppl'][d]:.3f})" if baseline else ""
         lines.append(f"  {d:>10}: perplexity {p:.3f}{extra}")
@@ -208,8 +209,8 @@ def _explain(result: dict, batch_size: int) -> list[str]:
     lines = []
     if ev["compute_fraction"] < 0.999 and ratio["tokens_per_s"] < 1:
         lines.append(f"  note: slower than dense here: eval runs batches of {batch_size} full windows, where one dense "
-                     "matrix product beats per-token sparse ones; the saving is in one-token decoding "
-                     "(bricks bench ffn, bench/bench_decode.py)")
+                     "matrix product beats per-token sparse ones and choosing what runs still costs; the saving is in "
+                     "one-token decoding (bricks bench ffn, bench/bench_decode.py)")
     worst = max(ratio["ppl"].values())
     if ev["compute_fraction"] < 0.999 and worst > 1.1 and not result.get("recovered"):
         lines.append(f"  note: perplexity up to x{worst:.2f} dense: routing alone, before training; recovery "

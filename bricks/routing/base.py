@@ -16,10 +16,39 @@ from torch import nn
 
 from ..arch import FFN, decoder_layers, ffns, layout_for
 from ..errors import BricksError
+from .paths import CHOOSER, token_bucket
 
 
 class RoutedFFN(nn.Module):
-    """Base class of FFN modules that run a share of the dense FFN's compute per token."""
+    """Base class of FFN modules that run a share of the dense FFN's compute per token.
+
+    An inference call runs on one of the module's `paths`, which all compute the same function; `path` fixes
+    one (tests, benchmarks), None takes the fastest by timing (`bricks.routing.paths`).
+    """
+
+    paths: tuple[str, ...] = ()
+    path: str | None = None
+
+    def static_path(self, tokens: int) -> str:
+        """The path off the CPU, where calls are not timed."""
+        raise NotImplementedError
+
+    def shape_key(self) -> tuple:
+        """What makes two modules' calls cost the same: shapes and settings."""
+        raise NotImplementedError
+
+    def choose_path(self, x) -> tuple[str, tuple | None]:
+        """(path, timing key) for a call on `x` `[tokens, hidden]`; the key is None when the call is not timed."""
+        tokens = x.shape[0]
+        if self.path is not None:
+            return self.path, None
+        if x.device.type != "cpu":
+            return self.static_path(tokens), None
+        key = (type(self).__name__, *self.shape_key(), x.dtype, token_bucket(tokens))
+        return CHOOSER.choose(key, self.paths_for(tokens)), key
+
+    def paths_for(self, tokens: int) -> tuple[str, ...]:
+        return self.paths
 
     def dense_macs_per_token(self) -> int:
         """Multiply-accumulates per token of the dense FFN this module replaces."""
@@ -43,6 +72,11 @@ class RoutedFFN(nn.Module):
 
     def reset_counts(self) -> None:
         self.counts.zero_()
+
+    def set_path(self, path: str | None) -> None:
+        if path is not None and path not in self.paths:
+            raise BricksError(f"unknown execution path {path!r} for {type(self).__name__}: one of {', '.join(self.paths)}")
+        self.path = path
 
     def set_full(self) -> None:
         """Run the whole FFN: the dense model's function (the distillation teacher's setting)."""
@@ -91,6 +125,16 @@ def swapped(model: nn.Module, originals: list[nn.Module]):
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:
     """The FFNs of `model` that run a share of their compute, in layer order."""
     return [m for m in model.modules() if isinstance(m, RoutedFFN)]
+
+
+def set_path(model: nn.Module, path: str | None) -> None:
+    """Run every routed FFN of `model` on one execution path (None: the fastest by timing, the default).
+
+    The paths compute the same function, in a different order of floating-point additions: fix one to compare
+    two models' outputs bit for bit, or to time one path.
+    """
+    for m in routed_layers(model):
+        m.set_path(path)
 
 
 def compute_fraction(model: nn.Module) -> float:

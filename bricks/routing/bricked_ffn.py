@@ -13,11 +13,15 @@ nothing, whatever the activation), which keeps every brick the same shape.
 An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
-Execution: one token (batch-1 decode) reads only the selected bricks' weights
-(a loop on CPU; on accelerators, where a loop is launch-bound, one gather);
-several tokens are grouped by brick, each brick running once on its group.
-Training (recovery: train mode with gradients) computes every brick and masks
-the unselected ones: the same function and gradients in a few large matmuls.
+Execution, two paths that compute the same function (`RoutedFFN.paths`):
+`bricks` reads only the selected bricks' weights: one token (batch-1 decode)
+in a loop on CPU (on accelerators, where a loop is launch-bound, one gather),
+several tokens grouped by brick, each brick running once on its group.
+`masked` computes every brick in a few large matmuls and zeroes the
+unselected ones: what a batch wants, whose tokens select every brick between
+them, and what training (recovery: train mode with gradients) always runs.
+Which inference path runs is timed, not guessed (`bricks.routing.paths`), and
+the executed fraction counts what ran.
 At active fraction 1.0 the FFN runs densely in its original neuron order, so
 that it reproduces the dense model bit for bit (a brick-wise sum reorders fp32
 additions: ~1e-4 on SmolLM2's logits).
@@ -25,16 +29,14 @@ additions: ~1e-4 on SmolLM2's logits).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import FFN, ffns
-from ..brick import BrickSet
+from ..arch import FFN
 from ..errors import BricksError
-from .base import RoutedFFN, swap_ffns, swapped
+from .base import RoutedFFN
+from .paths import timed
 from .routers import make_router
 
 
@@ -48,6 +50,8 @@ class BrickedFFN(RoutedFFN):
         router: name of a router in `bricks.routing.ROUTERS` (None: all bricks run).
         active: share of the routed bricks each token runs, in (0, 1].
     """
+
+    paths = ("bricks", "masked")
 
     def __init__(self, ffn: FFN, assignment: torch.Tensor, shared: int | None = None, router: str | None = None,
                  active: float = 1.0):
@@ -178,7 +182,21 @@ class BrickedFFN(RoutedFFN):
         self._dense_cache = None  # routing again: drop the full-activity copy
         if sel is None:
             sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
-        masked = self.training and torch.is_grad_enabled()  # every brick is computed there: count them all
+        path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
+        with timed(key, path):
+            y = self._run(x2, sel, path)
+        return y.reshape(*shape[:-1], self.hidden)
+
+    def static_path(self, tokens: int) -> str:
+        return "bricks" if tokens == 1 else "masked"
+
+    def shape_key(self) -> tuple:
+        shared = 0 if self.shared_in is None else self.shared_in.shape[0]
+        return (self.hidden, self.d_ff, self.n_bricks, self.brick_size, self.k_active, shared,
+                None if self.router is None else type(self.router).__name__)
+
+    def _run(self, x2: torch.Tensor, sel: torch.Tensor, path: str) -> torch.Tensor:
+        masked = path == "masked"  # every brick is computed there: count them all
         self.counts[0] += x2.shape[0]
         self.counts[1] += x2.shape[0] * self.n_bricks if masked else sel.sum()
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
@@ -199,7 +217,7 @@ class BrickedFFN(RoutedFFN):
             self.router.gate = None  # [tokens, d_ff]: not worth keeping
         if self.b_down is not None:
             y += self.b_down
-        return y.reshape(*shape[:-1], self.hidden)
+        return y
 
     def _brick_act(self, xb: torch.Tensor, b: int, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Activations `[tokens, size]` of brick b on tokens xb; `gate`: its gate pre-activations, if known."""
@@ -250,13 +268,13 @@ class BrickedFFN(RoutedFFN):
                 y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """Training (recovery): every brick computed, the unselected ones zeroed. The function and gradients of the
-        grouped path (unselected bricks get zero gradient either way) in a few large matmuls instead of a loop over
-        bricks, whose backward pass per-brick overheads dominate. Never used for inference."""
+        """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path
+        (unselected bricks get zero gradient either way) in a few large matmuls instead of a loop over bricks,
+        whose per-brick overheads dominate a batch's forward pass and a training step's backward pass."""
         n, size = self.n_bricks, self.brick_size
         h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
         a = self._act(h.view(len(x), n, -1), size)  # [tokens, n, size]: every brick's activations
-        if self.refit_router and self.router is not None:
+        if self.refit_router and self.router is not None and self.training:
             # The oracle choice of the current weights comes for free here: refit the router towards it.
             with torch.no_grad():
                 rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
@@ -355,46 +373,3 @@ class BrickedFFN(RoutedFFN):
             raise BricksError(f"a compute fraction of {target} leaves no room for one routed brick after the shared brick "
                               f"and the router ({self._macs(1) / dense:.3f} at least): raise --compute or use less shared neurons")
         self.active = max(fits) / self.n_bricks
-
-
-def assemble_bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0,
-                     compute: float | None = None) -> list[nn.Module]:
-    """Replace every FFN of `model` (in place) by a `BrickedFFN` built from `brickset`.
-
-    `compute`, when given, overrides `active`: each layer runs as many routed
-    bricks as fit in that FFN compute fraction (router and shared brick included).
-
-    Returns the original FFN modules, in layer order (see `bricked` to swap back).
-    """
-    brickset.check_model(model)
-    if brickset.n_layers != len(ffns(model)):
-        raise BricksError(f"BrickSet has {brickset.n_layers} layers, the model {len(ffns(model))}")
-    if compute is not None and not 0.0 < compute <= 1.0:
-        raise BricksError(f"compute fraction must be in (0, 1], got {compute}")
-
-    def make(f: FFN) -> BrickedFFN:
-        m = BrickedFFN(f, brickset.assignments[f.layer], brickset.shared[f.layer], router, active)
-        if compute is not None:
-            m.set_compute(compute)
-        return m
-    return swap_ffns(model, make, "bricked")
-
-
-@contextlib.contextmanager
-def bricked(model: nn.Module, brickset: BrickSet, router: str | None = None, active: float = 1.0,
-            brickwise: bool = False):
-    """Run `model` with bricked FFNs inside the block; the dense FFNs come back on exit.
-
-    `brickwise` runs every FFN brick by brick even at full activity (instead of
-    the bit-exact dense computation in the original neuron order).
-
-    Example:
-        >>> with bricked(model, bs, router="centroid", active=0.5):
-        ...     logits = model(ids).logits
-    """
-    originals = assemble_bricked(model, brickset, router, active)
-    for m in model.modules():
-        if isinstance(m, BrickedFFN):
-            m.dense_at_full = not brickwise
-    with swapped(model, originals):
-        yield model

@@ -25,13 +25,20 @@ input channel c feeds into every gate and up neuron) and `w_down_t`
 `[d_ff, hidden]` (row i: neuron i's output). A token's sparse matrix-vector
 product then reads contiguous rows, which `F.embedding_bag` (mode "sum", the
 token's values as per-sample weights) gathers and sums without copying them;
-a token's rows are split over several bags so that every CPU thread reads
+a token's rows can be split over several bags so that every CPU thread reads
 some (one bag runs on one thread).
+
+Three inference paths compute that function (`RoutedFFN.paths`): `bags` (one
+bag per token: a decode token on one thread), `split` (a decode token's rows
+split over every thread: twice the memory bandwidth on an idle machine, a
+stall when another process holds a core) and `masked` (dense matmuls on the
+zeroed entries: what several tokens together want, since between them they
+keep nearly every input channel). Which one runs is timed, not guessed
+(`bricks.routing.paths`); the `masked` path is counted as the whole FFN in
+the executed fraction, as it is.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,8 @@ from torch import nn
 
 from ..arch import FFN
 from ..errors import BricksError
-from .base import RoutedFFN, swap_ffns, swapped
+from .base import RoutedFFN
+from .paths import timed
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
 # 0.5 that is 60% of the inputs and 30% of the neurons (the split `bench/routing_quality_probe.py` compares).
@@ -53,6 +61,8 @@ class SparseFFN(RoutedFFN):
         ffn: handle on the dense FFN (weights are copied, transposed to unit-major rows).
         compute: FFN compute fraction per token, in (0, 1] (sets `keep_in` and `keep_act`, see `set_compute`).
     """
+
+    paths = ("bags", "split", "masked")
 
     def __init__(self, ffn: FFN, compute: float = 1.0):
         super().__init__()
@@ -70,8 +80,10 @@ class SparseFFN(RoutedFFN):
         self.w_down_t = nn.Parameter(ffn.down_weight().detach().t().contiguous(), requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
-        # Tokens seen, input channels and neurons read: the compute fraction the forward passes ran.
-        self.register_buffer("counts", torch.zeros(3, dtype=torch.float64, device=self.w_in_t.device), persistent=False)
+        # Tokens seen, input channels and neurons read: the compute fraction the forward passes ran. All three are
+        # known on the host, so counting costs no device work.
+        self.counts = [0, 0, 0]
+        self._offsets: dict[tuple, torch.Tensor] = {}
         self.keep_in = self.keep_act = 1.0
         self.set_compute(compute)
         self.eval()  # inference until recovery opts in (train mode with gradients selects the masked path)
@@ -125,8 +137,14 @@ class SparseFFN(RoutedFFN):
     def ranked_per_token(self) -> int:
         return 0 if self.full else self.hidden + self.d_ff
 
+    def reset_counts(self) -> None:
+        self.counts = [0, 0, 0]
+
+    def _count(self, tokens: int, n_in: int, n_act: int) -> None:
+        self.counts = [self.counts[0] + tokens, self.counts[1] + n_in, self.counts[2] + n_act]
+
     def executed_fraction(self) -> float | None:
-        tokens, n_in, n_act = self.counts.tolist()
+        tokens, n_in, n_act = self.counts
         if tokens == 0:
             return None
         return self._macs(n_in / tokens, n_act / tokens) / self.dense_macs_per_token()
@@ -142,17 +160,28 @@ class SparseFFN(RoutedFFN):
         d = self.d_ff
         return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
 
+    def paths_for(self, tokens: int) -> tuple[str, ...]:
+        return self.paths if tokens == 1 else ("bags", "masked")  # `split` is `bags` for several tokens
+
+    def static_path(self, tokens: int) -> str:
+        return "bags" if tokens == 1 else "masked"
+
+    def shape_key(self) -> tuple:
+        return self.hidden, self.d_ff, self.k, self.n_in, self.n_act
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.hidden)
         n = x2.shape[0]
         if self.full:
             y = self._dense(x2)
-            self.counts += torch.tensor([n, n * self.hidden, n * self.d_ff], dtype=self.counts.dtype, device=self.counts.device)
+            self._count(n, n * self.hidden, n * self.d_ff)
         elif self.training and torch.is_grad_enabled():
             y = self._masked(x2)
         else:
-            y = self._sparse(x2)
+            path, key = self.choose_path(x2)
+            with timed(key, path):
+                y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,43 +192,44 @@ class SparseFFN(RoutedFFN):
         return y if self.b_down is None else y + self.b_down
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """Training (recovery): the same function as `_sparse`, with dense matmuls on zeroed entries (the masks are
-        constants: gradients flow through the kept entries only). Counted as what runs: the whole FFN."""
+        """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
+        gradients flow through the kept entries only). Counted as what runs: the whole FFN."""
         n = x.shape[0]
         h = (x * self._top(x.detach(), self.n_in)) @ self.w_in_t
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
         y = (a * self._top(a.detach(), self.n_act)) @ self.w_down_t
-        self.counts += torch.tensor([n, n * self.hidden, n * self.d_ff], dtype=self.counts.dtype, device=self.counts.device)
+        self._count(n, n * self.hidden, n * self.d_ff)
         return y if self.b_down is None else y + self.b_down
 
-    def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, split: bool) -> torch.Tensor:
         """Per token t: sum_j values[t, j] * weight[idx[t, j]] -> [tokens, weight.shape[1]], reading only those rows.
 
-        Each token's rows are split over `parts` bags: one bag runs on one CPU thread, so a single decode token
-        would otherwise read its rows on one core.
+        One bag runs on one CPU thread. `split` (one token) cuts the token's rows into one bag per thread.
         """
         tokens, n = idx.shape
-        parts = max(1, min(torch.get_num_threads(), n)) if tokens == 1 else 1
-        offsets = (torch.arange(tokens * parts, device=idx.device) * n) // parts if parts > 1 else \
-            torch.arange(tokens, device=idx.device) * n
+        parts = max(1, min(torch.get_num_threads(), n)) if split and tokens == 1 else 1
+        key = (tokens, n, parts, idx.device)
+        offsets = self._offsets.get(key)
+        if offsets is None:
+            offsets = self._offsets[key] = (torch.arange(tokens * parts, device=idx.device) * n) // parts
         out = F.embedding_bag(idx.flatten(), weight, offsets, mode="sum", per_sample_weights=values.flatten())
         return out.view(tokens, parts, -1).sum(1) if parts > 1 else out
 
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
         """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
         W_down^T (sorted, so the rows are read in memory order)."""
         n = x.shape[0]
         idx = x.abs().topk(self.n_in, dim=-1, sorted=False).indices.sort(-1).values
-        h = self._bag(idx, x.gather(-1, idx), self.w_in_t)
+        h = self._bag(idx, x.gather(-1, idx), self.w_in_t, split)
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
         j = a.abs().topk(self.n_act, dim=-1, sorted=False).indices.sort(-1).values
-        y = self._bag(j, a.gather(-1, j), self.w_down_t)
+        y = self._bag(j, a.gather(-1, j), self.w_down_t, split)
         # The rows the bags were given to read: what ran, not what was configured.
-        self.counts += torch.tensor([n, idx.numel(), j.numel()], dtype=self.counts.dtype, device=self.counts.device)
+        self._count(n, idx.numel(), j.numel())
         return y if self.b_down is None else y + self.b_down
 
     # ------------------------------------------------------------------ weights
@@ -216,23 +246,3 @@ class SparseFFN(RoutedFFN):
         parts["down"].copy_(self.w_down_t)
         if self.b_down is not None:
             dense.down_bias().copy_(self.b_down)
-
-
-def assemble_sparse(model: nn.Module, compute: float = 1.0) -> list[nn.Module]:
-    """Replace every FFN of `model` (in place) by a `SparseFFN` at FFN compute fraction `compute`.
-
-    Returns the original FFN modules, in layer order.
-    """
-    return swap_ffns(model, lambda f: SparseFFN(f, compute), "sparse")
-
-
-@contextlib.contextmanager
-def sparsified(model: nn.Module, compute: float):
-    """Run `model` with `SparseFFN`s at FFN compute fraction `compute` inside the block; the dense FFNs come back on exit.
-
-    Example:
-        >>> with sparsified(model, 0.5):
-        ...     out = model.generate(ids, max_new_tokens=32)
-    """
-    with swapped(model, assemble_sparse(model, compute)):
-        yield model

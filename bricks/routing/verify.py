@@ -7,7 +7,7 @@ from torch import nn
 
 from ..brick import BrickSet
 from ..runtime import run_model
-from .bricked_ffn import bricked
+from .assembly import bricked
 
 
 @torch.no_grad()

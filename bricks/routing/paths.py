@@ -1,0 +1,116 @@
+"""How a routed FFN runs a call: chosen by timing the ways that compute the same function, on this machine, now.
+
+A routed FFN can run the same function several ways: read only the kept rows
+of its weights per token (on one thread, or split over all of them), or run
+the dense matmuls on zeroed entries. Which is fastest is not a property of
+the code. It depends on the number of tokens (one decode token reads a
+share of the rows, 32 tokens together read them all), on the shape and the
+CPU's caches, and on what else the machine is doing: a call split over
+every thread waits for all of them, and with one other busy process on a
+2-core machine one of them is often descheduled (`bench/README.md`).
+
+So the paths are timed as they run. Every path is measured at first use,
+then calls take the one with the lowest recent time (an exponential moving
+average: a path that starts to stall loses its place within a few calls),
+and the others are re-measured now and then (the new timing replaces the old
+one), less often while they keep losing, so that a path that becomes the
+fastest again (the machine went quiet) is found. Timings are shared by every FFN of the same shape and settings.
+
+Only CPU calls are timed: on an accelerator a call returns before it has run,
+and the path is fixed by the number of tokens (see each FFN's `static_path`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# Weight of the newest timing in the moving average: a path that starts to stall is left within a few calls.
+DECAY = 0.3
+# Re-measure the runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
+FIRST_INTERVAL, MAX_INTERVAL = 8, 256
+
+
+def token_bucket(tokens: int) -> int:
+    """Calls with similar token counts share timings: 1, 2, then powers of two (3-4 -> 4, 5-8 -> 8, ...)."""
+    return tokens if tokens <= 2 else 1 << (tokens - 1).bit_length()
+
+
+@dataclass
+class _Timings:
+    seconds: dict[str, float] = field(default_factory=dict)  # moving average per path
+    samples: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+    interval: int = FIRST_INTERVAL
+    next_check: int = FIRST_INTERVAL
+    checking: str | None = None  # the runner-up being re-measured, if any
+
+
+class PathChooser:
+    """Per key (what the call computes), the fastest of its paths by recent timing.
+
+    Example:
+        >>> path = CHOOSER.choose(key, ("bags", "masked"))
+        >>> t = time.perf_counter(); y = run(path); CHOOSER.record(key, path, time.perf_counter() - t)
+    """
+
+    def __init__(self):
+        self.timings: dict[tuple, _Timings] = {}
+
+    def choose(self, key: tuple, paths: tuple[str, ...]) -> str:
+        t = self.timings.setdefault(key, _Timings())
+        # Each path twice before any choice: its first call pays allocations and cold caches.
+        for p in paths:
+            if t.samples.get(p, 0) < 2:
+                return p
+        t.calls += 1
+        ranked = sorted(paths, key=lambda p: t.seconds[p])
+        if len(ranked) > 1 and t.calls >= t.next_check:
+            # Re-measure the runner-ups in turn; an interval that doubles while the best stays best.
+            t.checking = ranked[1 + (t.calls // FIRST_INTERVAL) % (len(ranked) - 1)]
+            t.next_check = t.calls + t.interval
+            return t.checking
+        return ranked[0]
+
+    def record(self, key: tuple, path: str, seconds: float) -> None:
+        t = self.timings[key]
+        n = t.samples.get(path, 0)
+        t.samples[path] = n + 1
+        old = t.seconds.get(path)
+        # A re-measured runner-up's average is stale (it may date from a stall that has passed): the new timing
+        # replaces it. If it was a lucky one, the path's next calls put it back in its place.
+        fresh = old is None or n < 2 or path == t.checking
+        t.seconds[path] = seconds if fresh else old + DECAY * (seconds - old)
+        if path == t.checking:
+            t.checking = None
+            best = min(t.seconds, key=t.seconds.get)
+            # The re-measured path won: check often again (the load changed); it lost: check less often.
+            t.interval = FIRST_INTERVAL if best == path else min(MAX_INTERVAL, 2 * t.interval)
+
+    def best(self, key: tuple) -> str | None:
+        """The path calls with this key take now (None before it was timed)."""
+        t = self.timings.get(key)
+        return None if t is None or not t.seconds else min(t.seconds, key=t.seconds.get)
+
+    def reset(self) -> None:
+        self.timings.clear()
+
+
+# One chooser for the process: FFNs of the same shape and settings learn from each other's calls.
+CHOOSER = PathChooser()
+
+
+class timed:
+    """Run one call on the chosen path and record its time (CPU only: accelerators return before they ran)."""
+
+    def __init__(self, key: tuple | None, path: str):
+        self.key, self.path = key, path
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.key is not None and exc[0] is None:
+            CHOOSER.record(self.key, self.path, time.perf_counter() - self.start)
+        return False

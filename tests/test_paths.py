@@ -1,0 +1,51 @@
+"""Choosing an execution path by timing (`bricks.routing.paths`): the fastest wins, and a path that stalls loses."""
+
+from __future__ import annotations
+
+from bricks.routing.paths import FIRST_INTERVAL, MAX_INTERVAL, PathChooser, token_bucket
+
+
+def _drive(chooser, key, paths, cost, calls):
+    """Run `calls` calls whose time is `cost[path]`; returns the paths taken."""
+    taken = []
+    for _ in range(calls):
+        p = chooser.choose(key, paths)
+        chooser.record(key, p, cost[p])
+        taken.append(p)
+    return taken
+
+
+def test_every_path_is_timed_then_the_fastest_runs():
+    c, key, paths = PathChooser(), ("ffn",), ("bags", "split", "masked")
+    taken = _drive(c, key, paths, {"bags": 3.0, "split": 1.0, "masked": 2.0}, 200)
+    assert taken[:6] == ["bags", "bags", "split", "split", "masked", "masked"]  # twice each: the first call is warm-up
+    assert c.best(key) == "split"
+    later = taken[6:]
+    # The others are re-measured now and then, less often while they keep losing.
+    assert later.count("split") > 0.9 * len(later) and {"bags", "masked"} <= set(later)
+    assert c.timings[key].interval == MAX_INTERVAL or c.timings[key].interval > FIRST_INTERVAL
+
+
+def test_a_path_that_starts_to_stall_is_left_and_found_again():
+    c, key, paths = PathChooser(), ("ffn",), ("bags", "split")
+    _drive(c, key, paths, {"bags": 2.0, "split": 1.0}, 50)
+    assert c.best(key) == "split"
+    # Another process takes a core: the split call now waits for a descheduled thread.
+    taken = _drive(c, key, paths, {"bags": 2.0, "split": 30.0}, 20)
+    assert taken[-10:].count("bags") >= 9 and c.best(key) == "bags"
+    # The machine goes quiet again: the runner-up is re-measured, and wins back its place.
+    taken = _drive(c, key, paths, {"bags": 2.0, "split": 1.0}, 400)
+    assert c.best(key) == "split" and taken[-20:].count("split") >= 19
+
+
+def test_first_timing_is_warm_up_and_keys_are_separate():
+    c, paths = PathChooser(), ("a", "b")
+    c.record(("k",), "a", 100.0) if c.choose(("k",), paths) == "a" else None
+    assert c.choose(("k",), paths) == "a"
+    c.record(("k",), "a", 1.0)  # the second timing replaces the first, cold one
+    assert c.timings[("k",)].seconds["a"] == 1.0
+    assert c.best(("other",)) is None
+
+
+def test_token_buckets():
+    assert [token_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 32, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 64]
