@@ -26,11 +26,12 @@ def expected():
 def test_configured_models_of_the_previous_version_open(name, expected, tmp_path):
     model, tok = bricks.load_model(LEGACY / name)
     assert bricks.configuration(model) is not None and bricks.configuration(model).kind == "moe"
-    path = "bags" if name == "moe-teal" else "bricks"  # the path the expected logits ran: the same additions
+    path = "bags" if name == "moe-teal" else "bricks"  # the path the expected logits ran
     set_path(model, path)
     with torch.no_grad():
         logits = model(expected["ids"]).logits
-    assert torch.equal(logits, expected[name.replace("-", "_")])
+    # Equal up to the order of float additions (the bags read small weights' rows unsorted now).
+    torch.testing.assert_close(logits, expected[name.replace("-", "_")], rtol=1e-5, atol=1e-6)
     # Saved again by this version, it reads back to the same model.
     again, _ = bricks.load_model(bricks.save_configured(model, tok, tmp_path / "again"))
     set_path(again, path)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+import bricks
+from bricks.arch import ffns
+from bricks.routing import BrickedFFN, SparseFFN
 from bricks.routing.paths import FIRST_INTERVAL, MAX_INTERVAL, PathChooser, token_bucket
 
 
@@ -49,3 +55,38 @@ def test_first_timing_is_warm_up_and_keys_are_separate():
 
 def test_token_buckets():
     assert [token_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 32, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("kind", ["teal", "bricks"])
+def test_dense_fallback_is_opt_in_and_counted(llama, kind, monkeypatch):
+    """Without `dense_fallback` no call may leave the routed function; with it, `dense` is one more path, which
+    computes the dense FFN and counts as the whole of it."""
+    from bricks.routing import base, paths
+
+    model, _ = llama
+    f = ffns(model)[0]
+    routed = SparseFFN(f, 0.5) if kind == "teal" else \
+        BrickedFFN(f, bricks.partition(model, "random", 8).assignments[0], router="centroid", active=0.5)
+    offered = []
+
+    class LastPath(PathChooser):  # takes the last path offered, as if it were the fastest
+        def choose(self, key, paths):
+            offered.append(paths)
+            return paths[-1]
+
+        def record(self, key, path, seconds):
+            pass
+
+    fake = LastPath()
+    monkeypatch.setattr(base, "CHOOSER", fake)
+    monkeypatch.setattr(paths, "CHOOSER", fake)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        routed(x)
+        assert "dense" not in offered[-1]
+        routed.dense_fallback = True
+        routed.reset_counts()
+        y = routed(x)
+        assert offered[-1][-1] == "dense"
+        torch.testing.assert_close(y, f.module(x), rtol=1e-5, atol=1e-6)
+    assert routed.executed_fraction() == pytest.approx(1.0)

@@ -233,9 +233,13 @@ def bench():
               help="brick router, or teal: the activation-sparse FFN with --active as its compute fraction")
 @click.option("--reps", default=20, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--busy", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="other processes kept busy on the CPU meanwhile (a loaded machine)")
+@click.option("--path", default=None, help="run the routed FFN on this execution path (default: the fastest by timing)")
+@click.option("--dense-fallback", is_flag=True, help="let the routed FFN run densely where that is faster (serving)")
 @json_option
 @user_errors
-def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, as_json):
+def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, as_json):
     """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""
     from ..routing.bench import bench_ffn
 
@@ -249,7 +253,7 @@ def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, devi
     for a in actives:
         if not 0 < a <= 1:
             raise BricksError(f"active fraction must be in (0, 1], got {a}")
-    rows = bench_ffn(parsed, dtypes, batches, actives, n_bricks, router, reps, device,
-                     progress=None if as_json else click.echo)
+    rows = bench_ffn(parsed, dtypes, batches, actives, n_bricks, router, reps, device, busy=busy, path=path,
+                     dense_fallback=dense_fallback, progress=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(rows, indent=1))

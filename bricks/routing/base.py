@@ -24,10 +24,16 @@ class RoutedFFN(nn.Module):
 
     An inference call runs on one of the module's `paths`, which all compute the same function; `path` fixes
     one (tests, benchmarks), None takes the fastest by timing (`bricks.routing.paths`).
+
+    `dense_fallback` adds one more path, `dense`: the whole FFN, the dense model's function, taken where it is
+    the fastest (a prefill, a batch) and counted as the whole FFN. That is how TEAL and CATS serve (sparse
+    decoding, dense prefill), and it is off by default: with it, what a batch computes is not the routed
+    function any more, so quality measured on batches would be the dense model's.
     """
 
     paths: tuple[str, ...] = ()
     path: str | None = None
+    dense_fallback: bool = False
 
     def static_path(self, tokens: int) -> str:
         """The path off the CPU, where calls are not timed."""
@@ -44,8 +50,12 @@ class RoutedFFN(nn.Module):
             return self.path, None
         if x.device.type != "cpu":
             return self.static_path(tokens), None
-        key = (type(self).__name__, *self.shape_key(), x.dtype, token_bucket(tokens))
-        return CHOOSER.choose(key, self.paths_for(tokens)), key
+        key = self.timing_key(x)
+        return CHOOSER.choose(key, self.paths_for(tokens) + (("dense",) if self.dense_fallback else ())), key
+
+    def timing_key(self, x) -> tuple:
+        """Calls with the same key cost the same: they share timings (see `bricks.routing.paths`)."""
+        return type(self).__name__, *self.shape_key(), x.dtype, token_bucket(x.shape[0])
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
         return self.paths
@@ -74,8 +84,9 @@ class RoutedFFN(nn.Module):
         self.counts.zero_()
 
     def set_path(self, path: str | None) -> None:
-        if path is not None and path not in self.paths:
-            raise BricksError(f"unknown execution path {path!r} for {type(self).__name__}: one of {', '.join(self.paths)}")
+        if path is not None and path not in (*self.paths, "dense"):
+            raise BricksError(f"unknown execution path {path!r} for {type(self).__name__}: one of "
+                              f"{', '.join(self.paths)} (the routed function) or dense")
         self.path = path
 
     def set_full(self) -> None:
@@ -135,6 +146,13 @@ def set_path(model: nn.Module, path: str | None) -> None:
     """
     for m in routed_layers(model):
         m.set_path(path)
+
+
+def set_dense_fallback(model: nn.Module, on: bool = True) -> None:
+    """Let every routed FFN of `model` run densely where that is faster (see `RoutedFFN`): for serving, not for
+    measuring a routed model's quality."""
+    for m in routed_layers(model):
+        m.dense_fallback = on
 
 
 def compute_fraction(model: nn.Module) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import time
 
 import torch
@@ -9,6 +12,7 @@ import torch
 from ..arch import ffns
 from ..loading import parse_dtype
 from .bricked_ffn import BrickedFFN
+from .paths import CHOOSER
 from .sparse_ffn import SparseFFN
 
 
@@ -22,8 +26,23 @@ def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = 
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
+@contextlib.contextmanager
+def competing_processes(n: int):
+    """`n` other processes keeping a core busy each while the block runs: a laptop or a shared server's load."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(0.5)  # let the scheduler spread them before anything is timed
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def _median_time(module, x, reps: int, sync) -> float:
-    module(x)
+    for _ in range(8):  # warm-up, and the routed paths' first timings (each path twice)
+        module(x)
     sync()
     times = []
     for _ in range(reps):
@@ -37,11 +56,22 @@ def _median_time(module, x, reps: int, sync) -> float:
 @torch.no_grad()
 def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"), batches=(1, 32),
               actives=(0.5, 0.25), n_bricks: int = 64, router: str = "centroid", reps: int = 20,
-              device: str = "cpu", progress=print) -> list[dict]:
+              device: str = "cpu", busy: int = 0, path: str | None = None, dense_fallback: bool = False,
+              progress=print) -> list[dict]:
     """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked.
 
     `router="teal"` measures the activation-sparse FFN (`SparseFFN`) at compute fraction `active` instead.
+    `busy` other processes spin on the CPU meanwhile. Each row names the execution path the routed FFN's
+    timings chose (`bricks.routing.paths`), or `path` when given, and the compute fraction that path executed.
+    `dense_fallback` lets the routed FFN run densely where that is faster (see `RoutedFFN`).
     """
+    with competing_processes(busy):
+        return _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback,
+                      progress)
+
+
+def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback,
+           progress) -> list[dict]:
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     rows = []
     for hidden, d_ff in shapes:
@@ -59,15 +89,25 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
                     routed = SparseFFN(f, compute=active) if router == "teal" else \
                         BrickedFFN(f, assignment, router=router, active=active)
+                    routed.set_path(path)
+                    routed.dense_fallback = dense_fallback
                     t = _median_time(routed, x, reps, sync)
+                    routed.reset_counts()
+                    routed(x)  # one more call, counted: what the chosen path executes
+                    key = routed.timing_key(x.reshape(-1, hidden))
                     row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
-                           "router": router, "n_bricks": None if router == "teal" else n_bricks, "compute_fraction": round(routed.compute_fraction(), 4),
+                           "router": router, "n_bricks": None if router == "teal" else n_bricks, "busy_processes": busy,
+                           "dense_fallback": dense_fallback,
+                           "compute_fraction": round(routed.compute_fraction(), 4),
+                           "path": routed.path or CHOOSER.best(key) or routed.static_path(batch),
+                           "executed_fraction": round(routed.executed_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
                            "speedup": round(t_dense / t, 3)}
                     rows.append(row)
                     if progress:
                         progress(f"{hidden}x{d_ff} {dtype_name:>8} batch {batch:>2} active {active:.2f}: dense {row['dense_ms']:8.3f} ms, "
-                                 f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (compute {row['compute_fraction']:.3f})")
+                                 f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (compute {row['compute_fraction']:.3f}, "
+                                 f"path {row['path']}, executed {row['executed_fraction']:.3f})")
                     del routed
             del model, f, dense
     return rows

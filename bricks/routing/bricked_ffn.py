@@ -173,17 +173,18 @@ class BrickedFFN(RoutedFFN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [tokens, hidden]
-        sel = self.select(x2)
-        if sel is None and self.dense_at_full:
+        if self.k_active >= self.n_bricks and self.dense_at_full:
             y = self._dense(x2)
             self.counts += torch.tensor([x2.shape[0], x2.shape[0] * self.n_bricks], dtype=self.counts.dtype,
                                         device=self.counts.device)
             return y.reshape(*shape[:-1], self.hidden)
         self._dense_cache = None  # routing again: drop the full-activity copy
-        if sel is None:
-            sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
         with timed(key, path):
+            # `dense` (`dense_fallback`): every brick, no router, the dense model's function
+            sel = None if path == "dense" else self.select(x2)
+            if sel is None and path != "dense":
+                sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
             y = self._run(x2, sel, path)
         return y.reshape(*shape[:-1], self.hidden)
 
@@ -195,8 +196,8 @@ class BrickedFFN(RoutedFFN):
         return (self.hidden, self.d_ff, self.n_bricks, self.brick_size, self.k_active, shared,
                 None if self.router is None else type(self.router).__name__)
 
-    def _run(self, x2: torch.Tensor, sel: torch.Tensor, path: str) -> torch.Tensor:
-        masked = path == "masked"  # every brick is computed there: count them all
+    def _run(self, x2: torch.Tensor, sel: torch.Tensor | None, path: str) -> torch.Tensor:
+        masked = path in ("masked", "dense")  # every brick is computed there: count them all
         self.counts[0] += x2.shape[0]
         self.counts[1] += x2.shape[0] * self.n_bricks if masked else sel.sum()
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
@@ -267,7 +268,7 @@ class BrickedFFN(RoutedFFN):
                 a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
                 y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
-    def _masked(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    def _masked(self, x: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
         """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path
         (unselected bricks get zero gradient either way) in a few large matmuls instead of a loop over bricks,
         whose per-brick overheads dominate a batch's forward pass and a training step's backward pass."""
@@ -280,7 +281,8 @@ class BrickedFFN(RoutedFFN):
                 rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
                 mass = (a.abs() * rows.norm(dim=-1)).sum(-1).float()
             self.router_loss = self.router.refit_loss(x.detach(), mass, self.k_active)
-        a = a * sel[..., None].to(h.dtype)
+        if sel is not None:
+            a = a * sel[..., None].to(h.dtype)
         if self.down_rows:
             return a.flatten(1) @ self.w_down.flatten(0, 1)
         return torch.einsum("tns,nhs->th", a, self.w_down)

@@ -52,6 +52,8 @@ from .paths import timed
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
 # 0.5 that is 60% of the inputs and 30% of the neurons (the split `bench/routing_quality_probe.py` compares).
 IN_OVER_COMPUTE = 1.2
+# Weights above this size are read in memory order (see `SparseFFN._kept`).
+SORT_ABOVE_BYTES = 8 << 20
 
 
 class SparseFFN(RoutedFFN):
@@ -181,7 +183,11 @@ class SparseFFN(RoutedFFN):
         else:
             path, key = self.choose_path(x2)
             with timed(key, path):
-                y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
+                if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
+                    y = self._dense(x2)
+                    self._count(n, n * self.hidden, n * self.d_ff)
+                else:
+                    y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,16 +223,23 @@ class SparseFFN(RoutedFFN):
         out = F.embedding_bag(idx.flatten(), weight, offsets, mode="sum", per_sample_weights=values.flatten())
         return out.view(tokens, parts, -1).sum(1) if parts > 1 else out
 
+    @staticmethod
+    def _kept(v: torch.Tensor, n: int, weight: torch.Tensor) -> torch.Tensor:
+        """Indices of the n largest |v| per row; sorted when the weight is larger than a core's cache, so that its
+        rows are read in memory order (5-7% faster bags on 4096x11008, nothing gained on 576x1536)."""
+        idx = v.abs().topk(n, dim=-1, sorted=False).indices
+        return idx.sort(-1).values if weight.numel() * weight.element_size() > SORT_ABOVE_BYTES else idx
+
     def _sparse(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
         """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
-        W_down^T (sorted, so the rows are read in memory order)."""
+        W_down^T."""
         n = x.shape[0]
-        idx = x.abs().topk(self.n_in, dim=-1, sorted=False).indices.sort(-1).values
+        idx = self._kept(x, self.n_in, self.w_in_t)
         h = self._bag(idx, x.gather(-1, idx), self.w_in_t, split)
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
-        j = a.abs().topk(self.n_act, dim=-1, sorted=False).indices.sort(-1).values
+        j = self._kept(a, self.n_act, self.w_down_t)
         y = self._bag(j, a.gather(-1, j), self.w_down_t, split)
         # The rows the bags were given to read: what ran, not what was configured.
         self._count(n, idx.numel(), j.numel())
