@@ -147,9 +147,10 @@ def assert_configured_dir_serves(out, original_dir, tmp_path) -> torch.Tensor:
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         logits = model(ids).logits
-    assert torch.equal(logits_in_fresh_process(out, ids, tmp_path), logits)
+    # Equal up to the order of float additions: each process times its own execution paths (bricks.routing.paths).
+    torch.testing.assert_close(logits_in_fresh_process(out, ids, tmp_path), logits, rtol=1e-5, atol=1e-5)
     assert_saved_base_is_the_original(out, original_dir, ids, logits)
-    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gen = model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 16)
     return logits
 

@@ -69,15 +69,15 @@ def test_dense_fallback_is_opt_in_and_counted(llama, kind, monkeypatch):
         BrickedFFN(f, bricks.partition(model, "random", 8).assignments[0], router="centroid", active=0.5)
     offered = []
 
-    class LastPath(PathChooser):  # takes the last path offered, as if it were the fastest
+    class DensePath(PathChooser):  # takes `dense` when offered, as if it were the fastest
         def choose(self, key, paths):
             offered.append(paths)
-            return paths[-1]
+            return "dense" if "dense" in paths else paths[0]
 
         def record(self, key, path, seconds):
             pass
 
-    fake = LastPath()
+    fake = DensePath()
     monkeypatch.setattr(base, "CHOOSER", fake)
     monkeypatch.setattr(paths, "CHOOSER", fake)
     x = torch.randn(4, 32)
@@ -87,6 +87,36 @@ def test_dense_fallback_is_opt_in_and_counted(llama, kind, monkeypatch):
         routed.dense_fallback = True
         routed.reset_counts()
         y = routed(x)
-        assert offered[-1][-1] == "dense"
+        assert "dense" in offered[-1]
         torch.testing.assert_close(y, f.module(x), rtol=1e-5, atol=1e-6)
     assert routed.executed_fraction() == pytest.approx(1.0)
+
+
+def test_a_serial_path_runs_on_one_thread_and_gives_the_threads_back(llama):
+    model, _ = llama
+    sparse = SparseFFN(ffns(model)[0], 0.5)
+    x = torch.randn(4, 32)
+    seen, masked = [], sparse._masked
+
+    def spy(v):
+        seen.append(torch.get_num_threads())
+        return masked(v)
+
+    sparse._masked = spy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            sparse.set_path("masked")
+            y = sparse(x)
+            sparse.set_path("masked@1")
+            torch.testing.assert_close(sparse(x), y)
+            assert seen == [2, 1] and torch.get_num_threads() == 2
+            sparse._masked = lambda v: 1 / 0  # a failing call gives the threads back too
+            with pytest.raises(ZeroDivisionError):
+                sparse(x)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(bricks.BricksError, match="unknown execution path 'bricks@1'"):
+        sparse.set_path("bricks@1")

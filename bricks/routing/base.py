@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..arch import FFN, decoder_layers, ffns, layout_for
 from ..errors import BricksError
-from .paths import CHOOSER, token_bucket
+from .paths import CHOOSER, SERIAL, token_bucket, with_serial
 
 
 class RoutedFFN(nn.Module):
@@ -51,7 +52,8 @@ class RoutedFFN(nn.Module):
         if x.device.type != "cpu":
             return self.static_path(tokens), None
         key = self.timing_key(x)
-        return CHOOSER.choose(key, self.paths_for(tokens) + (("dense",) if self.dense_fallback else ())), key
+        paths = self.paths_for(tokens) + (("dense",) if self.dense_fallback else ())
+        return CHOOSER.choose(key, with_serial(paths, torch.get_num_threads())), key
 
     def timing_key(self, x) -> tuple:
         """Calls with the same key cost the same: they share timings (see `bricks.routing.paths`)."""
@@ -84,9 +86,10 @@ class RoutedFFN(nn.Module):
         self.counts.zero_()
 
     def set_path(self, path: str | None) -> None:
-        if path is not None and path not in (*self.paths, "dense"):
+        if path is not None and path.removesuffix(SERIAL) not in (*self.paths, "dense"):
             raise BricksError(f"unknown execution path {path!r} for {type(self).__name__}: one of "
-                              f"{', '.join(self.paths)} (the routed function) or dense")
+                              f"{', '.join(self.paths)} (the routed function) or dense, each with {SERIAL} to run on "
+                              "one thread")
         self.path = path
 
     def set_full(self) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
-from .paths import timed
+from .paths import running
 from .routers import make_router
 
 
@@ -180,7 +180,7 @@ class BrickedFFN(RoutedFFN):
             return y.reshape(*shape[:-1], self.hidden)
         self._dense_cache = None  # routing again: drop the full-activity copy
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
-        with timed(key, path):
+        with running(key, path) as path:
             # `dense` (`dense_fallback`): every brick, no router, the dense model's function
             sel = None if path == "dense" else self.select(x2)
             if sel is None and path != "dense":

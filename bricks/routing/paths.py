@@ -9,7 +9,9 @@ CPU's caches, and on what else the machine is doing: a call split over
 every thread waits for all of them, and with one other busy process on a
 2-core machine one of them is often descheduled (`bench/README.md`).
 
-So the paths are timed as they run. Every path is measured at first use,
+Each path can also run on one thread (`masked@1`): on an idle machine that is
+slower, on a busy one it is often the fastest, as nothing waits for a
+descheduled thread. So the paths are timed as they run. Every path is measured at first use,
 then calls take the one with the lowest recent time (an exponential moving
 average: a path that starts to stall loses its place within a few calls),
 and the others are re-measured now and then (the new timing replaces the old
@@ -22,13 +24,18 @@ and the path is fixed by the number of tokens (see each FFN's `static_path`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 # Weight of the newest timing in the moving average: a path that starts to stall is left within a few calls.
 DECAY = 0.3
 # Re-measure the runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
 FIRST_INTERVAL, MAX_INTERVAL = 8, 256
+# Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
+SERIAL = "@1"
 
 
 def token_bucket(tokens: int) -> int:
@@ -100,17 +107,27 @@ class PathChooser:
 CHOOSER = PathChooser()
 
 
-class timed:
-    """Run one call on the chosen path and record its time (CPU only: accelerators return before they ran)."""
+def with_serial(paths: tuple[str, ...], threads: int) -> tuple[str, ...]:
+    """`paths`, and each of them on one thread (SERIAL) when there are several threads to avoid waiting for
+    (`split` exists to use them all)."""
+    if threads <= 1:
+        return paths
+    return paths + tuple(p + SERIAL for p in paths if p != "split")
 
-    def __init__(self, key: tuple | None, path: str):
-        self.key, self.path = key, path
 
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.key is not None and exc[0] is None:
-            CHOOSER.record(self.key, self.path, time.perf_counter() - self.start)
-        return False
+@contextlib.contextmanager
+def running(key: tuple | None, path: str):
+    """Run one call on `path` and record its time under `key` (None: not timed, as on accelerators, which return
+    before they ran). Yields the path's name; a SERIAL path runs on one thread for the call."""
+    serial = path.endswith(SERIAL)
+    threads = torch.get_num_threads()
+    if serial:
+        torch.set_num_threads(1)  # 0.4 us here, and back after the call
+    start = time.perf_counter()
+    try:
+        yield path.removesuffix(SERIAL)
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+    if key is not None:
+        CHOOSER.record(key, path, time.perf_counter() - start)

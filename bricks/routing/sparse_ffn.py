@@ -47,7 +47,7 @@ from torch import nn
 from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
-from .paths import timed
+from .paths import running
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
 # 0.5 that is 60% of the inputs and 30% of the neurons (the split `bench/routing_quality_probe.py` compares).
@@ -182,7 +182,7 @@ class SparseFFN(RoutedFFN):
             y = self._masked(x2)
         else:
             path, key = self.choose_path(x2)
-            with timed(key, path):
+            with running(key, path) as path:
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
                     y = self._dense(x2)
                     self._count(n, n * self.hidden, n * self.d_ff)
