@@ -27,8 +27,9 @@ def ratios(r: dict, key: str, digits: int = 3) -> str:
     return " / ".join(f"{r[key]['ppl'][d] / dense[d]:.{digits}f}" for d in dense)
 
 
-def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float) -> str:
-    row = next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"]) == (d_ff, dtype, batch, active))
+def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy: int = 0) -> str:
+    row = next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"], x["busy_processes"])
+               == (d_ff, dtype, batch, active, busy))
     return f"{row['speedup']:.2f}x"
 
 
@@ -36,9 +37,15 @@ def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float) -> st
 HEADLINES = [
     ("README.md", "**{}**", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "recovered")),
     ("README.md", "before training {}", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "routed", 2)),
-    ("README.md", "1.69x dense at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
-    ("README.md", "3.51x at 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
-    ("README.md", "1.34x", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "1.61x dense at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("README.md", "3.54x at 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
+    ("README.md", "still {} at 0.5 with another process", "ffn_teal_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, busy=1)),
+    ("README.md", "own small FFN ({} at 0.5)", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
+    ("README.md", "Llama is {}.", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "end-to-end decoding ({})", "decode_teal_default_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "**{}** | 0.66", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "busy (1.60x at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, busy=1)),
     ("README.md", "rows take {}x", "fusion_decode_cpu.json", lambda r: f"{r['adapter_rows_over_base']:.2f}"),
     ("README.md", "three full models {}x", "fusion_decode_cpu.json", lambda r: f"{r['full_models_over_base']:.2f}"),
     ("README.md", "recovers **{}**", "cpet_code_2048_cpu.json",

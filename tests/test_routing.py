@@ -92,11 +92,13 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(grads[0][1].flatten(1).abs().sum(1) > 0, sel.any(0))  # bricks no token ran get no gradient
-    # What runs is counted: the masked training path computes every brick, the whole FFN.
+    # What runs is counted: the masked training path computes every brick, the whole FFN, while the routed
+    # function selected its share (counted apart).
     ffn.train()
     ffn.reset_counts()
     ffn(x)
     assert ffn.executed_fraction() == pytest.approx(1.0)
+    assert ffn.routed_fraction() == pytest.approx(ffn._macs(float(sel.sum()) / len(x)) / ffn.dense_macs_per_token())
 
 
 def test_oracle_picks_the_heaviest_bricks(llama):

@@ -70,8 +70,15 @@ class RoutedFFN(nn.Module):
         """FFN multiply-accumulates per token over dense, as configured."""
         raise NotImplementedError
 
+    def routed_fraction(self) -> float | None:
+        """Compute fraction of the routed function over the tokens run since the counts were last reset (None when
+        none ran): the share each token selected, whichever path ran it. Differs from `compute_fraction` only for
+        routers whose choice varies per token (threshold)."""
+        raise NotImplementedError
+
     def executed_fraction(self) -> float | None:
-        """Compute fraction of the tokens run since the counts were last reset (None when none ran)."""
+        """Compute fraction the paths ran over the tokens since the counts were last reset (None when none ran):
+        the whole FFN for tokens run by dense matmuls on zeroed entries."""
         raise NotImplementedError
 
     def ranked_per_token(self) -> int:
@@ -177,15 +184,23 @@ def selection_fraction(model: nn.Module) -> float:
     return sum(fr) / len(fr) if fr else 0.0
 
 
-def executed_fraction(model: nn.Module, reset: bool = False) -> float:
-    """Mean FFN compute fraction the forward passes actually ran (1.0 for a dense model).
-
-    `reset` zeroes the counts afterwards.
-    """
+def _counted(model: nn.Module, fraction: str, reset: bool) -> float:
     layers = routed_layers(model)
-    fr = [m.executed_fraction() for m in layers]
+    fr = [getattr(m, fraction)() for m in layers]
     if reset:
         for m in layers:
             m.reset_counts()
     fr = [f if f is not None else m.compute_fraction() for f, m in zip(fr, layers)]
     return sum(fr) / len(fr) if fr else 1.0
+
+
+def routed_fraction(model: nn.Module, reset: bool = False) -> float:
+    """Mean FFN compute fraction of the routed function over the tokens the forward passes ran (1.0 for a dense
+    model): what each token selected, the figure to plot quality against. `reset` zeroes the counts afterwards."""
+    return _counted(model, "routed_fraction", reset)
+
+
+def executed_fraction(model: nn.Module, reset: bool = False) -> float:
+    """Mean FFN compute fraction the forward passes actually ran (1.0 for a dense model): above the routed
+    fraction where batches ran as dense matmuls on zeroed entries. `reset` zeroes the counts afterwards."""
+    return _counted(model, "executed_fraction", reset)

@@ -113,7 +113,8 @@ class BrickedFFN(RoutedFFN):
         self.dense_at_full = True  # False: brick by brick even at full activity (what `verify_bricks` measures)
         self._dense_cache: dict[str, torch.Tensor] | None = None
         # Tokens seen and routed bricks run (threshold routers vary per token); on the device: no syncs.
-        self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=dev), persistent=False)
+        # Tokens, bricks the routed function selected, bricks the path ran (all of them when masked).
+        self.register_buffer("counts", torch.zeros(3, dtype=torch.float64, device=dev), persistent=False)
         # Set by recovery with router refit: the masked path then leaves the router's loss in `router_loss`.
         self.refit_router = False
         self.router_loss: torch.Tensor | None = None
@@ -175,8 +176,8 @@ class BrickedFFN(RoutedFFN):
         x2 = x.reshape(-1, shape[-1])  # [tokens, hidden]
         if self.k_active >= self.n_bricks and self.dense_at_full:
             y = self._dense(x2)
-            self.counts += torch.tensor([x2.shape[0], x2.shape[0] * self.n_bricks], dtype=self.counts.dtype,
-                                        device=self.counts.device)
+            n = x2.shape[0] * self.n_bricks
+            self.counts += torch.tensor([x2.shape[0], n, n], dtype=self.counts.dtype, device=self.counts.device)
             return y.reshape(*shape[:-1], self.hidden)
         self._dense_cache = None  # routing again: drop the full-activity copy
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
@@ -197,9 +198,10 @@ class BrickedFFN(RoutedFFN):
                 None if self.router is None else type(self.router).__name__)
 
     def _run(self, x2: torch.Tensor, sel: torch.Tensor | None, path: str) -> torch.Tensor:
-        masked = path in ("masked", "dense")  # every brick is computed there: count them all
+        masked = path in ("masked", "dense")  # every brick is computed there: executed, all of them
         self.counts[0] += x2.shape[0]
-        self.counts[1] += x2.shape[0] * self.n_bricks if masked else sel.sum()
+        self.counts[1] += x2.shape[0] * self.n_bricks if sel is None else sel.sum()
+        self.counts[2] += x2.shape[0] * self.n_bricks if masked else sel.sum()
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         y = x2.new_zeros(x2.shape[0], self.hidden)
@@ -361,11 +363,15 @@ class BrickedFFN(RoutedFFN):
     def ranked_per_token(self) -> int:
         return self.n_bricks if self.router is not None and self.k_active < self.n_bricks else 0
 
+    def _fraction(self, which: int) -> float | None:
+        tokens, bricks = self.counts[0].item(), self.counts[which].item()
+        return None if tokens == 0 else self._macs(bricks / tokens) / self.dense_macs_per_token()
+
+    def routed_fraction(self) -> float | None:
+        return self._fraction(1)
+
     def executed_fraction(self) -> float | None:
-        tokens, run = self.counts.tolist()
-        if tokens == 0:
-            return None
-        return self._macs(run / tokens) / self.dense_macs_per_token()
+        return self._fraction(2)
 
     def set_compute(self, target: float) -> None:
         """Choose the active share so that the compute fraction (router and shared brick included) is at most `target`."""

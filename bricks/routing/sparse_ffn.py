@@ -84,7 +84,7 @@ class SparseFFN(RoutedFFN):
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         # Tokens seen, input channels and neurons read: the compute fraction the forward passes ran. All three are
         # known on the host, so counting costs no device work.
-        self.counts = [0, 0, 0]
+        self.counts = [0, 0, 0, 0, 0]  # tokens, then inputs and neurons selected, then inputs and neurons read
         self._offsets: dict[tuple, torch.Tensor] = {}
         self.keep_in = self.keep_act = 1.0
         self.set_compute(compute)
@@ -140,16 +140,22 @@ class SparseFFN(RoutedFFN):
         return 0 if self.full else self.hidden + self.d_ff
 
     def reset_counts(self) -> None:
-        self.counts = [0, 0, 0]
+        self.counts = [0, 0, 0, 0, 0]
 
-    def _count(self, tokens: int, n_in: int, n_act: int) -> None:
-        self.counts = [self.counts[0] + tokens, self.counts[1] + n_in, self.counts[2] + n_act]
+    def _count(self, tokens: int, n_in: int, n_act: int, ran_in: int | None = None, ran_act: int | None = None) -> None:
+        """Inputs and neurons the routed function selected, and those the path read (the same unless masked)."""
+        add = (tokens, n_in, n_act, n_in if ran_in is None else ran_in, n_act if ran_act is None else ran_act)
+        self.counts = [c + a for c, a in zip(self.counts, add)]
+
+    def _fraction(self, n_in: float, n_act: float) -> float | None:
+        tokens = self.counts[0]
+        return None if tokens == 0 else self._macs(n_in / tokens, n_act / tokens) / self.dense_macs_per_token()
+
+    def routed_fraction(self) -> float | None:
+        return self._fraction(self.counts[1], self.counts[2])
 
     def executed_fraction(self) -> float | None:
-        tokens, n_in, n_act = self.counts
-        if tokens == 0:
-            return None
-        return self._macs(n_in / tokens, n_act / tokens) / self.dense_macs_per_token()
+        return self._fraction(self.counts[3], self.counts[4])
 
     # ------------------------------------------------------------------ execution
     @staticmethod
@@ -199,14 +205,14 @@ class SparseFFN(RoutedFFN):
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
-        gradients flow through the kept entries only). Counted as what runs: the whole FFN."""
+        gradients flow through the kept entries only). Executed: the whole FFN."""
         n = x.shape[0]
         h = (x * self._top(x.detach(), self.n_in)) @ self.w_in_t
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
         y = (a * self._top(a.detach(), self.n_act)) @ self.w_down_t
-        self._count(n, n * self.hidden, n * self.d_ff)
+        self._count(n, n * self.n_in, n * self.n_act, n * self.hidden, n * self.d_ff)
         return y if self.b_down is None else y + self.b_down
 
     def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, split: bool) -> torch.Tensor:
