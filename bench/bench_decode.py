@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bricks.brick import BrickSet, model_fingerprint
-from bricks.routing import bricked, compute_fraction, executed_fraction, set_dense_fallback, sparsified
+from bricks.routing import (bricked, calibrate_thresholds, compute_fraction, executed_fraction, set_dense_fallback,
+                            sparsified)
 from bricks.routing.bench import competing_processes
 from record import save
 
@@ -36,6 +37,8 @@ def main():
     p.add_argument("--model", default=None, help="a model spec (e.g. default) instead of the random TinyLlama shape")
     p.add_argument("--busy", type=int, default=0, help="other processes kept busy on the CPU meanwhile")
     p.add_argument("--dense-fallback", action="store_true")
+    p.add_argument("--selection", default="topk", choices=("topk", "threshold"),
+                   help="teal's; thresholds calibrated on random token windows (speed does not depend on them)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from bricks.loading import parse_dtype
@@ -73,6 +76,9 @@ def main():
                 # teal: single neurons and inputs by magnitude, --active as the FFN compute fraction
                 with sparsified(model, a.active) if a.router == "teal" else bricked(model, bs, router=a.router, active=a.active):
                     set_dense_fallback(model, a.dense_fallback)
+                    if a.router == "teal" and a.selection == "threshold":
+                        with torch.no_grad():
+                            calibrate_thresholds(model, torch.randint(0, c.vocab_size, (8, 64)))
                     decode()  # the routed FFNs time their execution paths (bricks.routing.paths)
                     executed_fraction(model, reset=True)
                     routed.append(decode())
@@ -80,7 +86,7 @@ def main():
     result = {"model": a.model or "random TinyLlama shape", "layers": c.num_hidden_layers, "hidden": c.hidden_size,
               "d_ff": c.intermediate_size, "dtype": a.dtype, "active": a.active, "router": a.router,
               "bricks": None if a.router == "teal" else a.bricks, "new_tokens": a.tokens, "busy_processes": a.busy,
-              "dense_fallback": a.dense_fallback, "ffn_compute_fraction": round(frac, 4),
+              "dense_fallback": a.dense_fallback, "selection": a.selection if a.router == "teal" else None, "ffn_compute_fraction": round(frac, 4),
               "ffn_executed_fraction": round(executed, 4),
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
               "speedup": round(max(routed) / max(dense), 3)}

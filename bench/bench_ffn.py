@@ -25,6 +25,7 @@ def main():
     p.add_argument("--active", action="append", type=float, default=None, help="default: 0.5 and 0.25")
     p.add_argument("--busy", action="append", type=int, default=None, help="competing busy processes (default: 0, 1)")
     p.add_argument("--dense-fallback", action="store_true", help="let routed FFNs run densely where that is faster")
+    p.add_argument("--selection", default="topk", choices=("topk", "threshold"), help="teal's")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
@@ -34,7 +35,7 @@ def main():
     for busy in a.busy or [0, 1]:
         rows += bench_ffn(shapes, a.dtype or ["float32", "bfloat16"], a.batch or [1, 8, 32], a.active or [0.5, 0.25],
                           router=a.router, reps=a.reps, device=a.device, busy=busy,
-                          dense_fallback=a.dense_fallback,
+                          dense_fallback=a.dense_fallback, selection=a.selection,
                           progress=lambda line, busy=busy: print(f"busy {busy}: {line}", flush=True))
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"slowest setting: x{worst['speedup']:.2f} dense ({worst['hidden']}x{worst['d_ff']} {worst['dtype']} batch "

@@ -41,7 +41,8 @@ from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
                       load_tokenizer, resolve, split_spec)
-from .routing import ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, recover, routed_layers, train_routers
+from .routing import (ROUTERS, BrickedFFN, SparseFFN, allocate_budgets, assemble_bricked, assemble_sparse,
+                      calibrate_thresholds, recover, routed_layers, train_routers)
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
 SPARSE_ROUTER = "teal"
@@ -61,6 +62,8 @@ class Configuration:
     budget: str = "uniform"
     recovery: dict | None = None  # the record of recovery training (objective, steps, source model, ...)
     source: dict | None = None  # {"spec", "fingerprint"}: the weights are the source model's, not stored
+    selection: str = "topk"  # teal: how each token's kept entries are chosen (topk, or calibrated thresholds)
+    thresholds: list | None = None  # teal with threshold selection: (inputs, neurons) magnitudes per layer
     brickset: BrickSet | None = None  # saved under bricks/; None for teal
     dense_ffns: list = field(default_factory=list)  # the dense FFN modules' structure (meta device), for saving
     reports: dict = field(default_factory=dict)  # this run's router training, budget and recovery reports (not saved)
@@ -70,6 +73,8 @@ class Configuration:
         doc = {"format": FORMAT, "version": VERSION, "kind": self.kind, "router": self.router, "active": self.active,
                "compute": self.compute, "budget": self.budget}
         extra = {"recovery": self.recovery, "source": self.source}
+        if self.selection != "topk":
+            extra.update(selection=self.selection, thresholds=self.thresholds)
         return {**doc, **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -86,7 +91,8 @@ class MoefyConfig(BaseModel):
     active: float | list[float] = 0.5  # share of routed bricks per token (teal: the FFN compute fraction)
     compute: float | None = None  # instead of active: the FFN compute fraction per layer
     budget: Literal["uniform", "sensitivity"] = "uniform"
-    windows: int = Field(32, ge=1)  # train windows per domain for router training
+    selection: Literal["topk", "threshold"] = "topk"  # teal: exact shares per token, or calibrated magnitudes
+    windows: int = Field(32, ge=1)  # train windows per domain for router training (and threshold calibration)
     seq_len: int = Field(128, ge=2)
     epochs: int = Field(20, ge=1)  # router training epochs
     recover_steps: int = 0  # then fine-tune with the routers in the loop
@@ -112,6 +118,8 @@ class MoefyConfig(BaseModel):
                              "--recover-batch-size >= 1")
         if self.router == SPARSE_ROUTER and self.budget != "uniform":
             raise ValueError("--router teal has one compute fraction for every layer: drop --budget sensitivity")
+        if self.selection != "topk" and self.router != SPARSE_ROUTER:
+            raise ValueError(f"--selection {self.selection} chooses teal's kept entries: use it with --router teal")
         if self.router == SPARSE_ROUTER and isinstance(self.active, list):
             raise ValueError("the teal router takes one compute fraction, not one per layer")
         if self.budget == "sensitivity" and self.compute is None:
@@ -127,7 +135,9 @@ class MoefyConfig(BaseModel):
     @property
     def needs_training_data(self) -> bool:
         """Whether routers or budgets are fitted on data (train split)."""
-        return not self.sparse and (ROUTERS.get(self.router).trainable or self.budget == "sensitivity")
+        if self.sparse:
+            return self.selection == "threshold"  # calibrated on data
+        return ROUTERS.get(self.router).trainable or self.budget == "sensitivity"
 
     def check_inputs(self, has_bricks: bool, has_data: bool) -> None:
         """Refuse a missing or superfluous BrickSet, or missing data, before any model is loaded."""
@@ -137,6 +147,8 @@ class MoefyConfig(BaseModel):
             raise BricksError(f"the {self.router} router routes bricks: give a BrickSet (on the command line: give --bricks DIR, made by bricks partition)")
         if not has_data and not self.sparse and ROUTERS.get(self.router).trainable:
             raise BricksError(f"router {self.router!r} must be trained: pass --data NAME=SOURCE (e.g. --data code=builtin:code)")
+        if not has_data and self.selection == "threshold":
+            raise BricksError("--selection threshold calibrates its magnitudes on data: pass --data NAME=SOURCE")
         if not has_data and self.budget == "sensitivity":
             raise BricksError("--budget sensitivity needs --compute F and --data NAME=SOURCE (calibration data)")
         if not has_data and self.recover_steps:
@@ -146,7 +158,7 @@ class MoefyConfig(BaseModel):
 def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: float | list[float] = 0.5, train_domains=None,
           epochs: int = 20, compute: float | None = None, budget: str = "uniform", recover_windows=None,
           recover_steps: int = 0, recover_lr: float = 5e-5, recover_batch_size: int = 8, recover_objective: str = "distill",
-          recover_refit_routers: bool = False, recover_checkpoint=None, log=None):
+          recover_refit_routers: bool = False, recover_checkpoint=None, selection: str = "topk", log=None):
     """Turn `model` (in place) into a MoE whose experts are the bricks of `brickset`.
 
     Trainable routers (`mlp`, `hybrid`, `threshold`) are trained or calibrated on
@@ -166,7 +178,10 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
     `router="teal"` needs no BrickSet (pass None): its bricks are single
     neurons and input channels, chosen per token by magnitude
     (`bricks.routing.sparse_ffn`); `compute` (or else `active`) is then the FFN
-    compute fraction of every layer, and there is nothing to train.
+    compute fraction of every layer, and there is nothing to train; with
+    `selection="threshold"` each layer keeps the entries above magnitudes
+    calibrated on `train_domains` (TEAL's choice, `calibrate_thresholds`), again
+    after recovery if there is one.
 
     Example:
         >>> bs = bricks.BrickSet.load("runs/bricks")
@@ -177,9 +192,12 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
                                       compute=compute, budget=budget, epochs=epochs, recover_steps=recover_steps,
                                       recover_lr=recover_lr, recover_batch_size=recover_batch_size,
                                       recover_objective=recover_objective, recover_refit_routers=recover_refit_routers,
-                                      recover_checkpoint=None if recover_checkpoint is None else str(recover_checkpoint)),
+                                      recover_checkpoint=None if recover_checkpoint is None else str(recover_checkpoint),
+                                      selection=selection),
                     "moefy")
     cfg.check_inputs(brickset is not None, has_data=True)  # data: checked here as the API receives it
+    if selection == "threshold" and not train_domains:
+        raise BricksError("threshold selection is calibrated on data: pass train_domains (--data NAME=SOURCE on the CLI)")
     if budget == "sensitivity" and train_domains is None:
         raise BricksError("a sensitivity budget needs calibration data: pass train_domains (--data NAME=SOURCE on the CLI)")
     if recover_steps and recover_windows is None:
@@ -206,6 +224,9 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
         state.reports["budget"] = allocate_budgets(model, train_domains, compute)
     if cfg.sparse:
         state.active = compute if compute is not None else cfg.active
+        if selection == "threshold":
+            state.selection = selection
+            state.thresholds = calibrate_thresholds(model, torch.cat([d.windows for d in train_domains]))
     elif compute is not None or per_layer:  # saved per layer, so that a reload runs the same bricks
         state.active = [m.active for m in layers]
     if recover_steps:
@@ -216,6 +237,8 @@ def moefy(model, brickset: BrickSet | None, router: str = "centroid", active: fl
         state.recovery = {"objective": recover_objective, "steps": recover_steps, "lr": recover_lr,
                           "batch_size": recover_batch_size, "tokens": report["tokens"], "router_refit": recover_refit_routers,
                           "base_model": getattr(model.config, "_name_or_path", "") or None}
+        if selection == "threshold":  # the weights moved: so did the magnitudes each share lies above
+            state.thresholds = calibrate_thresholds(model, recover_windows)
     return model
 
 
@@ -278,14 +301,30 @@ def read_marker(path: Path) -> dict:
     return cfg
 
 
+def _set_thresholds(model, cfg: dict, path: Path) -> None:
+    """Threshold selection as it was calibrated: the saved magnitudes, one pair per layer."""
+    layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
+    thresholds = cfg.get("thresholds") or []
+    if cfg["selection"] != "threshold" or len(thresholds) != len(layers) or any(len(t) != 2 for t in thresholds):
+        raise BricksError(f"{path / MARKER}: selection {cfg['selection']!r} needs one (inputs, neurons) threshold pair "
+                          f"per layer ({len(layers)}), found {len(thresholds)}: the configured model is corrupt")
+    for m, t in zip(layers, thresholds):
+        m.selection, m.thresholds = "threshold", (float(t[0]), float(t[1]))
+    state = configuration(model)
+    state.selection, state.thresholds = "threshold", [list(t) for t in thresholds]
+
+
 def load_configured(path: Path, model) -> torch.nn.Module:
     """Re-apply the (MoE) configuration stored in `path` to its freshly loaded base `model`."""
     cfg = read_marker(path)
-    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery", "source"}
+    unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery", "source",
+                          "selection", "thresholds"}
     if unknown:
         raise BricksError(f"{path / MARKER} has unknown keys {sorted(unknown)}")
     brickset = None if cfg.get("router") == SPARSE_ROUTER else BrickSet.load(path / "bricks")
     moefy(model, brickset, cfg["router"], cfg["active"])
+    if cfg.get("selection", "topk") != "topk":
+        _set_thresholds(model, cfg, path)
     # Kept as they were written: the compute target and budget the actives came from, the recovery record.
     state = configuration(model)
     state.compute, state.budget, state.recovery = cfg.get("compute"), cfg.get("budget", "uniform"), cfg.get("recovery")

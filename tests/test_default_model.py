@@ -207,3 +207,16 @@ def test_compressed_bricks_notebook_runs(tmp_path):
     assert float(re.search(r"from recovery bricks at initialisation: ([-\d.e]+)", text).group(1)) == 0.0
     assert float(re.search(r"identity compressor: ([-\d.e]+)", text).group(1)) < 1e-8
     assert "(iv) CPET" in text and "summary" in text  # the results file's table was read
+
+
+@pytest.mark.slow
+def test_fusing_notebook_runs(tmp_path):
+    text = _run_notebook("fusing_specialists.ipynb", tmp_path)
+    assert "weights sum to 1 on every token: True" in text
+    assert "[2 images]" in text  # the gate-share heatmap and the per-token weights
+    rows = {m.group(1): [float(v) for v in m.group(2).split()]
+            for m in re.finditer(r"^\s*([\w() -]+?)\s+((?:[\d.]+\s+){3}[\d.]+)$", text, re.M)}
+    for setting in ("code", "math", "prose", "uniform logit average", "linear merge", "TIES merge",
+                    "route --router gate", "fused (UltraFuser)"):
+        assert setting in rows and all(0 < v < 1e4 for v in rows[setting]), setting
+    assert "fused / own specialist per domain" in text and "largest mean gate weight" in text

@@ -134,6 +134,8 @@ def test_moefy_teal_saves_and_reloads_in_a_fresh_process(llama_dir, tmp_path):
     (["--router", "teal", "--compute", 0.5, "--budget", "sensitivity", "--data", "code=builtin:code"],
      "one compute fraction for every layer"),
     (["--router", "teal", "--compute", 1.5], "--compute must be in (0, 1]"),
+    (["--router", "teal", "--selection", "threshold"], "--selection threshold calibrates its magnitudes on data"),
+    (["--router", "centroid", "--bricks", "BS", "--selection", "threshold"], "use it with --router teal"),
 ])
 def test_moefy_teal_bad_input(llama_dir, tmp_path, args, message):
     out = tmp_path / "teal"
@@ -217,3 +219,84 @@ def test_teal_output_refers_to_its_source(llama_dir, tmp_path):
     changed.save_pretrained(source)
     with pytest.raises(bricks.BricksError, match="has changed since"):
         bricks.load_model(out)
+
+
+def _threshold_reference(f, x, t_in, t_act):
+    """Dense FFN with each token's inputs and activations at or below the thresholds zeroed."""
+    xm = x * (x.abs() > t_in)
+    a = f.act(xm @ f.gate_weight().t()) * (xm @ f.up_weight().t())
+    return (a * (a.abs() > t_act)) @ f.down_weight().t()
+
+
+def test_threshold_selection_keeps_the_configured_share_on_average(llama_dir):
+    """TEAL's calibrated magnitudes: every path computes the thresholded function, and the mean share kept on the
+    calibration data is the configured one (the share varies per token: the routed fraction counts it)."""
+    from bricks.routing import calibrate_thresholds
+
+    model, _ = bricks.load_model(llama_dir)
+    windows = torch.randint(0, 300, (16, 24))
+    assemble_sparse(model, 0.5)
+    layers = _layers(model)
+    with torch.no_grad():
+        with pytest.raises(bricks.BricksError, match="no activation-sparse FFN"):
+            calibrate_thresholds(torch.nn.Linear(2, 2), windows)
+        layers[0].selection = "threshold"
+        with pytest.raises(bricks.BricksError, match="uncalibrated: run bricks.routing.calibrate_thresholds"):
+            model(windows[:1])
+        thresholds = calibrate_thresholds(model, windows, max_tokens=10_000)
+        assert len(thresholds) == len(layers) and all(m.selection == "threshold" for m in layers)
+        executed_fraction(model, reset=True)
+        set_path(model, "masked")
+        model(windows)
+    # Calibrated on the same windows: the mean compute is the configured one, to the sampling's precision.
+    routed = [m.routed_fraction() for m in layers]
+    assert all(abs(r - m.compute_fraction()) < 0.03 for r, m in zip(routed, layers)), routed
+    f = ffns(bricks.load_model(llama_dir)[0])[0]
+    sparse = SparseFFN(f, 0.5, selection="threshold")
+    with torch.no_grad():
+        sparse.fit_thresholds(torch.randn(4000, 32))
+        assert sparse.selection_fraction() == 0.0  # comparisons, no ranking
+        for tokens in (1, 5):
+            x = torch.randn(tokens, 32)
+            ref = _threshold_reference(f, x, *sparse.thresholds)
+            for path in sparse.paths:
+                sparse.set_path(path)
+                torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-5)
+        sparse.set_compute(0.3)  # new shares: the old magnitudes no longer fit
+        with pytest.raises(bricks.BricksError, match="uncalibrated"):
+            sparse(x)
+    with pytest.raises(bricks.BricksError, match="unknown selection 'random'"):
+        SparseFFN(f, 0.5, selection="random")
+
+
+def test_moefy_teal_threshold_saves_its_magnitudes(llama_dir, tmp_path):
+    out = tmp_path / "teal-t"
+    r = run("moefy", llama_dir, "--router", "teal", "--compute", 0.5, "--selection", "threshold", "--data",
+            "code=builtin:code", "--windows", 8, "--seq-len", 32, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["selection"] == "threshold" and len(res["thresholds"]) == 2 and all(t[0] > 0 for t in res["thresholds"])
+    doc = json.loads((out / "bricks_model.json").read_text())
+    assert doc["selection"] == "threshold" and doc["thresholds"] == res["thresholds"]
+    model, _ = bricks.load_model(out)
+    assert [list(m.thresholds) for m in _layers(model)] == res["thresholds"]
+    assert_configured_dir_serves(out, llama_dir, tmp_path)
+    # A marker whose thresholds do not fit the model is refused in one line.
+    doc["thresholds"] = doc["thresholds"][:1]
+    (out / "bricks_model.json").write_text(json.dumps(doc))
+    with pytest.raises(bricks.BricksError, match="one \\(inputs, neurons\\) threshold pair per layer"):
+        bricks.load_model(out)
+
+
+def test_threshold_magnitudes_are_recalibrated_after_recovery(llama_dir):
+    model, tok = bricks.load_model(llama_dir)
+    domains = bricks.load_domains(["code=builtin:code"], tok, "train", 24, 8)
+    with pytest.raises(bricks.BricksError, match="threshold selection is calibrated on data"):
+        bricks.moefy(model, None, router="teal", compute=0.5, selection="threshold")
+    bricks.moefy(model, None, router="teal", compute=0.5, selection="threshold", train_domains=domains)
+    before = [m.thresholds for m in _layers(model)]
+    model2, _ = bricks.load_model(llama_dir)
+    bricks.moefy(model2, None, router="teal", compute=0.5, selection="threshold", train_domains=domains,
+                 recover_steps=3, recover_lr=1e-2, recover_batch_size=2, recover_windows=domains[0].windows)
+    after = [m.thresholds for m in _layers(model2)]
+    assert bricks.configuration(model2).thresholds == after and after != before  # the weights moved, and so did they

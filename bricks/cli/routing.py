@@ -27,9 +27,12 @@ from .common import (DATA_HELP, config_option, emit, json_option, load, log_to_s
               help="instead of --active: FFN compute fraction per layer, router and shared brick included, in (0, 1]")
 @click.option("--budget", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
               help="with --compute: the same share in every layer, or per-layer shares by calibrated sensitivity")
+@click.option("--selection", type=click.Choice(["topk", "threshold"]), default="topk", show_default=True,
+              help="teal: keep each token's largest entries (exact shares), or those above magnitudes calibrated on "
+                   "--data (TEAL's choice: cheaper for batches, shares vary per token)")
 @click.option("--out", required=True, type=click.Path(), help="configured model directory to write (must not exist)")
 @click.option("--data", "data", multiple=True,
-              help=DATA_HELP + " (train split; trains or calibrates the router and the sensitivity budget)")
+              help=DATA_HELP + " (train split; trains or calibrates the router, the sensitivity budget, the thresholds)")
 @click.option("--windows", default=32, show_default=True, help="train windows per domain for router training")
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--epochs", default=20, show_default=True, help="router training epochs")
@@ -50,7 +53,7 @@ from .common import (DATA_HELP, config_option, emit, json_option, load, log_to_s
 @json_option
 @click.pass_context
 @user_errors
-def moefy(ctx, model, brickset, router, active, compute, budget, out, data, windows, seq_len, epochs, recover_steps,
+def moefy(ctx, model, brickset, router, active, compute, budget, selection, out, data, windows, seq_len, epochs, recover_steps,
           recover_windows, recover_lr, recover_batch_size, recover_objective, recover_refit_routers, recover_checkpoint,
           config_file, device, dtype, device_map, as_json):
     """Turn MODEL into a MoE whose experts are the bricks of BRICKSET; write a directory load_model opens.
@@ -71,7 +74,7 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
         router = "teal" if brickset is None else ("hybrid" if any(s is not None for s in BrickSet.load(brickset).shared)
                                                  else "mlp")
     cfg = settings(ctx, config_file, MoefyConfig, router=router, active=active, compute=compute, budget=budget,
-                   windows=windows, seq_len=seq_len, epochs=epochs, recover_steps=recover_steps,
+                   selection=selection, windows=windows, seq_len=seq_len, epochs=epochs, recover_steps=recover_steps,
                    recover_windows=recover_windows, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
                    recover_objective=recover_objective, recover_refit_routers=recover_refit_routers,
                    recover_checkpoint=recover_checkpoint)
@@ -88,7 +91,7 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
         recover_windows=recover_data, recover_steps=cfg.recover_steps, recover_lr=cfg.recover_lr,
         recover_batch_size=cfg.recover_batch_size, recover_objective=cfg.recover_objective,
         recover_refit_routers=cfg.recover_refit_routers, recover_checkpoint=cfg.recover_checkpoint,
-        log=log_to_stderr(as_json))
+        selection=cfg.selection, log=log_to_stderr(as_json))
     state = configuration(m)
     save_configured(m, tok, out, source=model)
     if cfg.recover_checkpoint:
@@ -97,10 +100,13 @@ def moefy(ctx, model, brickset, router, active, compute, budget, out, data, wind
     if cfg.sparse:
         layer = next(x for x in m.modules() if isinstance(x, SparseFFN))
         result = {"out": str(out), "router": cfg.router, "compute_fraction": compute_fraction(m), "keep_inputs": layer.keep_in,
-                  "keep_neurons": layer.keep_act, "recovery": recovery}
+                  "keep_neurons": layer.keep_act, "selection": cfg.selection, "thresholds": state.thresholds,
+                  "recovery": recovery}
+        kept = (f"the largest {layer.keep_in:.0%} of the FFN inputs, {layer.keep_act:.0%} of the neurons" if cfg.selection == "topk"
+                else f"the FFN inputs and neurons above magnitudes calibrated to keep {layer.keep_in:.0%} and "
+                     f"{layer.keep_act:.0%} on average")
         emit(as_json, result, f"wrote {out}: router teal, FFN compute fraction {result['compute_fraction']:.3f} "
-                              f"(per token: the largest {layer.keep_in:.0%} of the FFN inputs, {layer.keep_act:.0%} of the "
-                              f"neurons); open it with bricks.load_model({str(out)!r})")
+                              f"(per token: {kept}); open it with bricks.load_model({str(out)!r})")
         return
     actives = state.active if isinstance(state.active, list) else [state.active]
     mean_active = sum(actives) / len(actives)
@@ -237,9 +243,12 @@ def bench():
               help="other processes kept busy on the CPU meanwhile (a loaded machine)")
 @click.option("--path", default=None, help="run the routed FFN on this execution path (default: the fastest by timing)")
 @click.option("--dense-fallback", is_flag=True, help="let the routed FFN run densely where that is faster (serving)")
+@click.option("--selection", type=click.Choice(["topk", "threshold"]), default="topk", show_default=True,
+              help="teal: top-k per token, or thresholds calibrated on inputs drawn like the timed ones")
 @json_option
 @user_errors
-def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, as_json):
+def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, selection,
+                  as_json):
     """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""
     from ..routing.bench import bench_ffn
 
@@ -254,6 +263,6 @@ def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, devi
         if not 0 < a <= 1:
             raise BricksError(f"active fraction must be in (0, 1], got {a}")
     rows = bench_ffn(parsed, dtypes, batches, actives, n_bricks, router, reps, device, busy=busy, path=path,
-                     dense_fallback=dense_fallback, progress=None if as_json else click.echo)
+                     dense_fallback=dense_fallback, selection=selection, progress=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(rows, indent=1))

@@ -9,9 +9,10 @@ from .budget import allocate_budgets
 from .recovery import recover
 from .router_training import train_routers
 from .routers import ROUTERS, Router, make_router
-from .sparse_ffn import SparseFFN
+from .sparse_ffn import SparseFFN, calibrate_thresholds
 from .verify import verify_bricks
 
 __all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_fraction", "routed_layers", "selection_fraction",
            "set_dense_fallback", "set_path", "BrickedFFN", "assemble_bricked", "bricked", "allocate_budgets", "recover",
-           "train_routers", "ROUTERS", "Router", "make_router", "SparseFFN", "assemble_sparse", "sparsified", "verify_bricks"]
+           "train_routers", "ROUTERS", "Router", "make_router", "SparseFFN", "calibrate_thresholds", "assemble_sparse",
+           "sparsified", "verify_bricks"]

@@ -57,20 +57,21 @@ def _median_time(module, x, reps: int, sync) -> float:
 def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"), batches=(1, 32),
               actives=(0.5, 0.25), n_bricks: int = 64, router: str = "centroid", reps: int = 20,
               device: str = "cpu", busy: int = 0, path: str | None = None, dense_fallback: bool = False,
-              progress=print) -> list[dict]:
+              selection: str = "topk", progress=print) -> list[dict]:
     """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked.
 
     `router="teal"` measures the activation-sparse FFN (`SparseFFN`) at compute fraction `active` instead.
     `busy` other processes spin on the CPU meanwhile. Each row names the execution path the routed FFN's
     timings chose (`bricks.routing.paths`), or `path` when given, and the compute fraction that path executed.
-    `dense_fallback` lets the routed FFN run densely where that is faster (see `RoutedFFN`).
+    `dense_fallback` lets the routed FFN run densely where that is faster (see `RoutedFFN`). `selection`
+    ("topk" or "threshold") is teal's; thresholds are calibrated on inputs drawn like the timed ones.
     """
     with competing_processes(busy):
         return _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback,
-                      progress)
+                      selection, progress)
 
 
-def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback,
+def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, selection,
            progress) -> list[dict]:
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     rows = []
@@ -87,8 +88,10 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                 t_dense = _median_time(dense, x, reps, sync)
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
-                    routed = SparseFFN(f, compute=active) if router == "teal" else \
+                    routed = SparseFFN(f, compute=active, selection=selection) if router == "teal" else \
                         BrickedFFN(f, assignment, router=router, active=active)
+                    if router == "teal" and selection == "threshold":
+                        routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
                     t = _median_time(routed, x, reps, sync)
@@ -97,6 +100,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                     key = routed.timing_key(x.reshape(-1, hidden))
                     row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
                            "router": router, "n_bricks": None if router == "teal" else n_bricks, "busy_processes": busy,
+                           "selection": selection if router == "teal" else None,
                            "dense_fallback": dense_fallback,
                            "compute_fraction": round(routed.compute_fraction(), 4),
                            "path": routed.path or CHOOSER.best(key) or routed.static_path(batch),

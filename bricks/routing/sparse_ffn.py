@@ -16,9 +16,14 @@ with brick routers at the same compute, is measured by
 `bench/routing_quality_probe.py` (figures in `bench/README.md`). Recovery
 training (`bricks.routing.recovery`) works on it unchanged.
 
-Top-k per token rather than TEAL's calibrated thresholds: every token runs
-exactly the configured compute, which needs no calibration data and cannot
-drift when recovery changes the weights.
+Two ways to choose the kept entries (`selection`): `topk`, the default, keeps
+exactly the configured share of every token, needs no calibration data and
+cannot drift when recovery changes the weights; `threshold` (TEAL's own
+choice) keeps the entries above one magnitude per layer and projection input,
+calibrated on data so that the mean share is the configured one
+(`calibrate_thresholds`): a comparison instead of a top-k, which on CPU costs
+as much as a small FFN's matmuls at batch 8 and above, at the price of a
+share that varies from token to token (the routed fraction counts it).
 
 Storage is unit-major, as for bricks: `w_in_t` `[hidden, k*d_ff]` (row c: what
 input channel c feeds into every gate and up neuron) and `w_down_t`
@@ -54,6 +59,7 @@ from .paths import running
 IN_OVER_COMPUTE = 1.2
 # Weights above this size are read in memory order (see `SparseFFN._kept`).
 SORT_ABOVE_BYTES = 8 << 20
+SELECTIONS = ("topk", "threshold")
 
 
 class SparseFFN(RoutedFFN):
@@ -62,12 +68,18 @@ class SparseFFN(RoutedFFN):
     Args:
         ffn: handle on the dense FFN (weights are copied, transposed to unit-major rows).
         compute: FFN compute fraction per token, in (0, 1] (sets `keep_in` and `keep_act`, see `set_compute`).
+        selection: "topk" (the exact share per token) or "threshold" (calibrated magnitudes, see the module
+            docstring; `calibrate_thresholds` sets them).
     """
 
     paths = ("bags", "split", "masked")
 
-    def __init__(self, ffn: FFN, compute: float = 1.0):
+    def __init__(self, ffn: FFN, compute: float = 1.0, selection: str = "topk"):
         super().__init__()
+        if selection not in SELECTIONS:
+            raise BricksError(f"unknown selection {selection!r}: one of {', '.join(SELECTIONS)}")
+        self.selection = selection
+        self.thresholds: tuple[float, float] | None = None  # (inputs, neurons) magnitudes kept, for "threshold"
         self.gated = ffn.gate_weight() is not None
         self.act = ffn.act
         self.d_ff = ffn.d_ff
@@ -109,6 +121,24 @@ class SparseFFN(RoutedFFN):
         if keep_act * self.d_ff < 1:  # ungated FFNs at tiny budgets: split evenly instead
             keep_in = keep_act = compute
         self.keep_in, self.keep_act = keep_in, min(1.0, keep_act)
+        self.thresholds = None  # calibrated for the previous shares
+
+    @torch.no_grad()
+    def fit_thresholds(self, x: torch.Tensor) -> tuple[float, float]:
+        """Set the threshold selection's magnitudes from sample inputs `x` `[tokens, hidden]`: the `keep_in` share of
+        |x| lies above the first, and the `keep_act` share of the activations (of the top-k-masked inputs) above
+        the second."""
+        x = x.reshape(-1, self.hidden).to(self.w_in_t.dtype)
+        h = (x * self._top(x, self.n_in)) @ self.w_in_t
+        a = self._activation(h if self.b_in is None else h + self.b_in)
+
+        def above(v: torch.Tensor, share: float) -> float:
+            v = v.abs().flatten().float()
+            drop = int((1.0 - share) * v.numel())
+            return 0.0 if drop == 0 else float(v.kthvalue(drop).values)  # strictly above it: `share` of the values
+
+        self.thresholds = (above(x, self.keep_in), above(a, self.keep_act))
+        return self.thresholds
 
     # Counts round down, so that the compute fraction never exceeds its target (the 1e-6 absorbs float error).
     @property
@@ -137,7 +167,7 @@ class SparseFFN(RoutedFFN):
         return self._macs(self.n_in, self.n_act) / self.dense_macs_per_token()
 
     def ranked_per_token(self) -> int:
-        return 0 if self.full else self.hidden + self.d_ff
+        return 0 if self.full or self.selection == "threshold" else self.hidden + self.d_ff  # thresholds: no ranking
 
     def reset_counts(self) -> None:
         self.counts = [0, 0, 0, 0, 0]
@@ -147,9 +177,11 @@ class SparseFFN(RoutedFFN):
         add = (tokens, n_in, n_act, n_in if ran_in is None else ran_in, n_act if ran_act is None else ran_act)
         self.counts = [c + a for c, a in zip(self.counts, add)]
 
-    def _fraction(self, n_in: float, n_act: float) -> float | None:
+    def _fraction(self, n_in, n_act) -> float | None:
         tokens = self.counts[0]
-        return None if tokens == 0 else self._macs(n_in / tokens, n_act / tokens) / self.dense_macs_per_token()
+        if tokens == 0:
+            return None
+        return self._macs(float(n_in) / tokens, float(n_act) / tokens) / self.dense_macs_per_token()
 
     def routed_fraction(self) -> float | None:
         return self._fraction(self.counts[1], self.counts[2])
@@ -164,6 +196,20 @@ class SparseFFN(RoutedFFN):
         idx = v.abs().topk(n, dim=-1, sorted=False).indices
         return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
 
+    def _threshold(self, which: int) -> float | None:
+        """The calibrated magnitude of inputs (0) or neurons (1) under threshold selection; None under top-k."""
+        if self.selection == "topk":
+            return None
+        if self.thresholds is None:
+            raise BricksError("this FFN selects by threshold but is uncalibrated: run "
+                              "bricks.routing.calibrate_thresholds(model, windows) (moefy --selection threshold --data ...)")
+        return self.thresholds[which]
+
+    def _keep(self, v: torch.Tensor, which: int) -> torch.Tensor:
+        """Bool mask of the entries each token keeps: inputs (0) or neurons (1)."""
+        t = self._threshold(which)
+        return self._top(v, self.n_in if which == 0 else self.n_act) if t is None else v.abs() > t
+
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         d = self.d_ff
         return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
@@ -175,7 +221,7 @@ class SparseFFN(RoutedFFN):
         return "bags" if tokens == 1 else "masked"
 
     def shape_key(self) -> tuple:
-        return self.hidden, self.d_ff, self.k, self.n_in, self.n_act
+        return self.hidden, self.d_ff, self.k, self.n_in, self.n_act, self.selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -207,26 +253,46 @@ class SparseFFN(RoutedFFN):
         """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
         gradients flow through the kept entries only). Executed: the whole FFN."""
         n = x.shape[0]
-        h = (x * self._top(x.detach(), self.n_in)) @ self.w_in_t
+        keep_in = self._keep(x.detach(), 0)
+        h = (x * keep_in) @ self.w_in_t
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
-        y = (a * self._top(a.detach(), self.n_act)) @ self.w_down_t
-        self._count(n, n * self.n_in, n * self.n_act, n * self.hidden, n * self.d_ff)
+        keep_act = self._keep(a.detach(), 1)
+        y = (a * keep_act) @ self.w_down_t
+        if self.selection == "topk":
+            self._count(n, n * self.n_in, n * self.n_act, n * self.hidden, n * self.d_ff)
+        else:  # counted on the device (0-dim tensors): no host sync
+            self._count(n, keep_in.sum(), keep_act.sum(), n * self.hidden, n * self.d_ff)
         return y if self.b_down is None else y + self.b_down
 
-    def _bag(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, split: bool) -> torch.Tensor:
-        """Per token t: sum_j values[t, j] * weight[idx[t, j]] -> [tokens, weight.shape[1]], reading only those rows.
-
-        One bag runs on one CPU thread. `split` (one token) cuts the token's rows into one bag per thread.
-        """
-        tokens, n = idx.shape
-        parts = max(1, min(torch.get_num_threads(), n)) if split and tokens == 1 else 1
-        key = (tokens, n, parts, idx.device)
+    def _offsets_for(self, tokens: int, n: int, parts: int, device) -> torch.Tensor:
+        """Bag starts when each of `tokens` tokens has `n` rows, cut into `parts` bags each."""
+        key = (tokens, n, parts, device)
         offsets = self._offsets.get(key)
         if offsets is None:
-            offsets = self._offsets[key] = (torch.arange(tokens * parts, device=idx.device) * n) // parts
-        out = F.embedding_bag(idx.flatten(), weight, offsets, mode="sum", per_sample_weights=values.flatten())
+            offsets = self._offsets[key] = (torch.arange(tokens * parts, device=device) * n) // parts
+        return offsets
+
+    def _rows(self, v: torch.Tensor, which: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows of `weight` each token keeps, flat, with their values and each token's first entry."""
+        t = self._threshold(which)
+        if t is None:
+            n = self.n_in if which == 0 else self.n_act
+            idx = self._kept(v, n, weight)
+            return idx.flatten(), v.gather(-1, idx).flatten(), self._offsets_for(v.shape[0], n, 1, v.device)
+        tokens, cols = (v.abs() > t).nonzero(as_tuple=True)  # by token, then in memory order
+        starts = torch.searchsorted(tokens, torch.arange(v.shape[0], device=v.device))
+        return cols, v[tokens, cols], starts
+
+    def _bag(self, idx: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, weight: torch.Tensor,
+             split: bool) -> torch.Tensor:
+        """Per token t: the sum of values[j] * weight[idx[j]] over its entries -> [tokens, weight.shape[1]], reading
+        only those rows. One bag runs on one CPU thread; `split` (one token) cuts its rows into one bag per thread."""
+        tokens, n = starts.numel(), idx.numel()
+        parts = max(1, min(torch.get_num_threads(), n)) if split and tokens == 1 else 1
+        offsets = starts if parts == 1 else self._offsets_for(1, n, parts, idx.device)
+        out = F.embedding_bag(idx, weight, offsets, mode="sum", per_sample_weights=values)
         return out.view(tokens, parts, -1).sum(1) if parts > 1 else out
 
     @staticmethod
@@ -239,16 +305,15 @@ class SparseFFN(RoutedFFN):
     def _sparse(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
         """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
         W_down^T."""
-        n = x.shape[0]
-        idx = self._kept(x, self.n_in, self.w_in_t)
-        h = self._bag(idx, x.gather(-1, idx), self.w_in_t, split)
+        idx, values, starts = self._rows(x, 0, self.w_in_t)
+        h = self._bag(idx, values, starts, self.w_in_t, split)
         if self.b_in is not None:
             h = h + self.b_in
         a = self._activation(h)
-        j = self._kept(a, self.n_act, self.w_down_t)
-        y = self._bag(j, a.gather(-1, j), self.w_down_t, split)
-        # The rows the bags were given to read: what ran, not what was configured.
-        self._count(n, idx.numel(), j.numel())
+        j, values, starts = self._rows(a, 1, self.w_down_t)
+        y = self._bag(j, values, starts, self.w_down_t, split)
+        # The rows the bags were given to read: what ran, and what the routed function selected.
+        self._count(x.shape[0], idx.numel(), j.numel())
         return y if self.b_down is None else y + self.b_down
 
     # ------------------------------------------------------------------ weights
@@ -265,3 +330,44 @@ class SparseFFN(RoutedFFN):
         parts["down"].copy_(self.w_down_t)
         if self.b_down is not None:
             dense.down_bias().copy_(self.b_down)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, max_tokens: int = 2048,
+                         seed: int = 0) -> list[tuple[float, float]]:
+    """Switch every `SparseFFN` of `model` to threshold selection, calibrated on token windows `[n, seq]`
+    (train split): each layer's magnitudes keep its configured shares on average over up to `max_tokens` of its
+    inputs, as they arrive with the layers before it routed by top-k. Returns the (inputs, neurons) thresholds."""
+    from .base import routed_layers
+
+    layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
+    if not layers:
+        raise BricksError("no activation-sparse FFN to calibrate: assemble the model with router teal first")
+    if windows.numel() == 0:
+        raise BricksError("threshold calibration needs token windows: give --data NAME=SOURCE")
+    g = torch.Generator().manual_seed(seed)
+    share = min(1.0, max_tokens / windows.numel())  # of the tokens, drawn at random
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+
+    def keep(i):
+        def hook(module, args):
+            x = args[0].reshape(-1, module.hidden)
+            pick = torch.rand(len(x), generator=g) < share
+            seen[i].append(x[pick.to(x.device)].float().cpu())
+        return hook
+
+    for m in layers:
+        m.selection = "topk"  # the routed function of the configured shares while inputs are gathered
+    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(windows), batch_size):
+            model(windows[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for i, m in enumerate(layers):
+        m.selection = "threshold"
+        out.append(m.fit_thresholds(torch.cat(seen[i]).to(m.w_in_t.device)))
+    return out
