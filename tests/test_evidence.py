@@ -95,7 +95,9 @@ HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json"
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
-                          "notebook:merging_adapters", "notebook:compressed_bricks")]
+                          "notebook:merging_adapters", "notebook:compressed_bricks", "notebook:fusing_specialists")]
+HEADLINES.append(("README.md", "gate`, with the gate's weights per domain and per token ({} s top to", "durations_cpu.json",
+                  lambda r: f"{r['seconds']['notebook:fusing_specialists']:.0f}"))
 
 
 @pytest.mark.parametrize("doc, pattern, name, compute", HEADLINES, ids=[f"{h[0]}:{h[2]}:{i}" for i, h in enumerate(HEADLINES)])
