@@ -120,3 +120,11 @@ def test_a_serial_path_runs_on_one_thread_and_gives_the_threads_back(llama):
         torch.set_num_threads(threads)
     with pytest.raises(bricks.BricksError, match="unknown execution path 'bricks@1'"):
         sparse.set_path("bricks@1")
+
+
+def test_bags_are_offered_only_while_they_read_less_than_twice_the_weights(llama):
+    model, _ = llama
+    sparse = SparseFFN(ffns(model)[0], 0.5)
+    assert sparse.paths_for(1) == ("bags", "split", "masked")
+    assert sparse.paths_for(4) == ("bags", "masked")  # 4 tokens x ~0.5 of the weights each
+    assert sparse.paths_for(64) == ("masked",)

@@ -60,6 +60,8 @@ IN_OVER_COMPUTE = 1.2
 # Weights above this size are read in memory order (see `SparseFFN._kept`).
 SORT_ABOVE_BYTES = 8 << 20
 SELECTIONS = ("topk", "threshold")
+# Several tokens take the bags only while they read at most this many times the FFN's weights between them.
+MAX_BAG_READS = 2.0
 
 
 class SparseFFN(RoutedFFN):
@@ -215,7 +217,11 @@ class SparseFFN(RoutedFFN):
         return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
-        return self.paths if tokens == 1 else ("bags", "masked")  # `split` is `bags` for several tokens
+        if tokens == 1:
+            return self.paths
+        # Bags read each token's rows apart: beyond twice the weights in all, one dense pass is sure to win, and
+        # timing the bags even twice would cost a short evaluation more than it could gain.
+        return ("bags", "masked") if tokens * self.compute_fraction() <= MAX_BAG_READS else ("masked",)
 
     def static_path(self, tokens: int) -> str:
         return "bags" if tokens == 1 else "masked"
