@@ -4,7 +4,11 @@ Held-out perplexity ratio to the dense model per domain, the routed compute
 fraction (what the tokens selected: exact under top-k, a mean under
 thresholds), and the tokens/s of evaluating batches of full windows, dense and
 routed in the same run. Thresholds are calibrated on the train split; nothing
-is tuned on the held-out windows.
+is tuned on the held-out windows. One more top-k row runs with the input
+embeddings scaled by (1 + 1e-6): how far float rounding alone moves a routed
+model's perplexity (a per-token top-k turns a rounding difference into a
+different choice at the boundary, layer after layer), the noise floor of
+every comparison here.
 
     python bench/teal_selection.py [--compute 0.5] [--model default] [--json OUT.json]
 """
@@ -43,13 +47,18 @@ def main():
         for compute in a.compute or [0.5]:
             with sparsified(model, compute):
                 rows[f"topk @ {compute:g}"] = bricks.evaluate(model, heldout, a.batch_size)
+                nudge = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * (1 + 1e-6))
+                try:
+                    rows[f"topk @ {compute:g}, embeddings x(1+1e-6)"] = bricks.evaluate(model, heldout, a.batch_size)
+                finally:
+                    nudge.remove()
                 thresholds = calibrate_thresholds(model, calibration)
                 rows[f"threshold @ {compute:g}"] = {**bricks.evaluate(model, heldout, a.batch_size),
                                                     "thresholds": thresholds}
     for name, r in rows.items():
         r["ratio"] = {d: r["ppl"][d] / dense["ppl"][d] for d in dense["ppl"]}
         r["tokens_per_s_over_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
-        print(f"{name:>16}: ratio {' / '.join(f'{v:.3f}' for v in r['ratio'].values())}, compute {r['compute_fraction']:.3f}"
+        print(f"{name:>36}: ratio {' / '.join(f'{v:.3f}' for v in r['ratio'].values())}, compute {r['compute_fraction']:.3f}"
               f" (executed {r['executed_fraction']:.3f}), eval tokens/s x{r['tokens_per_s_over_dense']:.2f}", flush=True)
     save(a.json, {"args": vars(a), "rows": rows}, model)
     print(json.dumps({k: round(v["tokens_per_s_over_dense"], 3) for k, v in rows.items()}))

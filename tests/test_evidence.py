@@ -89,6 +89,23 @@ HEADLINES += [
                 "direct joint balanced", "two-stage proportional")],
 ]
 
+def selection_ratios(r: dict, key: str) -> str:
+    return " / ".join(f"{v:.3f}" for v in r["rows"][key]["ratio"].values())
+
+
+HEADLINES += [
+    ("README.md", "held-out ratios {} against", "teal_selection_cpu.json", lambda r: selection_ratios(r, "threshold @ 0.5")),
+    ("README.md", "against {} for\ntop-k", "teal_selection_cpu.json", lambda r: selection_ratios(r, "topk @ 0.5")),
+    ("bench/README.md", "| top-k per token | {} |", "teal_selection_cpu.json", lambda r: selection_ratios(r, "topk @ 0.5")),
+    ("bench/README.md", "| top-k, input embeddings x(1+1e-6) | {} |", "teal_selection_cpu.json",
+     lambda r: selection_ratios(r, "topk @ 0.5, embeddings x(1+1e-6)")),
+    ("bench/README.md", "| **{}** |", "teal_selection_cpu.json", lambda r: selection_ratios(r, "threshold @ 0.5")),
+    ("README.md", "2048-token FFN call at {} dense", "ffn_teal_prefill_threshold_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "float32", 2048, 0.5)),
+    ("README.md", "against {}\n(`bench/README.md`)", "ffn_teal_prefill_topk_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "float32", 2048, 0.5)),
+]
+
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
                   lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
 
