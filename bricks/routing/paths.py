@@ -11,12 +11,13 @@ every thread waits for all of them, and with one other busy process on a
 
 Each path can also run on one thread (`masked@1`): on an idle machine that is
 slower, on a busy one it is often the fastest, as nothing waits for a
-descheduled thread. So the paths are timed as they run. Every path is measured at first use,
-then calls take the one with the lowest recent time (an exponential moving
-average: a path that starts to stall loses its place within a few calls),
-and the others are re-measured now and then (the new timing replaces the old
-one), less often while they keep losing, so that a path that becomes the
-fastest again (the machine went quiet) is found. Timings are shared by every FFN of the same shape and settings.
+descheduled thread. So the paths are timed as they run. Every path is
+measured at first use, then calls take the one with the lowest recent time
+(an exponential moving average: a path that starts to stall loses its place
+within a few calls), and the others are re-measured now and then (the new
+timing replaces the old one), less often while they keep losing, so that a
+path that becomes the fastest again (the machine went quiet) is found.
+Timings are shared by every FFN of the same shape and settings.
 
 Only CPU calls are timed: on an accelerator a call returns before it has run,
 and the path is fixed by the number of tokens (see each FFN's `static_path`).
@@ -99,9 +100,6 @@ class PathChooser:
         t = self.timings.get(key)
         return None if t is None or not t.seconds else min(t.seconds, key=t.seconds.get)
 
-    def reset(self) -> None:
-        self.timings.clear()
-
 
 # One chooser for the process: FFNs of the same shape and settings learn from each other's calls.
 CHOOSER = PathChooser()
@@ -122,7 +120,7 @@ def running(key: tuple | None, path: str):
     serial = path.endswith(SERIAL)
     threads = torch.get_num_threads()
     if serial:
-        torch.set_num_threads(1)  # 0.4 us here, and back after the call
+        torch.set_num_threads(1)  # cheap next to any FFN call; restored after it
     start = time.perf_counter()
     try:
         yield path.removesuffix(SERIAL)

@@ -21,9 +21,10 @@ exactly the configured share of every token, needs no calibration data and
 cannot drift when recovery changes the weights; `threshold` (TEAL's own
 choice) keeps the entries above one magnitude per layer and projection input,
 calibrated on data so that the mean share is the configured one
-(`calibrate_thresholds`): a comparison instead of a top-k, which on CPU costs
-as much as a small FFN's matmuls at batch 8 and above, at the price of a
-share that varies from token to token (the routed fraction counts it).
+(`calibrate_thresholds`). A comparison is far cheaper than a top-k, whose
+cost on CPU rivals a small FFN's matmuls once a call has many tokens; the
+price is a share that varies from token to token (the routed fraction
+counts it).
 
 Storage is unit-major, as for bricks: `w_in_t` `[hidden, k*d_ff]` (row c: what
 input channel c feeds into every gate and up neuron) and `w_down_t`
@@ -96,9 +97,9 @@ class SparseFFN(RoutedFFN):
         self.w_down_t = nn.Parameter(ffn.down_weight().detach().t().contiguous(), requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
-        # Tokens seen, input channels and neurons read: the compute fraction the forward passes ran. All three are
-        # known on the host, so counting costs no device work.
-        self.counts = [0, 0, 0, 0, 0]  # tokens, then inputs and neurons selected, then inputs and neurons read
+        # Tokens, then input channels and neurons selected, then those read: the routed and executed fractions.
+        # Host ints where the numbers are known there, 0-dim device tensors where they are not (thresholds, masked).
+        self.counts = [0, 0, 0, 0, 0]
         self._offsets: dict[tuple, torch.Tensor] = {}
         self.keep_in = self.keep_act = 1.0
         self.set_compute(compute)
@@ -174,7 +175,7 @@ class SparseFFN(RoutedFFN):
     def reset_counts(self) -> None:
         self.counts = [0, 0, 0, 0, 0]
 
-    def _count(self, tokens: int, n_in: int, n_act: int, ran_in: int | None = None, ran_act: int | None = None) -> None:
+    def _count(self, tokens: int, n_in, n_act, ran_in=None, ran_act=None) -> None:
         """Inputs and neurons the routed function selected, and those the path read (the same unless masked)."""
         add = (tokens, n_in, n_act, n_in if ran_in is None else ran_in, n_act if ran_act is None else ran_act)
         self.counts = [c + a for c, a in zip(self.counts, add)]
@@ -304,7 +305,7 @@ class SparseFFN(RoutedFFN):
     @staticmethod
     def _kept(v: torch.Tensor, n: int, weight: torch.Tensor) -> torch.Tensor:
         """Indices of the n largest |v| per row; sorted when the weight is larger than a core's cache, so that its
-        rows are read in memory order (5-7% faster bags on 4096x11008, nothing gained on 576x1536)."""
+        rows are read in memory order (faster bags from main memory; no gain from cache, where the sort costs)."""
         idx = v.abs().topk(n, dim=-1, sorted=False).indices
         return idx.sort(-1).values if weight.numel() * weight.element_size() > SORT_ABOVE_BYTES else idx
 
