@@ -52,7 +52,7 @@ from torch import nn
 
 from ..arch import FFN
 from ..errors import BricksError
-from .base import RoutedFFN
+from .base import RoutedFFN, routed_layers
 from .paths import running
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
@@ -345,8 +345,6 @@ def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, batch_size: in
     """Switch every `SparseFFN` of `model` to threshold selection, calibrated on token windows `[n, seq]`
     (train split): each layer's magnitudes keep its configured shares on average over up to `max_tokens` of its
     inputs, as they arrive with the layers before it routed by top-k. Returns the (inputs, neurons) thresholds."""
-    from .base import routed_layers
-
     layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
     if not layers:
         raise BricksError("no activation-sparse FFN to calibrate: assemble the model with router teal first")
