@@ -118,7 +118,7 @@ def running(key: tuple | None, path: str):
     """Run one call on `path` and record its time under `key` (None: not timed, as on accelerators, which return
     before they ran). Yields the path's name; a SERIAL path runs on one thread for the call."""
     serial = path.endswith(SERIAL)
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if serial else None
     if serial:
         torch.set_num_threads(1)  # cheap next to any FFN call; restored after it
     start = time.perf_counter()
