@@ -1,13 +1,22 @@
-"""Benchmark: end-to-end greedy decoding, dense vs bricked FFNs, on a TinyLlama-shaped random model or a real one.
+"""Benchmark: end-to-end greedy decoding, dense vs bricked FFNs, on a Llama-shaped random model or a real one.
 
-22 layers, hidden 2048, FFN 5632 (random weights: speed does not depend on
-them), or `--model default` (any model spec); batch 1, greedy, tokens/s of
-both in the same run, dense first and bricked second, then the other way
-round, keeping each one's best. `--busy N` keeps N other processes busy on the
-CPU meanwhile; `--dense-fallback` lets the routed FFNs run the prefill densely
-where that is faster (TEAL and CATS sparsify decoding only).
+By default 22 layers, hidden 2048, FFN 5632 (TinyLlama's shape; random
+weights: speed does not depend on them; `--layers/--hidden/--d-ff/--heads`
+for others, e.g. Llama-2-7B's 32/4096/11008/32), or `--model default` (any
+model spec); batch 1, greedy, tokens/s of both in the same run, dense first
+and bricked second, then the other way round, keeping each one's best.
+`--busy N` keeps N other processes busy on the CPU meanwhile;
+`--dense-fallback` lets the routed FFNs run the prefill densely where that is
+faster (TEAL and CATS sparsify decoding only).
+
+On CUDA (`--device cuda`) every decoding step of both models is captured in a
+CUDA graph and replayed (`bricks.decoding.GreedyDecoder`; `--no-graphs` to
+launch eagerly), and the routed model's tokens are compared with those of the
+same model decoded eagerly.
 
     python bench/bench_decode.py [--active 0.5] [--tokens 32] [--dtype float32] [--router teal] [--model default]
+    python bench/bench_decode.py --device cuda --dtype bfloat16 --layers 32 --hidden 4096 --d-ff 11008 --heads 32 \
+        --kv-heads 32 --router teal --selection threshold --tokens 128
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bricks.brick import BrickSet, model_fingerprint
+from bricks.decoding import GreedyDecoder
 from bricks.routing import (bricked, calibrate_thresholds, compute_fraction, executed_fraction, set_dense_fallback,
                             sparsified)
 from bricks.routing.bench import competing_processes
@@ -34,6 +44,12 @@ def main():
     p.add_argument("--router", default="centroid")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--d-ff", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-graphs", action="store_true", help="on CUDA: launch every step eagerly")
     p.add_argument("--model", default=None, help="a model spec (e.g. default) instead of the random TinyLlama shape")
     p.add_argument("--busy", type=int, default=0, help="other processes kept busy on the CPU meanwhile")
     p.add_argument("--dense-fallback", action="store_true")
@@ -47,25 +63,32 @@ def main():
     if a.model:
         from bricks import load_model
 
-        model, _ = load_model(a.model, dtype=a.dtype)
+        model, _ = load_model(a.model, dtype=a.dtype, device=a.device)
         model.eval()
     else:
-        config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=a.layers, num_attention_heads=32,
-                             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype)).eval()
+        config = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
+                             num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=32000,
+                             max_position_embeddings=4096)
+        with torch.device(a.device):  # initialised where it runs: a 7B shape would take minutes on the CPU
+            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype)).eval()
+    cuda = a.device.startswith("cuda")
+    decoder = GreedyDecoder(model, max_len=16 + a.tokens, graphs=not a.no_graphs) if cuda else None
     c = model.config
     assignments = [torch.randperm(c.intermediate_size) % a.bricks for _ in range(c.num_hidden_layers)]
     bs = BrickSet(assignments, model_fingerprint(model), method="random")
     ids = torch.randint(0, c.vocab_size, (1, 16))
 
     def decode():
+        if decoder is not None:
+            decoder(ids, a.tokens)
+            return decoder.tokens_per_s()
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=False)
         assert out.shape[1] == ids.shape[1] + a.tokens
         return a.tokens / (time.perf_counter() - t)
 
-    dense, routed, frac, executed = [], [], None, None
+    dense, routed, frac, executed, agreement = [], [], None, None, None
     with competing_processes(a.busy):
         decode()  # warm-up
         for order in ("dense-first", "bricked-first"):
@@ -83,11 +106,17 @@ def main():
                     executed_fraction(model, reset=True)
                     routed.append(decode())
                     frac, executed = compute_fraction(model), executed_fraction(model)
-    result = {"model": a.model or "random TinyLlama shape", "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+                    if decoder is not None and agreement is None:  # graphs replay what eager steps compute
+                        graphed = decoder(ids, a.tokens)
+                        eager = GreedyDecoder(model, max_len=16 + a.tokens, graphs=False)(ids, a.tokens)
+                        agreement = float((graphed == eager).float().mean())
+    result = {"model": a.model or "random Llama shape", "layers": c.num_hidden_layers, "hidden": c.hidden_size,
               "d_ff": c.intermediate_size, "dtype": a.dtype, "active": a.active, "router": a.router,
               "bricks": None if a.router == "teal" else a.bricks, "new_tokens": a.tokens, "busy_processes": a.busy,
               "dense_fallback": a.dense_fallback, "selection": a.selection if a.router == "teal" else None, "ffn_compute_fraction": round(frac, 4),
               "ffn_executed_fraction": round(executed, 4),
+              "device": a.device, "cuda_graphs": cuda and not a.no_graphs,
+              "graphed_eager_token_agreement": agreement,
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
               "speedup": round(max(routed) / max(dense), 3)}
     print(json.dumps(result, indent=1))

@@ -3,7 +3,8 @@
 The same measurement as `bricks bench ffn` (random weights, decode-style inputs, the median of --reps calls,
 dense and routed timed in the same run), repeated for each --busy count of competing processes, with the
 results file recording the command and the machine. Each row names the execution path the routed FFN's
-timings chose and the compute fraction it executed.
+timings chose and the compute fraction it executed. On CUDA every call is timed as replays of a captured
+CUDA graph, dense and routed alike (`--device cuda --busy 0`).
 
     python bench/bench_ffn.py --router teal --busy 0 --busy 1 --json bench/results/ffn_teal_cpu.json
 """
@@ -26,6 +27,8 @@ def main():
     p.add_argument("--busy", action="append", type=int, default=None, help="competing busy processes (default: 0, 1)")
     p.add_argument("--dense-fallback", action="store_true", help="let routed FFNs run densely where that is faster")
     p.add_argument("--selection", default="topk", choices=("topk", "threshold"), help="teal's")
+    p.add_argument("--path", default=None, help="fix the routed FFN's execution path (default: timed on CPU, "
+                   "static on accelerators)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
@@ -35,12 +38,12 @@ def main():
     for busy in a.busy or [0, 1]:
         rows += bench_ffn(shapes, a.dtype or ["float32", "bfloat16"], a.batch or [1, 8, 32], a.active or [0.5, 0.25],
                           router=a.router, reps=a.reps, device=a.device, busy=busy,
-                          dense_fallback=a.dense_fallback, selection=a.selection,
+                          dense_fallback=a.dense_fallback, selection=a.selection, path=a.path,
                           progress=lambda line, busy=busy: print(f"busy {busy}: {line}", flush=True))
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"slowest setting: x{worst['speedup']:.2f} dense ({worst['hidden']}x{worst['d_ff']} {worst['dtype']} batch "
           f"{worst['batch']} at {worst['active']}, {worst['busy_processes']} busy, path {worst['path']})")
-    save(a.json, {"args": vars(a), "rows": rows})
+    save(a.json, {"args": vars(a), "rows": rows}, device=a.device)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ import sys
 from pathlib import Path
 
 
-def environment(model=None) -> dict:
+def environment(model=None, device=None) -> dict:
     """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
     and documentation, so perplexities are comparable only between runs on the same Python version."""
     import peft
     import torch
     import transformers
 
-    device = "cpu"
-    if model is not None:
-        dev = next(model.parameters()).device
-        device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
+    dev = torch.device(device or "cpu") if model is None else next(model.parameters()).device
+    device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
     if device == "cpu":
         device = f"cpu ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} threads"
     try:
@@ -38,12 +36,13 @@ def environment(model=None) -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def save(path: str | os.PathLike | None, result: dict, model=None) -> None:
-    """Write `result` with the command line and the environment to `path` (atomically; nothing when path is None)."""
+def save(path: str | os.PathLike | None, result: dict, model=None, device=None) -> None:
+    """Write `result` with the command line and the environment (of `model`'s device, or `device`) to `path`
+    (atomically; nothing when path is None)."""
     if not path:
         return
     doc = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), **result}
-    doc.setdefault("env", environment(model))
+    doc.setdefault("env", environment(model, device))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1))

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU the triton kernels run in triton's interpreter (tests/test_kernels.py). Triton reads the switch when
+# a kernel is defined, so it is set before any test imports bricks.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 384

@@ -24,14 +24,13 @@ Two kinds of specialists:
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..adapters.multi import attach_adapters
+from ..decoding import cache_keyword
 from ..errors import BricksError
 
 
@@ -40,17 +39,6 @@ class SpecialistOutput:
     hidden: list[torch.Tensor]  # per specialist, last hidden state [B, T, d_k]
     logits: torch.Tensor  # [B, K, T, V]
     past: object = None  # the KV cache(s) to continue from
-
-
-def _cache_name(model: nn.Module) -> str:
-    """The KV cache's keyword in `model.forward`: transformers renamed `past_key_values` to `cache` (the old name
-    warns, and goes in 5.40), while the older releases this project supports know only the old one."""
-    return _cache_keyword(type(model))
-
-
-@functools.cache
-def _cache_keyword(cls: type) -> str:  # once per model class, not at every decoding step
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class AdapterSpecialists(nn.Module):
@@ -78,7 +66,7 @@ class AdapterSpecialists(nn.Module):
         b, k = ids.shape[0], len(self.names)
         rows = ids.repeat_interleave(k, dim=0)  # [B*K, T]: row b*K + j is sequence b under specialist j
         with self.multi.use(ids=torch.arange(k).repeat(b)):
-            out = self.base(input_ids=rows, **{_cache_name(self.base): past}, use_cache=use_cache,
+            out = self.base(input_ids=rows, **{cache_keyword(self.base): past}, use_cache=use_cache,
                             output_hidden_states=True)
         h = out.hidden_states[-1].view(b, k, *out.hidden_states[-1].shape[1:])
         return SpecialistOutput([h[:, j] for j in range(k)], out.logits.view(b, k, *out.logits.shape[1:]),
@@ -109,7 +97,7 @@ class ModelSpecialists(nn.Module):
         return list(self.specialists)
 
     def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
-        outs = [m(input_ids=ids, **{_cache_name(m): None if past is None else past[j]}, use_cache=use_cache,
+        outs = [m(input_ids=ids, **{cache_keyword(m): None if past is None else past[j]}, use_cache=use_cache,
                   output_hidden_states=True) for j, m in enumerate(self.specialists)]
         return SpecialistOutput([o.hidden_states[-1] for o in outs], torch.stack([o.logits for o in outs], 1),
                                 [o.past_key_values for o in outs] if use_cache else None)

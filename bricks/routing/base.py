@@ -32,7 +32,8 @@ class RoutedFFN(nn.Module):
     function any more, so quality measured on batches would be the dense model's.
     """
 
-    paths: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  # timed on CPU (all compute the routed function)
+    device_paths: tuple[str, ...] = ()  # accelerator-only paths, which `set_path` may also fix
     path: str | None = None
     dense_fallback: bool = False
 
@@ -93,10 +94,10 @@ class RoutedFFN(nn.Module):
         self.counts.zero_()
 
     def set_path(self, path: str | None) -> None:
-        if path is not None and path.removesuffix(SERIAL) not in (*self.paths, "dense"):
+        if path is not None and path.removesuffix(SERIAL) not in (*self.paths, *self.device_paths, "dense"):
             raise BricksError(f"unknown execution path {path!r} for {type(self).__name__}: one of "
-                              f"{', '.join(self.paths)} (the routed function) or dense, each with {SERIAL} to run on "
-                              "one thread")
+                              f"{', '.join(self.paths + self.device_paths)} (the routed function) or dense, each with "
+                              f"{SERIAL} to run on one thread")
         self.path = path
 
     def set_full(self) -> None:

@@ -40,16 +40,42 @@ def competing_processes(n: int):
             p.wait()
 
 
-def _median_time(module, x, reps: int, sync) -> float:
+def _median_time(module, x, reps: int, device) -> float:
+    """Median seconds of one call `module(x)`: on CPU as called; on CUDA as replayed from a CUDA graph (see
+    `_graph_time`)."""
+    if str(device).startswith("cuda"):
+        return _graph_time(module, x, reps)
     for _ in range(8):  # warm-up, and the routed paths' first timings (each path twice)
         module(x)
-    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         module(x)
-        sync()
         times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _graph_time(module, x, reps: int, replays: int = 20) -> float:
+    """One call captured in a CUDA graph after warm-up calls (kernel autotuning, lazy buffers), then the median
+    over `reps` of the mean time of `replays` replays: the kernels' time, not Python's launch overhead, which
+    would otherwise dominate a batch-1 call on a GPU (the same setting as decoding with graphs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(x)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / replays)
     return sorted(times)[len(times) // 2]
 
 
@@ -73,7 +99,6 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
 
 def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, selection,
            progress) -> list[dict]:
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     rows = []
     for hidden, d_ff in shapes:
         for dtype_name in dtypes:
@@ -85,7 +110,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
             dense = f.module
             for batch in batches:
                 x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
-                t_dense = _median_time(dense, x, reps, sync)
+                t_dense = _median_time(dense, x, reps, device)
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
                     routed = SparseFFN(f, compute=active, selection=selection) if router == "teal" else \
@@ -94,11 +119,12 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                         routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
-                    t = _median_time(routed, x, reps, sync)
+                    t = _median_time(routed, x, reps, device)
                     routed.reset_counts()
                     routed(x)  # one more call, counted: what the chosen path executes
                     key = routed.timing_key(x.reshape(-1, hidden))
-                    row = {"hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
+                    row = {"device": str(device), "timing": "cuda graph replays" if str(device).startswith("cuda") else "calls",
+                           "hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
                            "router": router, "n_bricks": None if router == "teal" else n_bricks, "busy_processes": busy,
                            "selection": selection if router == "teal" else None,
                            "dense_fallback": dense_fallback,

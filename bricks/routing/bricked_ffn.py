@@ -13,15 +13,19 @@ nothing, whatever the activation), which keeps every brick the same shape.
 An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
-Execution, two paths that compute the same function (`RoutedFFN.paths`):
+Execution, three paths that compute the same function (`RoutedFFN.paths`):
 `bricks` reads only the selected bricks' weights: one token (batch-1 decode)
-in a loop on CPU (on accelerators, where a loop is launch-bound, one gather),
-several tokens grouped by brick, each brick running once on its group.
-`masked` computes every brick in a few large matmuls and zeroes the
-unselected ones: what a batch wants, whose tokens select every brick between
-them, and what training (recovery: train mode with gradients) always runs.
-Which inference path runs is timed, not guessed (`bricks.routing.paths`), and
-the executed fraction counts what ran.
+in a loop on CPU, several tokens grouped by brick, each brick running once on
+its group. `grouped` does the same in two grouped GEMMs
+(`torch.nn.functional.grouped_mm`, the brick-major weights as the groups): no
+loop, no host sync, what accelerators run (a loop there is launch-bound), and
+on CPU one more candidate for batches. `masked` computes every brick in a few
+large matmuls and zeroes the unselected ones: what a batch wants, whose tokens
+select every brick between them, and what training (recovery: train mode
+with gradients) always runs. Which inference path runs on CPU is timed, not
+guessed (`bricks.routing.paths`), and the executed fraction counts what ran.
+On CUDA, bricks are padded to a multiple of 8 rows: grouped GEMM kernels need
+16-byte aligned rows (the zero rows are counted as computed).
 At active fraction 1.0 the FFN runs densely in its original neuron order, so
 that it reproduces the dense model bit for bit (a brick-wise sum reorders fp32
 additions: ~1e-4 on SmolLM2's logits).
@@ -39,6 +43,9 @@ from .base import RoutedFFN
 from .paths import running
 from .routers import make_router
 
+# Grouped GEMM: public in recent torch, private (CUDA only) before; None where torch has neither.
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
 
 class BrickedFFN(RoutedFFN):
     """Drop-in replacement of one layer's FFN module, computed brick by brick.
@@ -51,7 +58,7 @@ class BrickedFFN(RoutedFFN):
         active: share of the routed bricks each token runs, in (0, 1].
     """
 
-    paths = ("bricks", "masked")
+    paths = ("bricks", "grouped", "masked")
 
     def __init__(self, ffn: FFN, assignment: torch.Tensor, shared: int | None = None, router: str | None = None,
                  active: float = 1.0):
@@ -62,8 +69,9 @@ class BrickedFFN(RoutedFFN):
         n_all = int(assignment.max()) + 1
         routed = [b for b in range(n_all) if b != shared]
         members = [torch.nonzero(assignment == b).flatten() for b in routed]
-        size = max(len(m) for m in members)
         dev, dtype = ffn.down_weight().device, ffn.down_weight().dtype
+        align = 8 if dev.type == "cuda" else 1  # 16-byte rows of bf16 for grouped GEMM kernels
+        size = -(-max(len(m) for m in members) // align) * align
         hidden = ffn.down_weight().shape[0]
         self.gated = ffn.gate_weight() is not None
         self.act = ffn.act
@@ -189,7 +197,16 @@ class BrickedFFN(RoutedFFN):
             y = self._run(x2, sel, path)
         return y.reshape(*shape[:-1], self.hidden)
 
+    def paths_for(self, tokens: int) -> tuple[str, ...]:
+        return self.paths if self._groups_exactly() else ("bricks", "masked")
+
+    def _groups_exactly(self) -> bool:
+        """Whether the grouped path applies: a router that picks exactly k bricks per token, and grouped GEMMs."""
+        return grouped_mm is not None and self.router is not None and self.router.exact_k
+
     def static_path(self, tokens: int) -> str:
+        if self._groups_exactly() and self.w_in.dtype == torch.bfloat16:  # the dtype of CUDA's grouped GEMMs
+            return "grouped"
         return "bricks" if tokens == 1 else "masked"
 
     def shape_key(self) -> tuple:
@@ -210,6 +227,8 @@ class BrickedFFN(RoutedFFN):
             y += shared
         if masked:
             y += self._masked(x2, sel)
+        elif path == "grouped":
+            self._grouped_mm(x2, sel, y)
         elif x2.shape[0] == 1 and self._gathers(x2):
             self._gathered(x2, sel, y)
         elif x2.shape[0] == 1:
@@ -269,6 +288,26 @@ class BrickedFFN(RoutedFFN):
             if len(rows):
                 a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
                 y.index_add_(0, rows, self._down(a, self.w_down[b]))
+
+    def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
+        """Every token's k bricks in two grouped GEMMs over the brick-major weights, shapes fixed by (tokens, k):
+        no host sync, capturable in a CUDA graph. A brick no token selected is an empty group, whose weights are
+        never read."""
+        if not self._groups_exactly():
+            raise BricksError("the grouped path needs torch's grouped_mm and a router that picks exactly k bricks")
+        n, k = self.n_bricks, self.k_active
+        # Each token's k bricks (a stable sort of the mask puts them first), then the (token, brick) pairs by brick.
+        chosen = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :k].flatten()
+        order = torch.argsort(chosen, stable=True)
+        bricks, rows = chosen[order], order // k
+        ends = torch.zeros(n, dtype=torch.int32, device=x.device).scatter_add_(
+            0, bricks, torch.ones_like(bricks, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        h = grouped_mm(x[rows], self.w_in.transpose(1, 2), offs=ends)  # [pairs, k*size]
+        if self.b_in is not None:
+            h = h + self.b_in[bricks]
+        a = self._act(h, self.brick_size)
+        w_down = self.w_down if self.down_rows else self.w_down.transpose(1, 2)  # [n, size, hidden] either way
+        y.index_add_(0, rows, grouped_mm(a, w_down, offs=ends))
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
         """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path

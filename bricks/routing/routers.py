@@ -43,6 +43,7 @@ class Router(nn.Module):
     trainable = False  # True when the router is fitted on data and has state to save with the model
     reuses_gate = False  # True when routing computes the gate pre-activations (kept in `self.gate`)
     refits = False  # True when `refit_loss` can keep the router fitted during recovery
+    exact_k = True  # every token runs exactly k bricks (False: the number varies per token)
 
     def macs_per_token(self) -> int:
         """Multiply-accumulates per token spent on scoring."""
@@ -191,6 +192,7 @@ class ThresholdRouter(Router):
     name = "threshold"
     trainable = True
     reuses_gate = True
+    exact_k = False
     QUANTILES = 1025
 
     def __init__(self, ffn: nn.Module):

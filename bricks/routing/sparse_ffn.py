@@ -34,14 +34,16 @@ token's values as per-sample weights) gathers and sums without copying them;
 a token's rows can be split over several bags so that every CPU thread reads
 some (one bag runs on one thread).
 
-Three inference paths compute that function (`RoutedFFN.paths`): `bags` (one
+Three CPU inference paths compute that function (`RoutedFFN.paths`): `bags` (one
 bag per token: a decode token on one thread), `split` (a decode token's rows
 split over every thread: twice the memory bandwidth on an idle machine, a
 stall when another process holds a core) and `masked` (dense matmuls on the
 zeroed entries: what several tokens together want, since between them they
 keep nearly every input channel). Which one runs is timed, not guessed
 (`bricks.routing.paths`); the `masked` path is counted as the whole FFN in
-the executed fraction, as it is.
+the executed fraction, as it is. On a GPU, a decode token runs the `triton`
+path: one kernel per projection that issues the weight loads of the kept rows
+only (`bricks.routing.kernels`); several tokens run `masked`.
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from transformers.activations import SiLUActivation
+except ImportError:  # older transformers: nn.SiLU
+    SiLUActivation = None
+
 from ..arch import FFN
 from ..errors import BricksError
+from . import kernels
 from .base import RoutedFFN, routed_layers
 from .paths import running
 
@@ -61,6 +69,8 @@ IN_OVER_COMPUTE = 1.2
 # Weights above this size are read in memory order (see `SparseFFN._kept`).
 SORT_ABOVE_BYTES = 8 << 20
 SELECTIONS = ("topk", "threshold")
+# Activation modules the triton kernel computes itself (transformers' own SiLU class, and torch's).
+SILU = (nn.SiLU, *([SiLUActivation] if SiLUActivation is not None else []))
 # Several tokens take the bags only while they read at most this many times the FFN's weights between them.
 MAX_BAG_READS = 2.0
 
@@ -76,6 +86,7 @@ class SparseFFN(RoutedFFN):
     """
 
     paths = ("bags", "split", "masked")
+    device_paths = ("triton",)
 
     def __init__(self, ffn: FFN, compute: float = 1.0, selection: str = "topk"):
         super().__init__()
@@ -100,6 +111,8 @@ class SparseFFN(RoutedFFN):
         # Tokens, then input channels and neurons selected, then those read: the routed and executed fractions.
         # Host ints where the numbers are known there, 0-dim device tensors where they are not (thresholds, masked).
         self.counts = [0, 0, 0, 0, 0]
+        # The triton path counts on the device (tokens, inputs, neurons read): no host sync, graph replays counted.
+        self._kernel_counts: torch.Tensor | None = None
         self._offsets: dict[tuple, torch.Tensor] = {}
         self.keep_in = self.keep_act = 1.0
         self.set_compute(compute)
@@ -174,23 +187,28 @@ class SparseFFN(RoutedFFN):
 
     def reset_counts(self) -> None:
         self.counts = [0, 0, 0, 0, 0]
+        if self._kernel_counts is not None:
+            self._kernel_counts.zero_()
 
     def _count(self, tokens: int, n_in, n_act, ran_in=None, ran_act=None) -> None:
         """Inputs and neurons the routed function selected, and those the path read (the same unless masked)."""
         add = (tokens, n_in, n_act, n_in if ran_in is None else ran_in, n_act if ran_act is None else ran_act)
         self.counts = [c + a for c, a in zip(self.counts, add)]
 
-    def _fraction(self, n_in, n_act) -> float | None:
-        tokens = self.counts[0]
+    def _fraction(self, which: int) -> float | None:
+        tokens, n_in, n_act = self.counts[0], self.counts[which], self.counts[which + 1]
+        if self._kernel_counts is not None:  # the triton path reads what it selects: routed and executed alike
+            kernel = self._kernel_counts.tolist()
+            tokens, n_in, n_act = tokens + kernel[0], n_in + kernel[1], n_act + kernel[2]
         if tokens == 0:
             return None
         return self._macs(float(n_in) / tokens, float(n_act) / tokens) / self.dense_macs_per_token()
 
     def routed_fraction(self) -> float | None:
-        return self._fraction(self.counts[1], self.counts[2])
+        return self._fraction(1)
 
     def executed_fraction(self) -> float | None:
-        return self._fraction(self.counts[3], self.counts[4])
+        return self._fraction(3)
 
     # ------------------------------------------------------------------ execution
     @staticmethod
@@ -225,7 +243,9 @@ class SparseFFN(RoutedFFN):
         return ("bags", "masked") if tokens * self.compute_fraction() <= MAX_BAG_READS else ("masked",)
 
     def static_path(self, tokens: int) -> str:
-        return "bags" if tokens == 1 else "masked"
+        if tokens == 1:
+            return "triton" if kernels.available(self.w_in_t.device) else "bags"
+        return "masked"
 
     def shape_key(self) -> tuple:
         return self.hidden, self.d_ff, self.k, self.n_in, self.n_act, self.selection
@@ -245,6 +265,8 @@ class SparseFFN(RoutedFFN):
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
                     y = self._dense(x2)
                     self._count(n, n * self.hidden, n * self.d_ff)
+                elif path == "triton":
+                    y = torch.cat([self._triton(row) for row in x2.split(1)])
                 else:
                     y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)
@@ -321,6 +343,28 @@ class SparseFFN(RoutedFFN):
         y = self._bag(j, values, starts, self.w_down_t, split)
         # The rows the bags were given to read: what ran, and what the routed function selected.
         self._count(x.shape[0], idx.numel(), j.numel())
+        return y if self.b_down is None else y + self.b_down
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows. Under threshold
+        selection a gated SiLU FFN computes its activations inside the down projection's kernel."""
+        if not kernels.available(x.device):
+            raise BricksError("the triton path needs a CUDA device with triton installed (or TRITON_INTERPRET=1)")
+        if self._kernel_counts is None or self._kernel_counts.device != x.device:
+            self._kernel_counts = torch.zeros(3, dtype=torch.int64, device=x.device)
+        counts = self._kernel_counts
+        t_in, t_act = self._threshold(0), self._threshold(1)
+        keep = None if t_in is not None else self._top(x, self.n_in)[0]
+        h = kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, keep=keep)
+        if self.b_in is not None:
+            h = h + self.b_in
+        if t_act is not None and self.gated and self.b_in is None and isinstance(self.act, SILU):
+            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, silu_gated=True)
+        else:
+            a = self._activation(h)
+            keep = None if t_act is not None else self._top(a[None], self.n_act)[0]
+            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, keep=keep)
+        y = y.to(x.dtype)[None]
         return y if self.b_down is None else y + self.b_down
 
     # ------------------------------------------------------------------ weights

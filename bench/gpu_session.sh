@@ -1,0 +1,29 @@
+#!/bin/bash
+# One GPU session's checks, in one go (device time is scarce): the kernels' tests on CUDA, then the FFN and decode
+# benches with CUDA graphs. Results go to $OUT (the device tool's folder) or bench/results/. A step that fails is
+# reported and the next one runs.
+#
+#     bash bench/gpu_session.sh            # from the repository root, on a machine with a CUDA GPU
+OUTDIR=${OUT:-bench/results}
+TAG=${TAG:-$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")}
+if ls .whl/*.whl >/dev/null 2>&1; then  # packages the machine lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+step() { echo "=== $1"; shift; local t=$SECONDS; "$@"; echo "=== rc $? in $((SECONDS - t)) s"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+step tests timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+FFN="timeout 150 python3 bench/bench_ffn.py --device cuda --busy 0 --batch 1 --batch 32 --active 0.5 --active 0.25"
+step ffn-teal-threshold $FFN --router teal --selection threshold --shape 4096x11008 --shape 576x1536 \
+  --dtype bfloat16 --dtype float16 --json $OUTDIR/ffn_teal_threshold_$TAG.json
+step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_topk_$TAG.json
+step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_grouped_$TAG.json
+step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
+  --json $OUTDIR/ffn_centroid_masked_$TAG.json
+DEC="timeout 240 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --layers 32 --hidden 4096 --d-ff 11008 \
+  --heads 32 --kv-heads 32 --tokens 128 --active 0.5"
+step decode-teal-threshold $DEC --router teal --selection threshold --json $OUTDIR/decode_teal_threshold_7b_$TAG.json
+step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
+step decode-bricks $DEC --router centroid --json $OUTDIR/decode_centroid_7b_$TAG.json

@@ -1,0 +1,123 @@
+"""GPU kernels for sparse decoding: a matrix-vector product that reads only the weight rows of kept inputs (TEAL).
+
+Batch-1 decoding on a GPU is bound by the bytes of weights read, so an
+activation-sparse FFN is faster only if the skipped weights are never loaded.
+With unit-major storage (`SparseFFN`: row c of `w_t` is what input c feeds
+into every output), the product `y = sum over kept c of v[c] * w_t[c]` skips
+whole rows. The kernel below loads a block of inputs, decides which are kept,
+and issues the weight loads of the kept rows only (a predicated-off load
+fetches nothing from memory). It splits the rows over programs (split-K) so
+that enough loads are in flight to fill the memory bandwidth, accumulates in
+fp32, and adds each program's partial sums atomically into an fp32 output.
+
+Kept inputs are chosen either by a calibrated magnitude (`threshold`, TEAL's
+choice: a comparison inside the kernel, nothing else launched) or by a mask
+(`keep`, for per-token top-k: the top-k itself runs before the kernel, as
+torch ops). For a gated FFN's down projection the kernel also computes the
+activation `silu(gate) * up` from the fp32 gate/up outputs as it loads them,
+so the activations are never written out. Each call counts the rows it read
+(and, for the gate/up call, the token) into a device buffer: the executed
+fraction stays honest without a host sync, also under CUDA-graph replay.
+
+Runs on CUDA, and on CPU under `TRITON_INTERPRET=1` (the correctness tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the CPU paths need none
+    triton = tl = None
+
+# Programs per multiprocessor to aim for: enough row loads in flight to keep the memory bandwidth busy.
+PROGRAMS_PER_SM = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the sparse kernel can run on `device`: CUDA with triton, or any device under TRITON_INTERPRET=1."""
+    return triton is not None and (torch.device(device).type == "cuda" or interpreting())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sparse_rows_kernel(v_ptr, w_ptr, out_ptr, keep_ptr, counts_ptr, threshold, K, N, stride_w, rows_per_split,
+                            USE_KEEP: tl.constexpr, SILU_GATED: tl.constexpr, COUNT_SLOT: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        kept_rows = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        start = pid_k * rows_per_split  # rows_per_split: a multiple of BLOCK_K, so splits never overlap
+        for k0 in range(0, rows_per_split, BLOCK_K):
+            rows = start + k0 + tl.arange(0, BLOCK_K)
+            row_ok = rows < K
+            if SILU_GATED:  # v holds [gate | up] pre-activations (fp32): the input is silu(gate) * up
+                g = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                u = tl.load(v_ptr + K + rows, mask=row_ok, other=0.0).to(tl.float32)
+                v = g * tl.sigmoid(g) * u
+            else:
+                v = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if USE_KEEP:
+                kept = (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+            else:
+                kept = (tl.abs(v) > threshold) & row_ok
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=kept[:, None] & col_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+            kept_rows += kept.to(tl.int32)
+        tl.atomic_add(out_ptr + cols, acc, mask=col_ok)
+        if pid_n == 0:  # one column block counts the rows read, for the executed fraction
+            tl.atomic_add(counts_ptr + COUNT_SLOT, tl.sum(kept_rows).to(tl.int64))
+            if COUNT_SLOT == 1:
+                if pid_k == 0:
+                    tl.atomic_add(counts_ptr, 1)  # the token
+
+
+def _blocks(K: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_K, BLOCK_N, rows per split, splits): column blocks of 256 bytes of bf16 weights, and rows split until
+    there are about PROGRAMS_PER_SM programs per multiprocessor."""
+    block_k, block_n = 32, 128
+    if interpreting():  # the interpreter runs each program in Python: few, large ones
+        return block_k, block_n, K, 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_blocks = triton.cdiv(N, block_n)
+    splits = max(1, min(triton.cdiv(K, block_k), triton.cdiv(PROGRAMS_PER_SM * sms, n_blocks)))
+    rows = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    return block_k, block_n, rows, triton.cdiv(K, rows)
+
+
+def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: int, *, threshold: float | None = None,
+                keep: torch.Tensor | None = None, silu_gated: bool = False) -> torch.Tensor:
+    """`sum over kept c of v[c] * w_t[c]` for one token, reading only the kept rows of `w_t` `[K, N]`; fp32 `[N]`.
+
+    Args:
+        v: the token's inputs `[K]` (or `[2K]` gate|up pre-activations when `silu_gated`).
+        counts: int64 device buffer; `counts[slot]` += rows read, and `counts[0]` += 1 (the token) when slot == 1.
+        threshold: keep inputs with |v| above it (TEAL's selection), or
+        keep: a bool mask `[K]` of the inputs to keep (a top-k chosen beforehand).
+    """
+    if (threshold is None) == (keep is None):
+        raise ValueError("give one of threshold and keep")
+    K, N = w_t.shape
+    if w_t.stride(1) != 1 or v.shape[-1] != (2 * K if silu_gated else K):
+        raise ValueError(f"sparse_rows: inputs {tuple(v.shape)} do not match rows of {tuple(w_t.shape)}")
+    out = torch.zeros(N, device=w_t.device, dtype=torch.float32)
+    block_k, block_n, rows, splits = _blocks(K, N, w_t.device)
+    keep_arg = keep if keep is not None else counts  # an unused pointer when selecting by threshold
+    _sparse_rows_kernel[(triton.cdiv(N, block_n), splits)](
+        v.contiguous(), w_t, out, keep_arg, counts, 0.0 if threshold is None else float(threshold), K, N,
+        w_t.stride(0), rows, USE_KEEP=keep is not None, SILU_GATED=silu_gated, COUNT_SLOT=slot,
+        BLOCK_K=block_k, BLOCK_N=block_n)
+    return out

@@ -1,0 +1,130 @@
+"""GPU decoding paths, checked against the CPU reference: the triton sparse kernel (run by triton's interpreter where
+there is no GPU), the grouped brick path, and greedy decoding with a static cache (captured in CUDA graphs on a GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bricks
+from bricks.arch import ffns
+from bricks.decoding import GreedyDecoder
+from bricks.routing import BrickedFFN, SparseFFN, kernels
+
+from .test_sparse_ffn import _reference, _threshold_reference
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def _needs_kernel(device):
+    if kernels.triton is None:
+        pytest.skip("triton is not installed (pip install triton): the kernel cannot run")
+    if not kernels.available(torch.device(device)):
+        pytest.skip(f"the triton kernel runs on CUDA, or on {device} only under TRITON_INTERPRET=1 (set in conftest.py "
+                    "when no GPU is present)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_rows_reads_the_kept_rows(device, dtype):
+    _needs_kernel(device)
+    g = torch.Generator().manual_seed(0)
+    K, N = 300, 200  # not multiples of the blocks: edges masked
+    w = torch.randn(K, N, generator=g).to(device, dtype)
+    v = torch.randn(K, generator=g).to(device, dtype)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    vf, wf = v.float(), w.float()
+    y = kernels.sparse_rows(v, w, counts, 1, threshold=0.7)
+    torch.testing.assert_close(y, (vf * (vf.abs() > 0.7)) @ wf, **tol)
+    keep = torch.rand(K, generator=g).to(device) < 0.3
+    y = kernels.sparse_rows(v, w, counts, 2, keep=keep)
+    torch.testing.assert_close(y, (vf * keep) @ wf, **tol)
+    # The down projection of a gated SiLU FFN: the activation computed from fp32 gate|up inside the kernel.
+    h = torch.randn(2 * K, generator=g).to(device)
+    a = F.silu(h[:K]) * h[K:]
+    y = kernels.sparse_rows(h, w, counts, 2, threshold=0.2, silu_gated=True)
+    torch.testing.assert_close(y, (a * (a.abs() > 0.2)) @ wf, **tol)
+    # Rows read, counted on the device: inputs of the first call, neurons of the others, one token.
+    assert counts.tolist() == [1, int((vf.abs() > 0.7).sum()), int(keep.sum() + (a.abs() > 0.2).sum())]
+    with pytest.raises(ValueError, match="one of threshold and keep"):
+        kernels.sparse_rows(v, w, counts, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.sparse_rows(v[:10], w, counts, 1, threshold=0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_sparse_ffn_triton_path_is_the_routed_function(llama_dir, device, selection):
+    """Decode tokens on the triton path compute what the CPU reference computes, and count what they read."""
+    _needs_kernel(device)
+    model, _ = bricks.load_model(llama_dir, device=device)
+    f = ffns(model)[0]
+    sparse = SparseFFN(f, compute=0.5, selection=selection)
+    x = torch.randn(3, f.down_weight().shape[0], device=device)
+    with torch.no_grad():
+        if selection == "threshold":
+            sparse.fit_thresholds(torch.randn(256, x.shape[1], device=device))
+            ref = _threshold_reference(f, x, *sparse.thresholds)
+        else:
+            ref = _reference(f, x, sparse.n_in, sparse.n_act)
+        sparse.set_path("triton")
+        out = torch.cat([sparse(row) for row in x.split(1)])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        routed, executed = sparse.routed_fraction(), sparse.executed_fraction()
+        sparse.set_path("masked")
+        sparse.reset_counts()
+        sparse(x)
+    assert routed == pytest.approx(sparse.routed_fraction())  # the same selection
+    assert executed == pytest.approx(routed)  # it reads what it selected
+    if selection == "topk":
+        assert routed == pytest.approx(sparse.compute_fraction())
+
+
+def test_triton_path_refuses_where_it_cannot_run(llama_dir, monkeypatch):
+    model, _ = bricks.load_model(llama_dir)
+    sparse = SparseFFN(ffns(model)[0], compute=0.5)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    sparse.set_path("triton")
+    with pytest.raises(bricks.BricksError, match="needs a CUDA device with triton"):
+        sparse(torch.randn(1, 32))
+    assert sparse.static_path(1) == "bags"  # where the kernel cannot run, decode tokens take the bags
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_brick_path_is_the_masked_function(llama_dir, device, dtype):
+    """Every token's k bricks in two grouped GEMMs: the function of the masked path, at 1 token and at several."""
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("CUDA's grouped GEMMs take bfloat16")
+    model, _ = bricks.load_model(llama_dir, device=device, dtype=dtype)
+    f = ffns(model)[0]
+    g = torch.Generator().manual_seed(0)
+    ffn = BrickedFFN(f, torch.randperm(f.d_ff, generator=g) % 8, router="centroid", active=0.5)
+    x = torch.randn(6, f.down_weight().shape[0], generator=g).to(device, dtype)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    with torch.no_grad():
+        ffn.set_path("masked")
+        ref = [ffn(x), ffn(x[:1])]
+        ffn.set_path("grouped")
+        ffn.reset_counts()
+        out = [ffn(x), ffn(x[:1])]
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, **tol)
+    assert ffn.executed_fraction() == pytest.approx(ffn.compute_fraction())  # only the selected bricks ran
+    if dtype == torch.bfloat16:
+        assert ffn.static_path(1) == "grouped" and ffn.static_path(32) == "grouped"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_decoder_matches_generate(llama_dir, device):
+    """The static-cache step (captured in a CUDA graph on a GPU) decodes what `generate` decodes."""
+    model, _ = bricks.load_model(llama_dir, device=device)
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids.to(device), max_new_tokens=12, min_new_tokens=12, do_sample=False)[:, 7:].cpu()
+    decoder = GreedyDecoder(model, max_len=32)
+    assert decoder.graphs == (device == "cuda")
+    assert torch.equal(decoder(ids, 12), ref)
+    assert decoder.tokens_per_s() > 0
+    with pytest.raises(bricks.BricksError, match="at most 20 tokens"):
+        decoder(torch.zeros(1, 25, dtype=torch.long), 12)
