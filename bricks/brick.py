@@ -47,7 +47,8 @@ def model_fingerprint(model, blocks=None) -> str:
         for w in (f.up_weight(), f.down_weight()):
             h.update(str(tuple(w.shape)).encode())
             flat = w.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, 64).long().to(flat.device)
+            # float32 linspace can round the last index past the end on large tensors: clamped (same indices else)
+            idx = torch.linspace(0, flat.numel() - 1, 64).long().clamp_(max=flat.numel() - 1).to(flat.device)
             h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:24]
 

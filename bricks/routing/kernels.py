@@ -6,9 +6,11 @@ With unit-major storage (`SparseFFN`: row c of `w_t` is what input c feeds
 into every output), the product `y = sum over kept c of v[c] * w_t[c]` skips
 whole rows. The kernel below loads a block of inputs, decides which are kept,
 and issues the weight loads of the kept rows only (a predicated-off load
-fetches nothing from memory). It splits the rows over programs (split-K) so
-that enough loads are in flight to fill the memory bandwidth, accumulates in
-fp32, and adds each program's partial sums atomically into an fp32 output.
+fetches nothing from memory). It splits the rows over many programs
+(split-K), each loading a few tiles at once, so that enough loads are in
+flight to fill the memory bandwidth; it accumulates in fp32 and adds each
+program's column sums atomically into an fp32 output. Tile shapes are tuned
+per weight shape at first use (`CONFIGS`).
 
 Kept inputs are chosen either by a calibrated magnitude (`threshold`, TEAL's
 choice: a comparison inside the kernel, nothing else launched) or by a mask
@@ -34,8 +36,12 @@ try:
 except ImportError:  # triton is optional: the CPU paths need none
     triton = tl = None
 
-# Programs per multiprocessor to aim for: enough row loads in flight to keep the memory bandwidth busy.
-PROGRAMS_PER_SM = 4
+# Tile shapes tried by the autotuner, per weight shape and dtype: (BLOCK_N, BLOCK_K, ITERS, warps). A program loads
+# ITERS tiles of BLOCK_K rows x BLOCK_N columns (unrolled: all in flight at once) and adds its column sums atomically.
+CONFIGS = [(128, 32, 1, 4), (128, 64, 1, 4), (128, 32, 2, 4), (128, 32, 4, 4), (64, 64, 2, 4), (256, 32, 1, 4),
+           (256, 32, 2, 8), (256, 64, 1, 8), (128, 64, 2, 8), (128, 128, 1, 8), (64, 128, 1, 4), (512, 16, 2, 8)]
+# The interpreter's tile: it runs each program in Python, so few and large ones.
+INTERPRETED = {"BLOCK_N": 128, "BLOCK_K": 32, "ITERS": 4}
 
 
 def interpreting() -> bool:
@@ -50,18 +56,19 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _sparse_rows_kernel(v_ptr, w_ptr, out_ptr, keep_ptr, counts_ptr, threshold, K, N, stride_w, rows_per_split,
-                            USE_KEEP: tl.constexpr, SILU_GATED: tl.constexpr, COUNT_SLOT: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _sparse_rows(v_ptr, w_ptr, out_ptr, keep_ptr, counts_ptr, threshold, K, N, stride_w,
+                     USE_KEEP: tl.constexpr, SILU_GATED: tl.constexpr, COUNT_SLOT: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ITERS: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Partial sums stay per row until the end: one reduction per program, not one per tile.
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         kept_rows = tl.zeros((BLOCK_K,), dtype=tl.int32)
-        start = pid_k * rows_per_split  # rows_per_split: a multiple of BLOCK_K, so splits never overlap
-        for k0 in range(0, rows_per_split, BLOCK_K):
-            rows = start + k0 + tl.arange(0, BLOCK_K)
+        start = pid_k * (BLOCK_K * ITERS)
+        for i in tl.static_range(ITERS):
+            rows = start + i * BLOCK_K + tl.arange(0, BLOCK_K)
             row_ok = rows < K
             if SILU_GATED:  # v holds [gate | up] pre-activations (fp32): the input is silu(gate) * up
                 g = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -73,29 +80,22 @@ if triton is not None:
                 kept = (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
             else:
                 kept = (tl.abs(v) > threshold) & row_ok
+            # Loads of rows not kept are predicated off: those weights are never read from memory.
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=kept[:, None] & col_ok[None, :],
                         other=0.0)
-            acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+            acc += w.to(tl.float32) * v[:, None]
             kept_rows += kept.to(tl.int32)
-        tl.atomic_add(out_ptr + cols, acc, mask=col_ok)
+        tl.atomic_add(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
         if pid_n == 0:  # one column block counts the rows read, for the executed fraction
             tl.atomic_add(counts_ptr + COUNT_SLOT, tl.sum(kept_rows).to(tl.int64))
             if COUNT_SLOT == 1:
                 if pid_k == 0:
                     tl.atomic_add(counts_ptr, 1)  # the token
 
-
-def _blocks(K: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_K, BLOCK_N, rows per split, splits): column blocks of 256 bytes of bf16 weights, and rows split until
-    there are about PROGRAMS_PER_SM programs per multiprocessor."""
-    block_k, block_n = 32, 128
-    if interpreting():  # the interpreter runs each program in Python: few, large ones
-        return block_k, block_n, K, 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    n_blocks = triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(K, block_k), triton.cdiv(PROGRAMS_PER_SM * sms, n_blocks)))
-    rows = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    return block_k, block_n, rows, triton.cdiv(K, rows)
+    # Tuned once per (shape, dtype, selection) at first use; outputs are zeroed and counts restored between tries.
+    _tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ITERS": i}, num_warps=w) for n, k, i, w in CONFIGS],
+        key=["K", "N", "USE_KEEP", "SILU_GATED"], reset_to_zero=["out_ptr"], restore_value=["counts_ptr"])(_sparse_rows)
 
 
 def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: int, *, threshold: float | None = None,
@@ -114,10 +114,15 @@ def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: 
     if w_t.stride(1) != 1 or v.shape[-1] != (2 * K if silu_gated else K):
         raise ValueError(f"sparse_rows: inputs {tuple(v.shape)} do not match rows of {tuple(w_t.shape)}")
     out = torch.zeros(N, device=w_t.device, dtype=torch.float32)
-    block_k, block_n, rows, splits = _blocks(K, N, w_t.device)
-    keep_arg = keep if keep is not None else counts  # an unused pointer when selecting by threshold
-    _sparse_rows_kernel[(triton.cdiv(N, block_n), splits)](
-        v.contiguous(), w_t, out, keep_arg, counts, 0.0 if threshold is None else float(threshold), K, N,
-        w_t.stride(0), rows, USE_KEEP=keep is not None, SILU_GATED=silu_gated, COUNT_SLOT=slot,
-        BLOCK_K=block_k, BLOCK_N=block_n)
+    args = (v.contiguous(), w_t, out, keep if keep is not None else counts,  # an unused pointer under a threshold
+            counts, 0.0 if threshold is None else float(threshold), K, N, w_t.stride(0))
+    flags = dict(USE_KEEP=keep is not None, SILU_GATED=silu_gated, COUNT_SLOT=slot)
+    if interpreting():
+        _sparse_rows[_grid(K, N, INTERPRETED)](*args, **flags, **INTERPRETED)
+    else:
+        _tuned[lambda meta: _grid(K, N, meta)](*args, **flags)
     return out
+
+
+def _grid(K: int, N: int, meta: dict) -> tuple[int, int]:
+    return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"] * meta["ITERS"])

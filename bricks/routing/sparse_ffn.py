@@ -282,18 +282,24 @@ class SparseFFN(RoutedFFN):
         """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
         gradients flow through the kept entries only). Executed: the whole FFN."""
         n = x.shape[0]
-        keep_in = self._keep(x.detach(), 0)
-        h = (x * keep_in) @ self.w_in_t
+        xm, kept_in = self._zero_dropped(x, 0)
+        h = xm @ self.w_in_t
         if self.b_in is not None:
             h = h + self.b_in
-        a = self._activation(h)
-        keep_act = self._keep(a.detach(), 1)
-        y = (a * keep_act) @ self.w_down_t
-        if self.selection == "topk":
-            self._count(n, n * self.n_in, n * self.n_act, n * self.hidden, n * self.d_ff)
-        else:  # counted on the device (0-dim tensors): no host sync
-            self._count(n, keep_in.sum(), keep_act.sum(), n * self.hidden, n * self.d_ff)
+        am, kept_act = self._zero_dropped(self._activation(h), 1)
+        y = am @ self.w_down_t
+        self._count(n, kept_in, kept_act, n * self.hidden, n * self.d_ff)
         return y if self.b_down is None else y + self.b_down
+
+    def _zero_dropped(self, v: torch.Tensor, which: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """`v` with the entries each token drops zeroed (inputs: 0, neurons: 1), and how many were kept. Under a
+        threshold that is one kernel, hardshrink (|v| > t kept), and the count stays on the device (no host sync)."""
+        t = self._threshold(which)
+        if t is None:
+            n = self.n_in if which == 0 else self.n_act
+            return v * self._top(v.detach(), n), v.shape[0] * n
+        vm = F.hardshrink(v, t)
+        return vm, torch.count_nonzero(vm)
 
     def _offsets_for(self, tokens: int, n: int, parts: int, device) -> torch.Tensor:
         """Bag starts when each of `tokens` tokens has `n` rows, cut into `parts` bags each."""
