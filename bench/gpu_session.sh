@@ -18,12 +18,12 @@ step tests timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kerne
 FFN="timeout 150 python3 bench/bench_ffn.py --device cuda --busy 0 --batch 1 --batch 32 --active 0.5 --active 0.25"
 step ffn-teal-threshold $FFN --router teal --selection threshold --shape 4096x11008 --shape 576x1536 \
   --dtype bfloat16 --dtype float16 --json $OUTDIR/ffn_teal_threshold_$TAG.json
-step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_topk_$TAG.json
-step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_grouped_$TAG.json
-# step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
-#   --json $OUTDIR/ffn_centroid_masked_$TAG.json
 DEC="timeout 240 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --layers 32 --hidden 4096 --d-ff 11008 \
   --heads 32 --kv-heads 32 --tokens 128 --active 0.5"
 step decode-teal-threshold $DEC --router teal --selection threshold --json $OUTDIR/decode_teal_threshold_7b_$TAG.json
-step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
+step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_topk_$TAG.json
 step decode-bricks $DEC --router centroid --json $OUTDIR/decode_centroid_7b_$TAG.json
+step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_grouped_$TAG.json
+step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
+# step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
+#   --json $OUTDIR/ffn_centroid_masked_$TAG.json
