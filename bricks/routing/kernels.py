@@ -12,6 +12,12 @@ flight to fill the memory bandwidth; it accumulates in fp32 and adds each
 program's column sums atomically into an fp32 output. Tile shapes are tuned
 per weight shape at first use (`CONFIGS`).
 
+Measured on an H200 (`bench/README.md`), this is not yet the win TEAL
+reports: 1.03x / 1.11x a dense FFN at compute 0.5 / 0.25, because a
+projection costs 17-64 us even when it reads no weights (the cost of
+scheduling many short programs). The longer-running tiles in `CONFIGS`
+address that and have not been measured yet.
+
 Kept inputs are chosen either by a calibrated magnitude (`threshold`, TEAL's
 choice: a comparison inside the kernel, nothing else launched) or by a mask
 (`keep`, for per-token top-k: the top-k itself runs before the kernel, as
@@ -36,12 +42,16 @@ try:
 except ImportError:  # triton is optional: the CPU paths need none
     triton = tl = None
 
-# Tile shapes tried by the autotuner, per weight shape and dtype: (BLOCK_N, BLOCK_K, ITERS, warps). A program loads
-# ITERS tiles of BLOCK_K rows x BLOCK_N columns (unrolled: all in flight at once) and adds its column sums atomically.
-CONFIGS = [(128, 32, 1, 4), (128, 64, 1, 4), (128, 32, 2, 4), (128, 32, 4, 4), (64, 64, 2, 4), (256, 32, 1, 4),
-           (256, 32, 2, 8), (256, 64, 1, 8), (128, 64, 2, 8), (128, 128, 1, 8), (64, 128, 1, 4), (512, 16, 2, 8)]
+# Tile shapes tried by the autotuner, per weight shape and dtype: (BLOCK_N, BLOCK_K, ITERS, LOOPS, warps). A program
+# runs LOOPS times (a loop) over ITERS tiles of BLOCK_K rows x BLOCK_N columns (unrolled: their loads are in flight
+# together) and adds its column sums atomically. On an H200 short programs cost more to schedule than their
+# loads take (`bench/results/kernel_probe_h200.txt`: 17-64 us for a projection that reads no weights at all, by
+# tile), so some configurations make each program longer. The first five were measured there.
+CONFIGS = [(64, 64, 4, 1, 4), (128, 32, 8, 1, 4), (512, 8, 8, 1, 4), (128, 128, 1, 1, 4), (128, 32, 4, 1, 4),
+           (64, 64, 4, 4, 4), (64, 64, 4, 16, 4), (128, 32, 8, 4, 4), (64, 128, 2, 8, 4), (128, 64, 4, 4, 8),
+           (32, 128, 4, 4, 4), (256, 32, 4, 4, 8)]
 # The interpreter's tile: it runs each program in Python, so few and large ones.
-INTERPRETED = {"BLOCK_N": 128, "BLOCK_K": 32, "ITERS": 4}
+INTERPRETED = {"BLOCK_N": 128, "BLOCK_K": 32, "ITERS": 2, "LOOPS": 2}
 
 
 def interpreting() -> bool:
@@ -58,7 +68,7 @@ if triton is not None:
     @triton.jit
     def _sparse_rows(v_ptr, w_ptr, out_ptr, keep_ptr, counts_ptr, threshold, K, N, stride_w,
                      USE_KEEP: tl.constexpr, SILU_GATED: tl.constexpr, COUNT_SLOT: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ITERS: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ITERS: tl.constexpr, LOOPS: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,25 +76,26 @@ if triton is not None:
         # Partial sums stay per row until the end: one reduction per program, not one per tile.
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         kept_rows = tl.zeros((BLOCK_K,), dtype=tl.int32)
-        start = pid_k * (BLOCK_K * ITERS)
-        for i in tl.static_range(ITERS):
-            rows = start + i * BLOCK_K + tl.arange(0, BLOCK_K)
-            row_ok = rows < K
-            if SILU_GATED:  # v holds [gate | up] pre-activations (fp32): the input is silu(gate) * up
-                g = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-                u = tl.load(v_ptr + K + rows, mask=row_ok, other=0.0).to(tl.float32)
-                v = g * tl.sigmoid(g) * u
-            else:
-                v = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            if USE_KEEP:
-                kept = (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-            else:
-                kept = (tl.abs(v) > threshold) & row_ok
-            # Loads of rows not kept are predicated off: those weights are never read from memory.
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=kept[:, None] & col_ok[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * v[:, None]
-            kept_rows += kept.to(tl.int32)
+        start = pid_k * (BLOCK_K * ITERS * LOOPS)
+        for j in range(LOOPS):
+            for i in tl.static_range(ITERS):
+                rows = start + (j * ITERS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+                row_ok = rows < K
+                if SILU_GATED:  # v holds [gate | up] pre-activations (fp32): the input is silu(gate) * up
+                    g = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                    u = tl.load(v_ptr + K + rows, mask=row_ok, other=0.0).to(tl.float32)
+                    v = g * tl.sigmoid(g) * u
+                else:
+                    v = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                if USE_KEEP:
+                    kept = (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+                else:
+                    kept = (tl.abs(v) > threshold) & row_ok
+                # Loads of rows not kept are predicated off: those weights are never read from memory.
+                w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=kept[:, None] & col_ok[None, :],
+                            other=0.0)
+                acc += w.to(tl.float32) * v[:, None]
+                kept_rows += kept.to(tl.int32)
         tl.atomic_add(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
         if pid_n == 0:  # one column block counts the rows read, for the executed fraction
             tl.atomic_add(counts_ptr + COUNT_SLOT, tl.sum(kept_rows).to(tl.int64))
@@ -94,7 +105,8 @@ if triton is not None:
 
     # Tuned once per (shape, dtype, selection) at first use; outputs are zeroed and counts restored between tries.
     _tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ITERS": i}, num_warps=w) for n, k, i, w in CONFIGS],
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ITERS": i, "LOOPS": loops}, num_warps=w)
+                 for n, k, i, loops, w in CONFIGS],
         key=["K", "N", "USE_KEEP", "SILU_GATED"], reset_to_zero=["out_ptr"], restore_value=["counts_ptr"])(_sparse_rows)
 
 
@@ -125,4 +137,4 @@ def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: 
 
 
 def _grid(K: int, N: int, meta: dict) -> tuple[int, int]:
-    return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"] * meta["ITERS"])
+    return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"] * meta["ITERS"] * meta["LOOPS"])
