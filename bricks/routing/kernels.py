@@ -13,10 +13,10 @@ program's column sums atomically into an fp32 output. Tile shapes are tuned
 per weight shape at first use (`CONFIGS`).
 
 Measured on an H200 (`bench/README.md`), this is not yet the win TEAL
-reports: 1.03x / 1.11x a dense FFN at compute 0.5 / 0.25, because a
-projection costs 17-64 us even when it reads no weights (the cost of
-scheduling many short programs). The longer-running tiles in `CONFIGS`
-address that and have not been measured yet.
+reports: a projection costs tens of microseconds even when it reads no
+weights (scheduling many short programs), so the FFN is barely faster than
+dense at compute 0.5. The longer-running tiles in `CONFIGS` address that and
+have not been measured yet.
 
 Kept inputs are chosen either by a calibrated magnitude (`threshold`, TEAL's
 choice: a comparison inside the kernel, nothing else launched) or by a mask
@@ -45,8 +45,8 @@ except ImportError:  # triton is optional: the CPU paths need none
 # Tile shapes tried by the autotuner, per weight shape and dtype: (BLOCK_N, BLOCK_K, ITERS, LOOPS, warps). A program
 # runs LOOPS times (a loop) over ITERS tiles of BLOCK_K rows x BLOCK_N columns (unrolled: their loads are in flight
 # together) and adds its column sums atomically. On an H200 short programs cost more to schedule than their
-# loads take (`bench/results/kernel_probe_h200.txt`: 17-64 us for a projection that reads no weights at all, by
-# tile), so some configurations make each program longer. The first five were measured there.
+# loads take (`bench/results/kernel_probe_h200.txt`: a projection that reads no weights at all still takes tens of
+# microseconds, by tile), so some configurations make each program longer. The first five were measured there.
 CONFIGS = [(64, 64, 4, 1, 4), (128, 32, 8, 1, 4), (512, 8, 8, 1, 4), (128, 128, 1, 1, 4), (128, 32, 4, 1, 4),
            (64, 64, 4, 4, 4), (64, 64, 4, 16, 4), (128, 32, 8, 4, 4), (64, 128, 2, 8, 4), (128, 64, 4, 4, 8),
            (32, 128, 4, 4, 4), (256, 32, 4, 4, 8)]
