@@ -124,12 +124,47 @@ def test_same_vocabularies_are_left_as_they_are(models, tmp_path):
 
 @pytest.mark.parametrize("cfg, message", [
     ({}, "give tokenizer_source: union"),
-    ({"tokenizer": {"source": "union", "tokens": {"zzqx": {"source": "base"}}}}, "'tokens') are not supported yet"),
+    ({"tokenizer": {"source": "union", "tokens": {"zzqx": {"source": "nowhere"}}}}, "not one of the merged models"),
+    ({"tokenizer": {"source": "union", "tokens": {"never-seen-token": {"source": {"kind": "zero"}}}}},
+     "not in the merged vocabulary"),
+    ({"tokenizer": {"source": "union", "tokens": {"zzqx": {"source": {"kind": "model_token", "model": "M",
+                                                                      "token": "a", "token_id": 3}}}}}, "exactly one"),
+    ({"tokenizer": {"source": "union", "tokens": {"zzqx": {"source": "P"}}}}, "is not in"),
+    ({"tokenizer": {"source": "union", "tokens": {"zzqx": {"source": {"kind": "ones"}}}}}, "tokens"),
     ({"tokenizer": {"source": "union"}, "tokenizer_source": "union"}, "not both"),
     ({"tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, "positive integer"),
 ])
 def test_vocabulary_problems_in_one_line(models, tmp_path, cfg, message):
+    cfg = json.loads(json.dumps(cfg).replace('"M"', json.dumps(str(models["extended"])))
+                     .replace('"P"', json.dumps(str(models["plain"]))))
     r, out = _merge(tmp_path, "bad", merge_method="linear", **cfg,
                     models=[{"model": str(models[n]), "parameters": {"weight": 1.0}} for n in ("plain", "extended")])
     assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not out.exists()
+
+
+def test_per_token_sources(models, tmp_path):
+    """`tokenizer.tokens`: a token's rows from a chosen model, from another token, or zeros; `force` overrides
+    the rows every input has."""
+    ext, plain, m = str(models["extended"]), str(models["plain"]), str(models["extended"])
+    tokens = {
+        NEW[1]: {"source": {"kind": "zero"}},  # only `extended` has it: its stand-in in `plain` is now zeros
+        NEW[0]: {"source": {"kind": "model_token", "model": plain, "token": "a"}, "force": True},
+        "b": {"source": m, "force": True},  # both have it: forced, extended's row alone
+        "c": {"source": {"kind": "zero"}},  # both have it, not forced: an ordinary merged row
+    }
+    r, out = _merge(tmp_path, "tok", merge_method="linear", tokenizer={"source": "union", "tokens": tokens},
+                    models=[{"model": n, "parameters": {"weight": w}} for n, w in ((plain, 0.25), (ext, 0.75))])
+    assert r.exit_code == 0, r.output
+    e, p = _rows_by_token(models["extended"]), _rows_by_token(models["plain"])
+    merged = _rows_by_token(out)
+    torch.testing.assert_close(merged[NEW[1]], 0.75 * e[NEW[1]])  # extended's own row, plain's zeros
+    torch.testing.assert_close(merged[NEW[0]], p["a"])
+    torch.testing.assert_close(merged["b"], e["b"])
+    torch.testing.assert_close(merged["c"], 0.25 * p["c"] + 0.75 * e["c"])
+    # Forcing a row needs no vocabulary change: same vocabularies still take it.
+    r, out = _merge(tmp_path, "forced", merge_method="linear",
+                    tokenizer={"source": "union", "tokens": {"b": {"source": {"kind": "zero"}, "force": True}}},
+                    models=[{"model": str(models[n]), "parameters": {"weight": 0.5}} for n in ("base", "plain")])
+    assert r.exit_code == 0, r.output
+    assert not _rows_by_token(out)["b"].any() and _rows_by_token(out)["a"].any()

@@ -173,10 +173,18 @@ def test_vocabulary_union_matches_mergekit(llama_dir, tmp_path):
     configs = {"linear": {"merge_method": "linear", "models": models},
                "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(llama_dir), "models": models},
                "ties": {"merge_method": "ties", "base_model": str(llama_dir), "parameters": {"density": 0.5},
-                        "models": models}}
+                        "models": models},
+               # per-token sources: zeros, another token's row, a forced row
+               "tokens": {"merge_method": "linear", "models": models, "tokenizer": {"source": "union", "tokens": {
+                   "zzqx": {"source": {"kind": "zero"}},
+                   "<tool_call>": {"source": {"kind": "model_token", "model": dirs["plain"], "token": "a"},
+                                   "force": True},
+                   "b": {"source": dirs["extended"], "force": True}}}}}
     failures = {}
     for name, cfg in configs.items():
-        cfg.update(dtype="float32", tokenizer_source="union")
+        cfg.update(dtype="float32")
+        if "tokenizer" not in cfg:
+            cfg["tokenizer_source"] = "union"
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         r = CliRunner().invoke(main, ["merge", str(path), "--out", str(tmp_path / f"b-{name}")])

@@ -22,9 +22,9 @@ output slice, then on the model (`models:` form), then in the global
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import BricksError
 from ..io import read_yaml, validated
@@ -73,21 +73,70 @@ class OutputSlice(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
+class ZeroEmbedding(BaseModel):
+    """A token whose rows are zeros."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """A token whose rows are another token's rows in one model (by its id or its text there)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source names its token by token or token_id (exactly one)")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be a row of the model, got {self.token_id}")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where one merged token's embedding rows come from (an entry of `tokenizer.tokens`).
+
+    `source`: a merged model (its row of the same token), `{kind: zero}`, or `{kind: model_token, model, token |
+    token_id}`. The rows stand in for the inputs that lack the token; with `force`, for every input, so the
+    merged row is exactly that row.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ZeroEmbedding, ModelTokenEmbedding, str]
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _by_kind(cls, v):
+        """A mapping is parsed by its `kind`, so that an error names what is wrong with it (not every union member)."""
+        if not isinstance(v, dict):
+            return v
+        kinds = {"zero": ZeroEmbedding, "model_token": ModelTokenEmbedding}
+        if v.get("kind") not in kinds:
+            raise ValueError(f"source kind {v.get('kind')!r}: choose zero or model_token (or name a model)")
+        try:
+            return kinds[v["kind"]].model_validate(v)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    @property
+    def model(self) -> str | None:
+        return self.source if isinstance(self.source, str) else getattr(self.source, "model", None)
+
+
 class TokenizerSettings(BaseModel):
-    """mergekit's `tokenizer:` block: the merged vocabulary, and the multiple its size is padded to."""
+    """mergekit's `tokenizer:` block: the merged vocabulary, the multiple its size is padded to, and per-token
+    embedding sources."""
 
     model_config = ConfigDict(extra="forbid")
     source: str  # "union", "base" or a model
     pad_to_multiple_of: int | None = None
-    tokens: dict | None = None
-
-    @field_validator("tokens")
-    @classmethod
-    def _tokens(cls, v):
-        if v:
-            raise ValueError("per-token embedding sources ('tokens') are not supported yet: leave them out, and "
-                             "tokens one model lacks take mergekit's default rows")
-        return v
+    tokens: dict[str, TokenEmbedding] = {}
 
     @field_validator("pad_to_multiple_of")
     @classmethod
@@ -201,6 +250,11 @@ def load_config(path: str | Path) -> MergeConfig:
         if needs_base(cfg.merge_method) and cfg.base_model not in [s.model for s in sl.sources]:
             raise BricksError(f"{path}: slice {i}: base_model {cfg.base_model} must be among the slice's sources")
         sources += [(s.model, [s.parameters, sl.parameters]) for s in sl.sources]
+    merged = {m for m, _ in sources} | {cfg.base_model}
+    for token, rule in (cfg.tokenizer.tokens if cfg.tokenizer else {}).items():
+        if rule.model is not None and rule.model not in merged:
+            raise BricksError(f"{path}: tokenizer.tokens: {token!r} takes its rows from {rule.model!r}, which is not "
+                              "one of the merged models: name one of them")
     try:
         check_params(cfg.merge_method, {k: values(v) for k, v in cfg.parameters.items()},
                      [{k: values(v) for p in levels for k, v in p.items()} for _, levels in sources])

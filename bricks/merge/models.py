@@ -189,8 +189,9 @@ def run_merge(config: MergeConfig, out: str | Path, max_shard_bytes: int = 5 * 2
     vocabulary = None
     if config.vocabulary_source:
         ordered = list(dict.fromkeys(s.spec for j in jobs for s in j.sources))  # config order, for the union
+        settings = config.tokenizer
         vocabulary = plan_vocabulary(config.vocabulary_source, config.base_model, ordered,
-                                     config.tokenizer.pad_to_multiple_of if config.tokenizer else None)
+                                     settings.pad_to_multiple_of if settings else None, settings.tokens if settings else None)
 
     def final_dtype(job):
         d = job.sources[0].ckpt.dtype(job.names[0])
@@ -262,6 +263,9 @@ def _reindexed(vocabulary: VocabularyPlan, job: Job, dtype) -> list:
     by_spec = {s.spec: (s, n) for s, n in zip(job.sources, job.names)}
 
     def whole(spec, _name):
+        if spec not in by_spec:
+            raise BricksError(f"tokenizer.tokens: {job.out} takes rows from {spec}, which is not one of this tensor's "
+                              f"inputs ({', '.join(by_spec)}): name one of them")
         s, n = by_spec[spec]
         return _read(s.ckpt, s.adapter, n, dtype)
 

@@ -16,6 +16,9 @@ chooses it, so that the merge keeps a meaningful row:
 - else the mean of the rows of the inputs that have it; zeros when none has.
 
 Rows added to reach `pad_to_multiple_of` are the mean of the real ones.
+`tokenizer.tokens` overrides the stand-in of named tokens: zeros, a model's
+row of the token, or a model's row of another token; with `force`, every
+input takes that row, so the merged row is exactly it.
 
 Token order inside one model's additions follows that model's ids, so a merge
 is reproducible (mergekit orders them by hash, which varies between runs).
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +46,15 @@ def is_vocabulary_tensor(name: str) -> bool:
     return bool(_VOCAB_TENSOR.search(name))
 
 
+@dataclass(frozen=True)
+class TokenRule:
+    """A merged token's configured rows (`tokenizer.tokens`): zeros (spec None), or row `row` of input `spec`."""
+
+    spec: str | None
+    row: int | None
+    force: bool
+
+
 @dataclass
 class VocabularyPlan:
     """The merged vocabulary and, per input spec, the row of each merged token in that input (-1: absent)."""
@@ -52,14 +64,30 @@ class VocabularyPlan:
     size: int  # rows of every merged vocabulary tensor (tokens, padded)
     rows: dict[str, torch.Tensor]
     base: str | None
+    rules: dict[int, TokenRule] = field(default_factory=dict)  # by merged token id
+
+    @property
+    def forced(self) -> torch.Tensor:
+        """Bool `[tokens]`: tokens whose configured rows replace every input's own."""
+        mask = torch.zeros(self.tokens, dtype=torch.bool)
+        mask[[t for t, r in self.rules.items() if r.force]] = True
+        return mask
 
     def stand_ins(self, name: str, read, specs: list[str]) -> dict[int, torch.Tensor]:
         """Rows for the merged tokens some of `specs` (the inputs of this tensor) lacks, by the rules in the module
         docstring; `read(spec, name)` gives an input's whole tensor."""
+        out = {}
+        for token, rule in self.rules.items():
+            if rule.spec is None:
+                like = read(specs[0], name)
+                out[token] = like.new_zeros(like.shape[1:])
+            else:
+                out[token] = read(rule.spec, name)[rule.row]
         have = torch.stack([self.rows[s] >= 0 for s in specs])  # [inputs, tokens]
+        have[:, list(self.rules)] = True  # configured tokens: their rows are set above
         missing = torch.nonzero(~have.all(0)).flatten()
         if missing.numel() == 0:
-            return {}
+            return out
         count = have[:, missing].sum(0)
         sums = base_rows = None
         for spec in specs:
@@ -69,7 +97,6 @@ class VocabularyPlan:
             sums = picked if sums is None else sums + picked
             if spec == self.base:
                 base_rows = picked
-        out = {}
         for j, token in enumerate(missing.tolist()):
             if base_rows is not None and count[j] > 1 and self.rows[self.base][token] >= 0:  # base in `specs`
                 out[token] = base_rows[j]
@@ -86,7 +113,7 @@ class VocabularyPlan:
         lo, hi = (0, self.size) if rows is None else (rows.start or 0, min(rows.stop or self.size, self.size))
         real_hi = min(hi, self.tokens)
         ids = self.rows[spec][lo:real_hi]
-        present = ids >= 0
+        present = (ids >= 0) & ~self.forced[lo:real_hi]
         first = x_rows(0, 1)
         out = first.new_empty((hi - lo, *first.shape[1:]))
         if present.any():
@@ -105,8 +132,9 @@ class VocabularyPlan:
 
 
 def plan_vocabulary(source: str, base: str | None, specs: list[str], pad_to_multiple_of: int | None = None,
-                    ) -> VocabularyPlan | None:
-    """The merged vocabulary for `source` ("union", "base" or a model); None when no input needs re-indexing."""
+                    token_sources: dict | None = None) -> VocabularyPlan | None:
+    """The merged vocabulary for `source` ("union", "base" or a model), with the per-token sources
+    `token_sources` (`TokenEmbedding` by token text); None when no input needs re-indexing and no row is forced."""
     from transformers import AutoTokenizer
 
     def load(spec):
@@ -139,13 +167,44 @@ def plan_vocabulary(source: str, base: str | None, specs: list[str], pad_to_mult
             if j is not None and j < n_rows[s]:
                 r[i] = j
         rows[s] = r
+    rules = {vocab_id(vocab, text): _rule(text, cfg, vocab, rows, tokenizers, n_rows) for text, cfg in (token_sources or {}).items()}
     # Inputs that already share the merged vocabulary keep their tensors whole, padding rows included (mergekit
     # would cut a padded embedding, e.g. Qwen2's, down to the tokenizer's length).
     same_rows = len(set(n_rows.values())) == 1 and tokens <= n_rows[order[0]]
     if same_rows and (not pad_to_multiple_of or n_rows[order[0]] % pad_to_multiple_of == 0) \
-            and all(torch.equal(r, torch.arange(tokens)) for r in rows.values()):
+            and all(torch.equal(r, torch.arange(tokens)) for r in rows.values()) and not any(r.force for r in rules.values()):
         return None
-    return VocabularyPlan(merged, tokens, size, rows, base if base in specs else None)
+    return VocabularyPlan(merged, tokens, size, rows, base if base in specs else None, rules)
+
+
+def vocab_id(vocab: dict, text: str) -> int:
+    if text not in vocab:
+        raise BricksError(f"tokenizer.tokens: {text!r} is not in the merged vocabulary: name a token it has")
+    return vocab[text]
+
+
+def _rule(text: str, cfg, vocab: dict, rows: dict, tokenizers: dict, n_rows: dict) -> TokenRule:
+    """The rows `cfg` (a `TokenEmbedding`) gives merged token `text`, checked against the inputs."""
+    model = cfg.model
+    if model is None:  # {kind: zero}
+        return TokenRule(None, None, cfg.force)
+    if model not in rows:
+        raise BricksError(f"tokenizer.tokens: {text!r} takes its rows from {model}, which is not one of the merged "
+                          "models: name one of them")
+    if isinstance(cfg.source, str):  # the model's own row of this token
+        row = int(rows[model][vocab[text]])
+        if row < 0:
+            raise BricksError(f"tokenizer.tokens: {text!r} is not in {model}'s vocabulary: take it from a model "
+                              "that has it, or from {kind: model_token, ...}")
+    elif cfg.source.token is not None:
+        row = tokenizers[model].get_vocab().get(cfg.source.token, -1)
+        if row < 0:
+            raise BricksError(f"tokenizer.tokens: {cfg.source.token!r} is not in {model}'s vocabulary")
+    else:
+        row = cfg.source.token_id
+    if row >= n_rows[model]:
+        raise BricksError(f"tokenizer.tokens: row {row} is past the end of {model}'s embeddings ({n_rows[model]} rows)")
+    return TokenRule(model, row, cfg.force)
 
 
 def _union(tokenizers: list[tuple[object, int]]):
