@@ -284,6 +284,37 @@ def test_passthrough_frankenmerge_stacks_layers(tiny_dirs, tuned, tmp_path):
     assert len(model.model.layers) == 3 and model(torch.randint(0, 300, (1, 5))).logits.isfinite().all()
 
 
+def test_default_module_is_the_same_merge(tiny_dirs, tuned, tmp_path):
+    """mergekit's `modules:` form with the one module of a decoder-only model, `default`: the same tensors as the
+    top-level form, the module's parameters overriding the global ones."""
+    base, other = str(tiny_dirs["llama"]), str(tuned[0])
+    slices = [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": other, "layer_range": [0, 2]}]}]
+    flat = write_config(tmp_path / "flat.yaml", merge_method="slerp", base_model=base, dtype="float32", slices=slices,
+                        parameters={"t": [0.2, 0.9]})
+    moduled = write_config(tmp_path / "mod.yaml", merge_method="slerp", base_model=base, dtype="float32",
+                           parameters={"t": 0.5}, modules={"default": {"slices": slices, "parameters": {"t": [0.2, 0.9]}}})
+    for cfg, out in ((flat, "flat"), (moduled, "mod")):
+        r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    a, b = _state(tmp_path / "flat"), _state(tmp_path / "mod")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("modules, extra, message", [
+    ({"text_decoder": {"models": []}, "vision_tower": {"models": []}}, {}, "multimodal modules are not supported"),
+    ({"default": {"models": "{models}"}}, {"models": "{models}"}, "exactly one"),
+    ({"default": {"models": "{models}", "residual": 1}}, {}, "not ['residual']"),
+    ([], {}, "maps module names"),
+])
+def test_bad_modules(tiny_dirs, tuned, tmp_path, modules, extra, message):
+    models = [{"model": str(d), "parameters": {"weight": 1.0}} for d in tuned]
+    fill = json.loads(json.dumps({"modules": modules, **extra}).replace('"{models}"', json.dumps(models)))
+    cfg = write_config(tmp_path / "bad.yaml", merge_method="linear", **fill)
+    r = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("slices, method, message", [
     ([{"sources": [{"model": "{a}", "layer_range": [0, 2]}, {"model": "{b}", "layer_range": [0, 1]}]}], "slerp",
      "same number of layers"),

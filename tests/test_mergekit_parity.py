@@ -56,6 +56,11 @@ def _configs(base, tuned):
                                         "parameters": {"t": [0.0, 0.3, 1.0]},
                                         "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
                                                                 {"model": str(tuned[0]), "layer_range": [0, 2]}]}]}
+        yield f"slerp-default-module-{dtype}", {"merge_method": "slerp", "base_model": str(base), "dtype": dtype,
+                                                "parameters": {"t": 0.9},  # overridden by the module's
+                                                "modules": {"default": {"parameters": {"t": [0.0, 0.3, 1.0]}, "slices": [
+                                                    {"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                                                 {"model": str(tuned[1]), "layer_range": [0, 2]}]}]}}}
         yield f"passthrough-{dtype}", {"merge_method": "passthrough", "dtype": dtype,
                                        "slices": [{"sources": [{"model": str(tuned[0]), "layer_range": [0, 2]}]},
                                                   {"sources": [{"model": str(tuned[1]), "layer_range": [1, 2]}]}]}

@@ -1,4 +1,5 @@
-"""The merge YAML, as mergekit users write it: `models:` (whole models) or `slices:` (layer ranges).
+"""The merge YAML, as mergekit users write it: `models:` (whole models), `slices:` (layer ranges), or `modules:`
+with the one module of a decoder-only model (`default`).
 
     merge_method: slerp                 # or: ties, linear, passthrough, ...
     base_model: path/to/a
@@ -185,9 +186,6 @@ class MergeConfig(BaseModel):
         return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
 
-_NOT_YET = {"modules": "(per-module merges of multimodal models)"}
-
-
 def values(setting: Setting) -> list:
     """Every scalar a setting can take (each point of a gradient, each condition's value), for validation."""
     if isinstance(setting, list):
@@ -219,9 +217,33 @@ def resolve(setting: Setting, name: str, t: float):
     return setting
 
 
+def _default_module(raw: dict, path) -> dict:
+    """mergekit's `modules:` form, for the one module of a decoder-only model (mergekit calls it `default`): its
+    `models` or `slices` become the config's, and its `parameters` override the global ones."""
+    if "modules" not in raw:
+        return raw
+    modules = raw["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise BricksError(f"{path}: 'modules' maps module names to their models or slices")
+    if set(modules) != {"default"}:
+        raise BricksError(f"{path}: modules {', '.join(map(repr, modules))}: bricks merges decoder-only language "
+                          "models, whose one module mergekit calls 'default' (multimodal modules are not supported)")
+    if "models" in raw or "slices" in raw:
+        raise BricksError(f"{path}: give the models to merge as 'models', 'slices' or 'modules' (exactly one)")
+    module = modules["default"]
+    if not isinstance(module, dict) or set(module) - {"models", "slices", "parameters"}:
+        extra = sorted(set(module) - {"models", "slices", "parameters"}) if isinstance(module, dict) else module
+        raise BricksError(f"{path}: modules.default holds models or slices and parameters, not {extra}")
+    out = {k: v for k, v in raw.items() if k != "modules"}
+    out.update({k: module[k] for k in ("models", "slices") if k in module})
+    if module.get("parameters"):
+        out["parameters"] = {**(raw.get("parameters") or {}), **module["parameters"]}
+    return out
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Parse and validate a merge YAML; every problem is a one-line `BricksError`."""
-    raw = read_yaml(path, "merge", {k: f"{what} is not supported yet" for k, what in _NOT_YET.items()})
+    raw = _default_module(read_yaml(path, "merge"), path)
     cfg = validated(MergeConfig, raw, path)
     for key in ("models", "slices"):
         if getattr(cfg, key) == []:
