@@ -309,17 +309,22 @@ class Domain:
 
     name: str
     source: str
-    windows: torch.Tensor  # [n_windows, seq_len]
+    # [n_windows, seq_len]; chat data for fused specialists with their own chat templates: [n, K, seq_len], one
+    # row per specialist, the same response tokens at the same positions (see `chat_examples`)
+    windows: torch.Tensor
     loss_mask: torch.Tensor | None = None  # [n_windows, seq_len], True where token t is a target; None: every token
 
 
 def load_domains(specs: Iterable[DataSpec | str], tokenizer, split: str = "train", seq_len: int = 128,
-                 max_windows: int = 64) -> list[Domain]:
+                 max_windows: int = 64, templates: list | None = None) -> list[Domain]:
+    """Token windows of each named source; `templates`: one tokenizer per fused specialist, whose chat templates
+    frame the prompts of chat data (see `chat_examples`)."""
     specs = [s if isinstance(s, DataSpec) else DataSpec.parse(s) for s in specs]
     out = []
     for s in specs:
         if is_chat_source(s.source):
-            out.append(Domain(s.name, s.source, *chat_examples(tokenizer, s.source, split, seq_len, max_windows)))
+            out.append(Domain(s.name, s.source, *chat_examples(tokenizer, s.source, split, seq_len, max_windows,
+                                                              templates=templates)))
         else:
             out.append(Domain(s.name, s.source, windows(tokenizer, s.source, split, seq_len, max_windows)))
     return out
@@ -357,9 +362,15 @@ def _chat_splits(source: str) -> dict[str, tuple[tuple[str, str], ...]]:
 
 
 def chat_examples(tokenizer, source: str, split: str = "train", seq_len: int = 128, max_examples: int = 64,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 0, templates: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat examples as rows `[n, seq_len]` (prompt in the tokenizer's chat template, then the response and EOS,
-    cut or padded with EOS) and the mask of the response tokens, the only ones a loss or perplexity counts."""
+    cut or padded with EOS) and the mask of the response tokens, the only ones a loss or perplexity counts.
+
+    `templates` (one tokenizer per fused specialist, as UltraFuser trains): each specialist reads the prompt in
+    its own chat template. Where the templates differ, the rows are `[n, K, seq_len]`: the shorter prompts are
+    left-padded with EOS (attended, as between packed examples) so that every specialist's response tokens sit
+    at the same positions, where the fused logits are compared with them. Identical templates give `[n, seq_len]`.
+    """
     if split not in SPLITS:
         raise BricksError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     pairs = list(_chat_splits(source)[split])
@@ -367,23 +378,30 @@ def chat_examples(tokenizer, source: str, split: str = "train", seq_len: int = 1
         raise BricksError(f"the {split} split of {source!r} has no chat records: give more examples")
     random.Random(seed).shuffle(pairs)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    readers = templates or [tokenizer]
     rows, masks = [], []
     for prompt, response in pairs[:max_examples]:
-        if getattr(tokenizer, "chat_template", None):
-            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
-        else:  # no template: the prompt on its own line
-            head = prompt + "\n"
-        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        heads = [_prompt_ids(t, prompt) for t in readers]
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-        ids = (p + r)[:seq_len]
-        scored = ([False] * len(p) + [True] * len(r))[:seq_len]
+        start = max(len(p) for p in heads)  # where every specialist's response begins
+        scored = ([False] * start + [True] * len(r))[:seq_len]
         if not any(scored):
             continue  # the prompt alone fills the window: nothing to learn from it at this length
-        pad = seq_len - len(ids)
-        rows.append(torch.tensor(ids + [eos] * pad))
+        pad = seq_len - len(scored)
+        rows.append(torch.tensor([([eos] * (start - len(p)) + p + r)[:seq_len] + [eos] * pad for p in heads]))
         masks.append(torch.tensor(scored + [False] * pad))
     if not rows:
         raise BricksError(f"every prompt of the {split} split of {source!r} is longer than {seq_len} tokens: "
                           "give a larger --seq-len")
-    return torch.stack(rows), torch.stack(masks)
+    rows = torch.stack(rows)  # [n, K, seq_len]
+    return (rows[:, 0] if (rows == rows[:, :1]).all() else rows), torch.stack(masks)
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens in the tokenizer's chat template, ready for the response (on its own line without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    else:
+        head = prompt + "\n"
+    return tokenizer(head, add_special_tokens=False)["input_ids"]

@@ -26,6 +26,6 @@ def evaluate(model, domains, batch_size: int = 8) -> dict:
     t = time.perf_counter()
     ppl = {d.name: perplexity(model, d.windows, batch_size, mask=d.loss_mask) for d in domains}
     seconds = time.perf_counter() - t
-    tokens = sum(d.windows.numel() for d in domains)
+    tokens = sum(d.windows.shape[0] * d.windows.shape[-1] for d in domains)  # [n, (K,) T]: fused rows counted once
     return {"ppl": ppl, "compute_fraction": routed_fraction(model), "executed_fraction": executed_fraction(model),
             "selection_fraction": selection_fraction(model), "tokens_per_s": tokens / seconds, "tokens": tokens}

@@ -65,7 +65,10 @@ def batches(n: int, batch_size: int, shard: bool = True) -> list[range]:
 
 def next_token_targets(x: torch.Tensor, mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """The targets of logits `[:, :-1]` over token batch `x`: `x[:, 1:]`, with -100 (ignored by cross-entropy)
-    where `mask` (x's shape, e.g. chat responses) does not mark the token."""
+    where `mask` (`[B, T]`, e.g. chat responses) does not mark the token. `x` `[B, K, T]` holds one row per fused
+    specialist (`bricks.data.chat_examples`): the scored tokens are the same in every row, the first gives them."""
+    if x.dim() == 3:
+        x = x[:, 0]
     target = x[:, 1:].to(device if device is not None else x.device)
     if mask is not None:
         target = target.masked_fill(~mask[:, 1:].to(target.device), -100)

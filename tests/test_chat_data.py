@@ -100,3 +100,46 @@ def test_bad_chat_records_in_one_line(tmp_path, llama_dir):
     bad.write_text(json.dumps({"prompt": "hi", "response": "yo"}) + "\n" + json.dumps({"prompt": "x", "response": ""}) + "\n")
     r = run("eval", llama_dir, "--data", f"bad={bad}")
     assert "needs text fields 'prompt' and a non-empty 'response'" in one_line_error(r)
+
+
+def test_fused_specialists_read_prompts_in_their_own_templates(chat_file, llama_dir, tmp_path):
+    """UltraFuser's recipe: each specialist sees the prompt in its own chat template; the responses sit at the same
+    positions in every row, so the fused logits are scored on the same tokens."""
+    from bricks.fusion import fuse, fused_loss, save_fused, train_fusion
+
+    templates = {"a": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>",
+                 "b": "{% for m in messages %}### {{ m['content'] }}{% endfor %}\n### Answer:"}
+    dirs = []
+    for name, template in templates.items():
+        model, tok = bricks.load_model(llama_dir)
+        tok.chat_template = template
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        dirs.append(str(tmp_path / name))
+    fused, tok = fuse(dirs, names=list(templates))
+    assert fused.chat_templates is not None and len(fused.chat_templates) == 2
+    (dom,) = bricks.load_domains([f"qa={chat_file}"], tok, "train", 48, 4, templates=fused.chat_templates)
+    x, mask = dom.windows, dom.loss_mask
+    assert x.shape == (4, 2, 48) and mask.shape == (4, 48)
+    start = int(mask[0].float().argmax())
+    heads = [fused.chat_templates[j].decode(x[0, j, :start]) for j in range(2)]
+    assert "<|user|>What is" in heads[0] and heads[0].endswith("<|assistant|>") and heads[1].endswith("### Answer:")
+    assert torch.equal(x[:, 0][mask], x[:, 1][mask])  # the same response tokens at the same positions
+    with torch.no_grad():  # each specialist runs on its own row
+        out = fused.specialists(x)
+        for j, model in enumerate(fused.specialists.models):
+            torch.testing.assert_close(out.logits[:, j], model(x[:, j]).logits)
+        logits = fused(x).logits[:, :-1].float()
+        want = F.cross_entropy(logits.flatten(0, 1), x[:, 0, 1:].masked_fill(~mask[:, 1:], -100).flatten())
+        torch.testing.assert_close(fused_loss(fused, x, mask=mask), want)
+        assert torch.equal(fused.generate(x[:1, :, :start], 4, use_cache=True),
+                           fused.generate(x[:1, :, :start], 4, use_cache=False))
+    text = bricks.load_domains(["code=builtin:code"], tok, "train", 48, 4)
+    assert train_fusion(fused, [dom, *text], stage1_steps=2, batch_size=2)["stage1"]["steps"] == 2
+    out = save_fused(fused, tok, tmp_path / "fused", sources=dirs)
+    assert len(bricks.load_model(out)[0].chat_templates) == 2  # reopened with each specialist's template
+    r = run("eval", out, "--data", f"qa={chat_file}", "--seq-len", 48, "--windows", 2, "--json")
+    assert r.exit_code == 0, r.output
+    # One template for all (adapters on one base, or full models alike): plain [n, seq_len] rows, as before.
+    same, _ = fuse([dirs[0], dirs[0]], names=["x", "y"])
+    assert same.chat_templates is None

@@ -53,17 +53,18 @@ def fuse_cmd(ctx, specialists, base, names, data, stage1_steps, stage2_steps, lr
     specs = parse_data_specs(data)
     check_output(out)
     fused, tok = fuse(list(specialists), base, list(names) or None, cfg.width, device, dtype)
-    train = load_domains(specs, tok, "train", cfg.seq_len, cfg.windows)
+    train = load_domains(specs, tok, "train", cfg.seq_len, cfg.windows, templates=fused.chat_templates)
     report = train_fusion(fused, train, cfg.stage1_steps, cfg.stage2_steps, cfg.lr, cfg.stage2_lr, cfg.batch_size,
                           cfg.balanced, cfg.seed, log_to_stderr(as_json), checkpoint)
-    heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows)
+    heldout = load_domains(specs, tok, "heldout", cfg.seq_len, cfg.eval_windows, templates=fused.chat_templates)
     result = {"out": str(out), "specialists": fused.names, "training": report, "ppl": compare_fusion(fused, heldout),
               "gate_shares": gate_shares(fused, heldout)}
     if world()[0] == 0:  # under accelerate launch every process trained the same gate; one writes it
         path = save_fused(fused, tok, out, sources=None if base else list(specialists),
                           training={**report, "settings": cfg.model_dump()})
         plot_gate_shares(result["gate_shares"], path / "gate_shares.png")
-        sample = tok.decode(heldout[0].windows[0][:48])
+        first = heldout[0].windows[0]
+        sample = tok.decode((first[0] if first.dim() == 2 else first)[:48])
         plot_token_gates(fused, tok, sample, path / "token_gates.png")
     rows = result["ppl"]
     cols = list(next(iter(rows.values())))

@@ -139,10 +139,11 @@ def eval_cmd(model, data, windows, seq_len, batch_size, baseline, device, dtype,
 
     specs = parse_data_specs(data)
     m, tok = load(model, device, dtype, device_map)
-    domains = load_domains(specs, tok, "heldout", seq_len, windows)
+    # A fused model reads chat prompts in each specialist's own template.
+    domains = load_domains(specs, tok, "heldout", seq_len, windows, templates=getattr(m, "chat_templates", None))
     timeline = Timeline("eval")
     result = {"model": model, "seq_len": seq_len, "windows": windows, "model_eval": evaluate(m, domains, batch_size)}
-    timeline.done(f"{model} on {sum(d.windows.numel() for d in domains):,} held-out tokens")
+    timeline.done(f"{model} on {result['model_eval']['tokens']:,} held-out tokens")
     if baseline and _is_fused(m):
         return _eval_fused(m, model, domains, batch_size, result, as_json)
     if baseline:

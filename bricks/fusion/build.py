@@ -12,7 +12,7 @@ from ..adapters.lora import AdapterBrick
 from ..errors import BricksError
 from ..loading import load_dense, split_spec
 from ..runtime import batches, next_token_targets
-from .model import AdapterSpecialists, FusedModel, ModelSpecialists
+from .model import AdapterSpecialists, FusedModel, ModelSpecialists, chat_templates
 
 
 def fuse(specialists: list[str], base: str | None = None, names: list[str] | None = None, width: int = 512,
@@ -43,7 +43,7 @@ def fuse(specialists: list[str], base: str | None = None, names: list[str] | Non
             brick.name = name
             bricks.append(brick)
         return FusedModel(AdapterSpecialists(model, bricks), width=width), tok
-    models, vocab = [], None
+    models, vocab, tokenizers = [], None, []
     for spec in specialists:
         path, adapter = split_spec(spec)
         m, tok = load_dense(path, device, dtype)
@@ -54,7 +54,10 @@ def fuse(specialists: list[str], base: str | None = None, names: list[str] | Non
                               "next-token logits, so they need one vocabulary")
         vocab = tok.get_vocab()
         models.append(m)
-    return FusedModel(ModelSpecialists(models, names), width=width), tok
+        tokenizers.append(tok)
+    fused = FusedModel(ModelSpecialists(models, names), width=width)
+    fused.chat_templates = chat_templates(tokenizers)
+    return fused, tok
 
 
 @torch.no_grad()

@@ -63,8 +63,10 @@ class AdapterSpecialists(nn.Module):
         return [self.base]
 
     def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
+        """`ids` `[B, T]`, or `[B, K, T]`: each specialist's own row (its chat template)."""
         b, k = ids.shape[0], len(self.names)
-        rows = ids.repeat_interleave(k, dim=0)  # [B*K, T]: row b*K + j is sequence b under specialist j
+        # [B*K, T]: row b*K + j is sequence b under specialist j
+        rows = ids.flatten(0, 1) if ids.dim() == 3 else ids.repeat_interleave(k, dim=0)
         with self.multi.use(ids=torch.arange(k).repeat(b)):
             out = self.base(input_ids=rows, **{cache_keyword(self.base): past}, use_cache=use_cache,
                             output_hidden_states=True)
@@ -97,10 +99,16 @@ class ModelSpecialists(nn.Module):
         return list(self.specialists)
 
     def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
-        outs = [m(input_ids=ids, **{cache_keyword(m): None if past is None else past[j]}, use_cache=use_cache,
-                  output_hidden_states=True) for j, m in enumerate(self.specialists)]
+        """`ids` `[B, T]`, or `[B, K, T]`: each specialist's own row (its chat template)."""
+        outs = [m(input_ids=ids[:, j] if ids.dim() == 3 else ids, **{cache_keyword(m): None if past is None else past[j]},
+                  use_cache=use_cache, output_hidden_states=True) for j, m in enumerate(self.specialists)]
         return SpecialistOutput([o.hidden_states[-1] for o in outs], torch.stack([o.logits for o in outs], 1),
                                 [o.past_key_values for o in outs] if use_cache else None)
+
+
+def chat_templates(tokenizers: list) -> list | None:
+    """The specialists' tokenizers when their chat templates differ (each frames prompts its own way), else None."""
+    return list(tokenizers) if len({getattr(t, "chat_template", None) for t in tokenizers}) > 1 else None
 
 
 class FusionGate(nn.Module):
@@ -140,6 +148,9 @@ class FusedModel(nn.Module):
             raise BricksError(f"a gate for {self.gate.n} specialists cannot fuse {len(specialists.names)}")
         ref = next(specialists.models[0].parameters())
         self.gate.to(ref.device)
+        # Full-model specialists whose chat templates differ: one tokenizer each, to frame chat prompts with
+        # (`bricks.data.load_domains(..., templates=)`); None when all read the same template.
+        self.chat_templates: list | None = None
 
     @property
     def names(self) -> list[str]:
@@ -150,7 +161,9 @@ class FusedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past=None, use_cache: bool = False,
                 specialists_grad: bool = False) -> FusedOutput:
-        """`specialists_grad`: let gradients reach the specialists (stage 2); otherwise they run without."""
+        """`input_ids` `[B, T]`, or `[B, K, T]` with each specialist's own row (`bricks.data.chat_examples`:
+        prompts in their own chat templates, responses aligned). `specialists_grad`: let gradients reach the
+        specialists (stage 2); otherwise they run without."""
         with torch.set_grad_enabled(specialists_grad and torch.is_grad_enabled()):
             out = self.specialists(input_ids, past, use_cache)
         w = self.gate(out.hidden)  # [B, K, T]
@@ -159,12 +172,15 @@ class FusedModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 16, use_cache: bool = True, eos_token_id=None) -> torch.Tensor:
-        """Greedy decoding of the fused model; with `use_cache` each specialist keeps its KV cache."""
+        """Greedy decoding of the fused model; with `use_cache` each specialist keeps its KV cache. `ids` `[B, T]`, or
+        `[B, K, T]` (each specialist's prompt in its own template): every row continues with the fused tokens."""
         out, past, step = ids, None, ids
         for _ in range(max_new_tokens):
             res = self(step if use_cache else out, past=past, use_cache=use_cache)
-            nxt = res.logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, nxt], 1)
+            nxt = res.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+            if ids.dim() == 3:
+                nxt = nxt[:, None].expand(-1, ids.shape[1], -1)  # the same token for every specialist's row
+            out = torch.cat([out, nxt], -1)
             past, step = res.past, nxt
             if eos_token_id is not None and bool((nxt == eos_token_id).all()):
                 break

@@ -23,7 +23,7 @@ from ..errors import BricksError
 from ..io import atomic_dir
 from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
                        split_spec)
-from .model import AdapterSpecialists, FusedModel, FusionGate, ModelSpecialists
+from .model import AdapterSpecialists, FusedModel, FusionGate, ModelSpecialists, chat_templates
 
 FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
 
@@ -68,13 +68,14 @@ def load_fused(path: Path, doc: dict, device=None, dtype="float32"):
             bricks.append(brick)
         specialists = AdapterSpecialists(base, bricks)
     else:
-        models = []
+        models, templates = [], []
         for ref in doc["models"]:
             model_path, adapter = split_spec(ref["path"])
             if not all(Path(p).exists() or p == "default" for p in (model_path, adapter) if p is not None):
                 raise BricksError(f"specialist {ref['path']} of the fused model {path} no longer exists: restore it, "
                                   "or fuse again")
             m, tokenizer = load_dense(model_path, device, dtype)
+            templates.append(tokenizer)
             if adapter is not None:
                 AdapterBrick.load(adapter).merge_into(m)
             if model_fingerprint(m) != ref["fingerprint"]:
@@ -89,4 +90,6 @@ def load_fused(path: Path, doc: dict, device=None, dtype="float32"):
     except Exception as exc:
         raise BricksError(f"cannot read the gate of {path}: {str(exc).splitlines()[0]}; the directory is corrupt") from exc
     fused = FusedModel(specialists, gate)
+    if doc.get("specialist_kind") != "adapters":
+        fused.chat_templates = chat_templates(templates)
     return fused.eval(), tokenizer

@@ -67,7 +67,12 @@ def train_fusion(fused: FusedModel, domains, stage1_steps: int = 100, stage2_ste
         raise BricksError(f"give stage-1 and/or stage-2 steps (>= 0, not both 0), got {stage1_steps} and {stage2_steps}")
     if lr <= 0 or stage2_lr <= 0 or batch_size < 1:
         raise BricksError(f"learning rates must be > 0 and batch size >= 1 (got {lr}, {stage2_lr}, {batch_size})")
-    windows = torch.cat([d.windows for d in domains])
+    if any(d.windows.dim() == 3 for d in domains):  # per-specialist chat rows: text windows read alike by all
+        k = len(fused.names)
+        windows = torch.cat([d.windows if d.windows.dim() == 3 else d.windows[:, None].expand(-1, k, -1)
+                             for d in domains])
+    else:
+        windows = torch.cat([d.windows for d in domains])
     masks = None
     if any(d.loss_mask is not None for d in domains):  # chat data somewhere: plain-text domains score every token
         masks = torch.cat([d.loss_mask if d.loss_mask is not None else torch.ones_like(d.windows, dtype=torch.bool)
