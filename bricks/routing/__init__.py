@@ -5,7 +5,6 @@ from .base import (RoutedFFN, compute_fraction, executed_fraction, routed_fracti
                    set_path)
 from .assembly import assemble_bricked, assemble_sparse, bricked, sparsified
 from .bricked_ffn import BrickedFFN
-from . import kernels
 from .budget import allocate_budgets
 from .recovery import recover
 from .router_training import train_routers
@@ -13,7 +12,7 @@ from .routers import ROUTERS, Router, make_router
 from .sparse_ffn import SparseFFN, calibrate_thresholds
 from .verify import verify_bricks
 
-__all__ = ["kernels", "RoutedFFN", "compute_fraction", "executed_fraction", "routed_fraction", "routed_layers", "selection_fraction",
+__all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_fraction", "routed_layers", "selection_fraction",
            "set_dense_fallback", "set_path", "BrickedFFN", "assemble_bricked", "bricked", "allocate_budgets", "recover",
            "train_routers", "ROUTERS", "Router", "make_router", "SparseFFN", "calibrate_thresholds", "assemble_sparse",
            "sparsified", "verify_bricks"]

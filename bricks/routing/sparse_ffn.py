@@ -59,7 +59,6 @@ except ImportError:  # older transformers: nn.SiLU
 
 from ..arch import FFN
 from ..errors import BricksError
-from . import kernels
 from .base import RoutedFFN, routed_layers
 from .paths import running
 
@@ -244,6 +243,8 @@ class SparseFFN(RoutedFFN):
 
     def static_path(self, tokens: int) -> str:
         if tokens == 1:
+            from . import kernels  # imports triton: only off the CPU
+
             return "triton" if kernels.available(self.w_in_t.device) else "bags"
         return "masked"
 
@@ -354,6 +355,8 @@ class SparseFFN(RoutedFFN):
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows. Under threshold
         selection a gated SiLU FFN computes its activations inside the down projection's kernel."""
+        from . import kernels
+
         if not kernels.available(x.device):
             raise BricksError("the triton path needs a CUDA device with triton installed (or TRITON_INTERPRET=1)")
         if self._kernel_counts is None or self._kernel_counts.device != x.device:
