@@ -65,6 +65,9 @@ class MultiLoRALinear(nn.Module):
         self.weights: torch.Tensor | None = None
         self.gate: nn.Module | None = None
         self.slots = self.group_A = self.group_B = self.group_bricks = None  # one brick per sequence, see set_groups
+        # Gathered factors by the bricks they hold: a decoding loop routes every step alike (fused specialists
+        # call `use()` once per step), and gathering them anew each time would copy every layer's factors.
+        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -95,6 +98,7 @@ class MultiLoRALinear(nn.Module):
     @torch.no_grad()
     def refresh(self) -> None:
         """Rebuild the cached copies of the factors after training changed them."""
+        self._gathered.clear()
         self.B_flat.copy_(self._b_flat())
         if self.slots is not None and self.group_bricks is not None:
             self.group_A, self.group_B = (t.contiguous() for t in self._group_factors(self.group_bricks))
@@ -109,7 +113,10 @@ class MultiLoRALinear(nn.Module):
             return
         self.slots, self.keep, self.keep_rows, self.slot_batch = groups
         self.slot_rows = self.slots.reshape(-1)
-        self.group_A, self.group_B = (t.contiguous() for t in self._group_factors(bricks))  # [g, in, r], [g, r, out]
+        key = tuple(bricks)
+        if self.factors_train or key not in self._gathered:  # training: derived from A and B in each forward
+            self._gathered[key] = tuple(t.contiguous() for t in self._group_factors(bricks))  # [g, in, r], [g, r, out]
+        self.group_A, self.group_B = self._gathered[key]
 
     def _grouped(self, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One brick per sequence: each brick's sequences through its own factors, in two batched matmuls.
