@@ -75,6 +75,8 @@ HEADLINES = [
     ("bench/README.md", "**{}x** one 513 MB", "merge_ties_cpu.json", lambda r: f"{r['rows']['bricks']['over_checkpoint']:.2f}"),
     ("bench/README.md", "against **{}x** for mergekit", "merge_ties_cpu.json",
      lambda r: f"{r['rows']['mergekit']['over_checkpoint']:.2f}"),
+    ("bench/README.md", "all **{}** configs bit-equal", "mergekit_parity_default_cpu.json",
+     lambda r: str(sum(row.get("max_abs_diff") == 0 for row in r["rows"].values()))),
     ("bench/README.md", "the mixed batch took\n**{}x**", "multi_adapter_cpu.json", lambda r: f"{r['mixed_s'] / r['base_s']:.2f}"),
     ("bench/README.md", "path {}x; every", "multi_adapter_cpu.json", lambda r: f"{r['peft_s'] / r['base_s']:.2f}"),
     ("bench/README.md", "**{}**", "routing_quality_probe_cpu.json",
