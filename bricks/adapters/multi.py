@@ -113,6 +113,8 @@ class MultiLoRALinear(nn.Module):
             return
         self.slots, self.keep, self.keep_rows, self.slot_batch = groups
         self.slot_rows = self.slots.reshape(-1)
+        # Rows already in brick order, one slot each (fused specialists: row j is specialist j): no gather, no scatter.
+        self.in_order = self.keep is None and torch.equal(self.slot_rows.cpu(), torch.arange(self.slot_batch))
         key = tuple(bricks)
         if self.factors_train or key not in self._gathered:  # training: derived from A and B in each forward
             self._gathered[key] = tuple(t.contiguous() for t in self._group_factors(bricks))  # [g, in, r], [g, r, out]
@@ -132,11 +134,13 @@ class MultiLoRALinear(nn.Module):
             raise BricksError(f"adapter routing for {self.slot_batch} sequences, the batch has {b}")
         # index_select rather than x3[slots]: advanced indexing costs several times more per call, and a decode
         # step makes this call once per adapted layer.
-        xg = x3.index_select(0, self.slot_rows).view(g, m * s, -1)
+        xg = x3.reshape(g, m * s, -1) if self.in_order else x3.index_select(0, self.slot_rows).view(g, m * s, -1)
         A, B = self._group_factors(self.group_bricks) if self.factors_train else (self.group_A, self.group_B)
         if A.dtype != xg.dtype:
             A, B = A.to(xg.dtype), B.to(xg.dtype)
         d = torch.bmm(torch.bmm(xg, A), B).view(g * m, s, -1)
+        if self.in_order:
+            return y.add_(d.view(y.shape) if d.dtype == y.dtype else d.view(y.shape).to(y.dtype))
         if self.keep is not None:  # drop the padding's products
             d = d.index_select(0, self.keep)
         y.view(b, s, -1).index_add_(0, self.keep_rows, d if d.dtype == y.dtype else d.to(y.dtype))
