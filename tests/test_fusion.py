@@ -42,6 +42,7 @@ def test_adapter_rows_and_full_models_fuse_alike_and_generate_with_cache(llama_d
     """K adapters as rows of one batch, and K merged full models each with its KV cache: the same fused model."""
     rows, _ = fuse([str(a) for a in adapters], base=str(llama_dir))
     assert isinstance(rows.specialists, AdapterSpecialists)
+    assert rows.specialists.head_is_linear()  # so the rows share one head row per token: checked against K heads
     full = FusedModel(ModelSpecialists([_merged(llama_dir, a) for a in adapters], rows.names), gate=rows.gate)
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
@@ -51,6 +52,19 @@ def test_adapter_rows_and_full_models_fuse_alike_and_generate_with_cache(llama_d
         assert 0.01 < float(a.weights.std())  # a random gate does not weigh every specialist alike
         for fused in (rows, full):
             assert torch.equal(fused.generate(ids[:1, :5], 6, use_cache=True), fused.generate(ids[:1, :5], 6, use_cache=False))
+
+
+def test_a_soft_capped_head_is_not_shared(tiny_dirs, tmp_path):
+    """Gemma-2 soft-caps its logits: mixing hidden states is not mixing logits there, so each row keeps its head."""
+    base = tiny_dirs["gemma2"]
+    brick = make_adapter(base, tmp_path / "g", seed=3)
+    fused, _ = fuse([str(brick), str(brick)], base=str(base), names=["a", "b"])
+    assert not fused.specialists.head_is_linear()
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        out = fused.specialists(ids)
+        want = (fused.gate(out.hidden)[..., None] * out.logits).sum(1)
+        torch.testing.assert_close(fused(ids).logits, want)
 
 
 def test_stage1_trains_the_gate_alone_and_balanced_batches(llama_dir, adapters, tokenizer):

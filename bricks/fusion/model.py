@@ -57,6 +57,7 @@ class AdapterSpecialists(nn.Module):
         self.base = base
         self.names = names
         self.hidden_sizes = [base.get_input_embeddings().weight.shape[1]] * len(bricks)
+        self._linear_head: bool | None = None  # see `head_is_linear`
 
     @property
     def models(self) -> list[nn.Module]:
@@ -73,6 +74,36 @@ class AdapterSpecialists(nn.Module):
         h = out.hidden_states[-1].view(b, k, *out.hidden_states[-1].shape[1:])
         return SpecialistOutput([h[:, j] for j in range(k)], out.logits.view(b, k, *out.logits.shape[1:]),
                                 out.past_key_values if use_cache else None)
+
+
+    def hidden(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
+        """The specialists' last hidden states without their logits (the decoder alone; `logits` is None)."""
+        b, k = ids.shape[0], len(self.names)
+        rows = ids.flatten(0, 1) if ids.dim() == 3 else ids.repeat_interleave(k, dim=0)
+        decoder = self.base.get_decoder()
+        with self.multi.use(ids=torch.arange(k).repeat(b)):
+            out = decoder(input_ids=rows, **{cache_keyword(decoder): past}, use_cache=use_cache)
+        h = out.last_hidden_state.view(b, k, *out.last_hidden_state.shape[1:])
+        return SpecialistOutput([h[:, j] for j in range(k)], None, out.past_key_values if use_cache else None)
+
+    @torch.no_grad()
+    def head_is_linear(self) -> bool:
+        """Whether the logits are the shared output head applied to the last hidden state, and nothing else: then
+        the fused logits `sum_k w_k head(h_k)` are `head(sum_k w_k h_k)`, one head row instead of K. Checked once,
+        numerically on a few tokens; a soft-capped head (Gemma-2: near-linear on small logits, so the check could
+        not see it) or an adapter on the head is not shared."""
+        if self._linear_head is None:
+            head = self.base.get_output_embeddings()
+            adapted = any(name.split(".")[-1] == "lm_head" or layer.base is head for name, layer in self.multi.layers.items())
+            capped = getattr(self.base.config, "final_logit_softcapping", None) is not None
+            if adapted or capped or head is None:
+                self._linear_head = False
+            else:
+                ids = torch.arange(4, device=head.weight.device)[None] % head.weight.shape[0]
+                full = self.base(input_ids=ids, use_cache=False).logits
+                mine = head(self.base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
+                self._linear_head = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-5))
+        return self._linear_head
 
 
 class ModelSpecialists(nn.Module):
@@ -164,9 +195,13 @@ class FusedModel(nn.Module):
         """`input_ids` `[B, T]`, or `[B, K, T]` with each specialist's own row (`bricks.data.chat_examples`:
         prompts in their own chat templates, responses aligned). `specialists_grad`: let gradients reach the
         specialists (stage 2); otherwise they run without."""
+        one_head = isinstance(self.specialists, AdapterSpecialists) and self.specialists.head_is_linear()
         with torch.set_grad_enabled(specialists_grad and torch.is_grad_enabled()):
-            out = self.specialists(input_ids, past, use_cache)
+            out = (self.specialists.hidden if one_head else self.specialists)(input_ids, past, use_cache)
         w = self.gate(out.hidden)  # [B, K, T]
+        if one_head:  # the head is linear and shared: mix the hidden states, then one head row per token
+            mixed = sum(w[:, j, :, None].to(h.dtype) * h for j, h in enumerate(out.hidden))
+            return FusedOutput(self.specialists.base.get_output_embeddings()(mixed), w, out.past)
         logits = (w[..., None].to(out.logits.dtype) * out.logits).sum(1)
         return FusedOutput(logits, w, out.past)
 
