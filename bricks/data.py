@@ -29,13 +29,13 @@ import functools
 import hashlib
 import json
 import random
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
+from .corpora import code_documents, math_problems, prose_documents
 from .errors import BricksError
 
 SPLITS = ("train", "validation", "heldout")
@@ -112,77 +112,21 @@ def _chunks(text: str) -> list[str]:
     return out
 
 
-def _code_documents() -> Iterator[tuple[str, str]]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__", "ensurepip", "config-3"}
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib)
-        if any(part in skip or part.startswith("config-") for part in rel.parts[:-1]):
-            continue
-        yield str(rel), path.read_text(encoding="utf-8", errors="replace")
-
-
-def _prose_documents() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    for key in sorted(topics):
-        yield key, topics[key]
-
-
-MATH_PROBLEMS = 50_000
 MATH_PER_DOCUMENT = 8
 
 
 def _math_documents() -> Iterator[tuple[str, str, str]]:
-    """Arithmetic word problems with answers, as (split, id, text) documents of 8 problems of one split.
+    """The built-in math problems as (split, id, text) documents of 8 problems of one split.
 
     Each problem goes to a split by a hash of its text: a problem generated twice (small operands repeat) is
     always in the same split, so no held-out problem is ever seen in training.
     """
-    rng = random.Random(1)
-    names = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun"]
-    things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "cards"]
-
-    def problem() -> str:
-        kind = rng.randrange(8)
-        a, b = rng.randint(2, 999), rng.randint(2, 999)
-        if kind == 0:
-            return f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}."
-        if kind == 1:
-            a, b = max(a, b), min(a, b)
-            return f"Question: What is {a} - {b}?\nAnswer: {a} - {b} = {a - b}. The answer is {a - b}."
-        if kind == 2:
-            a, b = rng.randint(2, 99), rng.randint(2, 99)
-            return f"Question: What is {a} * {b}?\nAnswer: {a} * {b} = {a * b}. The answer is {a * b}."
-        if kind == 3:
-            b, q = rng.randint(2, 30), rng.randint(2, 60)
-            return f"Question: What is {b * q} / {b}?\nAnswer: {b * q} / {b} = {q}. The answer is {q}."
-        if kind == 4:
-            x, k, c = rng.randint(-20, 20), rng.randint(2, 12), rng.randint(-50, 50)
-            sign = "+" if c >= 0 else "-"
-            return (f"Question: Solve for x: {k}x {sign} {abs(c)} = {k * x + c}.\n"
-                    f"Answer: {k}x = {k * x + c} {'-' if c >= 0 else '+'} {abs(c)} = {k * x}, so x = {k * x} / {k} = {x}. The answer is {x}.")
-        if kind == 5:
-            p, n = rng.choice([5, 10, 20, 25, 50, 75]), rng.randint(1, 40) * 20
-            return f"Question: What is {p}% of {n}?\nAnswer: {p}% of {n} is {n} * {p} / 100 = {n * p // 100}. The answer is {n * p // 100}."
-        if kind == 6:
-            who, what = rng.choice(names), rng.choice(things)
-            a, b, c = rng.randint(5, 60), rng.randint(2, 40), rng.randint(1, 4)
-            total = a + b - c
-            return (f"Question: {who} has {a} {what}, gets {b} more and gives {c} away. How many {what} does {who} have now?\n"
-                    f"Answer: {a} + {b} = {a + b}, and {a + b} - {c} = {total}. The answer is {total}.")
-        n, price = rng.randint(2, 12), rng.randint(2, 25)
-        what = rng.choice(things)
-        return (f"Question: One box of {what} costs {price} dollars. How much do {n} boxes cost?\n"
-                f"Answer: {n} * {price} = {n * price}. The answer is {n * price} dollars.")
-
     pending: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for _ in range(MATH_PROBLEMS):
-        text = problem()
+    for i, text in enumerate(math_problems()):
         split = _split_of(normalized(text))
         pending[split].append(text)
         if len(pending[split]) == MATH_PER_DOCUMENT:
-            yield split, f"math-{split}-{_}", "\n\n".join(pending[split])
+            yield split, f"math-{split}-{i}", "\n\n".join(pending[split])
             pending[split] = []
 
 
@@ -256,9 +200,9 @@ def _split_documents(source: str) -> tuple[tuple[str, ...], ...]:
         assigned = [(split, text) for split, _, text in _math_documents()]
     else:
         if source == "builtin:code":
-            docs = list(_code_documents())
+            docs = list(code_documents())
         elif source == "builtin:prose":
-            docs = list(_prose_documents())
+            docs = list(prose_documents())
         else:
             docs = list(_user_documents(source))
         if not any(text.strip() for _, text in docs):

@@ -13,9 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bricks"
 # in the middle are ordered too, so that none of them reaches into one listed after it.
 LAYERS = [
     ["errors", "io", "registry"],
-    ["arch", "data"],
+    ["arch", "corpora", "data"],
     ["loading"],
-    ["runtime"],
+    ["runtime", "decoding"],
     ["training"],
     ["brick"],
     ["analysis"],

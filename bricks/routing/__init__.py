@@ -9,7 +9,8 @@ from .budget import allocate_budgets
 from .recovery import recover
 from .router_training import train_routers
 from .routers import ROUTERS, Router, make_router
-from .sparse_ffn import SparseFFN, calibrate_thresholds
+from .sparse_ffn import SparseFFN
+from .thresholds import calibrate_thresholds
 from .verify import verify_bricks
 
 __all__ = ["RoutedFFN", "compute_fraction", "executed_fraction", "routed_fraction", "routed_layers", "selection_fraction",

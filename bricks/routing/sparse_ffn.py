@@ -59,7 +59,7 @@ except ImportError:  # older transformers: nn.SiLU
 
 from ..arch import FFN
 from ..errors import BricksError
-from .base import RoutedFFN, routed_layers
+from .base import RoutedFFN
 from .paths import running
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
@@ -390,42 +390,3 @@ class SparseFFN(RoutedFFN):
         parts["down"].copy_(self.w_down_t)
         if self.b_down is not None:
             dense.down_bias().copy_(self.b_down)
-
-
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, max_tokens: int = 2048,
-                         seed: int = 0) -> list[tuple[float, float]]:
-    """Switch every `SparseFFN` of `model` to threshold selection, calibrated on token windows `[n, seq]`
-    (train split): each layer's magnitudes keep its configured shares on average over up to `max_tokens` of its
-    inputs, as they arrive with the layers before it routed by top-k. Returns the (inputs, neurons) thresholds."""
-    layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
-    if not layers:
-        raise BricksError("no activation-sparse FFN to calibrate: assemble the model with router teal first")
-    if windows.numel() == 0:
-        raise BricksError("threshold calibration needs token windows: give --data NAME=SOURCE")
-    g = torch.Generator().manual_seed(seed)
-    share = min(1.0, max_tokens / windows.numel())  # of the tokens, drawn at random
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-
-    def keep(i):
-        def hook(module, args):
-            x = args[0].reshape(-1, module.hidden)
-            pick = torch.rand(len(x), generator=g) < share
-            seen[i].append(x[pick.to(x.device)].float().cpu())
-        return hook
-
-    for m in layers:
-        m.selection = "topk"  # the routed function of the configured shares while inputs are gathered
-    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(windows), batch_size):
-            model(windows[start:start + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for i, m in enumerate(layers):
-        m.selection = "threshold"
-        out.append(m.fit_thresholds(torch.cat(seen[i]).to(m.w_in_t.device)))
-    return out
