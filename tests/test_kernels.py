@@ -128,3 +128,18 @@ def test_greedy_decoder_matches_generate(llama_dir, device):
     assert decoder.tokens_per_s() > 0
     with pytest.raises(bricks.BricksError, match="at most 20 tokens"):
         decoder(torch.zeros(1, 25, dtype=torch.long), 12)
+
+
+def test_grouped_path_needs_aligned_rows(llama_dir):
+    """Grouped GEMM kernels need rows of whole 16 bytes: bricks of 10 fp32 rows (40 bytes) leave the path out on
+    CPU, where bricks are not padded, and the timed choice runs the others."""
+    model, _ = bricks.load_model(llama_dir)
+    f = ffns(model)[0]
+    ffn = BrickedFFN(f, torch.arange(f.d_ff) % 7, router="centroid", active=0.5)  # 64 neurons: bricks of 9-10
+    assert ffn.brick_size == 10 and "grouped" not in ffn.paths_for(4)
+    x = torch.randn(4, f.down_weight().shape[0])
+    with torch.no_grad():
+        ffn(x)  # the chooser's paths only
+        ffn.set_path("grouped")
+        with pytest.raises(bricks.BricksError, match="grouped path needs"):
+            ffn(x)

@@ -202,8 +202,11 @@ class BrickedFFN(DenseView, RoutedFFN):
         return self.paths if self._groups_exactly() else ("bricks", "masked")
 
     def _groups_exactly(self) -> bool:
-        """Whether the grouped path applies: a router that picks exactly k bricks per token, and grouped GEMMs."""
-        return grouped_mm is not None and self.router is not None and self.router.exact_k
+        """Whether the grouped path applies: a router that picks exactly k bricks per token, grouped GEMMs, and
+        rows of whole 16 bytes (what grouped GEMM kernels need; CUDA pads bricks to that, the CPU does not)."""
+        size = self.w_in.element_size()
+        aligned = (self.hidden * size) % 16 == 0 and (self.brick_size * size) % 16 == 0
+        return grouped_mm is not None and aligned and self.router is not None and self.router.exact_k
 
     def static_path(self, tokens: int) -> str:
         if self._groups_exactly() and self.w_in.dtype == torch.bfloat16:  # the dtype of CUDA's grouped GEMMs
@@ -295,7 +298,8 @@ class BrickedFFN(DenseView, RoutedFFN):
         no host sync, capturable in a CUDA graph. A brick no token selected is an empty group, whose weights are
         never read."""
         if not self._groups_exactly():
-            raise BricksError("the grouped path needs torch's grouped_mm and a router that picks exactly k bricks")
+            raise BricksError("the grouped path needs torch's grouped_mm, a router that picks exactly k bricks, and bricks "
+                              "whose rows are whole 16 bytes")
         n, k = self.n_bricks, self.k_active
         # Each token's k bricks (a stable sort of the mask puts them first), then the (token, brick) pairs by brick.
         chosen = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :k].flatten()
