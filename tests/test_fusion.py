@@ -46,6 +46,9 @@ def test_adapter_rows_and_full_models_fuse_alike_and_generate_with_cache(llama_d
     full = FusedModel(ModelSpecialists([_merged(llama_dir, a) for a in adapters], rows.names), gate=rows.gate)
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
+        out = rows.specialists(ids)  # an untrained gate is the uniform logit average
+        torch.testing.assert_close(rows(ids).logits, out.logits.mean(1), rtol=1e-5, atol=1e-5)
+        torch.nn.init.normal_(rows.gate.second.weight, std=1.0)  # a gate that weighs the specialists apart
         a, b = rows(ids), full(ids)
         assert torch.allclose(a.weights.sum(1), torch.ones(2, 9), atol=1e-6)
         assert (a.logits - b.logits).abs().max() <= 1e-5

@@ -151,6 +151,10 @@ class FusionGate(nn.Module):
         firsts = 1 if self.shared_first else len(hidden_sizes)
         self.first = nn.ModuleList(nn.Linear(hidden_sizes[j], width) for j in range(firsts))
         self.second = nn.Linear(width, 1)
+        # Zero scores at the start: the untrained fused model is the specialists' uniform logit average (the
+        # simple alternative a user would try first), and training learns where to deviate from it.
+        nn.init.zeros_(self.second.weight)
+        nn.init.zeros_(self.second.bias)
         self.n = len(hidden_sizes)
 
     def forward(self, hidden: list[torch.Tensor]) -> torch.Tensor:
