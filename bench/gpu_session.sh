@@ -25,5 +25,5 @@ step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json
 step decode-bricks $DEC --router centroid --json $OUTDIR/decode_centroid_7b_$TAG.json
 step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_grouped_$TAG.json
 step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
-# step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
-#   --json $OUTDIR/ffn_centroid_masked_$TAG.json
+step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
+  --json $OUTDIR/ffn_centroid_masked_$TAG.json

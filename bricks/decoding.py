@@ -109,14 +109,19 @@ class GreedyDecoder:
         return out[None, prompt:prompt + new_tokens].cpu()
 
     def _capture(self, step) -> torch.cuda.CUDAGraph:
-        """Run `warmup` steps on a side stream (as capture requires), then capture one step."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()  # recorded, not run: the replays run it
-        return graph
+        return capture_graph(step, self.warmup)
+
+
+def capture_graph(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """`fn()` captured in a CUDA graph, after `warmup` calls on a side stream (as capture requires: lazy
+    allocations, kernel autotuning); the warm-up calls run, the captured one runs at each `replay()`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()  # recorded, not run
+    return graph

@@ -10,6 +10,7 @@ import time
 import torch
 
 from ..arch import ffns
+from ..decoding import capture_graph
 from ..loading import parse_dtype
 from .bricked_ffn import BrickedFFN
 from .paths import CHOOSER
@@ -59,15 +60,7 @@ def _graph_time(module, x, reps: int, replays: int = 20) -> float:
     """One call captured in a CUDA graph after warm-up calls (kernel autotuning, lazy buffers), then the median
     over `reps` of the mean time of `replays` replays: the kernels' time, not Python's launch overhead, which
     would otherwise dominate a batch-1 call on a GPU (the same setting as decoding with graphs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            module(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        module(x)
+    graph = capture_graph(lambda: module(x))
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
