@@ -225,11 +225,6 @@ class SparseFFN(RoutedFFN):
                               "bricks.routing.calibrate_thresholds(model, windows) (moefy --selection threshold --data ...)")
         return self.thresholds[which]
 
-    def _keep(self, v: torch.Tensor, which: int) -> torch.Tensor:
-        """Bool mask of the entries each token keeps: inputs (0) or neurons (1)."""
-        t = self._threshold(which)
-        return self._top(v, self.n_in if which == 0 else self.n_act) if t is None else v.abs() > t
-
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         d = self.d_ff
         return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
