@@ -4,7 +4,7 @@ Batch-1 decoding on a GPU launches hundreds of small kernels per token, and
 on a 7B model their launch overhead rivals the time they run. Replaying a
 captured graph launches a whole step at once. TEAL timed its sparse kernels
 that way (torch.compile's "reduce-overhead" mode), so dense and routed models
-are compared here in the same setting: `bench/bench_decode.py --graphs`.
+are compared here in the same setting: `bench/bench_decode.py --device cuda`.
 
 A step reads and writes only fixed device buffers (the token, its position,
 the attention mask over the static cache, the generated tokens), so a replay

@@ -24,6 +24,7 @@ Two kinds of specialists:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -63,25 +64,29 @@ class AdapterSpecialists(nn.Module):
     def models(self) -> list[nn.Module]:
         return [self.base]
 
+    @contextlib.contextmanager
+    def _rows(self, ids: torch.Tensor):
+        """The batch rows `[B*K, T]` (row b*K + j: sequence b under specialist j, from `ids` `[B, T]` or each
+        specialist's own row of `[B, K, T]`), with each row's adapter selected while the block runs."""
+        k = len(self.names)
+        with self.multi.use(ids=torch.arange(k).repeat(ids.shape[0])):
+            yield ids.flatten(0, 1) if ids.dim() == 3 else ids.repeat_interleave(k, dim=0)
+
     def forward(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
         """`ids` `[B, T]`, or `[B, K, T]`: each specialist's own row (its chat template)."""
         b, k = ids.shape[0], len(self.names)
-        # [B*K, T]: row b*K + j is sequence b under specialist j
-        rows = ids.flatten(0, 1) if ids.dim() == 3 else ids.repeat_interleave(k, dim=0)
-        with self.multi.use(ids=torch.arange(k).repeat(b)):
+        with self._rows(ids) as rows:
             out = self.base(input_ids=rows, **{cache_keyword(self.base): past}, use_cache=use_cache,
                             output_hidden_states=True)
         h = out.hidden_states[-1].view(b, k, *out.hidden_states[-1].shape[1:])
         return SpecialistOutput([h[:, j] for j in range(k)], out.logits.view(b, k, *out.logits.shape[1:]),
                                 out.past_key_values if use_cache else None)
 
-
     def hidden(self, ids: torch.Tensor, past=None, use_cache: bool = False) -> SpecialistOutput:
         """The specialists' last hidden states without their logits (the decoder alone; `logits` is None)."""
         b, k = ids.shape[0], len(self.names)
-        rows = ids.flatten(0, 1) if ids.dim() == 3 else ids.repeat_interleave(k, dim=0)
         decoder = self.base.get_decoder()
-        with self.multi.use(ids=torch.arange(k).repeat(b)):
+        with self._rows(ids) as rows:
             out = decoder(input_ids=rows, **{cache_keyword(decoder): past}, use_cache=use_cache)
         h = out.last_hidden_state.view(b, k, *out.last_hidden_state.shape[1:])
         return SpecialistOutput([h[:, j] for j in range(k)], None, out.past_key_values if use_cache else None)
