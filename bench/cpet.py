@@ -7,6 +7,8 @@ For one domain (held-out split for every perplexity, train split for all trainin
    (i) uncompressed + LoRA_T, (ii) compressed + LoRA_T as it is,
    (iii) compressed + a fresh LoRA trained on it, (iv) CPET, and the ablations
    of CPET without inheritance, without recovery bricks, without distillation.
+   `teal-50%` (activation sparsity, the toolkit's own FFNs, as CA-LoRA used
+   MoEfication) is one more compression for these rows.
    Every trained row gets the same budget (steps, batch, learning rate, data).
    `recovered` = the share of the log-perplexity gap between (ii) and (i) that (iv) closes.
    int8 gets rows (i)-(ii) only (it loses little).
@@ -40,7 +42,8 @@ from record import environment, save
 COMPRESSIONS = {"wanda-2:4": dict(methods=["wanda"], pattern="2:4"), "int4": dict(methods=["int4"]),
                 "int8": dict(methods=["int8"]), "wanda-50%": dict(methods=["wanda"], sparsity=0.5),
                 "magnitude-50%": dict(methods=["magnitude"], sparsity=0.5),
-                "magnitude-2:4": dict(methods=["magnitude"], pattern="2:4")}
+                "magnitude-2:4": dict(methods=["magnitude"], pattern="2:4"),
+                "teal-50%": dict(methods=["teal"], sparsity=0.5), "teal-25%": dict(methods=["teal"], sparsity=0.25)}
 # Trained rows: (inherit, recovery, distill)
 ROWS = {"(iii) fresh LoRA": (False, False, False), "(iv) CPET": (True, True, True),
         "CPET without inheritance": (False, True, True), "CPET without recovery bricks": (True, False, True),
@@ -130,8 +133,9 @@ def main():
         if key not in results:
             b = weight_bytes(small)
             b16 = results["dense"]["bf16_bytes"]
-            record(key, {"ppl": ppl(small, heldout), "sparsity": (measured_sparsity(small)["sparsity"]
-                                                                  if not cfg.quantization else rep["achieved"]["sparsity"]),
+            pruned_as_stored = cfg.pruning and not cfg.quantization  # zeros countable in the weights as they are
+            record(key, {"ppl": ppl(small, heldout), "sparsity": (measured_sparsity(small)["sparsity"] if pruned_as_stored
+                                                                  else rep["achieved"]["sparsity"]),
                          "bytes": b, "bytes_vs_bf16": {k: round(b[k] / b16[k], 4) for k in b},
                          "decode_ms_per_token": decode_ms(small, prompt)})
         if cfg.quantization == "int4":

@@ -17,6 +17,7 @@ from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, 
                              measured_sparsity, nm_violations, prune, save_compressed, train_cpet, weight_bytes)
 from bricks.compress.pruning import mask, prunable
 from bricks.errors import BricksError
+from bricks.routing import SparseFFN, assemble_sparse
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +251,73 @@ def test_cli_compress_then_cpet_writes_directories_that_serve(tiny64, tmp_path):
     assert run("adapter", "export", out / "adapter", "--out", tmp_path / "peft2").exit_code == 0
 
 
+# ------------------------------------------------------------------ teal as the compression
+
+
+def test_cpet_bricks_beside_a_teal_ffn_compute_what_they_compute_beside_the_dense_projections(tiny64, lora_t, windows):
+    """The LoRA of gate, up and down sits where it sits in the dense model: at full compute a teal model with LoRA_T
+    beside it is the dense model with LoRA_T merged; at 0.5 every execution path computes the same function."""
+    merged, _ = bricks.load_model(tiny64)
+    lora_t.merge_into(merged)
+    model, _ = bricks.load_model(tiny64)
+    assemble_sparse(model, 1.0)
+    attach_cpet(model, lora_t, recovery_rank=4)
+    x = torch.randint(0, 384, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, merged(x).logits, rtol=1e-4, atol=1e-5)
+    sparse, _ = bricks.load_model(tiny64)
+    compress(sparse, None, CompressConfig(methods=["teal"], sparsity=0.5), windows)
+    parts = attach_cpet(sparse, lora_t, recovery_rank=4)
+    with torch.no_grad():
+        for p in parts.recovery.parameters():  # recovery bricks that do something, so that their placement counts
+            p.add_(torch.randn_like(p) * 0.1)
+    ffn = next(m for m in sparse.modules() if isinstance(m, SparseFFN))
+    h = torch.randn(1, 64)
+    with torch.no_grad():
+        ffn.set_path("masked")
+        ref = ffn(h)
+        for path in ffn.paths:
+            ffn.set_path(path)
+            torch.testing.assert_close(ffn(h), ref, rtol=1e-4, atol=1e-5)
+        ffn.set_path("masked")
+        parts.detach()
+        assert not torch.allclose(ffn(h), ref)  # the bricks changed the output, and detaching took them away
+    assert all(m.beside is None for m in sparse.modules() if isinstance(m, SparseFFN))  # detached
+
+
+def test_cli_teal_compression_then_cpet(tiny64, tmp_path):
+    c, lt, out = tmp_path / "c", tmp_path / "lt", tmp_path / "cpet"
+    res = run("compress", tiny64, "--method", "teal", "--sparsity", "0.5", "--data", "code=builtin:code",
+              "--windows", "4", "--eval-windows", "2", "--seq-len", "32", "--out", c, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["compression"]["achieved"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert doc["compressed"]["bytes"]["linear"] == doc["source"]["bytes"]["linear"]  # teal reads fewer, stores all
+    assert not list(c.glob("*.safetensors"))  # the weights are the source's
+    model, _ = bricks.load_model(c)
+    layers = [m for m in model.modules() if isinstance(m, SparseFFN)]
+    assert layers and all(m.selection == "threshold" and m.thresholds for m in layers)
+    assert run("adapter", "train", tiny64, "--data", "code=builtin:code", "--out", lt, "--steps", "3", "--rank", "4",
+               "--windows", "8", "--seq-len", "32").exit_code == 0
+    res = run("cpet", c, "--adapter", lt, "--data", "code=builtin:code", "--steps", "3", "--batch-size", "2",
+              "--windows", "8", "--eval-windows", "2", "--seq-len", "32", "--recovery-rank", "4", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    served, _ = bricks.load_model(out)
+    assert all(m.beside is not None for m in served.modules() if isinstance(m, SparseFFN))
+    assert served.generate(torch.randint(0, 384, (1, 6)), max_new_tokens=3, do_sample=False).shape == (1, 9)
+    # The source has changed since: the directory says so instead of running other weights.
+    moved = tmp_path / "src"
+    shutil.copytree(tiny64, moved)
+    doc = json.loads((c / "bricks_model.json").read_text())
+    doc["source"]["spec"] = str(moved)
+    (c / "bricks_model.json").write_text(json.dumps(doc))
+    with torch.no_grad():
+        m, _ = bricks.load_model(moved)
+        m.model.layers[0].mlp.up_proj.weight.mul_(2)
+        m.save_pretrained(moved)
+    assert "has changed since" in str(pytest.raises(BricksError, bricks.load_model, c).value)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -262,6 +330,8 @@ def test_cli_compress_then_cpet_writes_directories_that_serve(tiny64, tmp_path):
     (["--method", "int8", "--method", "wanda", "--sparsity", "0.5"], "prune before quantizing"),
     (["--method", "wanda"], "either --sparsity"),
     (["--bits", "3"], "--bits must be one of"),
+    (["--method", "teal", "--pattern", "2:4"], "teal needs --sparsity"),
+    (["--method", "teal", "--sparsity", "0.5", "--bits", "8"], "compress with teal alone"),
 ])
 def test_compress_refuses_bad_settings_in_one_line(tiny64, tmp_path, args, message):
     res = run("compress", tiny64, *args, "--data", "code=builtin:code", "--out", tmp_path / "out")

@@ -12,8 +12,9 @@ from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, 
 @main.command("compress")
 @click.argument("model")
 @click.option("--method", "methods", multiple=True,
-              help="repeatable, applied in order (a pruning, then a quantization): " + COMPRESSORS.help())
-@click.option("--sparsity", type=float, default=None, help="pruning: share of weights to remove, in (0, 1)")
+              help="repeatable, applied in order (a pruning, then a quantization; teal alone): " + COMPRESSORS.help())
+@click.option("--sparsity", type=float, default=None,
+              help="pruning: share of weights to remove; teal: share of FFN compute each token skips; in (0, 1)")
 @click.option("--pattern", default=None, help="pruning: N:M structure instead of --sparsity, e.g. 2:4")
 @click.option("--bits", type=int, default=None, help="then quantize: 8 (int8) or 4 (int4, NF4)")
 @click.option("--data", "data", multiple=True, required=True, help=DATA_HELP + " (Wanda's calibration, held-out perplexity)")
@@ -28,8 +29,8 @@ from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, 
 @user_errors
 def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, eval_windows, seq_len, out, config_file,
                  device, dtype, device_map, as_json):
-    """Compress MODEL (prune and/or quantize its decoder projections) and write a directory that
-    bricks.load_model (and transformers) opens; print the achieved sparsity, the bytes of the weights and the
+    """Compress MODEL (prune and/or quantize its decoder projections, or make its FFNs activation-sparse with
+    teal) and write a directory that bricks.load_model (and, but for teal, transformers) opens; print the achieved sparsity, the bytes of the weights and the
     held-out perplexity against MODEL."""
     import torch
 
@@ -65,12 +66,14 @@ def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, ev
     timeline.done("compressed model evaluated on held-out data")
     result = {"out": str(out), "compression": report, "source": before, "compressed": after}
     b16 = before["bf16_bytes"]
-    lines = [f"compressed {model} with {cfg.label()}: sparsity of the decoder projections "
-             f"{report['achieved']['sparsity']:.1%}",
+    what = "FFN compute each token skips" if cfg.sparsify else "sparsity of the decoder projections"
+    stored = ("; teal stores every weight (each token reads fewer) and this directory refers to the source's"
+              if cfg.sparsify else "" if cfg.quantization else "; pruned weights are stored as zeros (no bytes saved "
+              "without a sparse format)")
+    lines = [f"compressed {model} with {cfg.label()}: {what} {report['achieved']['sparsity']:.1%}",
              f"weights: {after['bytes']['total'] / 1e6:.1f} MB ({after['bytes']['total'] / b16['total']:.2f}x the bf16 model), "
              f"decoder projections {after['bytes']['linear'] / 1e6:.1f} MB ({after['bytes']['linear'] / b16['linear']:.2f}x bf16)"
-             + ("; pruned weights are stored as zeros (no bytes saved without a sparse format)" if not cfg.quantization else ""),
-             "held-out perplexity, source -> compressed:"]
+             + stored, "held-out perplexity, source -> compressed:"]
     lines += [f"  {d}: {before['ppl'][d]:.3f} -> {after['ppl'][d]:.3f} (x{after['ppl'][d] / before['ppl'][d]:.3f})"
               for d in before["ppl"]]
     lines.append(f"wrote {out}; recover with: bricks cpet {out} --adapter LORA --data ... --out DIR")

@@ -2,7 +2,11 @@
 
 A compression is a sequence of steps: at most one pruning (`magnitude`,
 `wanda`; unstructured at a sparsity, or N:M) followed by at most one
-quantization (`int8`, `int4`), e.g. Wanda 2:4 then int8. Settings are
+quantization (`int8`, `int4`), e.g. Wanda 2:4 then int8. Or the toolkit's
+own activation sparsity, `teal` (as CA-LoRA compressed with MoEfication):
+every FFN becomes a `SparseFFN` that skips each token's small inputs and
+activations, at calibrated thresholds; the weights stay as they are, so a
+teal directory refers to its source model instead of copying it. Settings are
 checked before any model work.
 """
 
@@ -13,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BricksError
 from ..registry import Registry
+from ..routing.assembly import assemble_sparse
+from ..routing.base import RoutedFFN
+from ..routing.sparse_ffn import SparseFFN
+from ..routing.thresholds import calibrate_thresholds
 from .pruning import check_pattern, measured_sparsity, parse_pattern, prunable, prune
 from .quantization import BITS, quantize
 
@@ -21,6 +29,8 @@ COMPRESSORS.add("magnitude", "prune", "prune the smallest |W| of each layer (uns
 COMPRESSORS.add("wanda", "prune", "prune by |W|·||X||₂ per output row (Sun et al. 2023), calibrated on --data")
 COMPRESSORS.add("int8", "quantize", "8-bit weight-only quantization, per output channel (torchao)")
 COMPRESSORS.add("int4", "quantize", "4-bit NF4 weight-only quantization, blocks of 64 (bitsandbytes)")
+COMPRESSORS.add("teal", "sparsify", "skip each token's small FFN inputs and activations (TEAL; thresholds calibrated on "
+                "--data); --sparsity is the share of FFN compute skipped")
 
 
 class CompressConfig(BaseModel):
@@ -42,6 +52,11 @@ class CompressConfig(BaseModel):
             if m not in COMPRESSORS:
                 raise ValueError(f"unknown compression method {m!r}: choose from {COMPRESSORS.names()}")
         kinds = [COMPRESSORS.get(m) for m in self.methods]
+        if "sparsify" in kinds and len(kinds) > 1:
+            raise ValueError(f"teal runs the model's own weights and composes with no other method yet, got {self.methods}: "
+                             "compress with teal alone")
+        if "sparsify" in kinds and (self.sparsity is None or self.pattern is not None):
+            raise ValueError("teal needs --sparsity S in (0, 1), the share of FFN compute each token skips (no --pattern)")
         if kinds.count("prune") > 1 or kinds.count("quantize") > 1:
             raise ValueError(f"at most one pruning and one quantization, got {self.methods}")
         if kinds != sorted(kinds):  # "prune" < "quantize": pruning decides on float weights, quantization comes last
@@ -50,7 +65,7 @@ class CompressConfig(BaseModel):
             parse_pattern(self.pattern)  # a malformed pattern is refused here, with the rest
         if "prune" in kinds and (self.sparsity is None) == (self.pattern is None):
             raise ValueError("pruning needs either --sparsity S in (0, 1) or --pattern N:M (e.g. 2:4), not both")
-        if "prune" not in kinds and (self.sparsity is not None or self.pattern is not None):
+        if not {"prune", "sparsify"} & set(kinds) and (self.sparsity is not None or self.pattern is not None):
             raise ValueError("--sparsity and --pattern are for pruning: add --method magnitude or wanda")
         return self
 
@@ -63,17 +78,43 @@ class CompressConfig(BaseModel):
         return next((m for m in self.methods if COMPRESSORS.get(m) == "quantize"), None)
 
     @property
+    def sparsify(self) -> str | None:
+        return next((m for m in self.methods if COMPRESSORS.get(m) == "sparsify"), None)
+
+    @property
     def needs_data(self) -> bool:
-        return self.pruning == "wanda"
+        return self.pruning == "wanda" or self.sparsify == "teal"
 
     def label(self) -> str:
         """e.g. "wanda 2:4 + int8"."""
-        parts = []
+        parts = [f"teal {self.sparsity:.0%}"] if self.sparsify else []
         if self.pruning:
             parts.append(f"{self.pruning} {self.pattern or f'{self.sparsity:.0%}'}")
         if self.quantization:
             parts.append(self.quantization)
         return " + ".join(parts)
+
+
+def sparsify(model, compute: float, calibration: torch.Tensor) -> dict:
+    """Every FFN of `model` (in place) as a teal `SparseFFN` at FFN compute `compute`, thresholds calibrated on
+    `calibration`; returns the settings a directory records (`apply_teal` reapplies them)."""
+    assemble_sparse(model, compute)
+    thresholds = calibrate_thresholds(model, calibration)
+    layers = [m for m in model.modules() if isinstance(m, SparseFFN)]
+    return {"compute": compute, "compute_fraction": sum(m.compute_fraction() for m in layers) / len(layers),
+            "thresholds": [list(t) for t in thresholds]}
+
+
+def apply_teal(model, teal: dict, where: str) -> None:
+    """Reapply recorded teal settings to the source model: sparse FFNs with their calibrated thresholds."""
+    thresholds = teal.get("thresholds") or []
+    assemble_sparse(model, teal["compute"])
+    layers = [m for m in model.modules() if isinstance(m, SparseFFN)]
+    if len(thresholds) != len(layers) or any(len(t) != 2 for t in thresholds):
+        raise BricksError(f"{where} records {len(thresholds)} teal threshold pairs for {len(layers)} FFNs: "
+                          "the directory is corrupt; compress again")
+    for m, t in zip(layers, thresholds):
+        m.selection, m.thresholds = "threshold", (float(t[0]), float(t[1]))
 
 
 def methods_with_bits(methods: list[str], bits: int | None) -> list[str]:
@@ -90,6 +131,8 @@ def check_model(model, cfg: CompressConfig) -> None:
     if not prunable(model):
         raise BricksError(f"{type(model).__name__} has no nn.Linear projections in its decoder blocks (GPT-2 style Conv1D?): "
                           "compression supports Linear projections only")
+    if any(isinstance(m, RoutedFFN) for m in model.modules()):
+        raise BricksError("this model's FFNs are routed already (a moefied model): compress its dense base instead")
     if cfg.pruning and cfg.pattern:
         check_pattern(model, parse_pattern(cfg.pattern))
 
@@ -105,8 +148,15 @@ def compress(model, tokenizer, cfg: CompressConfig, calibration: torch.Tensor | 
     """
     check_model(model, cfg)
     if cfg.needs_data and (calibration is None or calibration.numel() == 0):
-        raise BricksError("wanda scores weights by their inputs: give calibration data (--data NAME=SOURCE)")
+        raise BricksError(f"{cfg.pruning or cfg.sparsify} calibrates on the model's inputs: give calibration data "
+                          "(--data NAME=SOURCE)")
     report = {"methods": cfg.methods, "label": cfg.label(), "sparsity": cfg.sparsity, "pattern": cfg.pattern}
+    if cfg.sparsify:
+        if log:
+            log(f"sparsifying the FFNs (teal, {cfg.sparsity:.0%} of their compute skipped) ...")
+        report["teal"] = sparsify(model, 1.0 - cfg.sparsity, calibration)
+        report["achieved"] = {"sparsity": 1.0 - report["teal"]["compute_fraction"]}
+        return model, report
     if cfg.pruning:
         if log:
             log(f"pruning ({cfg.pruning} {cfg.pattern or cfg.sparsity}) ...")

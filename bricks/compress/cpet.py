@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters.lora import AdapterBrick, LoRAModule
 from ..adapters.recovery import RecoveryBrick, RecoveryModule
 from ..errors import BricksError
+from ..routing.sparse_ffn import SparseFFN
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
 from .quantization import differentiable_4bit, is_quantized
 
@@ -76,18 +77,50 @@ class LoRAFactors(nn.Module):
 
 
 class CPETLinear(nn.Module):
-    """A (compressed) projection with its customized bricks beside it: base(x) + LoRA(x) + R(x)."""
+    """A (compressed) projection with its customized bricks beside it: base(x) + LoRA(x) + R(x).
 
-    def __init__(self, base: nn.Module, lora: LoRAFactors | None, recovery: RecoveryModule | None):
+    `base` is None for a projection inside an activation-sparse FFN, which runs the projection itself and adds
+    `delta(x)` (see `SparseFFNBricks`).
+    """
+
+    def __init__(self, base: nn.Module | None, lora: LoRAFactors | None, recovery: RecoveryModule | None):
         super().__init__()
         self.base, self.lora, self.recovery = base, lora, recovery
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """What the bricks add to the projection's output, in float32."""
+        parts = [brick(x).float() for brick in (self.lora, self.recovery) if brick is not None]
+        return sum(parts[1:], parts[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for brick in (self.lora, self.recovery):
-            if brick is not None:
-                y = y + brick(x).to(y.dtype)
-        return y
+        return y if self.lora is None and self.recovery is None else y + self.delta(x).to(y.dtype)
+
+
+class SparseFFNBricks(nn.Module):
+    """CPET bricks beside the projections of an activation-sparse (teal) FFN, its `beside` module.
+
+    The FFN reads only some rows of its weights per token; the bricks read the full input of their projection
+    (x for gate and up, the activations for down), as they would beside a pruned or quantized projection.
+    """
+
+    def __init__(self, ffn: SparseFFN, parts: dict[str, CPETLinear]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)  # by role: "gate", "up", "in" (a fused gate|up projection), "down"
+        self.d_ff, self.gated = ffn.d_ff, ffn.gated
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the bricks add to the gate|up pre-activations `[..., k * d_ff]`."""
+        if "in" in self.parts:
+            return self.parts["in"].delta(x)
+        roles = ("gate", "up") if self.gated else ("up",)
+        return torch.cat([self.parts[r].delta(x) if r in self.parts else x.new_zeros(*x.shape[:-1], self.d_ff,
+                                                                                      dtype=torch.float32)
+                          for r in roles], -1)
+
+    def output(self, a: torch.Tensor) -> torch.Tensor:
+        """What the bricks add to the FFN output, from the activations `a`."""
+        return self.parts["down"].delta(a) if "down" in self.parts else a.new_zeros(())
 
 
 class CPETBricks(nn.Module):
@@ -96,9 +129,11 @@ class CPETBricks(nn.Module):
     The model is held outside the module tree, so that checkpoints and `parameters()` cover the bricks only.
     """
 
-    def __init__(self, model: nn.Module, wrappers: dict[str, CPETLinear], base_model: str | None):
+    def __init__(self, model: nn.Module, wrappers: dict[str, CPETLinear], base_model: str | None,
+                 sparse_ffns: list[SparseFFN] = ()):
         super().__init__()
         object.__setattr__(self, "model", model)
+        object.__setattr__(self, "sparse_ffns", list(sparse_ffns))  # whose `beside` holds some of the wrappers
         self.lora = nn.ModuleDict({_key(n): w.lora for n, w in wrappers.items() if w.lora is not None})
         self.recovery = nn.ModuleDict({_key(n): w.recovery for n, w in wrappers.items() if w.recovery is not None})
         self.wrappers, self.base_model = wrappers, base_model
@@ -126,8 +161,11 @@ class CPETBricks(nn.Module):
         """Put the bare projections back; returns the model as it was before `attach_cpet`."""
         named = dict(self.model.named_modules())
         for n, w in self.wrappers.items():
-            parent, attr = n.rsplit(".", 1)
-            setattr(named[parent], attr, w.base)
+            if w.base is not None:
+                parent, attr = n.rsplit(".", 1)
+                setattr(named[parent], attr, w.base)
+        for ffn in self.sparse_ffns:
+            ffn.beside = None
         return self.model
 
 
@@ -145,25 +183,33 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
     of `rank` on `targets`. `recovery`: existing recovery bricks to attach instead of new ones (reloading).
     """
     named = dict(model.named_modules())
+    sparse = sparse_projections(model)
     if lora is not None:
-        if is_quantized(model):  # packed weights have other shapes: compare the modules' sizes instead
-            _check_names(lora, named)
+        if is_quantized(model) or sparse:  # packed or sparse-FFN weights have other shapes: compare sizes instead
+            _check_names(lora, named, sparse)
         else:
             lora.check_model(model)
         names = list(lora.modules)
     else:
         names = [n for n, m in named.items() if n.rsplit(".", 1)[-1] in targets and _is_projection(m)]
+        names += [n for n in sparse if n.rsplit(".", 1)[-1] in targets]
         if not names:
             raise BricksError(f"no projection named {', '.join(targets)} in this model: give the targets to adapt")
     gen = torch.Generator().manual_seed(seed)
-    wrappers = {}
+    wrappers, beside = {}, {}
     for n in names:
-        base = named[n]
-        if isinstance(base, CPETLinear):
-            raise BricksError(f"{n} already has CPET bricks attached: detach them first")
-        if not _is_projection(base):
-            raise BricksError(f"{n} is a {type(base).__name__}, not a linear projection: CPET bricks wrap nn.Linear layers")
-        out_f, in_f = base.out_features, base.in_features
+        if n in sparse:
+            ffn, role, in_f, out_f = sparse[n]
+            base = None
+            if ffn.beside is not None:
+                raise BricksError(f"{n} already has CPET bricks attached: detach them first")
+        else:
+            base = named[n]
+            if isinstance(base, CPETLinear):
+                raise BricksError(f"{n} already has CPET bricks attached: detach them first")
+            if not _is_projection(base):
+                raise BricksError(f"{n} is a {type(base).__name__}, not a linear projection: CPET bricks wrap nn.Linear layers")
+            out_f, in_f = base.out_features, base.in_features
         factors = None
         if lora is not None or rank:
             m = lora.modules[n] if lora is not None else None
@@ -185,23 +231,42 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
                 raise BricksError(f"the recovery brick has no module for {n}: it was trained for another adapter")
         elif recovery_rank:
             rec = RecoveryModule(in_f, out_f, recovery_rank, generator=gen)
-        dev = _device_of(base)
+        dev = _device_of(base if base is not None else ffn)
         wrapper = CPETLinear(base, factors.to(dev) if factors else None, rec.to(dev) if rec is not None else None)
-        parent, attr = n.rsplit(".", 1)
-        setattr(named[parent], attr, wrapper)
         wrappers[n] = wrapper
-    return CPETBricks(model, wrappers, base_model or (lora.base_model if lora is not None else None))
+        if base is None:
+            beside.setdefault(ffn, {})[role] = wrapper
+        else:
+            parent, attr = n.rsplit(".", 1)
+            setattr(named[parent], attr, wrapper)
+    for ffn, parts in beside.items():
+        ffn.beside = SparseFFNBricks(ffn, parts)
+    return CPETBricks(model, wrappers, base_model or (lora.base_model if lora is not None else None), list(beside))
+
+
+def sparse_projections(model: nn.Module) -> dict[str, tuple[SparseFFN, str, int, int]]:
+    """The dense projections that activation-sparse FFNs run themselves, by the name they had in the dense model:
+    (FFN, role, in features, out features)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseFFN):
+            for proj, role in m.projections.items():
+                in_f, out_f = {"gate": (m.hidden, m.d_ff), "up": (m.hidden, m.d_ff), "in": (m.hidden, 2 * m.d_ff),
+                               "down": (m.d_ff, m.hidden)}[role]
+                out[f"{name}.{proj}"] = (m, role, in_f, out_f)
+    return out
 
 
 def _is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear)
 
 
-def _check_names(lora: AdapterBrick, named: dict) -> None:
-    """For a quantized model (packed weights have other shapes): the target modules exist with the LoRA's sizes."""
+def _check_names(lora: AdapterBrick, named: dict, sparse: dict) -> None:
+    """For a quantized or sparse model (weights of other shapes): the target projections exist with the LoRA's sizes."""
     for n, m in lora.modules.items():
         mod = named.get(n)
-        if mod is None or (getattr(mod, "in_features", None), getattr(mod, "out_features", None)) != (m.A.shape[1], m.B.shape[0]):
+        sizes = sparse[n][2:] if n in sparse else (getattr(mod, "in_features", None), getattr(mod, "out_features", None))
+        if (mod is None and n not in sparse) or sizes != (m.A.shape[1], m.B.shape[0]):
             raise BricksError(f"adapter {lora.name!r} targets {n}, which this model does not have with its shape: "
                               "the adapter was trained for another base")
 

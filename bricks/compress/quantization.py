@@ -115,7 +115,9 @@ def is_quantized(model) -> bool:
 
 
 def weight_bytes(model) -> dict:
-    """Bytes of the model's tensors as stored: all of them (tied tensors once), and the decoder linears alone."""
+    """Bytes of the model's tensors as stored: all of them (tied tensors once), and the decoder projections alone
+    (the weights of sparse FFNs count as the projections they replace)."""
+    from ..routing.base import RoutedFFN
     from .pruning import prunable
 
     def size(t) -> int:
@@ -131,6 +133,7 @@ def weight_bytes(model) -> dict:
             seen.add(key)
             total += size(t) + _quant_state_bytes(t)
     linears = sum(size(m.weight) + _quant_state_bytes(m.weight) for m in prunable(model).values())
+    linears += sum(size(p) for m in model.modules() if isinstance(m, RoutedFFN) for p in m.parameters(recurse=False))
     return {"total": total, "linear": linears}
 
 

@@ -5,6 +5,10 @@
   its `quantization_config` in config.json), so plain transformers opens it,
   plus `bricks_model.json`: kind "compressed", the compression report and the
   source model (spec and fingerprint; `bricks cpet` takes it as the teacher).
+- A **teal** compressed directory holds no checkpoint: teal changes no
+  weight, so the directory records the source model (spec and fingerprint,
+  checked when it opens) and the calibrated thresholds, and opens as the
+  source with sparse FFNs.
 - A **CPET** directory is a copy of the compressed checkpoint plus
   `adapter/` (the LoRA brick, PEFT-exportable), `recovery/` (the recovery
   brick, when CPET trained one) and `bricks_model.json`: kind "cpet", the
@@ -24,7 +28,9 @@ from ..adapters.recovery import RecoveryBrick
 from ..brick import model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
-from ..loading import CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense
+from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
+                       split_spec)
+from .build import apply_teal
 from .cpet import CPETBricks, attach_cpet
 
 FORMAT, VERSION, MARKER = CONFIGURED_FORMAT, CONFIGURED_VERSION, CONFIGURED_MARKER
@@ -36,7 +42,8 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, report: dict, sour
     doc = {"format": FORMAT, "version": VERSION, "kind": "compressed", "compression": report,
            "source": {"spec": absolute_spec(source), "fingerprint": source_fingerprint}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if "teal" not in report:  # teal's weights are the source's: the record refers to them
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(doc, indent=1))
     return Path(out)
@@ -96,9 +103,29 @@ def save_cpet(bricks: CPETBricks, compressed: str | os.PathLike, out: str | os.P
     return Path(out)
 
 
+def _source(path: Path, doc: dict, device, dtype):
+    """The source model a teal directory refers to, checked to be the one it was compressed from."""
+    spec = teacher_spec(doc, path, None)
+    base, adapter = split_spec(spec)
+    model, _ = load_dense(base, device, dtype)
+    if adapter is not None:
+        AdapterBrick.load(adapter).merge_into(model)
+    want = doc["source"].get("fingerprint")
+    if want is not None and model_fingerprint(model) != want:
+        raise BricksError(f"{path} refers to {spec}, which has changed since (fingerprint {model_fingerprint(model)}, "
+                          f"was {want}): compress it again")
+    return model
+
+
 def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configured: bool = True):
     """(model, tokenizer) of a compressed or CPET directory whose `bricks_model.json` is `doc`."""
-    model, tokenizer = load_dense(path, device, dtype)
+    teal = doc.get("compression", {}).get("teal")
+    if teal is not None:
+        model, tokenizer = _source(path, doc, device, dtype), load_tokenizer(path)
+        if configured or doc.get("kind") == "cpet":  # a CPET model's bricks were trained on the sparse FFNs
+            apply_teal(model, teal, str(path / MARKER))
+    else:
+        model, tokenizer = load_dense(path, device, dtype)
     if doc.get("kind") == "cpet" and configured:
         lora = AdapterBrick.load(path / "adapter")
         recovery = RecoveryBrick.load(path / "recovery") if (path / "recovery").is_dir() else None

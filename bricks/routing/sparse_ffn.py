@@ -105,6 +105,13 @@ class SparseFFN(RoutedFFN):
             zeros = torch.zeros(self.d_ff, device=self.w_in_t.device, dtype=self.w_in_t.dtype)
             self.b_in = nn.Parameter(torch.cat([b.detach() if b is not None else zeros for b in biases]), requires_grad=False)
         self.w_down_t = nn.Parameter(ffn.down_weight().detach().t().contiguous(), requires_grad=False)
+        lay = ffn.layout  # the dense projections' names, for bricks that adapt them (`beside`)
+        self.projections = {name: role for name, role in ((lay.gate, "gate"), (lay.up, "up"), (lay.fused_gate_up, "in"),
+                                                          (lay.down, "down")) if name}
+        # Customized bricks beside the sparse projections (CPET's LoRA and recovery bricks): a module whose
+        # `inputs(x)` adds to the gate|up pre-activations and `output(a)` to the output, read from the full input x
+        # and activation a (the sparsity belongs to the compressed projection, not to its bricks).
+        self.beside: nn.Module | None = None
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         # Tokens, then input channels and neurons selected, then those read: the routed and executed fractions.
@@ -268,24 +275,31 @@ class SparseFFN(RoutedFFN):
         return y.reshape(*shape[:-1], self.hidden)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.w_in_t
+        a = self._activation(self._pre(x @ self.w_in_t, x))
+        return self._post(a @ self.w_down_t, a)
+
+    def _pre(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gate|up pre-activations `h` of inputs `x` plus the input bias and the bricks beside."""
         if self.b_in is not None:
             h = h + self.b_in
-        y = self._activation(h) @ self.w_down_t
-        return y if self.b_down is None else y + self.b_down
+        return h if self.beside is None else h + self.beside.inputs(x).to(h.dtype)
+
+    def _post(self, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Output `y` of activations `a` plus the output bias and the bricks beside."""
+        if self.b_down is not None:
+            y = y + self.b_down
+        return y if self.beside is None else y + self.beside.output(a).to(y.dtype)
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
         gradients flow through the kept entries only). Executed: the whole FFN."""
         n = x.shape[0]
         xm, kept_in = self._zero_dropped(x, 0)
-        h = xm @ self.w_in_t
-        if self.b_in is not None:
-            h = h + self.b_in
-        am, kept_act = self._zero_dropped(self._activation(h), 1)
+        a = self._activation(self._pre(xm @ self.w_in_t, x))
+        am, kept_act = self._zero_dropped(a, 1)
         y = am @ self.w_down_t
         self._count(n, kept_in, kept_act, n * self.hidden, n * self.d_ff)
-        return y if self.b_down is None else y + self.b_down
+        return self._post(y, a)
 
     def _zero_dropped(self, v: torch.Tensor, which: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """`v` with the entries each token drops zeroed (inputs: 0, neurons: 1), and how many were kept. Under a
@@ -337,15 +351,12 @@ class SparseFFN(RoutedFFN):
         """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
         W_down^T."""
         idx, values, starts = self._rows(x, 0, self.w_in_t)
-        h = self._bag(idx, values, starts, self.w_in_t, split)
-        if self.b_in is not None:
-            h = h + self.b_in
-        a = self._activation(h)
+        a = self._activation(self._pre(self._bag(idx, values, starts, self.w_in_t, split), x))
         j, values, starts = self._rows(a, 1, self.w_down_t)
         y = self._bag(j, values, starts, self.w_down_t, split)
         # The rows the bags were given to read: what ran, and what the routed function selected.
         self._count(x.shape[0], idx.numel(), j.numel())
-        return y if self.b_down is None else y + self.b_down
+        return self._post(y, a)
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows. Under threshold
@@ -359,17 +370,15 @@ class SparseFFN(RoutedFFN):
         counts = self._kernel_counts
         t_in, t_act = self._threshold(0), self._threshold(1)
         keep = None if t_in is not None else self._top(x, self.n_in)[0]
-        h = kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, keep=keep)
-        if self.b_in is not None:
-            h = h + self.b_in
-        if t_act is not None and self.gated and self.b_in is None and isinstance(self.act, SILU):
+        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, keep=keep), x[0])
+        a = None
+        if t_act is not None and self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
             y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, silu_gated=True)
         else:
             a = self._activation(h)
             keep = None if t_act is not None else self._top(a[None], self.n_act)[0]
             y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, keep=keep)
-        y = y.to(x.dtype)[None]
-        return y if self.b_down is None else y + self.b_down
+        return self._post(y.to(x.dtype)[None], a)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
