@@ -283,6 +283,9 @@ def test_cpet_bricks_beside_a_teal_ffn_compute_what_they_compute_beside_the_dens
         parts.detach()
         assert not torch.allclose(ffn(h), ref)  # the bricks changed the output, and detaching took them away
     assert all(m.beside is None for m in sparse.modules() if isinstance(m, SparseFFN))  # detached
+    moe, _ = bricks.load_model(tiny64)
+    bricks.moefy(moe, bricks.partition(moe, "random", 4), "centroid", 0.5)
+    assert "routed-brick (MoE) FFNs" in str(pytest.raises(BricksError, attach_cpet, moe, lora_t).value)
 
 
 def test_cli_teal_compression_then_cpet(tiny64, tmp_path):

@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters.lora import AdapterBrick, LoRAModule
 from ..adapters.recovery import RecoveryBrick, RecoveryModule
 from ..errors import BricksError
+from ..routing.base import RoutedFFN
 from ..routing.sparse_ffn import SparseFFN
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
 from .quantization import differentiable_4bit, is_quantized
@@ -183,6 +184,9 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
     of `rank` on `targets`. `recovery`: existing recovery bricks to attach instead of new ones (reloading).
     """
     named = dict(model.named_modules())
+    if any(isinstance(m, RoutedFFN) and not isinstance(m, SparseFFN) for m in named.values()):
+        raise BricksError("CPET bricks cannot sit beside routed-brick (MoE) FFNs yet: use a teal or pruned/quantized "
+                          "compression")
     sparse = sparse_projections(model)
     if lora is not None:
         if is_quantized(model) or sparse:  # packed or sparse-FFN weights have other shapes: compare sizes instead
