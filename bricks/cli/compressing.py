@@ -30,8 +30,8 @@ from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, 
 def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, eval_windows, seq_len, out, config_file,
                  device, dtype, device_map, as_json):
     """Compress MODEL (prune and/or quantize its decoder projections, or make its FFNs activation-sparse with
-    teal) and write a directory that bricks.load_model (and, but for teal, transformers) opens; print the achieved sparsity, the bytes of the weights and the
-    held-out perplexity against MODEL."""
+    teal) and write a directory that bricks.load_model (and, but for teal, transformers) opens; print the
+    achieved sparsity, the bytes of the weights and the held-out perplexity against MODEL."""
     import torch
 
     from ..brick import model_fingerprint

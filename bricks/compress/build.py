@@ -22,7 +22,7 @@ from ..routing.base import RoutedFFN
 from ..routing.sparse_ffn import SparseFFN
 from ..routing.thresholds import calibrate_thresholds
 from .pruning import check_pattern, measured_sparsity, parse_pattern, prunable, prune
-from .quantization import BITS, quantize
+from .quantization import BITS, is_quantized, quantize
 
 COMPRESSORS: Registry[str] = Registry("compression method")
 COMPRESSORS.add("magnitude", "prune", "prune the smallest |W| of each layer (unstructured at --sparsity, or --pattern N:M)")
@@ -133,6 +133,9 @@ def check_model(model, cfg: CompressConfig) -> None:
                           "compression supports Linear projections only")
     if any(isinstance(m, RoutedFFN) for m in model.modules()):
         raise BricksError("this model's FFNs are routed already (a moefied model): compress its dense base instead")
+    if cfg.sparsify and is_quantized(model):
+        raise BricksError("teal reads float weights row by row and this model is quantized: compress the float model "
+                          "with teal")
     if cfg.pruning and cfg.pattern:
         check_pattern(model, parse_pattern(cfg.pattern))
 
