@@ -41,8 +41,8 @@ from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
                       load_tokenizer, resolve, split_spec)
-from .routing import (ROUTERS, BrickedFFN, SparseFFN, allocate_budgets, assemble_bricked, assemble_sparse,
-                      calibrate_thresholds, recover, routed_layers, train_routers)
+from .routing import (ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, calibrate_thresholds,
+                      recover, routed_layers, set_thresholds, train_routers)
 
 # Neuron-level magnitude sparsity (TEAL): the router that runs without a BrickSet.
 SPARSE_ROUTER = "teal"
@@ -303,15 +303,11 @@ def read_marker(path: Path) -> dict:
 
 def _set_thresholds(model, cfg: dict, path: Path) -> None:
     """Threshold selection as it was calibrated: the saved magnitudes, one pair per layer."""
-    layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
-    thresholds = cfg.get("thresholds") or []
-    if cfg["selection"] != "threshold" or len(thresholds) != len(layers) or any(len(t) != 2 for t in thresholds):
-        raise BricksError(f"{path / MARKER}: selection {cfg['selection']!r} needs one (inputs, neurons) threshold pair "
-                          f"per layer ({len(layers)}), found {len(thresholds)}: the configured model is corrupt")
-    for m, t in zip(layers, thresholds):
-        m.selection, m.thresholds = "threshold", (float(t[0]), float(t[1]))
+    if cfg["selection"] != "threshold":
+        raise BricksError(f"{path / MARKER}: unknown selection {cfg['selection']!r}: the configured model is corrupt")
+    set_thresholds(model, cfg.get("thresholds"), str(path / MARKER))
     state = configuration(model)
-    state.selection, state.thresholds = "threshold", [list(t) for t in thresholds]
+    state.selection, state.thresholds = "threshold", [list(t) for t in cfg["thresholds"]]
 
 
 def load_configured(path: Path, model) -> torch.nn.Module:

@@ -308,7 +308,13 @@ def test_cli_teal_compression_then_cpet(tiny64, tmp_path):
     served, _ = bricks.load_model(out)
     assert all(m.beside is not None for m in served.modules() if isinstance(m, SparseFFN))
     assert served.generate(torch.randint(0, 384, (1, 6)), max_new_tokens=3, do_sample=False).shape == (1, 9)
-    # The source has changed since: the directory says so instead of running other weights.
+    # Corrupt thresholds, then a source that has changed since: one-line errors instead of other functions.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(c, corrupt)
+    doc = json.loads((corrupt / "bricks_model.json").read_text())
+    doc["compression"]["teal"]["thresholds"].pop()
+    (corrupt / "bricks_model.json").write_text(json.dumps(doc))
+    assert "threshold pair per layer" in str(pytest.raises(BricksError, bricks.load_model, corrupt).value)
     moved = tmp_path / "src"
     shutil.copytree(tiny64, moved)
     doc = json.loads((c / "bricks_model.json").read_text())

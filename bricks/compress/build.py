@@ -20,7 +20,7 @@ from ..registry import Registry
 from ..routing.assembly import assemble_sparse
 from ..routing.base import RoutedFFN
 from ..routing.sparse_ffn import SparseFFN
-from ..routing.thresholds import calibrate_thresholds
+from ..routing.thresholds import calibrate_thresholds, set_thresholds
 from .pruning import check_pattern, measured_sparsity, parse_pattern, prunable, prune
 from .quantization import BITS, is_quantized, quantize
 
@@ -107,14 +107,8 @@ def sparsify(model, compute: float, calibration: torch.Tensor) -> dict:
 
 def apply_teal(model, teal: dict, where: str) -> None:
     """Reapply recorded teal settings to the source model: sparse FFNs with their calibrated thresholds."""
-    thresholds = teal.get("thresholds") or []
     assemble_sparse(model, teal["compute"])
-    layers = [m for m in model.modules() if isinstance(m, SparseFFN)]
-    if len(thresholds) != len(layers) or any(len(t) != 2 for t in thresholds):
-        raise BricksError(f"{where} records {len(thresholds)} teal threshold pairs for {len(layers)} FFNs: "
-                          "the directory is corrupt; compress again")
-    for m, t in zip(layers, thresholds):
-        m.selection, m.thresholds = "threshold", (float(t[0]), float(t[1]))
+    set_thresholds(model, teal.get("thresholds"), where)
 
 
 def methods_with_bits(methods: list[str], bits: int | None) -> list[str]:

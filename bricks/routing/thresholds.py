@@ -48,3 +48,15 @@ def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, batch_size: in
         m.selection = "threshold"
         out.append(m.fit_thresholds(torch.cat(seen[i]).to(m.w_in_t.device)))
     return out
+
+
+def set_thresholds(model: nn.Module, thresholds: list, where: str) -> None:
+    """Threshold selection as it was calibrated: one saved (inputs, neurons) pair per `SparseFFN` of `model`, in
+    layer order; a list that does not fit is a one-line error naming `where` it came from."""
+    layers = [m for m in routed_layers(model) if isinstance(m, SparseFFN)]
+    thresholds = thresholds or []
+    if len(thresholds) != len(layers) or any(len(t) != 2 for t in thresholds):
+        raise BricksError(f"{where}: threshold selection needs one (inputs, neurons) threshold pair per layer "
+                          f"({len(layers)}), found {len(thresholds)}: the directory is corrupt")
+    for m, t in zip(layers, thresholds):
+        m.selection, m.thresholds = "threshold", (float(t[0]), float(t[1]))
