@@ -199,11 +199,13 @@ def test_merging_notebook_runs(tmp_path):
 @pytest.mark.slow
 def test_compressed_bricks_notebook_runs(tmp_path):
     text = _run_notebook("compressed_bricks.ipynb", tmp_path)
-    ppl = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s*([\w: ]+?): held-out ppl\s+([\d.]+)", text, re.M)}
+    ppl = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s*([\w:% ]+?): held-out ppl\s+([\d.]+)", text, re.M)}
     assert ppl["wanda 2:4"] < ppl["magnitude 2:4"]  # Wanda's finding
     projections = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s*(int\d): .*projections ([\d.]+)x", text, re.M)}
     assert projections["int4"] <= 0.3 and projections["int8"] <= 0.55
     assert "at most 2 non-zeros in any" in text
+    teal = float(re.search(r"teal 50%: FFN compute per token ([\d.]+) of dense", text).group(1))
+    assert 0.45 <= teal <= 0.5 and ppl["teal 50%"] < ppl["wanda 2:4"]  # half the FFN compute, calibrated on train
     assert float(re.search(r"from recovery bricks at initialisation: ([-\d.e]+)", text).group(1)) == 0.0
     assert float(re.search(r"identity compressor: ([-\d.e]+)", text).group(1)) < 1e-8
     assert "(iv) CPET" in text and "summary" in text  # the results file's table was read
