@@ -300,6 +300,10 @@ def test_cli_teal_compression_then_cpet(tiny64, tmp_path):
     model, _ = bricks.load_model(c)
     layers = [m for m in model.modules() if isinstance(m, SparseFFN)]
     assert layers and all(m.selection == "threshold" and m.thresholds for m in layers)
+    ev = run("eval", c, "--data", "code=builtin:code", "--windows", "2", "--seq-len", "32", "--baseline", "--json")
+    assert ev.exit_code == 0, ev.output
+    ev = json.loads(ev.stdout)  # against the model it was made from, at the compute it routes
+    assert ev["baseline_model"] == str(tiny64.resolve()) and 0.4 < ev["model_eval"]["compute_fraction"] <= 0.55
     assert run("adapter", "train", tiny64, "--data", "code=builtin:code", "--out", lt, "--steps", "3", "--rank", "4",
                "--windows", "8", "--seq-len", "32").exit_code == 0
     res = run("cpet", c, "--adapter", lt, "--data", "code=builtin:code", "--steps", "3", "--batch-size", "2",
