@@ -15,6 +15,23 @@ import sys
 from pathlib import Path
 
 
+def _head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
+# Read once, when the bench imports this module: the code a long run executes is the commit it started on, not
+# whatever the repository holds when it writes its last row. Uncommitted changes are flagged.
+COMMIT = _head()
+if COMMIT is not None:
+    _dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    COMMIT += "+changes" if _dirty else ""
+
+
 def environment(model=None, device=None) -> dict:
     """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
     and documentation, so perplexities are comparable only between runs on the same Python version."""
@@ -26,13 +43,8 @@ def environment(model=None, device=None) -> dict:
     device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
     if device == "cpu":
         device = f"cpu ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} threads"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
     return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "bricks_commit": commit,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bricks_commit": COMMIT,
             "date": datetime.date.today().isoformat()}
 
 
