@@ -36,7 +36,7 @@ from .arch import FFN, layout_for
 from .brick import BrickSet, model_fingerprint
 from .adapters.lora import AdapterBrick
 from .errors import BricksError
-from .compress import load_compressed
+from .compress import load_compressed, load_source
 from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
@@ -369,11 +369,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     if doc.get("kind") in ("compressed", "cpet"):
         return load_compressed(given, doc, device, dtype, configured)
     if doc.get("source"):  # the weights are the source model's: load it, check it is the same, configure it
-        model, _ = load_dense(doc["source"]["spec"], device, dtype, device_map)
-        if model_fingerprint(model) != doc["source"]["fingerprint"]:
-            raise BricksError(f"{given} refers to {doc['source']['spec']}, which has changed since (fingerprint "
-                              f"{model_fingerprint(model)}, was {doc['source']['fingerprint']}): run moefy again")
-        tokenizer = load_tokenizer(given)
+        model, tokenizer = load_source(given, doc, "run moefy again", device, dtype, device_map), load_tokenizer(given)
         if configured:
             load_configured(given, model)
         return model, tokenizer

@@ -103,17 +103,18 @@ def save_cpet(bricks: CPETBricks, compressed: str | os.PathLike, out: str | os.P
     return Path(out)
 
 
-def _source(path: Path, doc: dict, device, dtype):
-    """The source model a teal directory refers to, checked to be the one it was compressed from."""
-    spec = teacher_spec(doc, path, None)
+def load_source(path: Path, doc: dict, remedy: str, device=None, dtype="float32", device_map=None):
+    """The source model a directory without weights refers to (`doc["source"]`: spec and fingerprint), checked to
+    be the one it was made from; `remedy` says what to do when it has changed."""
+    spec = doc["source"]["spec"]
     base, adapter = split_spec(spec)
-    model, _ = load_dense(base, device, dtype)
+    model, _ = load_dense(base, device, dtype, device_map)
     if adapter is not None:
         AdapterBrick.load(adapter).merge_into(model)
     want = doc["source"].get("fingerprint")
     if want is not None and model_fingerprint(model) != want:
         raise BricksError(f"{path} refers to {spec}, which has changed since (fingerprint {model_fingerprint(model)}, "
-                          f"was {want}): compress it again")
+                          f"was {want}): {remedy}")
     return model
 
 
@@ -121,7 +122,8 @@ def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configu
     """(model, tokenizer) of a compressed or CPET directory whose `bricks_model.json` is `doc`."""
     teal = doc.get("compression", {}).get("teal")
     if teal is not None:
-        model, tokenizer = _source(path, doc, device, dtype), load_tokenizer(path)
+        teacher_spec(doc, path, None)  # a source that is gone: one line saying so
+        model, tokenizer = load_source(path, doc, "compress it again", device, dtype), load_tokenizer(path)
         if configured or doc.get("kind") == "cpet":  # a CPET model's bricks were trained on the sparse FFNs
             apply_teal(model, teal, str(path / MARKER))
     else:
