@@ -7,8 +7,10 @@ For one domain (held-out split for every perplexity, train split for all trainin
    (i) uncompressed + LoRA_T, (ii) compressed + LoRA_T as it is,
    (iii) compressed + a fresh LoRA trained on it, (iv) CPET, and the ablations
    of CPET without inheritance, without recovery bricks, without distillation.
-   `teal-50%` (activation sparsity, the toolkit's own FFNs, as CA-LoRA used
-   MoEfication) is one more compression for these rows.
+   `teal-50%` (activation sparsity) and `moe-50%` (MoEfication: 64 co-activation
+   bricks with a shared one, hybrid routers trained on the calibration windows,
+   half the FFN compute), the toolkit's own routed FFNs as CA-LoRA used
+   MoEfication, are more compressions for these rows.
    Every trained row gets the same budget (steps, batch, learning rate, data).
    `recovered` = the share of the log-perplexity gap between (ii) and (i) that (iv) closes.
    int8 gets rows (i)-(ii) only (it loses little).
@@ -36,7 +38,9 @@ import bricks
 from bricks.adapters import AdapterBrick
 from bricks.compress import (CompressConfig, attach_cpet, bf16_bytes, compress, differentiable_4bit, measured_sparsity,
                              train_cpet, weight_bytes)
+from bricks.data import Domain
 from bricks.evaluate import evaluate
+from bricks.routing import compute_fraction
 from record import environment, save
 
 COMPRESSIONS = {"wanda-2:4": dict(methods=["wanda"], pattern="2:4"), "int4": dict(methods=["int4"]),
@@ -44,6 +48,8 @@ COMPRESSIONS = {"wanda-2:4": dict(methods=["wanda"], pattern="2:4"), "int4": dic
                 "magnitude-50%": dict(methods=["magnitude"], sparsity=0.5),
                 "magnitude-2:4": dict(methods=["magnitude"], pattern="2:4"),
                 "teal-50%": dict(methods=["teal"], sparsity=0.5), "teal-25%": dict(methods=["teal"], sparsity=0.25)}
+# MoEfied compressions: the FFN compute fraction each keeps (see `moefied`).
+MOEFIED = {"moe-50%": 0.5, "moe-25%": 0.25}
 # Trained rows: (inherit, recovery, distill)
 ROWS = {"(iii) fresh LoRA": (False, False, False), "(iv) CPET": (True, True, True),
         "CPET without inheritance": (False, True, True), "CPET without recovery bricks": (True, False, True),
@@ -65,6 +71,15 @@ def decode_ms(model, ids: torch.Tensor, new: int = 32, reps: int = 3) -> float:
     return best / new * 1e3
 
 
+def moefied(source, calibration: torch.Tensor, compute: float, domain: str):
+    """The source MoEfied as the README's routed-bricks recipe does it, on the calibration windows (train split)."""
+    model = copy.deepcopy(source)
+    train = [Domain(domain, f"builtin:{domain}", calibration)]
+    bs = bricks.partition(model, "coactivation", 64, bricks.capture_stats(model, train), shared_fraction=0.0625)
+    bricks.moefy(model, bs, router="hybrid", compute=compute, train_domains=train)
+    return model, {"achieved": {"sparsity": 1 - compute_fraction(model)}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domain", default="code", help="a built-in domain: code, prose, math")
@@ -79,7 +94,7 @@ def main():
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--windows", type=int, default=256, help="train windows")
-    ap.add_argument("--calibration", type=int, default=64, help="Wanda's calibration windows (train split)")
+    ap.add_argument("--calibration", type=int, default=64, help="calibration windows (train split): Wanda, teal thresholds, MoEfication bricks and routers")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rows", default=",".join(ROWS), help="trained rows to run (comma-separated names)")
@@ -127,18 +142,19 @@ def main():
 
     trained = [c for c in args.compressions.split(",") if c]
     for name in trained + [c for c in args.untrained.split(",") if c]:
-        cfg = CompressConfig(**COMPRESSIONS[name])
-        small, rep = compress(copy.deepcopy(source), tok, cfg, calibration)
+        cfg = None if name in MOEFIED else CompressConfig(**COMPRESSIONS[name])
+        small, rep = (moefied(source, calibration, MOEFIED[name], args.domain) if cfg is None
+                      else compress(copy.deepcopy(source), tok, cfg, calibration))
         key = f"{name} / compressed"
         if key not in results:
             b = weight_bytes(small)
             b16 = results["dense"]["bf16_bytes"]
-            pruned_as_stored = cfg.pruning and not cfg.quantization  # zeros countable in the weights as they are
+            pruned_as_stored = cfg and cfg.pruning and not cfg.quantization  # zeros countable in the weights as they are
             record(key, {"ppl": ppl(small, heldout), "sparsity": (measured_sparsity(small)["sparsity"] if pruned_as_stored
                                                                   else rep["achieved"]["sparsity"]),
                          "bytes": b, "bytes_vs_bf16": {k: round(b[k] / b16[k], 4) for k in b},
                          "decode_ms_per_token": decode_ms(small, prompt)})
-        if cfg.quantization == "int4":
+        if cfg is not None and cfg.quantization == "int4":
             # Inference above ran bitsandbytes' repacked kernel, which cannot train: the rows below use a fresh copy
             # on the differentiable path (for (ii) too, so that every row with an adapter computes the same way).
             small, _ = compress(copy.deepcopy(source), tok, cfg, calibration)

@@ -37,6 +37,7 @@ from .brick import BrickSet, model_fingerprint
 from .adapters.lora import AdapterBrick
 from .errors import BricksError
 from .compress import load_compressed, load_source
+from .compress.store import attach_saved
 from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
@@ -310,9 +311,10 @@ def _set_thresholds(model, cfg: dict, path: Path) -> None:
     state.selection, state.thresholds = "threshold", [list(t) for t in cfg["thresholds"]]
 
 
-def load_configured(path: Path, model) -> torch.nn.Module:
-    """Re-apply the (MoE) configuration stored in `path` to its freshly loaded base `model`."""
-    cfg = read_marker(path)
+def load_configured(path: Path, model, cfg: dict | None = None) -> torch.nn.Module:
+    """Re-apply the (MoE) configuration stored in `path` (its record `cfg`, else its marker) to its freshly loaded
+    base `model`."""
+    cfg = read_marker(path) if cfg is None else cfg
     unknown = set(cfg) - {"format", "version", "kind", "router", "active", "compute", "budget", "recovery", "source",
                           "selection", "thresholds"}
     if unknown:
@@ -366,6 +368,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     doc = read_marker(given) if (given / MARKER).is_file() else {}
     if configured and doc.get("kind") == "fused":
         return load_fused(given, doc, device, dtype)  # full-model specialists: no checkpoint inside
+    if doc.get("kind") == "cpet" and "moe" in doc.get("compression", {}):
+        return _load_moefied_cpet(given, doc, device, dtype, configured)
     if doc.get("kind") in ("compressed", "cpet"):
         return load_compressed(given, doc, device, dtype, configured)
     if doc.get("source"):  # the weights are the source model's: load it, check it is the same, configure it
@@ -378,3 +382,16 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     if configured and (path / MARKER).is_file():
         load_configured(path, model)
     return model, tokenizer
+
+
+def _load_moefied_cpet(path: Path, doc: dict, device, dtype, configured: bool):
+    """A CPET directory on a MoEfied base: the base, its MoE configuration, then the bricks CPET trained on it."""
+    moe = doc["compression"]["moe"]
+    if moe.get("source"):  # a teal configuration that refers to its source model instead of copying it
+        model, tokenizer = load_source(path, moe, "run moefy again", device, dtype), load_tokenizer(path)
+    else:
+        model, tokenizer = load_dense(path, device, dtype)
+    if configured:
+        load_configured(path, model, moe)
+        attach_saved(model, path)
+    return model.eval(), tokenizer

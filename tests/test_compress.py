@@ -283,9 +283,120 @@ def test_cpet_bricks_beside_a_teal_ffn_compute_what_they_compute_beside_the_dens
         parts.detach()
         assert not torch.allclose(ffn(h), ref)  # the bricks changed the output, and detaching took them away
     assert all(m.beside is None for m in sparse.modules() if isinstance(m, SparseFFN))  # detached
+
+
+# ------------------------------------------------------------------ routed bricks (MoEfication) as the compression
+
+
+def _moe_with_bricks(path, lora, n_bricks: int, shared: float, active: float):
+    """A MoEfied model (random bricks, a shared brick when `shared`) with LoRA_T and perturbed recovery bricks."""
+    from bricks.analysis.partition import activation_statistics
+
+    model, tok = bricks.load_model(path)
+    stats = activation_statistics(model, tok, ["code=builtin:code"], windows=2, seq_len=16) if shared else None
+    bricks.moefy(model, bricks.partition(model, "random", n_bricks, stats, shared_fraction=shared), "centroid", active)
+    parts = attach_cpet(model, lora, recovery_rank=4)
+    with torch.no_grad():
+        for p in parts.recovery.parameters():  # recovery bricks that do something, so that their placement counts
+            p.add_(torch.randn_like(p) * 0.1)
+    return model, parts
+
+
+@pytest.mark.parametrize("n_bricks,shared", [(7, 0.125), (6, 0.0)])  # 7: 16 neurons each (grouped GEMM); 6: padding
+def test_cpet_bricks_beside_routed_bricks_compute_what_they_compute_beside_the_dense_projections(tiny64, lora_t, n_bricks,
+                                                                                               shared):
+    """Gathered into brick order and scattered back, the bricks beside a MoEfied FFN act where they act beside the
+    dense projections: with every brick running, the model is the dense model with LoRA_T and the same recovery
+    bricks; with half the bricks, every execution path computes the masked reference."""
+    from bricks.routing import BrickedFFN
+    from bricks.routing.beside import BesideRun
+
+    merged, _ = bricks.load_model(tiny64)
+    reference = attach_cpet(merged, lora_t, recovery_rank=4)
+    full, parts = _moe_with_bricks(tiny64, lora_t, n_bricks, shared, 1.0)
+    reference.load_state_dict(parts.state_dict())
+    x = torch.randint(0, 384, (2, 12))
+    layers = [m for m in full.modules() if isinstance(m, BrickedFFN)]
+    with torch.no_grad():
+        want = merged(x).logits
+        torch.testing.assert_close(full(x).logits, want, rtol=1e-4, atol=1e-5)  # dense at full activity
+        for m in layers:
+            m.dense_at_full = False  # brick by brick, every brick selected
+        for path in ("bricks", "masked"):
+            bricks.routing.set_path(full, path)
+            torch.testing.assert_close(full(x).logits, want, rtol=1e-4, atol=1e-5)
+    half, parts = _moe_with_bricks(tiny64, lora_t, n_bricks, shared, 0.5)
+    ffn = next(m for m in half.modules() if isinstance(m, BrickedFFN))
+    with torch.no_grad():
+        for tokens in (1, 5):
+            h = torch.randn(tokens, 64)
+            ffn.set_path("masked")
+            ref = ffn(h)
+            for path in ffn.paths_for(tokens):
+                ffn.set_path(path)
+                torch.testing.assert_close(ffn(h), ref, rtol=1e-4, atol=1e-5)
+        sel = ffn.select(h[:1])  # the accelerator's one-token path, called on the CPU
+        run_ = BesideRun(ffn, h[:1])
+        y = ffn._shared(h[:1], run_) if ffn.shared_in is not None else torch.zeros(1, 64)
+        ffn._gathered(h[:1], sel, y, run_)
+        torch.testing.assert_close(y + run_.output(), ffn(h[:1]), rtol=1e-4, atol=1e-5)
+        assert ("grouped" in ffn.paths_for(5)) == (n_bricks == 7)
+        ffn.set_path("masked")
+        parts.detach()
+        assert not torch.allclose(ffn(h), ref) and ffn.beside is None  # the bricks changed it; detaching removed them
+
+
+def test_cpet_trains_on_a_moefied_base(tiny64, lora_t, windows):
+    """CPET on routed bricks: the LoRA and recovery bricks train through the masked path and the loss falls."""
     moe, _ = bricks.load_model(tiny64)
     bricks.moefy(moe, bricks.partition(moe, "random", 4), "centroid", 0.5)
-    assert "routed-brick (MoE) FFNs" in str(pytest.raises(BricksError, attach_cpet, moe, lora_t).value)
+    teacher, _ = bricks.load_model(tiny64)
+    lora_t.merge_into(teacher)
+    parts = attach_cpet(moe, lora_t, recovery_rank=4)
+    before = {k: v.clone() for k, v in parts.state_dict().items()}
+    report = train_cpet(parts, teacher, windows, steps=12, lr=1e-2, batch_size=4, beta=0.05)
+    changed = [k for k, v in parts.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("mlp__down_proj" in k for k in changed) and any("mlp__gate_proj" in k for k in changed)
+    assert report["loss_last"] < report["loss_first"]
+
+
+def test_cli_cpet_on_a_moefied_directory(tiny64, tmp_path):
+    """A MoEfied directory is a compressed base for `bricks cpet`: teacher checked by the BrickSet's fingerprint, the
+    CPET directory opens as the MoE with its bricks (and as the plain dense base without them)."""
+    from bricks.routing import BrickedFFN
+
+    bs, moe, lt, out = tmp_path / "bs", tmp_path / "moe", tmp_path / "lt", tmp_path / "cpet"
+    assert run("partition", tiny64, "--method", "random", "--bricks", 4, "--out", bs).exit_code == 0
+    res = run("moefy", tiny64, "--bricks", bs, "--router", "centroid", "--active", "0.5", "--out", moe)
+    assert res.exit_code == 0, res.output
+    assert run("adapter", "train", tiny64, "--data", "code=builtin:code", "--out", lt, "--steps", "3", "--rank", "4",
+               "--windows", "8", "--seq-len", "32").exit_code == 0
+    args = ["--adapter", lt, "--data", "code=builtin:code", "--steps", "3", "--batch-size", "2", "--windows", "8",
+            "--eval-windows", "2", "--seq-len", "32", "--recovery-rank", "4", "--out", out, "--json"]
+    err = run("cpet", moe, *args)  # a MoEfied directory does not say where its dense source lives
+    assert err.exit_code != 0 and "give the uncompressed model with --teacher" in one_line_error(err)
+    other = tmp_path / "other"
+    m, _ = bricks.load_model(tiny64)
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight.mul_(2)
+    m.save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    err = run("cpet", moe, "--teacher", other, *args)
+    assert err.exit_code != 0 and "is not the model" in one_line_error(err)
+    res = run("cpet", moe, "--teacher", tiny64, *args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc["heldout_ppl"]) == {"uncompressed + LoRA_T", "compressed + LoRA_T", "CPET"}
+    served, _ = bricks.load_model(out)
+    layers = [m for m in served.modules() if isinstance(m, BrickedFFN)]
+    assert layers and all(m.beside is not None and m.active == 0.5 for m in layers)
+    x = torch.randint(0, 384, (1, 6))
+    assert served.generate(x, max_new_tokens=3, do_sample=False).shape == (1, 9)
+    with torch.no_grad():  # the held-out figure is the saved model's
+        reopened, _ = bricks.load_model(out)
+        torch.testing.assert_close(reopened(x).logits, served(x).logits)
+    plain, _ = bricks.load_model(out, configured=False)
+    assert not any(isinstance(m, BrickedFFN) for m in plain.modules())
 
 
 def test_cli_teal_compression_then_cpet(tiny64, tmp_path):

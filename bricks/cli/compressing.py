@@ -84,7 +84,7 @@ def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, ev
 @click.argument("compressed", type=click.Path())
 @click.option("--adapter", "adapter", required=True, type=click.Path(),
               help="LoRA_T: the adapter trained on the uncompressed model (brick or PEFT dir)")
-@click.option("--teacher", default=None, help="the uncompressed model (default: the one COMPRESSED was made from)")
+@click.option("--teacher", default=None, help="the uncompressed model (default: the one COMPRESSED was made from; needed for a MoEfied directory)")
 @click.option("--data", "data", multiple=True, required=True, help=DATA_HELP + " (training and held-out comparison)")
 @click.option("--steps", default=200, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
@@ -107,10 +107,10 @@ def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, ev
 @user_errors
 def cpet_cmd(ctx, compressed, adapter, teacher, data, steps, lr, batch_size, beta, recovery_rank, no_inherit, no_recovery,
              no_distill, windows, eval_windows, seq_len, seed, checkpoint, out, config_file, device, as_json):
-    """Recover a COMPRESSED model (from bricks compress) with CPET: LoRA_T inherited, recovery bricks,
-    distillation from the uncompressed teacher with LoRA_T; compare on held-out data with the teacher and with
-    LoRA_T on the compressed model as it is; write a directory bricks.load_model opens. Data-parallel under
-    `accelerate launch` (each process takes its share of every batch)."""
+    """Recover a COMPRESSED model (from bricks compress, or a MoEfied one from bricks moefy) with CPET: LoRA_T
+    inherited, recovery bricks, distillation from the uncompressed teacher with LoRA_T; compare on held-out data
+    with the teacher and with LoRA_T on the compressed model as it is; write a directory bricks.load_model opens.
+    Data-parallel under `accelerate launch` (each process takes its share of every batch)."""
     from pathlib import Path
 
     import torch

@@ -35,7 +35,6 @@ from ..adapters.lora import AdapterBrick, LoRAModule
 from ..adapters.recovery import RecoveryBrick, RecoveryModule
 from ..errors import BricksError
 from ..routing.base import RoutedFFN
-from ..routing.sparse_ffn import SparseFFN
 from ..training import TrainingCheckpoint, adamw_cosine, train_lm, trainable
 from .quantization import differentiable_4bit, is_quantized
 
@@ -80,8 +79,8 @@ class LoRAFactors(nn.Module):
 class CPETLinear(nn.Module):
     """A (compressed) projection with its customized bricks beside it: base(x) + LoRA(x) + R(x).
 
-    `base` is None for a projection inside an activation-sparse FFN, which runs the projection itself and adds
-    `delta(x)` (see `SparseFFNBricks`).
+    `base` is None for a projection inside a routed FFN (teal or MoEfied), which runs the projection itself and
+    adds `delta(x)` (see `FFNBricks`).
     """
 
     def __init__(self, base: nn.Module | None, lora: LoRAFactors | None, recovery: RecoveryModule | None):
@@ -98,14 +97,16 @@ class CPETLinear(nn.Module):
         return y if self.lora is None and self.recovery is None else y + self.delta(x).to(y.dtype)
 
 
-class SparseFFNBricks(nn.Module):
-    """CPET bricks beside the projections of an activation-sparse (teal) FFN, its `beside` module.
+class FFNBricks(nn.Module):
+    """CPET bricks beside the projections of a routed FFN (teal's `SparseFFN`, a MoEfied `BrickedFFN`), its `beside`
+    module (`bricks.routing.beside`).
 
     The FFN reads only some rows of its weights per token; the bricks read the full input of their projection
-    (x for gate and up, the activations for down), as they would beside a pruned or quantized projection.
+    (x for gate and up, the activations the FFN computed for down), as they would beside a pruned or quantized
+    projection.
     """
 
-    def __init__(self, ffn: SparseFFN, parts: dict[str, CPETLinear]):
+    def __init__(self, ffn: RoutedFFN, parts: dict[str, CPETLinear]):
         super().__init__()
         self.parts = nn.ModuleDict(parts)  # by role: "gate", "up", "in" (a fused gate|up projection), "down"
         self.d_ff, self.gated = ffn.d_ff, ffn.gated
@@ -131,10 +132,10 @@ class CPETBricks(nn.Module):
     """
 
     def __init__(self, model: nn.Module, wrappers: dict[str, CPETLinear], base_model: str | None,
-                 sparse_ffns: list[SparseFFN] = ()):
+                 routed_ffns: list[RoutedFFN] = ()):
         super().__init__()
         object.__setattr__(self, "model", model)
-        object.__setattr__(self, "sparse_ffns", list(sparse_ffns))  # whose `beside` holds some of the wrappers
+        object.__setattr__(self, "routed_ffns", list(routed_ffns))  # whose `beside` holds some of the wrappers
         self.lora = nn.ModuleDict({_key(n): w.lora for n, w in wrappers.items() if w.lora is not None})
         self.recovery = nn.ModuleDict({_key(n): w.recovery for n, w in wrappers.items() if w.recovery is not None})
         self.wrappers, self.base_model = wrappers, base_model
@@ -165,7 +166,7 @@ class CPETBricks(nn.Module):
             if w.base is not None:
                 parent, attr = n.rsplit(".", 1)
                 setattr(named[parent], attr, w.base)
-        for ffn in self.sparse_ffns:
+        for ffn in self.routed_ffns:
             ffn.beside = None
         return self.model
 
@@ -184,26 +185,23 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
     of `rank` on `targets`. `recovery`: existing recovery bricks to attach instead of new ones (reloading).
     """
     named = dict(model.named_modules())
-    if any(isinstance(m, RoutedFFN) and not isinstance(m, SparseFFN) for m in named.values()):
-        raise BricksError("CPET bricks cannot sit beside routed-brick (MoE) FFNs yet: use a teal or pruned/quantized "
-                          "compression")
-    sparse = sparse_projections(model)
+    routed = routed_projections(model)
     if lora is not None:
-        if is_quantized(model) or sparse:  # packed or sparse-FFN weights have other shapes: compare sizes instead
-            _check_names(lora, named, sparse)
+        if is_quantized(model) or routed:  # packed or routed-FFN weights have other shapes: compare sizes instead
+            _check_names(lora, named, routed)
         else:
             lora.check_model(model)
         names = list(lora.modules)
     else:
         names = [n for n, m in named.items() if n.rsplit(".", 1)[-1] in targets and _is_projection(m)]
-        names += [n for n in sparse if n.rsplit(".", 1)[-1] in targets]
+        names += [n for n in routed if n.rsplit(".", 1)[-1] in targets]
         if not names:
             raise BricksError(f"no projection named {', '.join(targets)} in this model: give the targets to adapt")
     gen = torch.Generator().manual_seed(seed)
     wrappers, beside = {}, {}
     for n in names:
-        if n in sparse:
-            ffn, role, in_f, out_f = sparse[n]
+        if n in routed:
+            ffn, role, in_f, out_f = routed[n]
             base = None
             if ffn.beside is not None:
                 raise BricksError(f"{n} already has CPET bricks attached: detach them first")
@@ -244,16 +242,16 @@ def attach_cpet(model: nn.Module, lora: AdapterBrick | None = None, rank: int = 
             parent, attr = n.rsplit(".", 1)
             setattr(named[parent], attr, wrapper)
     for ffn, parts in beside.items():
-        ffn.beside = SparseFFNBricks(ffn, parts)
+        ffn.beside = FFNBricks(ffn, parts)
     return CPETBricks(model, wrappers, base_model or (lora.base_model if lora is not None else None), list(beside))
 
 
-def sparse_projections(model: nn.Module) -> dict[str, tuple[SparseFFN, str, int, int]]:
-    """The dense projections that activation-sparse FFNs run themselves, by the name they had in the dense model:
-    (FFN, role, in features, out features)."""
+def routed_projections(model: nn.Module) -> dict[str, tuple[RoutedFFN, str, int, int]]:
+    """The dense projections that routed FFNs (teal, MoEfied) run themselves, by the name they had in the dense
+    model: (FFN, role, in features, out features)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, SparseFFN):
+        if isinstance(m, RoutedFFN):
             for proj, role in m.projections.items():
                 in_f, out_f = {"gate": (m.hidden, m.d_ff), "up": (m.hidden, m.d_ff), "in": (m.hidden, 2 * m.d_ff),
                                "down": (m.d_ff, m.hidden)}[role]
@@ -265,12 +263,12 @@ def _is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear)
 
 
-def _check_names(lora: AdapterBrick, named: dict, sparse: dict) -> None:
-    """For a quantized or sparse model (weights of other shapes): the target projections exist with the LoRA's sizes."""
+def _check_names(lora: AdapterBrick, named: dict, routed: dict) -> None:
+    """For a quantized or routed model (weights of other shapes): the target projections exist with the LoRA's sizes."""
     for n, m in lora.modules.items():
         mod = named.get(n)
-        sizes = sparse[n][2:] if n in sparse else (getattr(mod, "in_features", None), getattr(mod, "out_features", None))
-        if (mod is None and n not in sparse) or sizes != (m.A.shape[1], m.B.shape[0]):
+        sizes = routed[n][2:] if n in routed else (getattr(mod, "in_features", None), getattr(mod, "out_features", None))
+        if (mod is None and n not in routed) or sizes != (m.A.shape[1], m.B.shape[0]):
             raise BricksError(f"adapter {lora.name!r} targets {n}, which this model does not have with its shape: "
                               "the adapter was trained for another base")
 

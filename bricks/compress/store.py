@@ -9,11 +9,16 @@
   weight, so the directory records the source model (spec and fingerprint,
   checked when it opens) and the calibrated thresholds, and opens as the
   source with sparse FFNs.
-- A **CPET** directory is a copy of the compressed checkpoint plus
+- A **MoEfied** directory (`bricks moefy`: routed bricks, as CA-LoRA used
+  MoEfication) is a compressed model too: `bricks cpet` takes it as
+  COMPRESSED, its teacher the model its bricks were cut from (checked by the
+  BrickSet's fingerprint).
+- A **CPET** directory is a copy of the compressed (or MoEfied) directory plus
   `adapter/` (the LoRA brick, PEFT-exportable), `recovery/` (the recovery
   brick, when CPET trained one) and `bricks_model.json`: kind "cpet", the
-  compression and training records. Plain transformers opens it as the
-  compressed base without bricks; `bricks.load_model` attaches them.
+  compression and training records (for a MoEfied base, its configuration
+  under `compression.moe`). Plain transformers opens it as the compressed
+  (or dense) base without bricks; `bricks.load_model` attaches them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from ..adapters.lora import AdapterBrick
 from ..adapters.recovery import RecoveryBrick
-from ..brick import model_fingerprint
+from ..brick import BrickSet, model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
 from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
@@ -58,9 +63,24 @@ def read_compressed(path: str | os.PathLike) -> dict:
         raise BricksError(f"{path} is not a compressed model (no {MARKER}): make one with bricks compress") from None
     except json.JSONDecodeError as exc:
         raise BricksError(f"{path / MARKER} is not valid JSON: the directory is corrupt") from exc
+    if doc.get("kind") == "moe":
+        return _moefied(path, doc)
     if doc.get("kind") != "compressed":
-        raise BricksError(f"{path} is a {doc.get('kind')!r} directory, not a compressed model: make one with bricks compress")
+        raise BricksError(f"{path} is a {doc.get('kind')!r} directory, not a compressed model: make one with bricks compress "
+                          "(or bricks moefy)")
     return doc
+
+
+def _moefied(path: Path, doc: dict) -> dict:
+    """A MoEfied directory seen as a compressed one: its configuration as the compression, and the model its bricks
+    were cut from as the source (the spec when the directory refers to it; the fingerprint from its BrickSet)."""
+    source = dict(doc.get("source") or {})
+    if doc.get("router") != "teal":  # teal's bricks are the model's own neurons: no BrickSet
+        info = BrickSet.load(path / "bricks")
+        source["fingerprint"] = info.info.get("fingerprint_before_recovery", info.fingerprint)
+    active = doc["active"] if isinstance(doc["active"], (int, float)) else sum(doc["active"]) / len(doc["active"])
+    label = f"moefied ({doc.get('router')} router, {active:.0%} active{', recovered' if doc.get('recovery') else ''})"
+    return {"kind": "compressed", "compression": {"label": label, "moe": doc}, "source": source}
 
 
 def teacher_spec(doc: dict, compressed: Path, given: str | None) -> str:
@@ -96,6 +116,8 @@ def save_cpet(bricks: CPETBricks, compressed: str | os.PathLike, out: str | os.P
         for f in compressed.iterdir():
             if f.is_file() and f.name != MARKER:
                 shutil.copy2(f, tmp / f.name)
+            elif f.is_dir() and "moe" in doc["compression"]:  # the BrickSet of a MoEfied base
+                shutil.copytree(f, tmp / f.name)
         lora.save(tmp / "adapter")
         if recovery is not None:
             recovery.save(tmp / "recovery")
@@ -129,7 +151,12 @@ def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configu
     else:
         model, tokenizer = load_dense(path, device, dtype)
     if doc.get("kind") == "cpet" and configured:
-        lora = AdapterBrick.load(path / "adapter")
-        recovery = RecoveryBrick.load(path / "recovery") if (path / "recovery").is_dir() else None
-        attach_cpet(model, lora, recovery=recovery, recovery_rank=None)
+        attach_saved(model, path)
     return model.eval(), tokenizer
+
+
+def attach_saved(model, path: Path) -> None:
+    """Attach the LoRA and recovery bricks a CPET directory holds to its base `model` (configured as it trained)."""
+    lora = AdapterBrick.load(path / "adapter")
+    recovery = RecoveryBrick.load(path / "recovery") if (path / "recovery").is_dir() else None
+    attach_cpet(model, lora, recovery=recovery, recovery_rank=None)

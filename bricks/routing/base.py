@@ -32,6 +32,10 @@ class RoutedFFN(nn.Module):
     function any more, so quality measured on batches would be the dense model's.
     """
 
+    # Subclasses set `projections` (the dense FFN's projection names by role) and `beside` (customized bricks
+    # beside those projections, CPET's: `bricks.routing.beside`) in `__init__`: a class attribute would hide a
+    # module assigned later (torch keeps submodules outside the instance dict).
+    projections: dict[str, str] = {}
     paths: tuple[str, ...] = ()  # timed on CPU (all compute the routed function)
     device_paths: tuple[str, ...] = ()  # accelerator-only paths, which `set_path` may also fix
     path: str | None = None

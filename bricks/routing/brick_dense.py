@@ -14,7 +14,8 @@ from ..arch import FFN
 
 
 class DenseView:
-    """The dense tensors of a `BrickedFFN` (a mixin: it uses the bricked FFN's storage and shared brick)."""
+    """The dense tensors of a `BrickedFFN`, and what computes every brick (a mixin: it uses the bricked FFN's storage
+    and shared brick)."""
 
     @torch.no_grad()
     def neuron_order(self) -> dict[str, torch.Tensor]:
@@ -44,16 +45,30 @@ class DenseView:
         out["down"] = down.t().contiguous()
         return out
 
+    def brick_mass(self, x: torch.Tensor) -> torch.Tensor:
+        """True output mass `[tokens, n_bricks]` of every brick, sum_i |a_i|·||W_down[:, i]|| (computes all of `a`)."""
+        h = torch.einsum("th,nkh->tnk", x, self.w_in)
+        if self.b_in is not None:
+            h = h + self.b_in
+        return (self._act(h, self.brick_size).abs() * self.down_norms).sum(-1)
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every brick: the dense FFN with the original neuron order (the same kernels as the model's own FFN)."""
         if self._dense_cache is None:
             self._dense_cache = self.neuron_order()
         w = self._dense_cache
+        # Bricks beside the FFN (`bricks.routing.beside`) add to the pre-activations and the output.
+        delta = None if self.beside is None else self.beside.inputs(x).to(x.dtype)
+        up = F.linear(x, w["up"], w.get("up_bias"))
         if self.gated:
-            a = self.act(F.linear(x, w["gate"], w.get("gate_bias"))) * F.linear(x, w["up"], w.get("up_bias"))
+            gate = F.linear(x, w["gate"], w.get("gate_bias"))
+            if delta is not None:
+                gate, up = gate + delta[:, :self.d_ff], up + delta[:, self.d_ff:]
+            a = self.act(gate) * up
         else:
-            a = self.act(F.linear(x, w["up"], w.get("up_bias")))
-        return F.linear(a, w["down"], self.b_down)
+            a = self.act(up if delta is None else up + delta)
+        y = F.linear(a, w["down"], self.b_down)
+        return y if self.beside is None else y + self.beside.output(a).to(y.dtype)
 
     @torch.no_grad()
     def write_dense(self, dense: FFN) -> None:

@@ -40,6 +40,7 @@ from torch import nn
 from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
+from .beside import BesideRun, dense_projections
 from .brick_dense import DenseView
 from .paths import running
 from .routers import make_router
@@ -76,6 +77,8 @@ class BrickedFFN(DenseView, RoutedFFN):
         hidden = ffn.down_weight().shape[0]
         self.gated = ffn.gate_weight() is not None
         self.act = ffn.act
+        self.projections = dense_projections(ffn)  # for bricks beside them (CPET on a MoEfied base)
+        self.beside: nn.Module | None = None  # see `bricks.routing.beside`
         self.brick_size = size
         self.d_ff = assignment.numel()
         parts_in = [ffn.gate_weight(), ffn.up_weight()] if self.gated else [ffn.up_weight()]
@@ -144,18 +147,14 @@ class BrickedFFN(DenseView, RoutedFFN):
             return self.act(h[..., :size]) * h[..., size:]
         return self.act(h)
 
-    def brick_mass(self, x: torch.Tensor) -> torch.Tensor:
-        """True output mass `[tokens, n_bricks]` of every brick, sum_i |a_i|·||W_down[:, i]|| (computes all of `a`)."""
-        h = torch.einsum("th,nkh->tnk", x, self.w_in)
-        if self.b_in is not None:
-            h = h + self.b_in
-        return (self._act(h, self.brick_size).abs() * self.down_norms).sum(-1)
-
-    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _shared(self, x: torch.Tensor, run: BesideRun | None = None) -> torch.Tensor | None:
         if self.shared_in is None:
             return None
         h = F.linear(x, self.shared_in, self.shared_b_in)
-        return self._down(self._act(h, self.shared_in.shape[0] // (2 if self.gated else 1)), self.shared_down)
+        a = self._act(h if run is None else h + run.shared.to(h.dtype), self.shared_in.shape[0] // (2 if self.gated else 1))
+        if run is not None:
+            run.put_shared(a)
+        return self._down(a, self.shared_down)
 
     def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # a [tokens, size] through a down block
         return a @ w if self.down_rows else F.linear(a, w)
@@ -225,42 +224,55 @@ class BrickedFFN(DenseView, RoutedFFN):
         self.counts[2] += x2.shape[0] * self.n_bricks if masked else sel.sum()
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
+        run = None if self.beside is None else BesideRun(self, x2)
         y = x2.new_zeros(x2.shape[0], self.hidden)
-        shared = self._shared(x2)
+        shared = self._shared(x2, run)
         if shared is not None:
             y += shared
         if masked:
-            y += self._masked(x2, sel)
+            y += self._masked(x2, sel, run)
         elif path == "grouped":
-            self._grouped_mm(x2, sel, y)
+            self._grouped_mm(x2, sel, y, run)
         elif x2.shape[0] == 1 and self._gathers(x2):
-            self._gathered(x2, sel, y)
+            self._gathered(x2, sel, y, run)
         elif x2.shape[0] == 1:
-            self._decode(x2, sel, y, gate)
+            self._decode(x2, sel, y, gate, run)
         else:
-            self._grouped(x2, sel, y, gate)
+            self._grouped(x2, sel, y, gate, run)
         if gate is not None:
             self.router.gate = None  # [tokens, d_ff]: not worth keeping
+        if run is not None:
+            y = y + run.output().to(y.dtype)
         if self.b_down is not None:
             y += self.b_down
         return y
 
-    def _brick_act(self, xb: torch.Tensor, b: int, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations `[tokens, size]` of brick b on tokens xb; `gate`: its gate pre-activations, if known."""
+    def _brick_act(self, xb: torch.Tensor, b: int, gate: torch.Tensor | None = None, run: BesideRun | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations `[tokens, size]` of brick b on tokens xb (`rows` of the call); `gate`: its gate pre-activations,
+        if known; `run`: bricks beside the FFN, whose deltas the pre-activations take and which collect `a`."""
+        if run is not None and rows is None:  # one token
+            rows = torch.zeros(1, dtype=torch.long, device=xb.device)
+        extra = None if run is None else run.bricks[rows, b].to(xb.dtype)  # [tokens, k*size]
+        s = self.brick_size
         if gate is None:
             h = F.linear(xb, self.w_in[b], None if self.b_in is None else self.b_in[b])
-            a = self._act(h, self.brick_size)
-        elif self.gated:  # only the up rows are left to compute
-            s = self.brick_size
-            a = self.act(gate) * F.linear(xb, self.w_in[b, s:], None if self.b_in is None else self.b_in[b, s:])
-        else:  # ungated: the router's "gate" rows are the up rows, the activation is complete
-            a = self.act(gate)
+            a = self._act(h if extra is None else h + extra, s)
+        else:
+            gate = gate if extra is None else gate + extra[:, :s]
+            if self.gated:  # only the up rows are left to compute
+                up = F.linear(xb, self.w_in[b, s:], None if self.b_in is None else self.b_in[b, s:])
+                a = self.act(gate) * (up if extra is None else up + extra[:, s:])
+            else:  # ungated: the router's "gate" rows are the up rows, the activation is complete
+                a = self.act(gate)
+        if run is not None:
+            run.put(rows[:, None], b, a)
         return a
 
-    def _decode(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> None:
+    def _decode(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, run=None) -> None:
         """One token: read only the selected bricks' weights (views of the brick-major storage)."""
         for b in torch.nonzero(sel[0]).flatten().tolist():
-            a = self._brick_act(x, b, None if gate is None else gate[:, b])
+            a = self._brick_act(x, b, None if gate is None else gate[:, b], run)
             if self.down_rows:
                 y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
             else:
@@ -269,7 +281,7 @@ class BrickedFFN(DenseView, RoutedFFN):
     def _gathers(self, x: torch.Tensor) -> bool:  # on accelerators, under a router that picks exactly k bricks
         return x.device.type != "cpu" and self.router is not None and not self.router.reuses_gate
 
-    def _gathered(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
+    def _gathered(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, run: BesideRun | None = None) -> None:
         """One token on an accelerator: the k selected bricks' weights gathered in one op each, no host sync.
 
         A per-brick loop costs a host sync and several launches per brick, far more than reading the weights on
@@ -279,21 +291,23 @@ class BrickedFFN(DenseView, RoutedFFN):
         k = self.k_active
         idx = torch.argsort(sel[0].to(torch.int8), descending=True, stable=True)[:k]
         b_in = None if self.b_in is None else self.b_in.index_select(0, idx).flatten()
-        h = F.linear(x, self.w_in.index_select(0, idx).flatten(0, 1), b_in)
-        a = self._act(h.view(1, k, -1), self.brick_size)  # [1, k, size]
+        h = F.linear(x, self.w_in.index_select(0, idx).flatten(0, 1), b_in).view(1, k, -1)
+        a = self._act(h if run is None else h + run.bricks[:, idx].to(h.dtype), self.brick_size)  # [1, k, size]
+        if run is not None:
+            run.put(torch.zeros(1, 1, 1, dtype=torch.long, device=x.device), idx, a)
         w_down = self.w_down.index_select(0, idx)
         y += a.flatten(1) @ w_down.flatten(0, 1) if self.down_rows else torch.einsum("tns,nhs->th", a, w_down)
 
-    def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> None:
+    def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, run=None) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
         # All (brick, token) pairs at once, sorted by brick: two host syncs per layer rather than one per brick.
         tokens = sel.t().nonzero()[:, 1]
         for b, rows in enumerate(tokens.split(sel.sum(0).tolist())):
             if len(rows):
-                a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b])
+                a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b], run, rows)
                 y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
-    def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
+    def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, run: BesideRun | None = None) -> None:
         """Every token's k bricks in two grouped GEMMs over the brick-major weights, shapes fixed by (tokens, k):
         no host sync, capturable in a CUDA graph. A brick no token selected is an empty group, whose weights are
         never read."""
@@ -310,17 +324,20 @@ class BrickedFFN(DenseView, RoutedFFN):
         h = grouped_mm(x[rows], self.w_in.transpose(1, 2), offs=ends)  # [pairs, k*size]
         if self.b_in is not None:
             h = h + self.b_in[bricks]
-        a = self._act(h, self.brick_size)
+        a = self._act(h if run is None else h + run.bricks[rows, bricks].to(h.dtype), self.brick_size)
+        if run is not None:
+            run.put(rows[:, None], bricks, a)
         w_down = self.w_down if self.down_rows else self.w_down.transpose(1, 2)  # [n, size, hidden] either way
         y.index_add_(0, rows, grouped_mm(a, w_down, offs=ends))
 
-    def _masked(self, x: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    def _masked(self, x: torch.Tensor, sel: torch.Tensor | None, run: BesideRun | None = None) -> torch.Tensor:
         """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path
         (unselected bricks get zero gradient either way) in a few large matmuls instead of a loop over bricks,
         whose per-brick overheads dominate a batch's forward pass and a training step's backward pass."""
         n, size = self.n_bricks, self.brick_size
         h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
-        a = self._act(h.view(len(x), n, -1), size)  # [tokens, n, size]: every brick's activations
+        h = h.view(len(x), n, -1)
+        a = self._act(h if run is None else h + run.bricks.to(h.dtype), size)  # [tokens, n, size]: every brick's activations
         if self.refit_router and self.router is not None and self.training:
             # The oracle choice of the current weights comes for free here: refit the router towards it.
             with torch.no_grad():
@@ -329,6 +346,8 @@ class BrickedFFN(DenseView, RoutedFFN):
             self.router_loss = self.router.refit_loss(x.detach(), mass, self.k_active)
         if sel is not None:
             a = a * sel[..., None].to(h.dtype)
+        if run is not None:
+            run.put(torch.arange(len(x), device=x.device)[:, None, None], slice(None), a)
         if self.down_rows:
             return a.flatten(1) @ self.w_down.flatten(0, 1)
         return torch.einsum("tns,nhs->th", a, self.w_down)

@@ -60,6 +60,7 @@ except ImportError:  # older transformers: nn.SiLU
 from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
+from .beside import dense_projections
 from .paths import running
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
@@ -105,9 +106,7 @@ class SparseFFN(RoutedFFN):
             zeros = torch.zeros(self.d_ff, device=self.w_in_t.device, dtype=self.w_in_t.dtype)
             self.b_in = nn.Parameter(torch.cat([b.detach() if b is not None else zeros for b in biases]), requires_grad=False)
         self.w_down_t = nn.Parameter(ffn.down_weight().detach().t().contiguous(), requires_grad=False)
-        lay = ffn.layout  # the dense projections' names, for bricks that adapt them (`beside`)
-        self.projections = {name: role for name, role in ((lay.gate, "gate"), (lay.up, "up"), (lay.fused_gate_up, "in"),
-                                                          (lay.down, "down")) if name}
+        self.projections = dense_projections(ffn)  # the dense projections' names, for bricks that adapt them (`beside`)
         # Customized bricks beside the sparse projections (CPET's LoRA and recovery bricks): a module whose
         # `inputs(x)` adds to the gate|up pre-activations and `output(a)` to the output, read from the full input x
         # and activation a (the sparsity belongs to the compressed projection, not to its bricks).
