@@ -47,7 +47,8 @@ COMPRESSIONS = {"wanda-2:4": dict(methods=["wanda"], pattern="2:4"), "int4": dic
                 "int8": dict(methods=["int8"]), "wanda-50%": dict(methods=["wanda"], sparsity=0.5),
                 "magnitude-50%": dict(methods=["magnitude"], sparsity=0.5),
                 "magnitude-2:4": dict(methods=["magnitude"], pattern="2:4"),
-                "teal-50%": dict(methods=["teal"], sparsity=0.5), "teal-25%": dict(methods=["teal"], sparsity=0.25)}
+                "teal-50%": dict(methods=["teal"], sparsity=0.5), "teal-25%": dict(methods=["teal"], sparsity=0.25),
+                "wanda-2:4+teal-50%": dict(methods=["wanda", "teal"], pattern="2:4", sparsity=0.5)}
 # MoEfied compressions: the FFN compute fraction each keeps (see `moefied`).
 MOEFIED = {"moe-50%": 0.5, "moe-25%": 0.25}
 # Trained rows: (inherit, recovery, distill)

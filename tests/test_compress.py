@@ -442,6 +442,35 @@ def test_cli_teal_compression_then_cpet(tiny64, tmp_path):
     assert "has changed since" in str(pytest.raises(BricksError, bricks.load_model, c).value)
 
 
+def test_cli_pruning_then_teal(tiny64, tmp_path):
+    """wanda 2:4 + teal: the pruned checkpoint is stored (every 2:4 group holds two non-zeros), teal is calibrated on
+    it, and the directory reopens as the compressed run measured it."""
+    c = tmp_path / "c"
+    res = run("compress", tiny64, "--method", "wanda", "--pattern", "2:4", "--method", "teal", "--sparsity", "0.5",
+              "--data", "code=builtin:code", "--windows", "4", "--eval-windows", "2", "--seq-len", "32", "--out", c,
+              "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["compression"]["label"] == "wanda 2:4 + teal 50%"
+    assert doc["compression"]["pruning"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert doc["compression"]["achieved"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    plain, _ = bricks.load_model(c, configured=False)  # the checkpoint, as transformers opens it: pruned 2:4
+    layers = prunable(plain)
+    assert layers and all(nm_violations(lin.weight, (2, 4)) == 0 for lin in layers.values())
+    assert all((lin.weight == 0).float().mean() == 0.5 for lin in layers.values())
+    model, _ = bricks.load_model(c)
+    sparse = [m for m in model.modules() if isinstance(m, SparseFFN)]
+    assert sparse and all(m.selection == "threshold" for m in sparse)
+    x = torch.randint(0, 384, (1, 16))
+    with torch.no_grad():  # the sparse FFNs run the pruned weights: at full compute, the pruned dense model
+        for m in sparse:
+            m.set_full()
+        torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=1e-4, atol=1e-5)
+    source, _ = bricks.load_model(tiny64)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x).logits, source(x).logits, atol=1e-3)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -451,11 +480,15 @@ def test_cli_teal_compression_then_cpet(tiny64, tmp_path):
     (["--method", "magnitude", "--pattern", "3:7"], "divisible by 7"),
     (["--method", "magnitude", "--pattern", "4:2"], "0 < N < M"),
     (["--method", "prune-all"], "unknown compression method 'prune-all'"),
-    (["--method", "int8", "--method", "wanda", "--sparsity", "0.5"], "prune before quantizing"),
+    (["--method", "int8", "--method", "wanda", "--sparsity", "0.5"], "prune first"),
+    (["--method", "teal", "--method", "wanda", "--pattern", "2:4", "--sparsity", "0.5"], "prune first"),
     (["--method", "wanda"], "either --sparsity"),
     (["--bits", "3"], "--bits must be one of"),
     (["--method", "teal", "--pattern", "2:4"], "teal needs --sparsity"),
-    (["--method", "teal", "--sparsity", "0.5", "--bits", "8"], "compress with teal alone"),
+    (["--method", "teal", "--sparsity", "0.5", "--pattern", "2:4"], "teal takes --sparsity only"),
+    (["--method", "wanda", "--method", "teal", "--sparsity", "0.5"], "prune with --pattern N:M"),
+    (["--method", "wanda", "--pattern", "2:4", "--method", "teal", "--sparsity", "0.5", "--bits", "8"],
+     "not a quantization"),
 ])
 def test_compress_refuses_bad_settings_in_one_line(tiny64, tmp_path, args, message):
     res = run("compress", tiny64, *args, "--data", "code=builtin:code", "--out", tmp_path / "out")

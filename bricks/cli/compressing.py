@@ -12,7 +12,7 @@ from .common import DATA_HELP, config_option, emit, json_option, log_to_stderr, 
 @main.command("compress")
 @click.argument("model")
 @click.option("--method", "methods", multiple=True,
-              help="repeatable, applied in order (a pruning, then a quantization; teal alone): " + COMPRESSORS.help())
+              help="repeatable, applied in order (a pruning, then a quantization or teal): " + COMPRESSORS.help())
 @click.option("--sparsity", type=float, default=None,
               help="pruning: share of weights to remove; teal: share of FFN compute each token skips; in (0, 1)")
 @click.option("--pattern", default=None, help="pruning: N:M structure instead of --sparsity, e.g. 2:4")
@@ -67,9 +67,10 @@ def compress_cmd(ctx, model, methods, sparsity, pattern, bits, data, windows, ev
     result = {"out": str(out), "compression": report, "source": before, "compressed": after}
     b16 = before["bf16_bytes"]
     what = "FFN compute each token skips" if cfg.sparsify else "sparsity of the decoder projections"
-    stored = ("; teal stores every weight (each token reads fewer) and this directory refers to the source's"
-              if cfg.sparsify else "" if cfg.quantization else "; pruned weights are stored as zeros (no bytes saved "
-              "without a sparse format)")
+    zeros = "; pruned weights are stored as zeros (no bytes saved without a sparse format)"
+    stored = (zeros + ", and teal reads fewer of them per token" if cfg.sparsify and cfg.pruning
+              else "; teal stores every weight (each token reads fewer) and this directory refers to the source's"
+              if cfg.sparsify else "" if cfg.quantization else zeros)
     lines = [f"compressed {model} with {cfg.label()}: {what} {report['achieved']['sparsity']:.1%}",
              f"weights: {after['bytes']['total'] / 1e6:.1f} MB ({after['bytes']['total'] / b16['total']:.2f}x the bf16 model), "
              f"decoder projections {after['bytes']['linear'] / 1e6:.1f} MB ({after['bytes']['linear'] / b16['linear']:.2f}x bf16)"

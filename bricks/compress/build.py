@@ -6,8 +6,11 @@ quantization (`int8`, `int4`), e.g. Wanda 2:4 then int8. Or the toolkit's
 own activation sparsity, `teal` (as CA-LoRA compressed with MoEfication):
 every FFN becomes a `SparseFFN` that skips each token's small inputs and
 activations, at calibrated thresholds; the weights stay as they are, so a
-teal directory refers to its source model instead of copying it. Settings are
-checked before any model work.
+teal directory refers to its source model instead of copying it. teal also
+follows an N:M pruning (CA-LoRA's mixes of pruning and MoEfication): the
+pruned checkpoint is stored and teal is calibrated on it; it does not follow
+a quantization (it reads float weights row by row). Settings are checked
+before any model work.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class CompressConfig(BaseModel):
     """Settings of `bricks compress` (flags and YAML files share this schema)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    methods: list[str]  # in order: at most one pruning, then at most one quantization
+    methods: list[str]  # in order: at most one pruning, then at most one quantization or teal
     sparsity: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     pattern: str | None = None  # N:M, e.g. "2:4"
     windows: int = Field(64, ge=1)  # calibration windows (train split), for wanda
@@ -52,18 +55,22 @@ class CompressConfig(BaseModel):
             if m not in COMPRESSORS:
                 raise ValueError(f"unknown compression method {m!r}: choose from {COMPRESSORS.names()}")
         kinds = [COMPRESSORS.get(m) for m in self.methods]
-        if "sparsify" in kinds and len(kinds) > 1:
-            raise ValueError(f"teal runs the model's own weights and composes with no other method yet, got {self.methods}: "
-                             "compress with teal alone")
-        if "sparsify" in kinds and (self.sparsity is None or self.pattern is not None):
-            raise ValueError("teal needs --sparsity S in (0, 1), the share of FFN compute each token skips (no --pattern)")
-        if kinds.count("prune") > 1 or kinds.count("quantize") > 1:
-            raise ValueError(f"at most one pruning and one quantization, got {self.methods}")
-        if kinds != sorted(kinds):  # "prune" < "quantize": pruning decides on float weights, quantization comes last
-            raise ValueError(f"prune before quantizing: {self.methods} puts a quantization first")
+        if "sparsify" in kinds and "quantize" in kinds:
+            raise ValueError(f"teal reads float weights row by row and composes with a pruning, not a quantization, got "
+                             f"{self.methods}: drop the quantization")
+        if "sparsify" in kinds and self.sparsity is None:
+            raise ValueError("teal needs --sparsity S in (0, 1), the share of FFN compute each token skips")
+        if kinds.count("prune") > 1 or kinds.count("quantize") > 1 or kinds.count("sparsify") > 1:
+            raise ValueError(f"at most one pruning and one quantization or teal, got {self.methods}")
+        if kinds != sorted(kinds):  # "prune" < "quantize" < "sparsify": pruning decides on float weights, first
+            raise ValueError(f"prune first: {self.methods} puts a quantization or teal before the pruning")
         if self.pattern is not None:
             parse_pattern(self.pattern)  # a malformed pattern is refused here, with the rest
-        if "prune" in kinds and (self.sparsity is None) == (self.pattern is None):
+        if "sparsify" in kinds and self.pattern is not None and "prune" not in kinds:
+            raise ValueError("--pattern is for pruning: teal takes --sparsity only (add --method wanda for wanda 2:4 + teal)")
+        if "prune" in kinds and "sparsify" in kinds and self.pattern is None:
+            raise ValueError("with teal, --sparsity is teal's share of FFN compute: prune with --pattern N:M (e.g. 2:4)")
+        if "prune" in kinds and "sparsify" not in kinds and (self.sparsity is None) == (self.pattern is None):
             raise ValueError("pruning needs either --sparsity S in (0, 1) or --pattern N:M (e.g. 2:4), not both")
         if not {"prune", "sparsify"} & set(kinds) and (self.sparsity is not None or self.pattern is not None):
             raise ValueError("--sparsity and --pattern are for pruning: add --method magnitude or wanda")
@@ -86,12 +93,14 @@ class CompressConfig(BaseModel):
         return self.pruning == "wanda" or self.sparsify == "teal"
 
     def label(self) -> str:
-        """e.g. "wanda 2:4 + int8"."""
-        parts = [f"teal {self.sparsity:.0%}"] if self.sparsify else []
+        """e.g. "wanda 2:4 + int8", "wanda 2:4 + teal 50%"."""
+        parts = []
         if self.pruning:
             parts.append(f"{self.pruning} {self.pattern or f'{self.sparsity:.0%}'}")
         if self.quantization:
             parts.append(self.quantization)
+        if self.sparsify:
+            parts.append(f"teal {self.sparsity:.0%}")
         return " + ".join(parts)
 
 
@@ -148,16 +157,16 @@ def compress(model, tokenizer, cfg: CompressConfig, calibration: torch.Tensor | 
         raise BricksError(f"{cfg.pruning or cfg.sparsify} calibrates on the model's inputs: give calibration data "
                           "(--data NAME=SOURCE)")
     report = {"methods": cfg.methods, "label": cfg.label(), "sparsity": cfg.sparsity, "pattern": cfg.pattern}
-    if cfg.sparsify:
+    if cfg.pruning:
+        if log:
+            log(f"pruning ({cfg.pruning} {cfg.pattern or cfg.sparsity}) ...")
+        report["pruning"] = prune(model, cfg.pruning, None if cfg.sparsify else cfg.sparsity, cfg.pattern, calibration)
+    if cfg.sparsify:  # on the pruned weights, if pruned: the thresholds are those of the activations they give
         if log:
             log(f"sparsifying the FFNs (teal, {cfg.sparsity:.0%} of their compute skipped) ...")
         report["teal"] = sparsify(model, 1.0 - cfg.sparsity, calibration)
         report["achieved"] = {"sparsity": 1.0 - report["teal"]["compute_fraction"]}
         return model, report
-    if cfg.pruning:
-        if log:
-            log(f"pruning ({cfg.pruning} {cfg.pattern or cfg.sparsity}) ...")
-        report["pruning"] = prune(model, cfg.pruning, cfg.sparsity, cfg.pattern, calibration)
     if cfg.quantization:
         if log:
             log(f"quantizing ({cfg.quantization}) ...")

@@ -8,7 +8,8 @@
 - A **teal** compressed directory holds no checkpoint: teal changes no
   weight, so the directory records the source model (spec and fingerprint,
   checked when it opens) and the calibrated thresholds, and opens as the
-  source with sparse FFNs.
+  source with sparse FFNs. After a pruning (wanda 2:4 + teal) it holds the
+  pruned checkpoint, and opens as that with sparse FFNs.
 - A **MoEfied** directory (`bricks moefy`: routed bricks, as CA-LoRA used
   MoEfication) is a compressed model too: `bricks cpet` takes it as
   COMPRESSED, its teacher the model its bricks were cut from (checked by the
@@ -28,13 +29,18 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ..adapters.lora import AdapterBrick
 from ..adapters.recovery import RecoveryBrick
+from ..arch import FFN, ffns, layout_for
 from ..brick import BrickSet, model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
 from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
                        split_spec)
+from ..routing import routed_layers
 from .build import apply_teal
 from .cpet import CPETBricks, attach_cpet
 
@@ -47,11 +53,28 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, report: dict, sour
     doc = {"format": FORMAT, "version": VERSION, "kind": "compressed", "compression": report,
            "source": {"spec": absolute_spec(source), "fingerprint": source_fingerprint}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if "teal" not in report:  # teal's weights are the source's: the record refers to them
+        if "teal" not in report:
             model.save_pretrained(tmp, safe_serialization=True)
+        elif "pruning" in report:  # pruned, then teal: the pruned weights, as the dense checkpoint they are
+            model.save_pretrained(tmp, state_dict=dense_state_dict(model), safe_serialization=True)
+        # else teal alone: the weights are the source's, and the record refers to them
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(doc, indent=1))
     return Path(out)
+
+
+def dense_state_dict(model) -> dict[str, torch.Tensor]:
+    """`model`'s state dict as the dense model it runs: the weights of its routed FFNs written back into dense FFN
+    modules of its own architecture (built from its config on the meta device, then filled)."""
+    layout = layout_for(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
+    for block, routed in zip(ffns(skeleton), routed_layers(model)):
+        dense = block.module.to_empty(device=next(routed.parameters()).device)
+        routed.write_dense(FFN(None, block.layer, layout, module=dense))
+        weights.update({f"{layout.layers}.{block.layer}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
+    return weights
 
 
 def read_compressed(path: str | os.PathLike) -> dict:
@@ -143,7 +166,11 @@ def load_source(path: Path, doc: dict, remedy: str, device=None, dtype="float32"
 def load_compressed(path: Path, doc: dict, device=None, dtype="float32", configured: bool = True):
     """(model, tokenizer) of a compressed or CPET directory whose `bricks_model.json` is `doc`."""
     teal = doc.get("compression", {}).get("teal")
-    if teal is not None:
+    if teal is not None and "pruning" in doc["compression"]:  # the pruned checkpoint is here
+        model, tokenizer = load_dense(path, device, dtype)
+        if configured or doc.get("kind") == "cpet":
+            apply_teal(model, teal, str(path / MARKER))
+    elif teal is not None:
         teacher_spec(doc, path, None)  # a source that is gone: one line saying so
         model, tokenizer = load_source(path, doc, "compress it again", device, dtype), load_tokenizer(path)
         if configured or doc.get("kind") == "cpet":  # a CPET model's bricks were trained on the sparse FFNs
