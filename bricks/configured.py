@@ -20,7 +20,6 @@ In memory, the configuration of a model lives in one `Configuration` object
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -32,7 +31,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from .arch import FFN, layout_for
 from .brick import BrickSet, model_fingerprint
 from .adapters.lora import AdapterBrick
 from .errors import BricksError
@@ -42,6 +40,7 @@ from .fusion import load_fused
 from .io import atomic_dir, validated
 from .loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, DEFAULT_MODEL, absolute_spec, load_dense,
                       load_tokenizer, resolve, split_spec)
+from .routing.base import dense_blocks, dense_state_dict
 from .routing import (ROUTERS, BrickedFFN, allocate_budgets, assemble_bricked, assemble_sparse, calibrate_thresholds,
                       recover, routed_layers, set_thresholds, train_routers)
 
@@ -253,11 +252,8 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False, 
     if state is None:
         raise BricksError("this model has no bricks configuration to save: build one with bricks.moefy first")
     layers = routed_layers(model)
-    layout = layout_for(model)
+    blocks = dense_blocks(model, state.dense_ffns)  # the FFN tensors rebuilt from the routed ones, in neuron order
     if source is not None and state.router == SPARSE_ROUTER and state.recovery is None:
-        blocks = [FFN(None, i, layout, module=copy.deepcopy(s).to_empty(device="cpu")) for i, s in enumerate(state.dense_ffns)]
-        for block, routed in zip(blocks, layers):
-            routed.write_dense(block)
         reference = dataclasses.replace(state, source={"spec": absolute_spec(source), "fingerprint": model_fingerprint(model, blocks)})
         with atomic_dir(out, overwrite=overwrite) as tmp:
             tokenizer.save_pretrained(tmp)
@@ -265,14 +261,7 @@ def save_configured(model, tokenizer, out: str | Path, overwrite: bool = False, 
         return Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         # The checkpoint holds the dense base: the FFN tensors, rebuilt from the bricks, replace the bricked ones.
-        weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
-        blocks = []
-        for i, (skeleton, routed) in enumerate(zip(state.dense_ffns, layers)):
-            dense = copy.deepcopy(skeleton).to_empty(device=next(routed.parameters()).device)
-            blocks.append(FFN(None, i, layout, module=dense))
-            routed.write_dense(blocks[-1])
-            weights.update({f"{layout.layers}.{i}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=dense_state_dict(model, blocks), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         brickset = state.brickset  # None for teal: its bricks are the model's own neurons
         if brickset is not None:

@@ -29,18 +29,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from ..adapters.lora import AdapterBrick
 from ..adapters.recovery import RecoveryBrick
-from ..arch import FFN, ffns, layout_for
 from ..brick import BrickSet, model_fingerprint
 from ..errors import BricksError
 from ..io import atomic_dir
 from ..loading import (CONFIGURED_FORMAT, CONFIGURED_MARKER, CONFIGURED_VERSION, absolute_spec, load_dense, load_tokenizer,
                        split_spec)
-from ..routing import routed_layers
+from ..routing.base import dense_blocks, dense_state_dict
 from .build import apply_teal
 from .cpet import CPETBricks, attach_cpet
 
@@ -56,25 +52,11 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, report: dict, sour
         if "teal" not in report:
             model.save_pretrained(tmp, safe_serialization=True)
         elif "pruning" in report:  # pruned, then teal: the pruned weights, as the dense checkpoint they are
-            model.save_pretrained(tmp, state_dict=dense_state_dict(model), safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=dense_state_dict(model, dense_blocks(model)), safe_serialization=True)
         # else teal alone: the weights are the source's, and the record refers to them
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(doc, indent=1))
     return Path(out)
-
-
-def dense_state_dict(model) -> dict[str, torch.Tensor]:
-    """`model`'s state dict as the dense model it runs: the weights of its routed FFNs written back into dense FFN
-    modules of its own architecture (built from its config on the meta device, then filled)."""
-    layout = layout_for(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
-    weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
-    for block, routed in zip(ffns(skeleton), routed_layers(model)):
-        dense = block.module.to_empty(device=next(routed.parameters()).device)
-        routed.write_dense(FFN(None, block.layer, layout, module=dense))
-        weights.update({f"{layout.layers}.{block.layer}.{layout.mlp}.{k}": v for k, v in dense.state_dict().items()})
-    return weights
 
 
 def read_compressed(path: str | os.PathLike) -> dict:
@@ -99,8 +81,8 @@ def _moefied(path: Path, doc: dict) -> dict:
     were cut from as the source (the spec when the directory refers to it; the fingerprint from its BrickSet)."""
     source = dict(doc.get("source") or {})
     if doc.get("router") != "teal":  # teal's bricks are the model's own neurons: no BrickSet
-        info = BrickSet.load(path / "bricks")
-        source["fingerprint"] = info.info.get("fingerprint_before_recovery", info.fingerprint)
+        brickset = BrickSet.load(path / "bricks")
+        source["fingerprint"] = brickset.info.get("fingerprint_before_recovery", brickset.fingerprint)
     active = doc["active"] if isinstance(doc["active"], (int, float)) else sum(doc["active"]) / len(doc["active"])
     label = f"moefied ({doc.get('router')} router, {active:.0%} active{', recovered' if doc.get('recovery') else ''})"
     return {"kind": "compressed", "compression": {"label": label, "moe": doc}, "source": source}

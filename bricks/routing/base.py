@@ -10,6 +10,7 @@ fraction* is what the forward passes since the last reset actually ran.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
@@ -146,6 +147,32 @@ def swapped(model: nn.Module, originals: list[nn.Module]):
         yield model
     finally:
         restore_ffns(model, originals)
+
+
+def dense_blocks(model: nn.Module, skeletons: list[nn.Module] | None = None) -> list[FFN]:
+    """The dense FFNs that `model`'s routed FFNs run, in layer order, on fresh modules: copies of `skeletons` (its
+    dense FFN modules, e.g. on the meta device), else modules of its own architecture built from its config."""
+    layout = layout_for(model)
+    if skeletons is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # structure only: no memory
+            skeletons = [f.module for f in ffns(AutoModelForCausalLM.from_config(model.config))]
+    blocks = []
+    for i, (skeleton, routed) in enumerate(zip(skeletons, routed_layers(model))):
+        blocks.append(FFN(None, i, layout, module=copy.deepcopy(skeleton).to_empty(device=next(routed.parameters()).device)))
+        routed.write_dense(blocks[-1])
+    return blocks
+
+
+def dense_state_dict(model: nn.Module, blocks: list[FFN]) -> dict[str, torch.Tensor]:
+    """`model`'s state dict as the dense model it runs: its routed FFNs' tensors replaced by those of `blocks`
+    (`dense_blocks`), under the dense FFN's names, so that plain transformers opens the checkpoint."""
+    layout = layout_for(model)
+    weights = {k: v for k, v in model.state_dict().items() if f".{layout.mlp}." not in k}
+    for b in blocks:
+        weights.update({f"{layout.layers}.{b.layer}.{layout.mlp}.{k}": v for k, v in b.module.state_dict().items()})
+    return weights
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:
