@@ -118,14 +118,18 @@ def fusion_row(setting: str, r: dict) -> str:
     return " | ".join(f"{r['ppl'][setting][c]:.3f}" for c in ("code", "math", "prose"))
 
 
+FUSION_ROWS = ("code", "math", "prose", "uniform", "linear merge", "TIES merge", "two-stage balanced",
+               "direct joint balanced", "two-stage proportional")
 HEADLINES += [
-    ("README.md", "perplexity {} against", "fusion_ablation_default_cpu.json",
-     lambda r: f"{r['ppl']['direct joint balanced']['mixed']:.3f}"),
-    ("README.md", "against {};\n`bench/fusion_ablation.py`", "fusion_ablation_default_cpu.json",
-     lambda r: f"{r['ppl']['uniform']['mixed']:.3f}"),
-    *[("bench/README.md", "| {} |", "fusion_ablation_default_cpu.json", lambda r, k=k: fusion_row(k, r))
-      for k in ("code", "math", "prose", "uniform", "linear merge", "TIES merge", "two-stage balanced",
-                "direct joint balanced", "two-stage proportional")],
+    ("README.md", "(mixed perplexity {} against", "fusion_ablation_150_cpu.json",
+     lambda r: f"{r['ppl'][r['selected']]['mixed']:.3f}"),
+    ("README.md", "against {} for the average", "fusion_ablation_150_cpu.json", lambda r: f"{r['ppl']['uniform']['mixed']:.3f}"),
+    ("README.md", "and {} for the `route` gate", "fusion_ablation_150_cpu.json",
+     lambda r: f"{r['ppl']['route --router gate']['mixed']:.3f}"),
+    ("bench/README.md", "| {} |", "fusion_ablation_150_cpu.json", lambda r: fusion_row("route --router gate", r)),
+    ("bench/README.md", "| {} | **", "fusion_ablation_150_cpu.json", lambda r: fusion_row(r["selected"], r)),
+    *[("bench/README.md", "| {} |", f, lambda r, k=k: fusion_row(k, r))
+      for k in FUSION_ROWS for f in ("fusion_ablation_default_cpu.json", "fusion_ablation_150_cpu.json")],
 ]
 
 def selection_ratios(r: dict, key: str) -> str:
