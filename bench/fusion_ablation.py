@@ -47,13 +47,9 @@ def merged_ppl(model, brick, domains) -> dict:
             per = {d.name: bricks.perplexity(model, d.windows) for d in domains}
     finally:
         multi.detach()
-    return mixed(per, domains)
-
-
-def mixed(per: dict, domains) -> dict:
-    """`per` with `mixed`: the perplexity of all domains' tokens together (token-weighted mean log-perplexity)."""
     n = [d.windows.shape[0] * (d.windows.shape[1] - 1) for d in domains]
-    return {**per, "mixed": math.exp(sum(k * math.log(per[d.name]) for k, d in zip(n, domains)) / sum(n))}
+    per["mixed"] = math.exp(sum(k * math.log(per[d.name]) for k, d in zip(n, domains)) / sum(n))
+    return per
 
 
 def main():
