@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import time
 
 
 import bricks
@@ -71,6 +72,7 @@ def main():
                    help="train only these fused models (repeatable; default: all three)")
     p.add_argument("--json")
     a = p.parse_args()
+    start = time.perf_counter()
     data = a.data or DATA
     base, tok = bricks.load_model(a.model)
     train = bricks.load_domains(data, tok, "train", a.seq_len, a.windows)
@@ -116,6 +118,7 @@ def main():
     if res["validation_mixed"]:
         res["selected"] = min(res["validation_mixed"], key=res["validation_mixed"].get)
         print("selected on validation:", res["selected"], {k: round(v, 3) for k, v in res["validation_mixed"].items()})
+    res["seconds"] = round(time.perf_counter() - start, 1)
     save(a.json, res, base)
 
 
