@@ -262,6 +262,11 @@ def test_threshold_selection_keeps_the_configured_share_on_average(llama_dir):
             for path in sparse.paths:
                 sparse.set_path(path)
                 torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-5)
+        # A token whose entries all lie below the magnitudes keeps nothing: zeros on every path, no error.
+        sparse.thresholds = (1e9, 1e9)
+        for path in sparse.paths:
+            sparse.set_path(path)
+            assert torch.equal(sparse(x[:1]), torch.zeros(1, 32)) and torch.equal(sparse(x), torch.zeros(5, 32))
         sparse.set_compute(0.3)  # new shares: the old magnitudes no longer fit
         with pytest.raises(bricks.BricksError, match="uncalibrated"):
             sparse(x)

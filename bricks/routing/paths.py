@@ -12,28 +12,31 @@ every thread waits for all of them, and with one other busy process on a
 Each path can also run on one thread (`masked@1`): on an idle machine that is
 slower, on a busy one it is often the fastest, as nothing waits for a
 descheduled thread. So the paths are timed as they run. Every path is
-measured at first use, then calls take the one with the lowest recent time
-(an exponential moving average: a path that starts to stall loses its place
-within a few calls), and the others are re-measured now and then (the new
-timing replaces the old one), less often while they keep losing, so that a
-path that becomes the fastest again (the machine went quiet) is found.
+measured at first use, then calls take the one with the lowest median of its
+recent timings, and the others are re-measured now and then (a few calls in
+a row, replacing their old timings), less often while they keep losing, so
+that a path that becomes the fastest again (the machine went quiet) is found.
+A median, not a mean: on a shared machine single calls stall for a
+scheduler tick (ten times their time) and a mean would hand the lead to a
+slower path after every such stall, while a path that stalls on most calls
+(a split call with a core taken) loses its median within a few calls.
 Timings are shared by every FFN of the same shape and settings.
-
-Only CPU calls are timed: on an accelerator a call returns before it has run,
-and the path is fixed by the number of tokens (see each FFN's `static_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-# Weight of the newest timing in the moving average: a path that starts to stall is left within a few calls.
-DECAY = 0.3
-# Re-measure the runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
+# Recent timings kept per path: the median of these ranks it.
+WINDOW = 5
+# A re-measured runner-up runs this many calls in a row, so that its median is of fresh timings only.
+CHECK_CALLS = 3
+# Re-measure a runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
 FIRST_INTERVAL, MAX_INTERVAL = 8, 256
 # Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
 SERIAL = "@1"
@@ -46,12 +49,14 @@ def token_bucket(tokens: int) -> int:
 
 @dataclass
 class _Timings:
-    seconds: dict[str, float] = field(default_factory=dict)  # moving average per path
-    samples: dict[str, int] = field(default_factory=dict)
+    recent: dict[str, deque] = field(default_factory=dict)  # last WINDOW timings per path
+    seconds: dict[str, float] = field(default_factory=dict)  # their median, per path
+    samples: dict[str, int] = field(default_factory=dict)  # calls timed, per path
     calls: int = 0
     interval: int = FIRST_INTERVAL
     next_check: int = FIRST_INTERVAL
     checking: str | None = None  # the runner-up being re-measured, if any
+    left: int = 0  # its calls still to run
 
 
 class PathChooser:
@@ -66,34 +71,45 @@ class PathChooser:
         self.timings: dict[tuple, _Timings] = {}
 
     def choose(self, key: tuple, paths: tuple[str, ...]) -> str:
-        t = self.timings.setdefault(key, _Timings())
-        # Each path twice before any choice: its first call pays allocations and cold caches.
+        t = self.timings.get(key)
+        if t is None:
+            t = self.timings[key] = _Timings()
+        # Each path twice before any choice: its first call pays allocations and cold caches (and is not kept).
         for p in paths:
             if t.samples.get(p, 0) < 2:
                 return p
+        if t.checking in paths:
+            return t.checking
         t.calls += 1
-        ranked = sorted(paths, key=lambda p: t.seconds[p])
-        if len(ranked) > 1 and t.calls >= t.next_check:
+        seconds = t.seconds
+        best = min(paths, key=seconds.__getitem__)
+        if len(paths) > 1 and t.calls >= t.next_check:
             # Re-measure the runner-ups in turn; an interval that doubles while the best stays best.
-            t.checking = ranked[1 + (t.calls // FIRST_INTERVAL) % (len(ranked) - 1)]
+            others = sorted((p for p in paths if p != best), key=seconds.__getitem__)
+            t.checking = others[(t.calls // FIRST_INTERVAL) % len(others)]
+            t.recent[t.checking].clear()  # its old timings may date from a stall that has passed
+            t.left = CHECK_CALLS
             t.next_check = t.calls + t.interval
             return t.checking
-        return ranked[0]
+        return best
 
     def record(self, key: tuple, path: str, seconds: float) -> None:
         t = self.timings[key]
         n = t.samples.get(path, 0)
         t.samples[path] = n + 1
-        old = t.seconds.get(path)
-        # A re-measured runner-up's average is stale (it may date from a stall that has passed): the new timing
-        # replaces it. If it was a lucky one, the path's next calls put it back in its place.
-        fresh = old is None or n < 2 or path == t.checking
-        t.seconds[path] = seconds if fresh else old + DECAY * (seconds - old)
+        if n == 0:
+            t.recent[path] = deque(maxlen=WINDOW)
+            return  # the cold first call
+        recent = t.recent[path]
+        recent.append(seconds)
+        t.seconds[path] = sorted(recent)[len(recent) // 2]
         if path == t.checking:
-            t.checking = None
-            best = min(t.seconds, key=t.seconds.get)
-            # The re-measured path won: check often again (the load changed); it lost: check less often.
-            t.interval = FIRST_INTERVAL if best == path else min(MAX_INTERVAL, 2 * t.interval)
+            t.left -= 1
+            if t.left <= 0:
+                t.checking = None
+                best = min(t.seconds, key=t.seconds.get)
+                # The re-measured path won: check often again (the load changed); it lost: check less often.
+                t.interval = FIRST_INTERVAL if best == path else min(MAX_INTERVAL, 2 * t.interval)
 
     def best(self, key: tuple) -> str | None:
         """The path calls with this key take now (None before it was timed)."""

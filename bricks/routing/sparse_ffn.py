@@ -29,21 +29,17 @@ counts it).
 Storage is unit-major, as for bricks: `w_in_t` `[hidden, k*d_ff]` (row c: what
 input channel c feeds into every gate and up neuron) and `w_down_t`
 `[d_ff, hidden]` (row i: neuron i's output). A token's sparse matrix-vector
-product then reads contiguous rows, which `F.embedding_bag` (mode "sum", the
-token's values as per-sample weights) gathers and sums without copying them;
-a token's rows can be split over several bags so that every CPU thread reads
-some (one bag runs on one thread).
+product then reads contiguous rows and skips the others.
 
-Three CPU inference paths compute that function (`RoutedFFN.paths`): `bags` (one
-bag per token: a decode token on one thread), `split` (a decode token's rows
-split over every thread: twice the memory bandwidth on an idle machine, a
-stall when another process holds a core) and `masked` (dense matmuls on the
-zeroed entries: what several tokens together want, since between them they
-keep nearly every input channel). Which one runs is timed, not guessed
-(`bricks.routing.paths`); the `masked` path is counted as the whole FFN in
-the executed fraction, as it is. On a GPU, a decode token runs the `triton`
-path: one kernel per projection that issues the weight loads of the kept rows
-only (`bricks.routing.kernels`); several tokens run `masked`.
+Several paths compute that function (`bricks.routing.sparse_paths`): on the
+CPU, `bags` and `split` gather a token's rows with `F.embedding_bag`, `kernel`
+runs a decode token in one call of a compiled kernel
+(`bricks.routing.cpu_kernels`) and `masked` runs dense matmuls on the zeroed
+entries (what several tokens together want, since between them they keep
+nearly every input channel; counted as the whole FFN in the executed
+fraction, as it is). Which one runs is timed, not guessed
+(`bricks.routing.paths`). On a GPU, a decode token runs the `triton` path
+(`bricks.routing.kernels`); several tokens run `masked`.
 """
 
 from __future__ import annotations
@@ -52,30 +48,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from transformers.activations import SiLUActivation
-except ImportError:  # older transformers: nn.SiLU
-    SiLUActivation = None
-
 from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
 from .beside import dense_projections
+from . import cpu_kernels
 from .paths import running
+from .sparse_paths import SILU, SparsePaths
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
 # 0.5 that is 60% of the inputs and 30% of the neurons (the split `bench/routing_quality_probe.py` compares).
 IN_OVER_COMPUTE = 1.2
-# Weights above this size are read in memory order (see `SparseFFN._kept`).
-SORT_ABOVE_BYTES = 8 << 20
 SELECTIONS = ("topk", "threshold")
-# Activation modules the triton kernel computes itself (transformers' own SiLU class, and torch's).
-SILU = (nn.SiLU, *([SiLUActivation] if SiLUActivation is not None else []))
 # Several tokens take the bags only while they read at most this many times the FFN's weights between them.
 MAX_BAG_READS = 2.0
 
 
-class SparseFFN(RoutedFFN):
+class SparseFFN(SparsePaths, RoutedFFN):
     """Drop-in replacement of one layer's FFN module, skipping small inputs of each projection per token.
 
     Args:
@@ -85,7 +74,7 @@ class SparseFFN(RoutedFFN):
             docstring; `calibrate_thresholds` sets them).
     """
 
-    paths = ("bags", "split", "masked")
+    eager_paths = ("bags", "split", "masked")
     device_paths = ("triton",)
 
     def __init__(self, ffn: FFN, compute: float = 1.0, selection: str = "topk"):
@@ -96,6 +85,7 @@ class SparseFFN(RoutedFFN):
         self.thresholds: tuple[float, float] | None = None  # (inputs, neurons) magnitudes kept, for "threshold"
         self.gated = ffn.gate_weight() is not None
         self.act = ffn.act
+        self.silu = isinstance(ffn.act, SILU)
         self.d_ff = ffn.d_ff
         self.hidden = ffn.down_weight().shape[0]
         parts = [ffn.gate_weight(), ffn.up_weight()] if self.gated else [ffn.up_weight()]
@@ -202,7 +192,7 @@ class SparseFFN(RoutedFFN):
 
     def _fraction(self, which: int) -> float | None:
         tokens, n_in, n_act = self.counts[0], self.counts[which], self.counts[which + 1]
-        if self._kernel_counts is not None:  # the triton path reads what it selects: routed and executed alike
+        if self._kernel_counts is not None:  # the compiled paths read what they select: routed and executed alike
             kernel = self._kernel_counts.tolist()
             tokens, n_in, n_act = tokens + kernel[0], n_in + kernel[1], n_act + kernel[2]
         if tokens == 0:
@@ -233,7 +223,15 @@ class SparseFFN(RoutedFFN):
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         d = self.d_ff
-        return self.act(h[..., :d]) * h[..., d:] if self.gated else self.act(h)
+        act = F.silu if self.silu else self.act  # the function: a module call costs a decode step microseconds
+        return act(h[..., :d]) * h[..., d:] if self.gated else act(h)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The CPU paths, and `kernel` (`bricks.routing.cpu_kernels`: one compiled call per token) for a gated SiLU
+        FFN with nothing added before its activation, once the kernel is built."""
+        kernel = self.gated and self.silu and self.b_in is None and self.beside is None and cpu_kernels.available()
+        return self.eager_paths + (("kernel",) if kernel else ())
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
         if tokens == 1:
@@ -269,6 +267,8 @@ class SparseFFN(RoutedFFN):
                     self._count(n, n * self.hidden, n * self.d_ff)
                 elif path == "triton":
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
+                elif path == "kernel":
+                    y = self._kernel(x2) if n == 1 else torch.cat([self._kernel(row) for row in x2.split(1)])
                 else:
                     y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)
@@ -288,96 +288,6 @@ class SparseFFN(RoutedFFN):
         if self.b_down is not None:
             y = y + self.b_down
         return y if self.beside is None else y + self.beside.output(a).to(y.dtype)
-
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
-        gradients flow through the kept entries only). Executed: the whole FFN."""
-        n = x.shape[0]
-        xm, kept_in = self._zero_dropped(x, 0)
-        a = self._activation(self._pre(xm @ self.w_in_t, x))
-        am, kept_act = self._zero_dropped(a, 1)
-        y = am @ self.w_down_t
-        self._count(n, kept_in, kept_act, n * self.hidden, n * self.d_ff)
-        return self._post(y, a)
-
-    def _zero_dropped(self, v: torch.Tensor, which: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        """`v` with the entries each token drops zeroed (inputs: 0, neurons: 1), and how many were kept. Under a
-        threshold that is one kernel, hardshrink (|v| > t kept), and the count stays on the device (no host sync)."""
-        t = self._threshold(which)
-        if t is None:
-            n = self.n_in if which == 0 else self.n_act
-            return v * self._top(v.detach(), n), v.shape[0] * n
-        vm = F.hardshrink(v, t)
-        return vm, torch.count_nonzero(vm)
-
-    def _offsets_for(self, tokens: int, n: int, parts: int, device) -> torch.Tensor:
-        """Bag starts when each of `tokens` tokens has `n` rows, cut into `parts` bags each."""
-        key = (tokens, n, parts, device)
-        offsets = self._offsets.get(key)
-        if offsets is None:
-            offsets = self._offsets[key] = (torch.arange(tokens * parts, device=device) * n) // parts
-        return offsets
-
-    def _rows(self, v: torch.Tensor, which: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rows of `weight` each token keeps, flat, with their values and each token's first entry."""
-        t = self._threshold(which)
-        if t is None:
-            n = self.n_in if which == 0 else self.n_act
-            idx = self._kept(v, n, weight)
-            return idx.flatten(), v.gather(-1, idx).flatten(), self._offsets_for(v.shape[0], n, 1, v.device)
-        tokens, cols = (v.abs() > t).nonzero(as_tuple=True)  # by token, then in memory order
-        starts = torch.searchsorted(tokens, torch.arange(v.shape[0], device=v.device))
-        return cols, v[tokens, cols], starts
-
-    def _bag(self, idx: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, weight: torch.Tensor,
-             split: bool) -> torch.Tensor:
-        """Per token t: the sum of values[j] * weight[idx[j]] over its entries -> [tokens, weight.shape[1]], reading
-        only those rows. One bag runs on one CPU thread; `split` (one token) cuts its rows into one bag per thread."""
-        tokens, n = starts.numel(), idx.numel()
-        parts = max(1, min(torch.get_num_threads(), n)) if split and tokens == 1 else 1
-        offsets = starts if parts == 1 else self._offsets_for(1, n, parts, idx.device)
-        out = F.embedding_bag(idx, weight, offsets, mode="sum", per_sample_weights=values)
-        return out.view(tokens, parts, -1).sum(1) if parts > 1 else out
-
-    @staticmethod
-    def _kept(v: torch.Tensor, n: int, weight: torch.Tensor) -> torch.Tensor:
-        """Indices of the n largest |v| per row; sorted when the weight is larger than a core's cache, so that its
-        rows are read in memory order (faster bags from main memory; no gain from cache, where the sort costs)."""
-        idx = v.abs().topk(n, dim=-1, sorted=False).indices
-        return idx.sort(-1).values if weight.numel() * weight.element_size() > SORT_ABOVE_BYTES else idx
-
-    def _sparse(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
-        """Inference: each token reads only its kept input channels' rows of W_in^T and its kept neurons' rows of
-        W_down^T."""
-        idx, values, starts = self._rows(x, 0, self.w_in_t)
-        a = self._activation(self._pre(self._bag(idx, values, starts, self.w_in_t, split), x))
-        j, values, starts = self._rows(a, 1, self.w_down_t)
-        y = self._bag(j, values, starts, self.w_down_t, split)
-        # The rows the bags were given to read: what ran, and what the routed function selected.
-        self._count(x.shape[0], idx.numel(), j.numel())
-        return self._post(y, a)
-
-    def _triton(self, x: torch.Tensor) -> torch.Tensor:
-        """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows. Under threshold
-        selection a gated SiLU FFN computes its activations inside the down projection's kernel."""
-        from . import kernels
-
-        if not kernels.available(x.device):
-            raise BricksError("the triton path needs a CUDA device with triton installed (or TRITON_INTERPRET=1)")
-        if self._kernel_counts is None or self._kernel_counts.device != x.device:
-            self._kernel_counts = torch.zeros(3, dtype=torch.int64, device=x.device)
-        counts = self._kernel_counts
-        t_in, t_act = self._threshold(0), self._threshold(1)
-        keep = None if t_in is not None else self._top(x, self.n_in)[0]
-        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, keep=keep), x[0])
-        a = None
-        if t_act is not None and self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
-            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, silu_gated=True)
-        else:
-            a = self._activation(h)
-            keep = None if t_act is not None else self._top(a[None], self.n_act)[0]
-            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, keep=keep)
-        return self._post(y.to(x.dtype)[None], a)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()

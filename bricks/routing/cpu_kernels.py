@@ -1,0 +1,97 @@
+"""A CPU kernel for one decode token of an activation-sparse FFN (TEAL), compiled on the user's machine.
+
+A batch-1 decode step is bound by the bytes of weights it reads, so skipping
+half the FFN's weight rows should make the FFN up to twice as fast. In eager
+torch it is not, at the default model's size (576x1536): the sparse token
+takes about twelve small operations (two top-k, two gathers, two
+`embedding_bag`s, the activation, ...) where the dense FFN takes five, and
+inside a decode step, with the caches full of weights, each eager operation
+costs 20-40 us (`bench/README.md`). Together they eat the bytes saved. This
+kernel does the whole token in one call:
+
+1. keep the `keep_in` inputs of largest |x| (or those above a calibrated
+   threshold), in memory order;
+2. gate|up pre-activations from the kept rows of `w_in_t` only, the columns
+   split over the threads (each thread streams a contiguous piece of every
+   kept row into fp32 sums that stay in its L1 cache);
+3. `silu(gate) * up`;
+4. keep the `keep_act` neurons of largest |a| (or above a threshold), and
+   the output from their rows of `w_down_t` only.
+
+It runs on torch's own thread pool, so a path timed on one thread (`@1`,
+`bricks.routing.paths`) runs it serially.
+
+It is built at first use with torch's C++ extension tools (a C++ compiler
+and ninja, which a Linux machine with build tools has) for this machine's CPU
+(`-march=native`), into `~/.cache/bricks/kernels`, which takes about a
+minute once. Without a compiler, or with `BRICKS_CPU_KERNELS=0`, SparseFFN
+runs its eager paths (`reason()` says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import BricksError
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _machine() -> str:
+    """What a `-march=native` build depends on: the CPU's instruction sets."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def build_directory() -> Path:
+    """One build per source, flags, torch version and CPU: a shared home never loads a build for another CPU."""
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _machine()]).encode()).hexdigest()
+    root = Path(os.environ.get("BRICKS_CACHE", Path.home() / ".cache" / "bricks"))
+    return root / "kernels" / key[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def reason() -> str | None:
+    """None when `torch.ops.bricks.teal_token` is loaded (built first if needed), else why it is not."""
+    if os.environ.get("BRICKS_CPU_KERNELS", "1") == "0":
+        return "BRICKS_CPU_KERNELS=0"
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob("*.so")):
+            print("bricks: building the CPU sparse-decode kernel for this machine (once, about a minute)...",
+                  file=sys.stderr, flush=True)
+        load(name="bricks_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the eager paths remain
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}"
+    return None
+
+
+def available() -> bool:
+    return reason() is None
+
+
+def teal_token(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep_in: int, keep_act: int,
+               t_in: float | None, t_act: float | None, counts: torch.Tensor) -> torch.Tensor:
+    """y `[hidden]` of one token `x` `[hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
+    selection with `keep_in` inputs and `keep_act` neurons, or threshold selection where `t_in` / `t_act` are
+    given. `counts` (int64 `[3]`) gains the token, the input rows and the neuron rows read."""
+    if reason() is not None:
+        raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
+    return torch.ops.bricks.teal_token(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
+                                       -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, counts)

@@ -1,0 +1,123 @@
+"""The compiled CPU kernel for one decode token (`bricks.routing.cpu_kernels`): the routed function, counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bricks
+from bricks.arch import ffns
+from bricks.routing import SparseFFN, cpu_kernels
+from bricks.routing.bench import random_ffn_model
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no CPU kernel here: {cpu_kernels.reason()}")
+
+
+def _sparse(hidden=40, d_ff=52, dtype=torch.float32, compute=0.5, selection="topk"):
+    torch.manual_seed(0)
+    f = ffns(random_ffn_model(hidden, d_ff, dtype))[0]
+    sparse = SparseFFN(f, compute, selection=selection)
+    if selection == "threshold":
+        sparse.fit_thresholds(torch.randn(2000, hidden).to(dtype))
+    return sparse
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("compute", [0.25, 0.5, 1.0])
+def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, compute):
+    # Odd sizes: the columns do not split evenly over threads or tiles.
+    sparse = _sparse(hidden=40, d_ff=52, compute=compute, selection=selection)
+    assert "kernel" in sparse.paths
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(1, 40)
+            sparse.set_path("bags")
+            sparse.reset_counts()
+            ref = sparse(x)
+            bags = sparse.executed_fraction()
+            sparse.set_path("kernel")
+            sparse.reset_counts()
+            torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
+            # The same rows read: every input and neuron the bags read, no more (per token under thresholds).
+            assert sparse.executed_fraction() == pytest.approx(bags) and sparse.routed_fraction() == pytest.approx(bags)
+        x = torch.randn(3, 40)  # several tokens: one call each
+        sparse.set_path("bags")
+        ref = sparse(x)
+        sparse.set_path("kernel")
+        torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_threads_split_columns_so_results_are_bit_identical():
+    sparse = _sparse(hidden=576, d_ff=1536)
+    sparse.set_path("kernel")
+    x = torch.randn(1, 576)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = sparse(x)
+            torch.set_num_threads(max(2, threads))
+            many = sparse(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_kernel_in_bfloat16_sums_in_float32():
+    sparse = _sparse(hidden=64, d_ff=96, dtype=torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        sparse.set_path("kernel")
+        got = sparse(x)
+        # The reference in float32 from the same bf16 weights and the same kept rows.
+        v = x[0].float()
+        idx = v.abs().topk(sparse.n_in).indices
+        h = v[idx] @ sparse.w_in_t.float()[idx]
+        a = torch.nn.functional.silu(h[:96]) * h[96:]
+        j = a.abs().topk(sparse.n_act).indices
+        ref = a[j] @ sparse.w_down_t.float()[j]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_kernel_keeps_nan_inputs_so_they_show():
+    sparse = _sparse()
+    sparse.set_path("kernel")
+    x = torch.randn(1, 40)
+    x[0, 3] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(sparse(x)).all()
+
+
+def test_kernel_refuses_mismatched_tensors_with_one_line():
+    sparse = _sparse()
+    counts = torch.zeros(3, dtype=torch.int64)
+    x = torch.randn(40)
+    with pytest.raises(RuntimeError, match="x and the weights must share one dtype"):
+        cpu_kernels.teal_token(x.double(), sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts)
+    with pytest.raises(RuntimeError, match="w_in_t must be a contiguous"):
+        cpu_kernels.teal_token(x, sparse.w_in_t.t(), sparse.w_down_t, 20, 20, None, None, counts)
+    with pytest.raises(RuntimeError, match="w_down_t must be a contiguous"):
+        cpu_kernels.teal_token(x, sparse.w_in_t, sparse.w_down_t[:10], 20, 20, None, None, counts)
+    with pytest.raises(RuntimeError, match="counts must be 3 contiguous int64"):
+        cpu_kernels.teal_token(x, sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts.int())
+
+
+def test_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs, monkeypatch):
+    gpt2 = SparseFFN(ffns(bricks.load_model(tiny_dirs["gpt2"])[0])[0], 0.5)  # GELU, ungated, with biases
+    assert "kernel" not in gpt2.paths
+    with pytest.raises(bricks.BricksError, match="kernel path is not available here: it needs a gated SiLU FFN"):
+        gpt2.set_path("kernel@1")
+    sparse = _sparse()
+    sparse.set_path("kernel")
+    # Switched off: the eager paths remain, and a kernel path fixed before says why it cannot run.
+    monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")
+    cpu_kernels.reason.cache_clear()
+    try:
+        assert "kernel" not in sparse.paths and sparse.paths == sparse.eager_paths
+        with pytest.raises(bricks.BricksError, match="BRICKS_CPU_KERNELS=0"):
+            sparse(torch.randn(1, 40))
+        with pytest.raises(bricks.BricksError, match="BRICKS_CPU_KERNELS=0"):
+            sparse.set_path("kernel")
+    finally:
+        cpu_kernels.reason.cache_clear()
