@@ -55,6 +55,7 @@ def main():
     p.add_argument("--dense-fallback", action="store_true")
     p.add_argument("--selection", default="topk", choices=("topk", "threshold"),
                    help="teal's; thresholds calibrated on random token windows (speed does not depend on them)")
+    p.add_argument("--repeats", type=int, default=2, help="timed decodes of each model, alternating; the best of each is compared")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from bricks.loading import parse_dtype
@@ -91,8 +92,8 @@ def main():
     dense, routed, frac, executed, agreement = [], [], None, None, None
     with competing_processes(a.busy):
         decode()  # warm-up
-        for order in ("dense-first", "bricked-first"):
-            for which in (("dense", "bricked") if order == "dense-first" else ("bricked", "dense")):
+        for rep in range(a.repeats):  # alternating which goes first: a machine that drifts favours neither
+            for which in (("dense", "bricked") if rep % 2 == 0 else ("bricked", "dense")):
                 if which == "dense":
                     dense.append(decode())
                     continue
@@ -118,7 +119,8 @@ def main():
               "device": a.device, "cuda_graphs": cuda and not a.no_graphs,
               "graphed_eager_token_agreement": agreement,
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
-              "speedup": round(max(routed) / max(dense), 3)}
+              "speedup": round(max(routed) / max(dense), 3),
+              "dense_runs": [round(v, 3) for v in dense], "bricked_runs": [round(v, 3) for v in routed]}
     print(json.dumps(result, indent=1))
     save(a.json, {"args": vars(a), **result}, model)
 

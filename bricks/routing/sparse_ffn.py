@@ -236,9 +236,11 @@ class SparseFFN(SparsePaths, RoutedFFN):
     def paths_for(self, tokens: int) -> tuple[str, ...]:
         if tokens == 1:
             return self.paths
-        # Bags read each token's rows apart: beyond twice the weights in all, one dense pass is sure to win, and
-        # timing the bags even twice would cost a short evaluation more than it could gain.
-        return ("bags", "masked") if tokens * self.compute_fraction() <= MAX_BAG_READS else ("masked",)
+        # Bags (and the kernel) read each token's rows apart: beyond twice the weights in all, one dense pass is
+        # sure to win, and timing them even twice would cost a short evaluation more than it could gain.
+        if tokens * self.compute_fraction() > MAX_BAG_READS:
+            return ("masked",)
+        return ("bags", "masked") + (("kernel",) if "kernel" in self.paths else ())
 
     def static_path(self, tokens: int) -> str:
         if tokens == 1:
