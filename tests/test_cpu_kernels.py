@@ -61,6 +61,8 @@ def test_kernel_threads_split_columns_so_results_are_bit_identical():
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(one, many)
+    with torch.no_grad():  # the serial path (`kernel@1`) runs on the calling thread without changing the count
+        assert torch.equal(sparse._kernel(x, parallel=False), many)
 
 
 def test_kernel_in_bfloat16_sums_in_float32():

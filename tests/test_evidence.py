@@ -37,6 +37,11 @@ def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy:
 HEADLINES = [
     ("README.md", "**{}**", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "recovered")),
     ("README.md", "before training {}", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "routed", 2)),
+    ("README.md", "on this CPU {}; longer", "routing_recovery_distill_0.5_cpu_150.json", lambda r: ratios(r, "recovered")),
+    ("README.md", "compute 0.5: before training {}, after", "routing_recovery_distill_0.5_cpu_150.json",
+     lambda r: ratios(r, "routed", 2)),
+    ("bench/README.md", "| 0.500 | 150 x 4 | CPU | {} |", "routing_recovery_distill_0.5_cpu_150.json",
+     lambda r: f"{ratios(r, 'routed')} | {ratios(r, 'recovered')}"),
     ("README.md", "1.61x dense at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
     ("README.md", "3.54x at 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
     ("README.md", "still {} at 0.5 with another process", "ffn_teal_cpu.json",

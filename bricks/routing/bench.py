@@ -41,19 +41,25 @@ def competing_processes(n: int):
             p.wait()
 
 
-def _median_time(module, x, reps: int, device) -> float:
-    """Median seconds of one call `module(x)`: on CPU as called; on CUDA as replayed from a CUDA graph (see
-    `_graph_time`)."""
+def _median_times(dense, routed, x, reps: int, device, min_seconds: float = 0.5) -> tuple[float, float]:
+    """Median seconds of one call of `dense` and of `routed` on `x`. On CPU the two alternate, call by call, for
+    `reps` pairs and at least `min_seconds`: a machine that drifts between slow and fast phases (a shared one
+    does) moves both alike. On CUDA each is replayed from a CUDA graph (see `_graph_time`)."""
     if str(device).startswith("cuda"):
-        return _graph_time(module, x, reps)
-    for _ in range(8):  # warm-up, and the routed paths' first timings (each path twice)
-        module(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        module(x)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return _graph_time(dense, x, reps), _graph_time(routed, x, reps)
+    # Warm-up, and the routed FFN's paths' first timings (each path, and each on one thread, twice) and the
+    # chooser's first re-measurements: what a long decode has long behind it.
+    for _ in range(8 + 8 * len(getattr(routed, "paths", ()))):
+        dense(x)
+        routed(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
+        for module, out in zip((dense, routed), times):
+            t = time.perf_counter()
+            module(x)
+            out.append(time.perf_counter() - t)
+    return tuple(sorted(v)[len(v) // 2] for v in times)
 
 
 def _graph_time(module, x, reps: int, replays: int = 20) -> float:
@@ -103,7 +109,6 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
             dense = f.module
             for batch in batches:
                 x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
-                t_dense = _median_time(dense, x, reps, device)
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
                     routed = SparseFFN(f, compute=active, selection=selection) if router == "teal" else \
@@ -112,7 +117,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                         routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
-                    t = _median_time(routed, x, reps, device)
+                    t_dense, t = _median_times(dense, routed, x, reps, device)
                     routed.reset_counts()
                     routed(x)  # one more call, counted: what the chosen path executes
                     key = routed.timing_key(x.reshape(-1, hidden))

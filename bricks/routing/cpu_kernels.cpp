@@ -7,8 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace {
@@ -31,32 +31,41 @@ inline float magnitude(float v) {
 }
 
 // Indices of the kept entries of v[0, n), in increasing order (the weight rows in memory order): the `keep`
-// largest magnitudes when keep >= 0, else those above `threshold`.
+// largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
+// on a copy of the magnitudes (no index indirection in the partition) and collects the indices in one pass, in
+// order, so there is nothing to sort: a few microseconds where nth_element over indices and a sort took tens.
 std::vector<int64_t> kept(const float* v, int64_t n, int64_t keep, float threshold) {
   std::vector<int64_t> idx;
-  if (keep < 0) {
+  if (keep < 0 || keep >= n) {
+    idx.reserve(keep < 0 ? n : keep);
     for (int64_t i = 0; i < n; ++i) {
-      if (magnitude(v[i]) > threshold) idx.push_back(i);
+      if (keep >= n || magnitude(v[i]) > threshold) idx.push_back(i);
     }
     return idx;
   }
-  idx.resize(n);
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  if (keep < n) {
-    std::nth_element(idx.begin(), idx.begin() + keep, idx.end(),
-                     [v](int64_t a, int64_t b) { return magnitude(v[a]) > magnitude(v[b]); });
-    idx.resize(keep);
+  idx.reserve(keep);
+  if (keep == 0) return idx;
+  std::vector<float> m(n);
+  for (int64_t i = 0; i < n; ++i) m[i] = magnitude(v[i]);
+  std::vector<float> order(m);
+  std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), std::greater<float>());
+  const float kth = order[keep - 1];
+  // Entries above the keep-th magnitude are kept; ties with it fill the remaining places, first come first kept.
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) above += m[i] > kth;
+  int64_t ties = keep - above;
+  for (int64_t i = 0; i < n; ++i) {
+    if (m[i] > kth || (m[i] == kth && ties-- > 0)) idx.push_back(i);
   }
-  std::sort(idx.begin(), idx.end());
   return idx;
 }
 
 // out[c] = sum over j of v[idx[j]] * w[idx[j], c] for c in [0, width): the columns split over the threads, each
 // thread's columns in tiles; fp32 sums whatever the weights' dtype.
 template <typename T>
-void rows_sum(const T* w, int64_t width, const std::vector<int64_t>& idx, const float* v, float* out) {
+void rows_sum(const T* w, int64_t width, const std::vector<int64_t>& idx, const float* v, float* out, bool parallel) {
   const int64_t n = static_cast<int64_t>(idx.size());
-  at::parallel_for(0, width, GRAIN, [&](int64_t begin, int64_t end) {
+  auto columns = [&](int64_t begin, int64_t end) {
     float acc[TILE];
     for (int64_t c0 = begin; c0 < end; c0 += TILE) {
       const int64_t len = std::min(TILE, end - c0);
@@ -73,25 +82,30 @@ void rows_sum(const T* w, int64_t width, const std::vector<int64_t>& idx, const 
       }
       std::copy(acc, acc + len, out + c0);
     }
-  });
+  };
+  if (parallel) {
+    at::parallel_for(0, width, GRAIN, columns);
+  } else {
+    columns(0, width);
+  }
 }
 
 template <typename T>
 at::Tensor token(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
-                 int64_t keep_act, double t_in, double t_act, at::Tensor& counts) {
+                 int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor& counts) {
   const int64_t hidden = x.size(0), width = w_in_t.size(1), d_ff = width / 2;
   std::vector<float> xf(hidden), h(width), a(d_ff), y(hidden);
   const T* xp = x.data_ptr<T>();
   for (int64_t i = 0; i < hidden; ++i) xf[i] = static_cast<float>(xp[i]);
 
   const std::vector<int64_t> in = kept(xf.data(), hidden, keep_in, static_cast<float>(t_in));
-  rows_sum(w_in_t.data_ptr<T>(), width, in, xf.data(), h.data());
+  rows_sum(w_in_t.data_ptr<T>(), width, in, xf.data(), h.data(), parallel);
   for (int64_t i = 0; i < d_ff; ++i) {  // SwiGLU: silu(gate) * up, gate first as in SparseFFN's w_in_t
     const float g = h[i];
     a[i] = g / (1.0f + std::exp(-g)) * h[d_ff + i];
   }
   const std::vector<int64_t> act = kept(a.data(), d_ff, keep_act, static_cast<float>(t_act));
-  rows_sum(w_down_t.data_ptr<T>(), hidden, act, a.data(), y.data());
+  rows_sum(w_down_t.data_ptr<T>(), hidden, act, a.data(), y.data(), parallel);
 
   int64_t* c = counts.data_ptr<int64_t>();
   c[0] += 1;
@@ -104,9 +118,11 @@ at::Tensor token(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor
 }
 
 // y [hidden] of one token x [hidden]: keep_in / keep_act >= 0 keep that many entries by magnitude (top-k), < 0
-// keep those above t_in / t_act (calibrated thresholds). counts [3] (int64) gains the token and the rows read.
+// keep those above t_in / t_act (calibrated thresholds). `parallel`: the columns over torch's threads, else on
+// the calling thread (no change of the thread count, which costs the other operations of a decode step).
+// counts [3] (int64) gains the token and the rows read.
 at::Tensor teal_token(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
-                      int64_t keep_act, double t_in, double t_act, at::Tensor counts) {
+                      int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor counts) {
   TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "teal_token: x must be one contiguous token [hidden]");
   TORCH_CHECK(w_in_t.dim() == 2 && w_in_t.is_contiguous() && w_in_t.size(0) == x.size(0) && w_in_t.size(1) % 2 == 0,
               "teal_token: w_in_t must be a contiguous [hidden, 2 * d_ff] gate|up weight");
@@ -119,7 +135,7 @@ at::Tensor teal_token(const at::Tensor& x, const at::Tensor& w_in_t, const at::T
               "teal_token: counts must be 3 contiguous int64");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "teal_token", [&] {
-    out = token<scalar_t>(x, w_in_t, w_down_t, keep_in, keep_act, t_in, t_act, counts);
+    out = token<scalar_t>(x, w_in_t, w_down_t, keep_in, keep_act, t_in, t_act, parallel, counts);
   });
   return out;
 }
@@ -128,7 +144,7 @@ at::Tensor teal_token(const at::Tensor& x, const at::Tensor& w_in_t, const at::T
 
 TORCH_LIBRARY(bricks, m) {
   m.def("teal_token(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
-        "Tensor(a!) counts) -> Tensor");
+        "bool parallel, Tensor(a!) counts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {

@@ -87,11 +87,13 @@ def available() -> bool:
 
 
 def teal_token(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep_in: int, keep_act: int,
-               t_in: float | None, t_act: float | None, counts: torch.Tensor) -> torch.Tensor:
+               t_in: float | None, t_act: float | None, counts: torch.Tensor, parallel: bool = True) -> torch.Tensor:
     """y `[hidden]` of one token `x` `[hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
     selection with `keep_in` inputs and `keep_act` neurons, or threshold selection where `t_in` / `t_act` are
-    given. `counts` (int64 `[3]`) gains the token, the input rows and the neuron rows read."""
+    given. `counts` (int64 `[3]`) gains the token, the input rows and the neuron rows read. `parallel=False`
+    runs on the calling thread only."""
     if reason() is not None:
         raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
     return torch.ops.bricks.teal_token(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
-                                       -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, counts)
+                                       -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel,
+                                       counts)

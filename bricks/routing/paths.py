@@ -130,10 +130,11 @@ def with_serial(paths: tuple[str, ...], threads: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def running(key: tuple | None, path: str):
+def running(key: tuple | None, path: str, set_threads: bool = True):
     """Run one call on `path` and record its time under `key` (None: not timed, as on accelerators, which return
-    before they ran). Yields the path's name; a SERIAL path runs on one thread for the call."""
-    serial = path.endswith(SERIAL)
+    before they ran). Yields the path's name; a SERIAL path runs on one thread for the call (`set_threads=False`:
+    the path sees to that itself)."""
+    serial = set_threads and path.endswith(SERIAL)
     threads = torch.get_num_threads() if serial else None
     if serial:
         torch.set_num_threads(1)  # cheap next to any FFN call; restored after it

@@ -53,7 +53,7 @@ from ..errors import BricksError
 from .base import RoutedFFN
 from .beside import dense_projections
 from . import cpu_kernels
-from .paths import running
+from .paths import SERIAL, running
 from .sparse_paths import SILU, SparsePaths
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
@@ -235,7 +235,11 @@ class SparseFFN(SparsePaths, RoutedFFN):
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
         if tokens == 1:
-            return self.paths
+            # Where the kernel is built it is the one-token path (on all threads or on one): the eager paths read
+            # the same rows in a dozen operations, slower in every setting measured (`bench/README.md`), and
+            # each path timed in a decode costs calls on it.
+            paths = self.paths
+            return ("kernel",) if "kernel" in paths else paths
         # Bags (and the kernel) read each token's rows apart: beyond twice the weights in all, one dense pass is
         # sure to win, and timing them even twice would cost a short evaluation more than it could gain.
         if tokens * self.compute_fraction() > MAX_BAG_READS:
@@ -262,15 +266,19 @@ class SparseFFN(SparsePaths, RoutedFFN):
         elif self.training and torch.is_grad_enabled():
             y = self._masked(x2)
         else:
-            path, key = self.choose_path(x2)
-            with running(key, path) as path:
+            chosen, key = self.choose_path(x2)
+            # The kernel runs on one thread by its own argument: changing torch's thread count around each call
+            # costs the other operations of a decode step.
+            kernel = chosen.startswith("kernel")
+            with running(key, chosen, set_threads=not kernel) as path:
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
                     y = self._dense(x2)
                     self._count(n, n * self.hidden, n * self.d_ff)
                 elif path == "triton":
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
-                elif path == "kernel":
-                    y = self._kernel(x2) if n == 1 else torch.cat([self._kernel(row) for row in x2.split(1)])
+                elif kernel:
+                    parallel = not chosen.endswith(SERIAL)
+                    y = self._kernel(x2, parallel) if n == 1 else torch.cat([self._kernel(r, parallel) for r in x2.split(1)])
                 else:
                     y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)

@@ -175,11 +175,13 @@ class SparsePaths:
             why = cpu_kernels.reason() or "it needs a gated SiLU FFN with no input bias or bricks beside"
             raise BricksError(f"the kernel path is not available here: {why}")
 
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """One token `[1, hidden]` in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`)."""
-        self._kernel_available()
+    def _kernel(self, x: torch.Tensor, parallel: bool = True) -> torch.Tensor:
+        """One token `[1, hidden]` in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`, which
+        refuses when it is not built), on torch's threads or (`parallel=False`) on the calling one."""
+        if self.beside is not None or self.b_in is not None:  # added since the path was fixed
+            self._kernel_available()
         y = cpu_kernels.teal_token(x[0], self.w_in_t, self.w_down_t, self.n_in, self.n_act, self._threshold(0),
-                                   self._threshold(1), self._counts_on(x.device))[None]
+                                   self._threshold(1), self._counts_on(x.device), parallel)[None]
         return y if self.b_down is None else y + self.b_down
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
