@@ -130,5 +130,10 @@ def test_bags_are_offered_only_while_they_read_less_than_twice_the_weights(llama
     kernel = ("kernel",) if cpu_kernels.available() else ()  # one compiled call per token, once built
     assert sparse.paths_for(1) == (kernel or ("bags", "split", "masked"))
     assert sparse.paths == ("bags", "split", "masked", *kernel)  # every path can still be fixed
+    # The timing key of a call shape is kept, and renewed when the settings change.
+    x = torch.randn(1, 32)
+    assert sparse.choose_path(x)[1] == sparse.timing_key(x)
+    sparse.set_compute(0.25)
+    assert sparse.choose_path(x)[1] == sparse.timing_key(x) != SparseFFN(ffns(model)[0], 0.5).timing_key(x)
     assert sparse.paths_for(4) == ("bags", "masked", *kernel)  # 4 tokens x ~0.5 of the weights each
     assert sparse.paths_for(64) == ("masked",)

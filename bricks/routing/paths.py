@@ -25,7 +25,6 @@ Timings are shared by every FFN of the same shape and settings.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -129,20 +128,29 @@ def with_serial(paths: tuple[str, ...], threads: int) -> tuple[str, ...]:
     return paths + tuple(p + SERIAL for p in paths if p != "split")
 
 
-@contextlib.contextmanager
-def running(key: tuple | None, path: str, set_threads: bool = True):
+class running:
     """Run one call on `path` and record its time under `key` (None: not timed, as on accelerators, which return
     before they ran). Yields the path's name; a SERIAL path runs on one thread for the call (`set_threads=False`:
-    the path sees to that itself)."""
-    serial = set_threads and path.endswith(SERIAL)
-    threads = torch.get_num_threads() if serial else None
-    if serial:
-        torch.set_num_threads(1)  # cheap next to any FFN call; restored after it
-    start = time.perf_counter()
-    try:
-        yield path.removesuffix(SERIAL)
-    finally:
-        if serial:
-            torch.set_num_threads(threads)
-    if key is not None:
-        CHOOSER.record(key, path, time.perf_counter() - start)
+    the path sees to that itself). A class rather than a generator: it runs around every FFN call of a decode.
+
+    Example:
+        >>> with running(key, "bags@1") as path:  # path == "bags", on one thread
+        ...     y = run(path)
+    """
+
+    def __init__(self, key: tuple | None, path: str, set_threads: bool = True):
+        self.key, self.path = key, path
+        self.threads = torch.get_num_threads() if set_threads and path.endswith(SERIAL) else None
+
+    def __enter__(self) -> str:
+        if self.threads is not None:
+            torch.set_num_threads(1)  # cheap next to any FFN call; restored after it
+        self.start = time.perf_counter()
+        return self.path.removesuffix(SERIAL)
+
+    def __exit__(self, kind, error, trace) -> None:
+        seconds = time.perf_counter() - self.start
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        if self.key is not None and kind is None:
+            CHOOSER.record(self.key, self.path, seconds)

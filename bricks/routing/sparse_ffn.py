@@ -50,10 +50,11 @@ from torch import nn
 
 from ..arch import FFN
 from ..errors import BricksError
+from . import base
 from .base import RoutedFFN
 from .beside import dense_projections
 from . import cpu_kernels
-from .paths import SERIAL, running
+from .paths import SERIAL, running, with_serial
 from .sparse_paths import SILU, SparsePaths
 
 # Share of the FFN compute spent on the gate/up inputs: keep_in = 1.2 x compute, keep_act the rest. At compute
@@ -225,6 +226,27 @@ class SparseFFN(SparsePaths, RoutedFFN):
         d = self.d_ff
         act = F.silu if self.silu else self.act  # the function: a module call costs a decode step microseconds
         return act(h[..., :d]) * h[..., d:] if self.gated else act(h)
+
+    # Settings that change what a call's timing key or paths are (`choose_path` keeps them per call shape).
+    PLAN_SETTINGS = frozenset({"keep_in", "keep_act", "selection", "thresholds", "beside", "b_in", "dense_fallback"})
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.PLAN_SETTINGS:
+            self.__dict__["_plans"] = {}
+
+    def choose_path(self, x: torch.Tensor) -> tuple[str, tuple | None]:
+        """`RoutedFFN.choose_path`, with the timing key and the paths of each call shape kept: worked out on every
+        call they cost a decode step tens of microseconds per layer (Python with the caches full of weights)."""
+        if self.path is not None or x.device.type != "cpu":
+            return super().choose_path(x)
+        tokens, threads = x.shape[0], torch.get_num_threads()
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get((tokens, x.dtype, threads))
+        if plan is None:
+            paths = self.paths_for(tokens) + (("dense",) if self.dense_fallback else ())
+            plan = plans[(tokens, x.dtype, threads)] = (self.timing_key(x), with_serial(paths, threads))
+        return base.CHOOSER.choose(plan[0], plan[1]), plan[0]
 
     @property
     def paths(self) -> tuple[str, ...]:
