@@ -18,9 +18,8 @@ namespace {
 constexpr int64_t TILE = 2048;
 // The kept rows lie far apart, and the hardware prefetcher does not start a new row's stream by itself: each
 // row would begin with a wait for memory. Touching the first two cache lines of the row AHEAD rows on starts
-// it early. Measured on one core of this repository's test machine, 345 of 576 rows of 3072 floats: 700-770 us
-// without, 190-210 us with it (1-16 rows ahead and 1-4 lines all alike), against 300 us for a dense GEMV of all
-// 576 rows; prefetching every line of the row instead was slower (260-280 us, 1100 us as non-temporal).
+// it early; on the machine this was written on, 1-16 rows ahead and 1-4 lines did alike, several times faster
+// than no prefetch, and prefetching whole rows was slower (bench/README.md).
 constexpr int64_t AHEAD = 4;
 // Fewest columns worth handing to another thread.
 constexpr int64_t GRAIN = 256;
@@ -33,7 +32,7 @@ inline float magnitude(float v) {
 // Indices of the kept entries of v[0, n), in increasing order (the weight rows in memory order): the `keep`
 // largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
 // on a copy of the magnitudes (no index indirection in the partition) and collects the indices in one pass, in
-// order, so there is nothing to sort: a few microseconds where nth_element over indices and a sort took tens.
+// order, so there is nothing to sort.
 std::vector<int64_t> kept(const float* v, int64_t n, int64_t keep, float threshold) {
   std::vector<int64_t> idx;
   if (keep < 0 || keep >= n) {

@@ -6,8 +6,8 @@ torch it is not, at the default model's size (576x1536): the sparse token
 takes about twelve small operations (two top-k, two gathers, two
 `embedding_bag`s, the activation, ...) where the dense FFN takes five, and
 inside a decode step, with the caches full of weights, each eager operation
-costs 20-40 us (`bench/README.md`). Together they eat the bytes saved. This
-kernel does the whole token in one call:
+costs tens of microseconds (`bench/README.md`). Together they eat the bytes
+saved. This kernel does the whole token in one call:
 
 1. keep the `keep_in` inputs of largest |x| (or those above a calibrated
    threshold), in memory order;

@@ -7,7 +7,7 @@ in what they read and how they use the threads:
   keep nearly every input channel; training; counted as the whole FFN);
 - `bags`: each token reads its kept rows through `F.embedding_bag` (one bag
   per token, on one thread);
-- `split`: one token's bags over every thread, each bag one block of columns;
+- `split`: one token's rows in one bag per thread, their sums added;
 - `kernel`: one token in one call of the compiled CPU kernel
   (`bricks.routing.cpu_kernels`), when it is built;
 - `triton`: one token on the GPU kernels (`bricks.routing.kernels`).
@@ -35,14 +35,6 @@ from .paths import SERIAL
 SORT_ABOVE_BYTES = 8 << 20
 # Activation modules the compiled kernels compute themselves (transformers' own SiLU class, and torch's).
 SILU = (nn.SiLU, *([SiLUActivation] if SiLUActivation is not None else []))
-
-
-def column_blocks(width: int, threads: int, block: int = 256) -> int:
-    """Column blocks of about `block` entries that split a row of `width` evenly over `threads` (1: none do)."""
-    for blocks in range(threads * max(1, width // (block * threads)), 0, -threads):
-        if width % blocks == 0:
-            return blocks
-    return 1
 
 
 class SparsePaths:
@@ -115,8 +107,8 @@ class SparsePaths:
         return self._post(y, a)
 
     def _token(self, x: torch.Tensor, split: bool) -> torch.Tensor:
-        """`_sparse` of one token `[1, hidden]` (a decode step) in as few operations as it takes: at the default
-        model's size a token's bags take about 150 us, and every further eager operation about 4 us more."""
+        """`_sparse` of one token `[1, hidden]` (a decode step, without the compiled kernel) in as few eager
+        operations as it takes: inside a decode step each one costs far more than its arithmetic."""
         parts = torch.get_num_threads() if split else 1
         v = x[0]
         idx = self._select(v, 0, self.w_in_t)
@@ -137,27 +129,15 @@ class SparsePaths:
         return (v.abs() > t).nonzero().view(-1)  # in memory order
 
     def _rows_sum(self, idx: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-        """sum_j values[j] * weight[idx[j]] `[weight.shape[1]]`, read in `parts` > 1 bags at once (one per thread).
-
-        The bags split the columns, not the rows: `weight` viewed as `[rows * blocks, width / blocks]` (a view:
-        row `i * blocks + b` is block b of row i) gives one bag per column block, each reading a short piece of
-        every kept row and writing its own part of the output. Measured against bags of whole rows (half the
-        rows each, then summed) on the default model's gate|up weight from memory: 1.3x faster, and no sum.
-        """
+        """sum_j values[j] * weight[idx[j]] `[weight.shape[1]]`, its rows read in `parts` bags (one per thread)."""
         if idx.numel() == 0:  # a threshold can keep nothing
             return weight.new_zeros(weight.shape[1])
-        blocks = column_blocks(weight.shape[1], parts) if parts > 1 else 1
-        if blocks == 1:
+        parts = min(parts, idx.numel())
+        if parts == 1:
             return F.embedding_bag(idx[None], weight, mode="sum", per_sample_weights=values[None])[0]
-        n = idx.numel()
-        first = self._offsets.get(("blocks", blocks, idx.device))
-        if first is None:
-            first = self._offsets[("blocks", blocks, idx.device)] = torch.arange(blocks, device=idx.device)[:, None]
-        rows = (idx * blocks)[None] + first  # [blocks, n]: block b of every kept row
-        offsets = self._offsets_for(1, n * blocks, blocks, idx.device)
-        out = F.embedding_bag(rows.view(-1), weight.view(-1, weight.shape[1] // blocks), offsets, mode="sum",
-                              per_sample_weights=values.repeat(blocks))
-        return out.view(-1)
+        out = F.embedding_bag(idx, weight, self._offsets_for(1, idx.numel(), parts, idx.device), mode="sum",
+                              per_sample_weights=values)
+        return out.sum(0)
 
     def _counts_on(self, device) -> torch.Tensor:
         """The compiled paths' counts (tokens, inputs and neurons read), kept where they run."""
