@@ -50,6 +50,7 @@ HEADLINES = [
     ("README.md", "Greedy decoding is {} on a 22-layer", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("README.md", "{} on the default model (best", "decode_teal_default_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("bench/README.md", "**{}** | 0.67", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "| 1.58 | 2.10 | {} |", "decode_teal_busy_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("bench/README.md", "| 20.98 | **{}** | 0.60", "decode_teal_default_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("bench/README.md", "shape that is {} / 3.00x", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
     ("bench/README.md", "and {} at 0.5 with another process busy", "ffn_teal_cpu.json",
