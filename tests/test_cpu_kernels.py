@@ -40,6 +40,9 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
             torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
             # The same rows read: every input and neuron the bags read, no more (per token under thresholds).
             assert sparse.executed_fraction() == pytest.approx(bags) and sparse.routed_fraction() == pytest.approx(bags)
+            # At full compute the module runs the dense FFN on every path; the kernel itself keeps every row.
+            if sparse.full:
+                torch.testing.assert_close(sparse._kernel(x), ref, rtol=1e-5, atol=1e-6)
         x = torch.randn(3, 40)  # several tokens: one call each
         sparse.set_path("bags")
         ref = sparse(x)

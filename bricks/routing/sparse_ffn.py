@@ -258,8 +258,8 @@ class SparseFFN(SparsePaths, RoutedFFN):
     def paths_for(self, tokens: int) -> tuple[str, ...]:
         if tokens == 1:
             # Where the kernel is built it is the one-token path (on all threads or on one): the eager paths read
-            # the same rows in a dozen operations, slower in every setting measured (`bench/README.md`), and
-            # each path timed in a decode costs calls on it.
+            # the same rows in a dozen operations, and every path the chooser keeps timing costs decode calls on
+            # it. `set_path` can still fix any of them.
             paths = self.paths
             return ("kernel",) if "kernel" in paths else paths
         # Bags (and the kernel) read each token's rows apart: beyond twice the weights in all, one dense pass is
