@@ -137,3 +137,33 @@ def test_bags_are_offered_only_while_they_read_less_than_twice_the_weights(llama
     assert sparse.choose_path(x)[1] == sparse.timing_key(x) != SparseFFN(ffns(model)[0], 0.5).timing_key(x)
     assert sparse.paths_for(4) == ("bags", "masked", *kernel)  # 4 tokens x ~0.5 of the weights each
     assert sparse.paths_for(64) == ("masked",)
+
+
+def test_busy_processes_end_with_a_bench_killed_by_a_signal(tmp_path):
+    """A bench stopped by SIGTERM runs no `finally`: its busy processes must still go, or they load the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\nfrom bricks.routing.bench import competing_processes\n"
+              "with competing_processes(1) as procs:\n    print(procs[0].pid, flush=True)\n    time.sleep(60)\n")
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(bench.stdout.readline())
+    os.kill(child, 0)  # busy while the bench runs
+    bench.send_signal(signal.SIGTERM)
+    bench.wait(10)
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init once it ends: a zombie would still answer kill(0)
+            if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the busy process outlived the bench")

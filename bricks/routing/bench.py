@@ -27,14 +27,19 @@ def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = 
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
+# A busy process that ends itself once its parent is gone: a bench killed by a signal (whose `finally` never runs)
+# must not leave a core busy under the next measurement. Its parent is checked between short bursts of work.
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100_000): pass\n"
+
+
 @contextlib.contextmanager
 def competing_processes(n: int):
     """`n` other processes keeping a core busy each while the block runs: a laptop or a shared server's load."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
     try:
         if procs:
             time.sleep(0.5)  # let the scheduler spread them before anything is timed
-        yield
+        yield procs
     finally:
         for p in procs:
             p.kill()
