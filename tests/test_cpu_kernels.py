@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for one decode token (`bricks.routing.cpu_kernels`): the routed function, counted."""
+"""The compiled CPU kernel (`bricks.routing.cpu_kernels`): the routed function of one or many tokens, counted."""
 
 from __future__ import annotations
 
@@ -43,17 +43,24 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
             # At full compute the module runs the dense FFN on every path; the kernel itself keeps every row.
             if sparse.full:
                 torch.testing.assert_close(sparse._kernel(x), ref, rtol=1e-5, atol=1e-6)
-        x = torch.randn(3, 40)  # several tokens: one call each
-        sparse.set_path("bags")
-        ref = sparse(x)
-        sparse.set_path("kernel")
-        torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
+        for tokens in (2, 3, 8, 33):  # several tokens in one call: rows several of them keep are read once
+            x = torch.randn(tokens, 40)
+            sparse.set_path("bags")
+            sparse.reset_counts()
+            ref = sparse(x)
+            bags = sparse.executed_fraction()
+            sparse.set_path("kernel")
+            sparse.reset_counts()
+            torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
+            # Counted per token, as the bags' rows: what each token's routed function ran.
+            assert sparse.executed_fraction() == pytest.approx(bags)
 
 
-def test_kernel_threads_split_columns_so_results_are_bit_identical():
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens):
     sparse = _sparse(hidden=576, d_ff=1536)
     sparse.set_path("kernel")
-    x = torch.randn(1, 576)
+    x = torch.randn(tokens, 576)
     threads = torch.get_num_threads()
     with torch.no_grad():
         try:
@@ -88,24 +95,28 @@ def test_kernel_in_bfloat16_sums_in_float32():
 def test_kernel_keeps_nan_inputs_so_they_show():
     sparse = _sparse()
     sparse.set_path("kernel")
-    x = torch.randn(1, 40)
-    x[0, 3] = float("nan")
+    x = torch.randn(3, 40)
+    x[1, 3] = float("nan")
     with torch.no_grad():
-        assert torch.isnan(sparse(x)).all()
+        y = sparse(x)
+    # The token with the NaN shows it; the others, which read some of the same rows, do not.
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
 
 
 def test_kernel_refuses_mismatched_tensors_with_one_line():
     sparse = _sparse()
     counts = torch.zeros(3, dtype=torch.int64)
-    x = torch.randn(40)
+    x = torch.randn(1, 40)
+    with pytest.raises(RuntimeError, match="x must be contiguous tokens"):
+        cpu_kernels.teal_ffn(x[0], sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts)
     with pytest.raises(RuntimeError, match="x and the weights must share one dtype"):
-        cpu_kernels.teal_token(x.double(), sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts)
+        cpu_kernels.teal_ffn(x.double(), sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts)
     with pytest.raises(RuntimeError, match="w_in_t must be a contiguous"):
-        cpu_kernels.teal_token(x, sparse.w_in_t.t(), sparse.w_down_t, 20, 20, None, None, counts)
+        cpu_kernels.teal_ffn(x, sparse.w_in_t.t(), sparse.w_down_t, 20, 20, None, None, counts)
     with pytest.raises(RuntimeError, match="w_down_t must be a contiguous"):
-        cpu_kernels.teal_token(x, sparse.w_in_t, sparse.w_down_t[:10], 20, 20, None, None, counts)
+        cpu_kernels.teal_ffn(x, sparse.w_in_t, sparse.w_down_t[:10], 20, 20, None, None, counts)
     with pytest.raises(RuntimeError, match="counts must be 3 contiguous int64"):
-        cpu_kernels.teal_token(x, sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts.int())
+        cpu_kernels.teal_ffn(x, sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts.int())
 
 
 def test_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs, monkeypatch):

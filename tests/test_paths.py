@@ -124,7 +124,7 @@ def test_a_serial_path_runs_on_one_thread_and_gives_the_threads_back(llama):
         sparse.set_path("bricks@1")
 
 
-def test_bags_are_offered_only_while_they_read_less_than_twice_the_weights(llama):
+def test_paths_offered_to_several_tokens(llama, monkeypatch):
     model, _ = llama
     sparse = SparseFFN(ffns(model)[0], 0.5)
     kernel = ("kernel",) if cpu_kernels.available() else ()  # one compiled call per token, once built
@@ -135,8 +135,17 @@ def test_bags_are_offered_only_while_they_read_less_than_twice_the_weights(llama
     assert sparse.choose_path(x)[1] == sparse.timing_key(x)
     sparse.set_compute(0.25)
     assert sparse.choose_path(x)[1] == sparse.timing_key(x) != SparseFFN(ffns(model)[0], 0.5).timing_key(x)
-    assert sparse.paths_for(4) == ("bags", "masked", *kernel)  # 4 tokens x ~0.5 of the weights each
+    # 4 tokens x ~0.5 of the weights each: the kernel where it is built (one call, each row read once), else bags
+    assert sparse.paths_for(4) == (("kernel", "masked") if kernel else ("bags", "masked"))
+    assert sparse.paths_for(32) == (("kernel", "masked") if kernel else ("masked",))
     assert sparse.paths_for(64) == ("masked",)
+    monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")
+    cpu_kernels.reason.cache_clear()
+    try:
+        assert SparseFFN(ffns(model)[0], 0.5).paths_for(4) == ("bags", "masked")
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.reason.cache_clear()
 
 
 def test_busy_processes_end_with_a_bench_killed_by_a_signal(tmp_path):

@@ -32,6 +32,10 @@ def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = 
 _SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100_000): pass\n"
 
 
+# Distinct inputs the timed calls take in turn.
+INPUTS = 64
+
+
 @contextlib.contextmanager
 def competing_processes(n: int):
     """`n` other processes keeping a core busy each while the block runs: a laptop or a shared server's load."""
@@ -46,20 +50,22 @@ def competing_processes(n: int):
             p.wait()
 
 
-def _median_times(dense, routed, x, reps: int, device, min_seconds: float = 0.5) -> tuple[float, float]:
-    """Median seconds of one call of `dense` and of `routed` on `x`. On CPU the two alternate, call by call, for
-    `reps` pairs and at least `min_seconds`: a machine that drifts between slow and fast phases (a shared one
-    does) moves both alike. On CUDA each is replayed from a CUDA graph (see `_graph_time`)."""
+def _median_times(dense, routed, xs: list[torch.Tensor], reps: int, device, min_seconds: float = 0.5) -> tuple[float, float]:
+    """Median seconds of one call of `dense` and of `routed`, the calls taking the inputs `xs` in turn. On CPU the
+    two alternate, call by call, for `reps` pairs and at least `min_seconds`: a machine that drifts between slow
+    and fast phases (a shared one does) moves both alike. On CUDA each is replayed from a CUDA graph of the first
+    input (see `_graph_time`)."""
     if str(device).startswith("cuda"):
-        return _graph_time(dense, x, reps), _graph_time(routed, x, reps)
+        return _graph_time(dense, xs[0], reps), _graph_time(routed, xs[0], reps)
     # Warm-up, and the routed FFN's paths' first timings (each path, and each on one thread, twice) and the
     # chooser's first re-measurements: what a long decode has long behind it.
-    for _ in range(8 + 8 * len(getattr(routed, "paths", ()))):
-        dense(x)
-        routed(x)
+    for i in range(8 + 8 * len(getattr(routed, "paths", ()))):
+        dense(xs[i % len(xs)])
+        routed(xs[i % len(xs)])
     times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
+        x = xs[len(times[0]) % len(xs)]
         for module, out in zip((dense, routed), times):
             t = time.perf_counter()
             module(x)
@@ -113,7 +119,11 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
             assignment = torch.randperm(d_ff, generator=g) % n_bricks  # balanced random bricks
             dense = f.module
             for batch in batches:
-                x = torch.randn(batch, 1, hidden, generator=g).to(device, dtype)  # decode-style: one position
+                # Decode-style inputs (one position), a new one each call: which rows a token keeps differs from
+                # token to token, and a kernel timed on one input again and again would have its branches
+                # predicted from memory, faster than on the new tokens of a decode.
+                xs = [torch.randn(batch, 1, hidden, generator=g).to(device, dtype) for _ in range(INPUTS)]
+                x = xs[0]
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
                     routed = SparseFFN(f, compute=active, selection=selection) if router == "teal" else \
@@ -122,7 +132,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                         routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
-                    t_dense, t = _median_times(dense, routed, x, reps, device)
+                    t_dense, t = _median_times(dense, routed, xs, reps, device)
                     routed.reset_counts()
                     routed(x)  # one more call, counted: what the chosen path executes
                     key = routed.timing_key(x.reshape(-1, hidden))

@@ -1,4 +1,4 @@
-// One decode token through an activation-sparse SwiGLU FFN on the CPU, reading only the kept weight rows (TEAL).
+// Decode tokens through an activation-sparse SwiGLU FFN on the CPU, reading only the kept weight rows (TEAL).
 // Built and loaded by cpu_kernels.py, which says why it exists; SparseFFN's docstring says what it computes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -7,15 +7,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
 
 namespace {
 
-// Columns each thread accumulates at a time: 8 KB of fp32 sums, which stay in the core's L1 cache while the
-// kept rows stream past.
+// One token: columns each thread accumulates at a time, 8 KB of fp32 sums, which stay in the core's L1 cache while
+// the kept rows stream past.
 constexpr int64_t TILE = 2048;
+// Several tokens: their sums are held in registers over CHUNK columns (8 vectors of 16) while a block of
+// BLOCK_ROWS weight rows (16 KB in fp32, in L1) is read once from memory and then from L1 by every token that
+// keeps a row; a thread's columns go in tiles of at most TILE_SUMS sums over all tokens (64 KB, in its L2).
+constexpr int64_t CHUNK = 128;
+constexpr int64_t BLOCK_ROWS = 32;
+constexpr int64_t TILE_SUMS = 16384;
 // The kept rows lie far apart, and the hardware prefetcher does not start a new row's stream by itself: each
 // row would begin with a wait for memory. Touching the first two cache lines of the row AHEAD rows on starts
 // it early; on the machine this was written on, 1-16 rows ahead and 1-4 lines did alike, several times faster
@@ -25,45 +32,128 @@ constexpr int64_t AHEAD = 4;
 constexpr int64_t GRAIN = 256;
 
 // Magnitude used for ranking; NaN ranks first, as in torch.topk, so that a NaN input is kept and shows.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint16_t vhalfbits __attribute__((vector_size(32)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef _Float16 vhalf __attribute__((vector_size(32)));
+
+// 16 weights as fp32.
+template <typename T>
+inline vfloat load16(const T* p) {  // any dtype (fp64): one at a time
+  vfloat v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+inline vfloat load16(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vfloat load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  vhalfbits b;
+  std::memcpy(&b, p, sizeof b);
+  return reinterpret_cast<vfloat>(__builtin_convertvector(b, vuint) << 16);
+}
+inline vfloat load16(const c10::Half* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vfloat);
+}
+
+// exp of 16 floats (Cephes' single-precision method: 2^n times a polynomial on [-ln2/2, ln2/2], about 1 ulp):
+// the activation of a token called std::exp once per neuron, as long as a small FFN's sums. NaN stays NaN.
+inline vfloat exp16(vfloat x) {
+  const vfloat hi = vfloat{} + 88.3762626647949f, lo = vfloat{} - 88.3762626647949f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + round) - round;
+  const vfloat r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
+  return p * reinterpret_cast<vfloat>(e);
+}
+
+// a[i] = silu(g[i]) * u[i] for i in [0, n): SwiGLU's activation.
+void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vfloat gv = load16(g + i);
+    const vfloat av = gv / (1.0f + exp16(-gv)) * load16(u + i);
+    std::memcpy(a + i, &av, sizeof av);
+  }
+  for (; i < n; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 inline float magnitude(float v) {
   return std::isnan(v) ? std::numeric_limits<float>::infinity() : std::abs(v);
 }
 
-// Indices of the kept entries of v[0, n), in increasing order (the weight rows in memory order): the `keep`
+// What one token keeps of a projection's input: the rows (increasing) and their values.
+struct Kept {
+  std::vector<int64_t> rows;  // the first `count` (the vectors only grow, see `scratch`)
+  std::vector<float> values;
+  int64_t count = 0;
+};
+
+// Buffers that live as long as their thread and only grow. Allocating a call's buffers anew would cost more than
+// the call: freeing a large one lets the C library hand its pages back to the system, and the next call takes
+// page faults on fresh ones (at 32 tokens, several times the time of the selection, on the machine this was
+// written on).
+template <typename V>
+V& scratch(V& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+// The kept entries of v[0, n) with their values, in increasing order (the weight rows in memory order): the `keep`
 // largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
 // on a copy of the magnitudes (no index indirection in the partition) and collects the indices in one pass, in
 // order, so there is nothing to sort.
-std::vector<int64_t> kept(const float* v, int64_t n, int64_t keep, float threshold) {
-  std::vector<int64_t> idx;
+// Which entries are kept differs from token to token, so that a branch per entry is mispredicted about every
+// other time: the passes below write every index and advance by the test's result instead.
+void kept(const float* v, int64_t n, int64_t keep, float threshold, Kept& out) {
+  auto& idx = scratch(out.rows, n);
+  int64_t count = 0;
   if (keep < 0 || keep >= n) {
-    idx.reserve(keep < 0 ? n : keep);
     for (int64_t i = 0; i < n; ++i) {
-      if (keep >= n || magnitude(v[i]) > threshold) idx.push_back(i);
+      idx[count] = i;
+      count += keep >= n || magnitude(v[i]) > threshold;
     }
-    return idx;
+  } else if (keep > 0) {
+    thread_local std::vector<float> magnitudes, order;
+    float* m = scratch(magnitudes, n).data();
+    float* o = scratch(order, n).data();
+    for (int64_t i = 0; i < n; ++i) o[i] = m[i] = magnitude(v[i]);
+    std::nth_element(o, o + (keep - 1), o + n, std::greater<float>());
+    const float kth = o[keep - 1];
+    // Entries above the keep-th magnitude are kept; ties with it fill the remaining places, first come first kept.
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; ++i) above += m[i] > kth;
+    int64_t ties = keep - above;
+    for (int64_t i = 0; i < n; ++i) {
+      const bool tie = m[i] == kth && ties > 0;
+      ties -= tie;
+      idx[count] = i;
+      count += (m[i] > kth) | tie;
+    }
   }
-  idx.reserve(keep);
-  if (keep == 0) return idx;
-  std::vector<float> m(n);
-  for (int64_t i = 0; i < n; ++i) m[i] = magnitude(v[i]);
-  std::vector<float> order(m);
-  std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), std::greater<float>());
-  const float kth = order[keep - 1];
-  // Entries above the keep-th magnitude are kept; ties with it fill the remaining places, first come first kept.
-  int64_t above = 0;
-  for (int64_t i = 0; i < n; ++i) above += m[i] > kth;
-  int64_t ties = keep - above;
-  for (int64_t i = 0; i < n; ++i) {
-    if (m[i] > kth || (m[i] == kth && ties-- > 0)) idx.push_back(i);
-  }
-  return idx;
+  out.count = count;
+  auto& values = scratch(out.values, count);
+  for (int64_t j = 0; j < count; ++j) values[j] = v[idx[j]];
 }
 
-// out[c] = sum over j of v[idx[j]] * w[idx[j], c] for c in [0, width): the columns split over the threads, each
-// thread's columns in tiles; fp32 sums whatever the weights' dtype.
+// out[c] = sum over j of v[idx[j]] * w[idx[j], c] for c in [0, width), one token: the columns split over the
+// threads, each thread's columns in tiles; fp32 sums whatever the weights' dtype.
 template <typename T>
-void rows_sum(const T* w, int64_t width, const std::vector<int64_t>& idx, const float* v, float* out, bool parallel) {
-  const int64_t n = static_cast<int64_t>(idx.size());
+void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, const float* v, float* out,
+                    bool parallel) {
   auto columns = [&](int64_t begin, int64_t end) {
     float acc[TILE];
     for (int64_t c0 = begin; c0 < end; c0 += TILE) {
@@ -89,52 +179,145 @@ void rows_sum(const T* w, int64_t width, const std::vector<int64_t>& idx, const 
   }
 }
 
+// out[t, c] = sum over the rows j token t keeps of its value * w[j, c], for several tokens (w has `n_rows` rows):
+// each thread takes whole CHUNKs of columns, so that a column's sum is added in the same order (rows increasing)
+// whatever the thread count; a block of rows is read from memory once for all the tokens that keep its rows,
+// each token's CHUNK sums in registers over its kept rows of the block.
 template <typename T>
-at::Tensor token(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
-                 int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor& counts) {
-  const int64_t hidden = x.size(0), width = w_in_t.size(1), d_ff = width / 2;
-  std::vector<float> xf(hidden), h(width), a(d_ff), y(hidden);
-  const T* xp = x.data_ptr<T>();
-  for (int64_t i = 0; i < hidden; ++i) xf[i] = static_cast<float>(xp[i]);
-
-  const std::vector<int64_t> in = kept(xf.data(), hidden, keep_in, static_cast<float>(t_in));
-  rows_sum(w_in_t.data_ptr<T>(), width, in, xf.data(), h.data(), parallel);
-  for (int64_t i = 0; i < d_ff; ++i) {  // SwiGLU: silu(gate) * up, gate first as in SparseFFN's w_in_t
-    const float g = h[i];
-    a[i] = g / (1.0f + std::exp(-g)) * h[d_ff + i];
+void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
+                     float* out, bool parallel) {
+  const int64_t chunks = (width + CHUNK - 1) / CHUNK;
+  const int64_t tile_chunks = std::max<int64_t>(1, std::min<int64_t>(TILE, TILE_SUMS / tokens) / CHUNK);
+  auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t stride = tile_chunks * CHUNK;
+    thread_local std::vector<float> sums_buffer;
+    thread_local std::vector<size_t> cursor_buffer, lo_buffer;
+    float* sums = scratch(sums_buffer, tokens * stride).data();
+    size_t* cursor = scratch(cursor_buffer, tokens).data();
+    size_t* lo = scratch(lo_buffer, tokens).data();
+    for (int64_t tile = chunk_begin; tile < chunk_end; tile += tile_chunks) {
+      const int64_t c0 = tile * CHUNK, c1 = std::min(width, std::min(chunk_end, tile + tile_chunks) * CHUNK);
+      std::fill_n(sums, tokens * stride, 0.0f);
+      std::fill_n(cursor, tokens, 0);
+      for (int64_t r1 = BLOCK_ROWS; r1 < n_rows + BLOCK_ROWS; r1 += BLOCK_ROWS) {
+        for (int64_t t = 0; t < tokens; ++t) {  // each token's kept rows in this block: [lo, cursor)
+          const auto& rows = kept[t].rows;
+          lo[t] = cursor[t];
+          while (cursor[t] < static_cast<size_t>(kept[t].count) && rows[cursor[t]] < r1) ++cursor[t];
+        }
+        for (int64_t c = c0; c < c1; c += CHUNK) {
+          const int64_t len = std::min(CHUNK, c1 - c);
+          for (int64_t t = 0; t < tokens; ++t) {
+            const int64_t* rows = kept[t].rows.data();
+            const float* values = kept[t].values.data();
+            float* s = sums + t * stride + (c - c0);
+            if (len < CHUNK) {  // the last columns of the weight: the same for every thread count
+              for (size_t j = lo[t]; j < cursor[t]; ++j) {
+                const T* row = w + rows[j] * width + c;
+                for (int64_t k = 0; k < len; ++k) s[k] += values[j] * static_cast<float>(row[k]);
+              }
+              continue;
+            }
+            vfloat acc[CHUNK / 16];
+            for (int i = 0; i < CHUNK / 16; ++i) acc[i] = load16(s + 16 * i);
+            for (size_t j = lo[t]; j < cursor[t]; ++j) {
+              const T* row = w + rows[j] * width + c;
+              const float v = values[j];
+              for (int i = 0; i < CHUNK / 16; ++i) acc[i] += v * load16(row + 16 * i);
+            }
+            for (int i = 0; i < CHUNK / 16; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
+          }
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / CHUNK), work);
+  } else {
+    work(0, chunks);
   }
-  const std::vector<int64_t> act = kept(a.data(), d_ff, keep_act, static_cast<float>(t_act));
-  rows_sum(w_down_t.data_ptr<T>(), hidden, act, a.data(), y.data(), parallel);
+}
+
+// f(t) for every token, over the threads when there are several tokens.
+template <typename F>
+void per_token(int64_t tokens, bool parallel, const F& f) {
+  if (parallel && tokens > 1) {
+    at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) f(t);
+    });
+  } else {
+    for (int64_t t = 0; t < tokens; ++t) f(t);
+  }
+}
+
+template <typename T>
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
+               int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor& counts) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), width = w_in_t.size(1), d_ff = width / 2;
+  thread_local std::vector<float> buffer;
+  thread_local std::vector<Kept> in_buffer, act_buffer;
+  float* xf = scratch(buffer, tokens * (2 * hidden + width + d_ff)).data();
+  float* h = xf + tokens * hidden;
+  float* a = h + tokens * width;
+  float* y = a + tokens * d_ff;
+  std::vector<Kept>& in = scratch(in_buffer, tokens);
+  std::vector<Kept>& act = scratch(act_buffer, tokens);
+  const T* xp = x.data_ptr<T>();
+  for (int64_t i = 0; i < tokens * hidden; ++i) xf[i] = static_cast<float>(xp[i]);
+  const T* w_in = w_in_t.data_ptr<T>();
+  const T* w_down = w_down_t.data_ptr<T>();
+
+  per_token(tokens, parallel, [&](int64_t t) {
+    kept(xf + t * hidden, hidden, keep_in, static_cast<float>(t_in), in[t]);
+  });
+  if (tokens == 1) {
+    token_rows_sum(w_in, width, in[0].rows.data(), in[0].count, xf, h, parallel);
+  } else {
+    tokens_rows_sum(w_in, width, hidden, in, tokens, h, parallel);
+  }
+  per_token(tokens, parallel, [&](int64_t t) {  // SwiGLU: silu(gate) * up, gate first as in SparseFFN's w_in_t
+    const float* ht = h + t * width;
+    silu_mul(ht, ht + d_ff, a + t * d_ff, d_ff);
+    kept(a + t * d_ff, d_ff, keep_act, static_cast<float>(t_act), act[t]);
+  });
+  if (tokens == 1) {
+    token_rows_sum(w_down, hidden, act[0].rows.data(), act[0].count, a, y, parallel);
+  } else {
+    tokens_rows_sum(w_down, hidden, d_ff, act, tokens, y, parallel);
+  }
 
   int64_t* c = counts.data_ptr<int64_t>();
-  c[0] += 1;
-  c[1] += static_cast<int64_t>(in.size());
-  c[2] += static_cast<int64_t>(act.size());
-  at::Tensor out = at::empty({hidden}, x.options());
+  c[0] += tokens;
+  for (int64_t t = 0; t < tokens; ++t) {
+    c[1] += in[t].count;
+    c[2] += act[t].count;
+  }
+  at::Tensor out = at::empty({tokens, hidden}, x.options());
   T* op = out.data_ptr<T>();
-  for (int64_t i = 0; i < hidden; ++i) op[i] = static_cast<T>(y[i]);
+  for (int64_t i = 0; i < tokens * hidden; ++i) op[i] = static_cast<T>(y[i]);
   return out;
 }
 
-// y [hidden] of one token x [hidden]: keep_in / keep_act >= 0 keep that many entries by magnitude (top-k), < 0
-// keep those above t_in / t_act (calibrated thresholds). `parallel`: the columns over torch's threads, else on
-// the calling thread (no change of the thread count, which costs the other operations of a decode step).
-// counts [3] (int64) gains the token and the rows read.
-at::Tensor teal_token(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
-                      int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor counts) {
-  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "teal_token: x must be one contiguous token [hidden]");
-  TORCH_CHECK(w_in_t.dim() == 2 && w_in_t.is_contiguous() && w_in_t.size(0) == x.size(0) && w_in_t.size(1) % 2 == 0,
-              "teal_token: w_in_t must be a contiguous [hidden, 2 * d_ff] gate|up weight");
+// y [tokens, hidden] of tokens x [tokens, hidden]: keep_in / keep_act >= 0 keep that many entries of each token by
+// magnitude (top-k), < 0 keep those above t_in / t_act (calibrated thresholds). `parallel`: over torch's threads,
+// else on the calling thread (no change of the thread count, which costs the other operations of a decode step).
+// counts [3] (int64) gains the tokens and the rows they read (a row several tokens keep counts for each).
+at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
+                    int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor counts) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) > 0, "teal_ffn: x must be contiguous tokens [tokens, hidden]");
+  TORCH_CHECK(w_in_t.dim() == 2 && w_in_t.is_contiguous() && w_in_t.size(0) == x.size(1) && w_in_t.size(1) % 2 == 0,
+              "teal_ffn: w_in_t must be a contiguous [hidden, 2 * d_ff] gate|up weight");
   TORCH_CHECK(w_down_t.dim() == 2 && w_down_t.is_contiguous() && w_down_t.size(0) * 2 == w_in_t.size(1) &&
-                  w_down_t.size(1) == x.size(0),
-              "teal_token: w_down_t must be a contiguous [d_ff, hidden] down weight");
+                  w_down_t.size(1) == x.size(1),
+              "teal_ffn: w_down_t must be a contiguous [d_ff, hidden] down weight");
   TORCH_CHECK(x.scalar_type() == w_in_t.scalar_type() && x.scalar_type() == w_down_t.scalar_type(),
-              "teal_token: x and the weights must share one dtype");
+              "teal_ffn: x and the weights must share one dtype");
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() == 3 && counts.is_contiguous(),
-              "teal_token: counts must be 3 contiguous int64");
+              "teal_ffn: counts must be 3 contiguous int64");
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "teal_token", [&] {
-    out = token<scalar_t>(x, w_in_t, w_down_t, keep_in, keep_act, t_in, t_act, parallel, counts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "teal_ffn", [&] {
+    out = ffn<scalar_t>(x, w_in_t, w_down_t, keep_in, keep_act, t_in, t_act, parallel, counts);
   });
   return out;
 }
@@ -142,10 +325,10 @@ at::Tensor teal_token(const at::Tensor& x, const at::Tensor& w_in_t, const at::T
 }  // namespace
 
 TORCH_LIBRARY(bricks, m) {
-  m.def("teal_token(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
+  m.def("teal_ffn(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
         "bool parallel, Tensor(a!) counts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {
-  m.impl("teal_token", &teal_token);
+  m.impl("teal_ffn", &teal_ffn);
 }

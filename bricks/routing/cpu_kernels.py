@@ -63,7 +63,7 @@ def build_directory() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def reason() -> str | None:
-    """None when `torch.ops.bricks.teal_token` is loaded (built first if needed), else why it is not."""
+    """None when `torch.ops.bricks.teal_ffn` is loaded (built first if needed), else why it is not."""
     if os.environ.get("BRICKS_CPU_KERNELS", "1") == "0":
         return "BRICKS_CPU_KERNELS=0"
     try:
@@ -86,14 +86,14 @@ def available() -> bool:
     return reason() is None
 
 
-def teal_token(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep_in: int, keep_act: int,
-               t_in: float | None, t_act: float | None, counts: torch.Tensor, parallel: bool = True) -> torch.Tensor:
-    """y `[hidden]` of one token `x` `[hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
+def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep_in: int, keep_act: int,
+             t_in: float | None, t_act: float | None, counts: torch.Tensor, parallel: bool = True) -> torch.Tensor:
+    """y `[tokens, hidden]` of `x` `[tokens, hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
     selection with `keep_in` inputs and `keep_act` neurons, or threshold selection where `t_in` / `t_act` are
-    given. `counts` (int64 `[3]`) gains the token, the input rows and the neuron rows read. `parallel=False`
-    runs on the calling thread only."""
+    given, per token. `counts` (int64 `[3]`) gains the tokens and the input and neuron rows they read (a row
+    several tokens keep is read from memory once, and counted for each). `parallel=False` runs on the calling
+    thread only."""
     if reason() is not None:
         raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
-    return torch.ops.bricks.teal_token(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
-                                       -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel,
-                                       counts)
+    return torch.ops.bricks.teal_ffn(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
+                                     -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)

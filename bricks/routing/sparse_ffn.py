@@ -63,6 +63,8 @@ IN_OVER_COMPUTE = 1.2
 SELECTIONS = ("topk", "threshold")
 # Several tokens take the bags only while they read at most this many times the FFN's weights between them.
 MAX_BAG_READS = 2.0
+# Several tokens are offered the compiled kernel up to this many.
+KERNEL_MAX_TOKENS = 32
 
 
 class SparseFFN(SparsePaths, RoutedFFN):
@@ -262,11 +264,15 @@ class SparseFFN(SparsePaths, RoutedFFN):
             # it. `set_path` can still fix any of them.
             paths = self.paths
             return ("kernel",) if "kernel" in paths else paths
-        # Bags (and the kernel) read each token's rows apart: beyond twice the weights in all, one dense pass is
-        # sure to win, and timing them even twice would cost a short evaluation more than it could gain.
+        if "kernel" in self.paths:
+            # The kernel reads a row once for all the tokens that keep it and skips the others' compute: up to a
+            # few dozen tokens it can beat dense matmuls (more for fp32 and small FFNs, fewer for bf16, whose
+            # matmuls are faster); beyond, timing it even twice would cost a prefill more than it could gain.
+            return ("kernel", "masked") if tokens <= KERNEL_MAX_TOKENS else ("masked",)
+        # Bags read each token's rows apart: beyond twice the weights in all, one dense pass is sure to win.
         if tokens * self.compute_fraction() > MAX_BAG_READS:
             return ("masked",)
-        return ("bags", "masked") + (("kernel",) if "kernel" in self.paths else ())
+        return ("bags", "masked")
 
     def static_path(self, tokens: int) -> str:
         if tokens == 1:
@@ -300,7 +306,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
                 elif kernel:
                     parallel = not chosen.endswith(SERIAL)
-                    y = self._kernel(x2, parallel) if n == 1 else torch.cat([self._kernel(r, parallel) for r in x2.split(1)])
+                    y = self._kernel(x2, parallel)
                 else:
                     y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)

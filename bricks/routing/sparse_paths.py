@@ -8,7 +8,7 @@ in what they read and how they use the threads:
 - `bags`: each token reads its kept rows through `F.embedding_bag` (one bag
   per token, on one thread);
 - `split`: one token's rows in one bag per thread, their sums added;
-- `kernel`: one token in one call of the compiled CPU kernel
+- `kernel`: the tokens in one call of the compiled CPU kernel
   (`bricks.routing.cpu_kernels`), when it is built;
 - `triton`: one token on the GPU kernels (`bricks.routing.kernels`).
 
@@ -156,12 +156,12 @@ class SparsePaths:
             raise BricksError(f"the kernel path is not available here: {why}")
 
     def _kernel(self, x: torch.Tensor, parallel: bool = True) -> torch.Tensor:
-        """One token `[1, hidden]` in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`, which
+        """Tokens `[tokens, hidden]` in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`, which
         refuses when it is not built), on torch's threads or (`parallel=False`) on the calling one."""
         if self.beside is not None or self.b_in is not None:  # added since the path was fixed
             self._kernel_available()
-        y = cpu_kernels.teal_token(x[0], self.w_in_t, self.w_down_t, self.n_in, self.n_act, self._threshold(0),
-                                   self._threshold(1), self._counts_on(x.device), parallel)[None]
+        y = cpu_kernels.teal_ffn(x.contiguous(), self.w_in_t, self.w_down_t, self.n_in, self.n_act, self._threshold(0),
+                                 self._threshold(1), self._counts_on(x.device), parallel)
         return y if self.b_down is None else y + self.b_down
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
