@@ -24,13 +24,15 @@ def _sparse(hidden=40, d_ff=52, dtype=torch.float32, compute=0.5, selection="top
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
 @pytest.mark.parametrize("compute", [0.25, 0.5, 1.0])
-def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, compute):
-    # Odd sizes: the columns do not split evenly over threads or tiles.
-    sparse = _sparse(hidden=40, d_ff=52, compute=compute, selection=selection)
+@pytest.mark.parametrize("hidden, d_ff", [(40, 52), (80, 200)])
+def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, compute, hidden, d_ff):
+    # Odd sizes: the columns do not split evenly over threads, tiles or vectors (40 and 104 columns end with
+    # 8 that are not a whole vector; 80 and 400 with 5 and 1 whole vectors after the full chunks).
+    sparse = _sparse(hidden=hidden, d_ff=d_ff, compute=compute, selection=selection)
     assert "kernel" in sparse.paths
     with torch.no_grad():
         for _ in range(5):
-            x = torch.randn(1, 40)
+            x = torch.randn(1, hidden)
             sparse.set_path("bags")
             sparse.reset_counts()
             ref = sparse(x)
@@ -44,7 +46,7 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
             if sparse.full:
                 torch.testing.assert_close(sparse._kernel(x), ref, rtol=1e-5, atol=1e-6)
         for tokens in (2, 3, 8, 33):  # several tokens in one call: rows several of them keep are read once
-            x = torch.randn(tokens, 40)
+            x = torch.randn(tokens, hidden)
             sparse.set_path("bags")
             sparse.reset_counts()
             ref = sparse(x)
@@ -137,3 +139,30 @@ def test_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs,
             sparse.set_path("kernel")
     finally:
         cpu_kernels.reason.cache_clear()
+
+
+def _keep_reference(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The kernel's top-k rule, written plainly: the n largest |v| (NaN largest), ties with the n-th taken first
+    come first; the kept indices in increasing order."""
+    m = torch.where(torch.isnan(v), torch.full_like(v, float("inf")), v.abs())
+    kth = m.sort(descending=True).values[n - 1]
+    above = (m > kth).nonzero().view(-1)
+    ties = (m == kth).nonzero().view(-1)[: n - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def test_kernel_top_k_keeps_exactly_k_among_ties():
+    """Tokens whose magnitudes tie (small integers; common in bf16) keep exactly k, the first ties first."""
+    sparse = _sparse(hidden=40, d_ff=52)
+    sparse.set_path("kernel")
+    x = torch.randint(-2, 3, (6, 40)).float()  # magnitudes 0, 1 and 2 only
+    with torch.no_grad():
+        sparse.reset_counts()
+        got = sparse(x)
+        assert sparse.executed_fraction() == pytest.approx(sparse.compute_fraction())
+        for t in range(6):
+            idx = _keep_reference(x[t], sparse.n_in)
+            h = x[t, idx] @ sparse.w_in_t[idx]
+            a = torch.nn.functional.silu(h[:52]) * h[52:]
+            j = _keep_reference(a, sparse.n_act)
+            torch.testing.assert_close(got[t], a[j] @ sparse.w_down_t[j], rtol=1e-5, atol=1e-5)

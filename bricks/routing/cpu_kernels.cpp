@@ -23,6 +23,8 @@ constexpr int64_t TILE = 2048;
 constexpr int64_t CHUNK = 128;
 constexpr int64_t BLOCK_ROWS = 32;
 constexpr int64_t TILE_SUMS = 16384;
+// From this many tokens a block is copied before they read it (`pack`); fewer read too little of it to repay.
+constexpr int64_t PACK_FROM = 4;
 // The kept rows lie far apart, and the hardware prefetcher does not start a new row's stream by itself: each
 // row would begin with a wait for memory. Touching the first two cache lines of the row AHEAD rows on starts
 // it early; on the machine this was written on, 1-16 rows ahead and 1-4 lines did alike, several times faster
@@ -116,6 +118,38 @@ V& scratch(V& v, size_t n) {
 // largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
 // on a copy of the magnitudes (no index indirection in the partition) and collects the indices in one pass, in
 // order, so there is nothing to sort.
+// The keep-th largest of the n magnitudes m (0 < keep <= n), by radix selection on their bits (the bits of a
+// non-negative float order as it does): a byte at a time from the top, count the candidates per byte value,
+// find the byte of the keep-th largest, keep the candidates with that byte. Unlike a partition (nth_element),
+// nothing branches on the data, whose every other comparison a new token's values would mispredict.
+float kth_largest(const float* m, int64_t n, int64_t keep) {
+  thread_local std::vector<uint32_t> first, second;
+  uint32_t* from = scratch(first, n).data();
+  uint32_t* to = scratch(second, n).data();
+  std::memcpy(from, m, n * sizeof(float));
+  int64_t count = n, rank = keep;  // the answer is the rank-th largest of the `count` candidates in `from`
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t histogram[4][256] = {};  // four interleaved, so that equal bytes in a row do not wait on each other
+    for (int64_t i = 0; i < count; ++i) ++histogram[i & 3][(from[i] >> shift) & 255];
+    uint32_t byte = 255;
+    for (;; --byte) {
+      const int64_t here = histogram[0][byte] + histogram[1][byte] + histogram[2][byte] + histogram[3][byte];
+      if (here >= rank) break;
+      rank -= here;
+    }
+    int64_t kept_count = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      to[kept_count] = from[i];
+      kept_count += ((from[i] >> shift) & 255) == byte;
+    }
+    std::swap(from, to);
+    count = kept_count;
+  }
+  float kth;
+  std::memcpy(&kth, from, sizeof kth);  // every candidate left has the same bits
+  return kth;
+}
+
 // Which entries are kept differs from token to token, so that a branch per entry is mispredicted about every
 // other time: the passes below write every index and advance by the test's result instead.
 void kept(const float* v, int64_t n, int64_t keep, float threshold, Kept& out) {
@@ -127,12 +161,10 @@ void kept(const float* v, int64_t n, int64_t keep, float threshold, Kept& out) {
       count += keep >= n || magnitude(v[i]) > threshold;
     }
   } else if (keep > 0) {
-    thread_local std::vector<float> magnitudes, order;
+    thread_local std::vector<float> magnitudes;
     float* m = scratch(magnitudes, n).data();
-    float* o = scratch(order, n).data();
-    for (int64_t i = 0; i < n; ++i) o[i] = m[i] = magnitude(v[i]);
-    std::nth_element(o, o + (keep - 1), o + n, std::greater<float>());
-    const float kth = o[keep - 1];
+    for (int64_t i = 0; i < n; ++i) m[i] = magnitude(v[i]);
+    const float kth = kth_largest(m, n, keep);
     // Entries above the keep-th magnitude are kept; ties with it fill the remaining places, first come first kept.
     int64_t above = 0;
     for (int64_t i = 0; i < n; ++i) above += m[i] > kth;
@@ -179,10 +211,41 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
   }
 }
 
+// block = w[r0, r1) x [c, c + CHUNK) as fp32, contiguous. Read in place, the rows of a block lie a row's width
+// apart, often a multiple of 4 KB (a 3072-wide fp32 gate|up row is 12 KB): they fall in the same few sets of the
+// L1 cache, which then holds a quarter of the block, and every token that keeps a row would fetch it again.
+// The copy holds the whole block in L1, and bf16 or fp16 rows are converted once for all the tokens.
+template <typename T>
+void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, float* block) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = w + r * width + c;
+    float* to = block + (r - r0) * CHUNK;
+    for (int i = 0; i < CHUNK / 16; ++i) {
+      const vfloat v = load16(row + 16 * i);
+      std::memcpy(to + 16 * i, &v, sizeof v);
+    }
+  }
+}
+
+// s[0, 16 * N) += values[j] * row rows[j] of `from` (rows `row_width` apart, the first being `first_row`), for j in
+// [lo, hi): the sums in N registers meanwhile.
+template <int N, typename R>
+inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_width, const int64_t* rows,
+                     const float* values, size_t lo, size_t hi) {
+  vfloat acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = load16(s + 16 * i);
+  for (size_t j = lo; j < hi; ++j) {
+    const R* row = from + (rows[j] - first_row) * row_width;
+    const float v = values[j];
+    for (int i = 0; i < N; ++i) acc[i] += v * load16(row + 16 * i);
+  }
+  for (int i = 0; i < N; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
+}
+
 // out[t, c] = sum over the rows j token t keeps of its value * w[j, c], for several tokens (w has `n_rows` rows):
 // each thread takes whole CHUNKs of columns, so that a column's sum is added in the same order (rows increasing)
-// whatever the thread count; a block of rows is read from memory once for all the tokens that keep its rows,
-// each token's CHUNK sums in registers over its kept rows of the block.
+// whatever the thread count; a block of rows is read from memory once (`pack`) for all the tokens that keep its
+// rows, each token's CHUNK sums in registers over its kept rows of the block.
 template <typename T>
 void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
                      float* out, bool parallel) {
@@ -195,6 +258,7 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
     float* sums = scratch(sums_buffer, tokens * stride).data();
     size_t* cursor = scratch(cursor_buffer, tokens).data();
     size_t* lo = scratch(lo_buffer, tokens).data();
+    alignas(64) float block[BLOCK_ROWS * CHUNK];
     for (int64_t tile = chunk_begin; tile < chunk_end; tile += tile_chunks) {
       const int64_t c0 = tile * CHUNK, c1 = std::min(width, std::min(chunk_end, tile + tile_chunks) * CHUNK);
       std::fill_n(sums, tokens * stride, 0.0f);
@@ -211,21 +275,27 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
             const int64_t* rows = kept[t].rows.data();
             const float* values = kept[t].values.data();
             float* s = sums + t * stride + (c - c0);
-            if (len < CHUNK) {  // the last columns of the weight: the same for every thread count
+            if (len == CHUNK && tokens >= PACK_FROM) {
+              if (t == 0) pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, block);
+              add_rows<CHUNK / 16>(s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
+            } else if (len == CHUNK) {
+              add_rows<CHUNK / 16>(s, w + c, 0, width, rows, values, lo[t], cursor[t]);
+            } else if (len % 16 == 0) {  // the last columns of the weight: the same for every thread count
+              switch (len / 16) {
+                case 1: add_rows<1>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                case 2: add_rows<2>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                case 3: add_rows<3>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                case 4: add_rows<4>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                case 5: add_rows<5>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                case 6: add_rows<6>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+                default: add_rows<7>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
+              }
+            } else {  // a width that is not a multiple of 16: its last columns one at a time
               for (size_t j = lo[t]; j < cursor[t]; ++j) {
                 const T* row = w + rows[j] * width + c;
                 for (int64_t k = 0; k < len; ++k) s[k] += values[j] * static_cast<float>(row[k]);
               }
-              continue;
             }
-            vfloat acc[CHUNK / 16];
-            for (int i = 0; i < CHUNK / 16; ++i) acc[i] = load16(s + 16 * i);
-            for (size_t j = lo[t]; j < cursor[t]; ++j) {
-              const T* row = w + rows[j] * width + c;
-              const float v = values[j];
-              for (int i = 0; i < CHUNK / 16; ++i) acc[i] += v * load16(row + 16 * i);
-            }
-            for (int i = 0; i < CHUNK / 16; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
           }
         }
       }

@@ -1,4 +1,4 @@
-"""A CPU kernel for one decode token of an activation-sparse FFN (TEAL), compiled on the user's machine.
+"""A CPU kernel for the tokens of an activation-sparse FFN (TEAL), compiled on the user's machine.
 
 A batch-1 decode step is bound by the bytes of weights it reads, so skipping
 half the FFN's weight rows should make the FFN up to twice as fast. In eager
@@ -7,16 +7,23 @@ takes about twelve small operations (two top-k, two gathers, two
 `embedding_bag`s, the activation, ...) where the dense FFN takes five, and
 inside a decode step, with the caches full of weights, each eager operation
 costs tens of microseconds (`bench/README.md`). Together they eat the bytes
-saved. This kernel does the whole token in one call:
+saved. This kernel does the whole call in one:
 
-1. keep the `keep_in` inputs of largest |x| (or those above a calibrated
-   threshold), in memory order;
+1. per token, keep the `keep_in` inputs of largest |x| (or those above a
+   calibrated threshold), in memory order; the k-th largest magnitude is
+   found by radix selection, which does not branch on the data (a new
+   token's values would mispredict every other branch of a partition);
 2. gate|up pre-activations from the kept rows of `w_in_t` only, the columns
-   split over the threads (each thread streams a contiguous piece of every
-   kept row into fp32 sums that stay in its L1 cache);
-3. `silu(gate) * up`;
+   split over the threads. One token streams a contiguous piece of every
+   kept row into fp32 sums that stay in its L1 cache. Several tokens go a
+   block of rows at a time: the block is read from memory once, and each
+   token adds its kept rows of it to sums held in registers, so that a row
+   several tokens keep costs the memory traffic of one (a batch of 8 keeps
+   nearly every row between its tokens, but each token still skips the
+   compute of the rows it drops);
+3. `silu(gate) * up`, sixteen lanes at a time;
 4. keep the `keep_act` neurons of largest |a| (or above a threshold), and
-   the output from their rows of `w_down_t` only.
+   the output from their rows of `w_down_t` only, the same way.
 
 It runs on torch's own thread pool, so a path timed on one thread (`@1`,
 `bricks.routing.paths`) runs it serially.
@@ -66,6 +73,8 @@ def reason() -> str | None:
     """None when `torch.ops.bricks.teal_ffn` is loaded (built first if needed), else why it is not."""
     if os.environ.get("BRICKS_CPU_KERNELS", "1") == "0":
         return "BRICKS_CPU_KERNELS=0"
+    if hasattr(torch.ops.bricks, "teal_ffn"):  # loaded before: a second library would register the ops again
+        return None
     try:
         from torch.utils.cpp_extension import load
 

@@ -33,8 +33,8 @@ product then reads contiguous rows and skips the others.
 
 Several paths compute that function (`bricks.routing.sparse_paths`): on the
 CPU, `bags` and `split` gather a token's rows with `F.embedding_bag`, `kernel`
-runs a decode token in one call of a compiled kernel
-(`bricks.routing.cpu_kernels`) and `masked` runs dense matmuls on the zeroed
+runs a call's tokens (a decode token, a small batch) in one call of a compiled
+kernel (`bricks.routing.cpu_kernels`) and `masked` runs dense matmuls on the zeroed
 entries (what several tokens together want, since between them they keep
 nearly every input channel; counted as the whole FFN in the executed
 fraction, as it is). Which one runs is timed, not guessed
@@ -252,7 +252,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """The CPU paths, and `kernel` (`bricks.routing.cpu_kernels`: one compiled call per token) for a gated SiLU
+        """The CPU paths, and `kernel` (`bricks.routing.cpu_kernels`: one compiled call per FFN call) for a gated SiLU
         FFN with nothing added before its activation, once the kernel is built."""
         kernel = self.gated and self.silu and self.b_in is None and self.beside is None and cpu_kernels.available()
         return self.eager_paths + (("kernel",) if kernel else ())
