@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -14,8 +16,12 @@
 
 namespace {
 
-// One token: columns each thread accumulates at a time, 8 KB of fp32 sums, which stay in the core's L1 cache while
-// the kept rows stream past.
+// One token: columns each thread accumulates at a time, up to 128 KB of fp32 sums (in its L2 cache) while the kept
+// rows stream past. Long pieces of each row keep memory streaming: every piece starts a new stream, which the
+// hardware prefetcher takes a while to follow (8 KB pieces were much slower than 128 KB ones on the machine
+// this was written on, in a probe whose output was not kept).
+constexpr int64_t TOKEN_TILE = 32768;
+// Several tokens: at most this many columns per tile.
 constexpr int64_t TILE = 2048;
 // Several tokens: their sums are held in registers over CHUNK columns (8 vectors of 16) while a block of
 // BLOCK_ROWS weight rows (16 KB in fp32, in L1) is read once from memory and then from L1 by every token that
@@ -52,15 +58,26 @@ inline vfloat load16(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline vfloat load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+// bf16 is the top half of an fp32. With AVX-512, in two instructions: compilers tuned for CPUs that prefer
+// 256-bit vectors split the generic conversion into halves and shuffles, several times the instructions.
+inline vfloat load16(const c10::BFloat16* p) {
+#ifdef __AVX512F__
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<vfloat>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+#else
   vhalfbits b;
   std::memcpy(&b, p, sizeof b);
   return reinterpret_cast<vfloat>(__builtin_convertvector(b, vuint) << 16);
+#endif
 }
 inline vfloat load16(const c10::Half* p) {
+#ifdef __AVX512F__
+  return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
   vhalf h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, vfloat);
+#endif
 }
 
 // exp of 16 floats (Cephes' single-precision method: 2^n times a polynomial on [-ln2/2, ln2/2], about 1 ulp):
@@ -187,9 +204,10 @@ template <typename T>
 void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, const float* v, float* out,
                     bool parallel) {
   auto columns = [&](int64_t begin, int64_t end) {
-    float acc[TILE];
-    for (int64_t c0 = begin; c0 < end; c0 += TILE) {
-      const int64_t len = std::min(TILE, end - c0);
+    thread_local std::vector<float> sums;
+    float* acc = scratch(sums, TOKEN_TILE).data();
+    for (int64_t c0 = begin; c0 < end; c0 += TOKEN_TILE) {
+      const int64_t len = std::min(TOKEN_TILE, end - c0);
       std::fill(acc, acc + len, 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         if (j + AHEAD < n) {  // start the stream of a row ahead: the hardware prefetcher follows it from there
@@ -250,7 +268,9 @@ template <typename T>
 void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
                      float* out, bool parallel) {
   const int64_t chunks = (width + CHUNK - 1) / CHUNK;
-  const int64_t tile_chunks = std::max<int64_t>(1, std::min<int64_t>(TILE, TILE_SUMS / tokens) / CHUNK);
+  // Tokens that read the rows in place read long pieces of them, as one token does (see TOKEN_TILE).
+  const int64_t tile = tokens < PACK_FROM ? TOKEN_TILE / tokens : std::min<int64_t>(TILE, TILE_SUMS / tokens);
+  const int64_t tile_chunks = std::max<int64_t>(1, tile / CHUNK);
   auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t stride = tile_chunks * CHUNK;
     thread_local std::vector<float> sums_buffer;
