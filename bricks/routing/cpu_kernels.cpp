@@ -1,4 +1,4 @@
-// Decode tokens through an activation-sparse SwiGLU FFN on the CPU, reading only the kept weight rows (TEAL).
+// The tokens of a call through an activation-sparse SwiGLU FFN on the CPU, reading only the kept weight rows (TEAL).
 // Built and loaded by cpu_kernels.py, which says why it exists; SparseFFN's docstring says what it computes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -31,6 +30,7 @@ constexpr int64_t BLOCK_ROWS = 32;
 constexpr int64_t TILE_SUMS = 16384;
 // From this many tokens a block is copied before they read it (`pack`); fewer read too little of it to repay.
 constexpr int64_t PACK_FROM = 4;
+// A copy prefetches its rows' pieces this many chunks on.
 constexpr int64_t PACK_AHEAD = 2;
 // The kept rows lie far apart, and the hardware prefetcher does not start a new row's stream by itself: each
 // row would begin with a wait for memory. Touching the first two cache lines of the row AHEAD rows on starts
