@@ -122,20 +122,15 @@ struct Kept {
   int64_t count = 0;
 };
 
-// Buffers that live as long as their thread and only grow. Allocating a call's buffers anew would cost more than
-// the call: freeing a large one lets the C library hand its pages back to the system, and the next call takes
-// page faults on fresh ones (at 32 tokens, several times the time of the selection, on the machine this was
-// written on).
+// Buffers that live as long as their thread and only grow, so that a call allocates nothing: freeing a large
+// buffer can let the C library hand its pages back to the system, and the next call would take page faults on
+// fresh ones.
 template <typename V>
 V& scratch(V& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v;
 }
 
-// The kept entries of v[0, n) with their values, in increasing order (the weight rows in memory order): the `keep`
-// largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
-// on a copy of the magnitudes (no index indirection in the partition) and collects the indices in one pass, in
-// order, so there is nothing to sort.
 // The keep-th largest of the n magnitudes m (0 < keep <= n), by radix selection on their bits (the bits of a
 // non-negative float order as it does): a byte at a time from the top, count the candidates per byte value,
 // find the byte of the keep-th largest, keep the candidates with that byte. Unlike a partition (nth_element),
@@ -168,6 +163,9 @@ float kth_largest(const float* m, int64_t n, int64_t keep) {
   return kth;
 }
 
+// The kept entries of v[0, n) with their values, in increasing order (the weight rows in memory order): the `keep`
+// largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
+// and collects the indices in one pass, in order, so there is nothing to sort.
 // Which entries are kept differs from token to token, so that a branch per entry is mispredicted about every
 // other time: the passes below write every index and advance by the test's result instead.
 void kept(const float* v, int64_t n, int64_t keep, float threshold, Kept& out) {
