@@ -176,3 +176,15 @@ def test_busy_processes_end_with_a_bench_killed_by_a_signal(tmp_path):
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the busy process outlived the bench")
+
+
+def test_ffn_bench_times_calls_on_distinct_inputs():
+    """A kernel timed on one input again and again has its branches predicted from memory: the bench cycles
+    through distinct inputs, dense and routed alike."""
+    from bricks.routing.bench import _median_times
+
+    seen = {"dense": [], "routed": []}
+    xs = [torch.randn(2, 3) for _ in range(4)]
+    _median_times(lambda x: seen["dense"].append(id(x)), lambda x: seen["routed"].append(id(x)), xs, reps=8,
+                  device="cpu", min_seconds=0.0)
+    assert seen["dense"] == seen["routed"] and set(seen["dense"]) == {id(x) for x in xs}
