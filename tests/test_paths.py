@@ -127,7 +127,7 @@ def test_a_serial_path_runs_on_one_thread_and_gives_the_threads_back(llama):
 def test_paths_offered_to_several_tokens(llama, monkeypatch):
     model, _ = llama
     sparse = SparseFFN(ffns(model)[0], 0.5)
-    kernel = ("kernel",) if cpu_kernels.available() else ()  # one compiled call per token, once built
+    kernel = ("kernel",) if cpu_kernels.available() else ()  # one compiled call for all the tokens, once built
     assert sparse.paths_for(1) == (kernel or ("bags", "split", "masked"))
     assert sparse.paths == ("bags", "split", "masked", *kernel)  # every path can still be fixed
     # The timing key of a call shape is kept, and renewed when the settings change.
@@ -148,7 +148,7 @@ def test_paths_offered_to_several_tokens(llama, monkeypatch):
         cpu_kernels.reason.cache_clear()
 
 
-def test_busy_processes_end_with_a_bench_killed_by_a_signal(tmp_path):
+def test_busy_processes_end_with_a_bench_killed_by_a_signal():
     """A bench stopped by SIGTERM runs no `finally`: its busy processes must still go, or they load the next run."""
     import os
     import signal

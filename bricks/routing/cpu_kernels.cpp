@@ -274,8 +274,8 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
                      float* out, bool parallel) {
   const int64_t chunks = (width + CHUNK - 1) / CHUNK;
   // Tokens that read the rows in place read long pieces of them, as one token does (see TOKEN_TILE).
-  const int64_t tile = tokens < PACK_FROM ? TOKEN_TILE / tokens : std::min<int64_t>(TILE, TILE_SUMS / tokens);
-  const int64_t tile_chunks = std::max<int64_t>(1, tile / CHUNK);
+  const int64_t tile_columns = tokens < PACK_FROM ? TOKEN_TILE / tokens : std::min<int64_t>(TILE, TILE_SUMS / tokens);
+  const int64_t tile_chunks = std::max<int64_t>(1, tile_columns / CHUNK);
   auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t stride = tile_chunks * CHUNK;
     thread_local std::vector<float> sums_buffer;
@@ -284,8 +284,8 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
     size_t* cursor = scratch(cursor_buffer, tokens).data();
     size_t* lo = scratch(lo_buffer, tokens).data();
     alignas(64) float block[BLOCK_ROWS * CHUNK];
-    for (int64_t tile = chunk_begin; tile < chunk_end; tile += tile_chunks) {
-      const int64_t c0 = tile * CHUNK, c1 = std::min(width, std::min(chunk_end, tile + tile_chunks) * CHUNK);
+    for (int64_t first = chunk_begin; first < chunk_end; first += tile_chunks) {  // a tile's first chunk
+      const int64_t c0 = first * CHUNK, c1 = std::min(width, std::min(chunk_end, first + tile_chunks) * CHUNK);
       std::fill_n(sums, tokens * stride, 0.0f);
       std::fill_n(cursor, tokens, 0);
       for (int64_t r1 = BLOCK_ROWS; r1 < n_rows + BLOCK_ROWS; r1 += BLOCK_ROWS) {
@@ -400,7 +400,8 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
 // counts [3] (int64) gains the tokens and the rows they read (a row several tokens keep counts for each).
 at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
                     int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor counts) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) > 0, "teal_ffn: x must be contiguous tokens [tokens, hidden]");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) > 0,
+              "teal_ffn: x must be contiguous tokens [tokens, hidden]");
   TORCH_CHECK(w_in_t.dim() == 2 && w_in_t.is_contiguous() && w_in_t.size(0) == x.size(1) && w_in_t.size(1) % 2 == 0,
               "teal_ffn: w_in_t must be a contiguous [hidden, 2 * d_ff] gate|up weight");
   TORCH_CHECK(w_down_t.dim() == 2 && w_down_t.is_contiguous() && w_down_t.size(0) * 2 == w_in_t.size(1) &&

@@ -14,8 +14,9 @@ saved. This kernel does the whole call in one:
    found by radix selection, which does not branch on the data (a new
    token's values would mispredict every other branch of a partition);
 2. gate|up pre-activations from the kept rows of `w_in_t` only, the columns
-   split over the threads. One token streams a contiguous piece of every
-   kept row into fp32 sums that stay in its L1 cache. Several tokens go a
+   split over the threads. One token streams a long contiguous piece of
+   every kept row into fp32 sums held in the thread's L2 cache (a new piece
+   is a new memory stream, slow to start). Several tokens go a
    block of rows at a time: the block is read from memory once, and each
    token adds its kept rows of it to sums held in registers, so that a row
    several tokens keep costs the memory traffic of one (a batch of 8 keeps
