@@ -49,11 +49,12 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
                 torch.testing.assert_close(sparse._kernel(x), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens):
-    sparse = _sparse(hidden=576, d_ff=1536)
+def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens, dtype):
+    sparse = _sparse(hidden=576, d_ff=1536, dtype=dtype)
     sparse.set_path("kernel")
-    x = torch.randn(tokens, 576)
+    x = torch.randn(tokens, 576).to(dtype)
     threads = torch.get_num_threads()
     with torch.no_grad():
         try:
@@ -68,21 +69,25 @@ def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens):
         assert torch.equal(sparse._kernel(x, parallel=False), many)
 
 
-def test_kernel_in_bfloat16_sums_in_float32():
-    sparse = _sparse(hidden=64, d_ff=96, dtype=torch.bfloat16)
-    x = torch.randn(1, 64).to(torch.bfloat16)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 33])
+@pytest.mark.parametrize("hidden, d_ff", [(64, 96), (66, 201)])
+def test_kernel_in_bfloat16_sums_in_float32(tokens, hidden, d_ff):
+    # From 4 tokens on, bf16 weights go by pairs of rows (vdpbf16ps where the CPU has it): 201 neurons leave a
+    # row without a pair, and 402 / 66 columns end in a chunk that is neither full nor a whole number of vectors.
+    sparse = _sparse(hidden=hidden, d_ff=d_ff, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
     with torch.no_grad():
         sparse.set_path("kernel")
         got = sparse(x)
-        # The reference in float32 from the same bf16 weights and the same kept rows.
-        v = x[0].float()
-        idx = v.abs().topk(sparse.n_in).indices
-        h = v[idx] @ sparse.w_in_t.float()[idx]
-        a = torch.nn.functional.silu(h[:96]) * h[96:]
-        j = a.abs().topk(sparse.n_act).indices
-        ref = a[j] @ sparse.w_down_t.float()[j]
+        for t in range(tokens):  # float32 from the same bf16 weights and the same kept rows
+            v = x[t].float()
+            idx = v.abs().topk(sparse.n_in).indices
+            h = v[idx] @ sparse.w_in_t.float()[idx]
+            a = torch.nn.functional.silu(h[:d_ff]) * h[d_ff:]
+            j = a.abs().topk(sparse.n_act).indices
+            ref = a[j] @ sparse.w_down_t.float()[j]
+            torch.testing.assert_close(got[t].float(), ref, rtol=1e-2, atol=1e-2)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got[0].float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_kernel_keeps_nan_inputs_so_they_show():

@@ -5,12 +5,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -237,10 +240,11 @@ void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, float* b
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = w + r * width + c;
     // The rows' pieces PACK_AHEAD chunks on, which the next blocks of this tile will copy: each piece is
-    // short, and the hardware prefetcher would follow none of the block's rows far enough by itself.
+    // short, and the hardware prefetcher would follow none of the block's rows far enough by itself. Into L2
+    // (see pack_pairs).
     if (c + (PACK_AHEAD + 1) * CHUNK <= width) {
       const char* ahead = reinterpret_cast<const char*>(row + PACK_AHEAD * CHUNK);
-      for (size_t line = 0; line < CHUNK * sizeof(T); line += 64) __builtin_prefetch(ahead + line, 0, 3);
+      for (size_t line = 0; line < CHUNK * sizeof(T); line += 64) __builtin_prefetch(ahead + line, 0, 2);  // prefetcht1
     }
     float* to = block + (r - r0) * CHUNK;
     for (int i = 0; i < CHUNK / 16; ++i) {
@@ -334,6 +338,160 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
   }
 }
 
+#ifdef __AVX512BF16__
+// Several tokens with bf16 weights: AVX-512's bf16 dot product (vdpbf16ps) adds two products per fp32 lane, the
+// weights of rows 2p and 2p + 1 in one column times a token's two values of them, so that a pair of rows costs
+// one instruction per 16 columns, and the block is copied as bf16 (half the bytes of fp32). A token whose pair
+// has one row kept multiplies the other by 0: its compute is that of the pairs it touches (0.75 of the pairs at
+// half the rows kept, if they fell at random), against 0.5 of the rows in fp32, at half the cost per row.
+constexpr int64_t BLOCK_PAIRS = 32;
+
+// What the tokens keep of a projection's input, by pairs of rows (2p, 2p + 1): the pairs any token keeps
+// (`active`, increasing; the others are not read at all), and per token the positions in `active` of the pairs
+// it keeps, with its two values as bf16 (0 for a row it drops) in one 32-bit word, as vdpbf16ps takes them.
+struct Pairs {
+  std::vector<int64_t> active;
+  std::vector<int64_t> index;  // pair -> position in active, or -1
+  std::vector<std::vector<int64_t>> position;
+  std::vector<std::vector<uint32_t>> values;
+  std::vector<int64_t> count;  // per token, of position and values
+  int64_t n_active = 0;
+};
+
+void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p) {
+  const int64_t n_pairs = (n_rows + 1) / 2;
+  int64_t* index = scratch(p.index, n_pairs).data();
+  std::fill_n(index, n_pairs, -1);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < kept[t].count; ++j) index[kept[t].rows[j] / 2] = 0;
+  }
+  int64_t* active = scratch(p.active, n_pairs).data();
+  p.n_active = 0;
+  for (int64_t q = 0; q < n_pairs; ++q) {
+    if (index[q] == 0) {
+      index[q] = p.n_active;
+      active[p.n_active++] = q;
+    }
+  }
+  scratch(p.position, tokens);
+  scratch(p.values, tokens);
+  scratch(p.count, tokens);
+  for (int64_t t = 0; t < tokens; ++t) {
+    int64_t* position = scratch(p.position[t], kept[t].count).data();
+    uint32_t* values = scratch(p.values[t], kept[t].count).data();
+    int64_t n = 0;
+    for (int64_t j = 0; j < kept[t].count; ++j) {
+      const int64_t row = kept[t].rows[j];
+      const uint32_t bits = c10::BFloat16(kept[t].values[j]).x;  // rounded to nearest even, as torch rounds
+      if (n > 0 && position[n - 1] == index[row / 2]) {  // the second row of the token's last pair
+        values[n - 1] |= bits << 16;
+      } else {
+        position[n] = index[row / 2];
+        values[n++] = row % 2 ? bits << 16 : bits;
+      }
+    }
+    p.count[t] = n;
+  }
+}
+
+// 16 bf16 weights of a row from column `from` of a chunk whose first `len` columns lie in the weight; 0 past them.
+inline __m256i load_bf16(const c10::BFloat16* row, int64_t from, int64_t len) {
+  if (from + 16 <= len) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + from));
+  if (from >= len) return _mm256_setzero_si256();
+  return _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (len - from)) - 1), row + from);
+}
+
+// block[j] = the active pairs [j0, j0 + np) over the columns [c, c + CHUNK) (those past the weight's width are 0),
+// each column's two weights side by side, as vdpbf16ps takes them; pieces PACK_AHEAD chunks on are prefetched.
+void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np, int64_t c,
+                __m512i* block) {
+  // Word i of the result takes bf16 i of the first row (the low half of the source), then bf16 i of the second.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t len = std::min(CHUNK, width - c);
+  const bool ahead = c + (PACK_AHEAD + 1) * CHUNK <= width;
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t r = 2 * active[j];
+    const c10::BFloat16* first = w + r * width + c;
+    const c10::BFloat16* second = first + width;
+    const bool pair = r + 1 < n_rows;  // an odd row count leaves the last row alone
+    // Into L2, not L1: the lines of two chunks ahead of every row of the block outnumber L1's buffers for
+    // misses, and requests for L1 stalled the copy (a probe whose output was not kept: about 1.5x slower).
+    if (ahead) {
+      for (int64_t line = 0; line < CHUNK * 2; line += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(first + PACK_AHEAD * CHUNK) + line, 0, 2);
+        if (pair) __builtin_prefetch(reinterpret_cast<const char*>(second + PACK_AHEAD * CHUNK) + line, 0, 2);
+      }
+    }
+    for (int64_t v = 0; v < CHUNK / 16; ++v) {
+      const __m256i a = load_bf16(first, 16 * v, len);
+      const __m256i b = pair ? load_bf16(second, 16 * v, len) : _mm256_setzero_si256();
+      block[j * (CHUNK / 16) + v] =
+          _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+    }
+  }
+}
+
+// s[0, CHUNK) += the token's pairs [lo, hi) of the block (whose first active pair is j0), the sums in registers.
+inline void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t* position, const uint32_t* values,
+                      int64_t lo, int64_t hi) {
+  __m512 acc[CHUNK / 16];
+  for (int v = 0; v < CHUNK / 16; ++v) acc[v] = _mm512_loadu_ps(s + 16 * v);
+  for (int64_t i = lo; i < hi; ++i) {
+    const __m512i* pair = block + (position[i] - j0) * (CHUNK / 16);
+    const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(values[i])));
+    for (int v = 0; v < CHUNK / 16; ++v) acc[v] = _mm512_dpbf16_ps(acc[v], x, reinterpret_cast<__m512bh>(pair[v]));
+  }
+  for (int v = 0; v < CHUNK / 16; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
+}
+
+// tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks.
+void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
+                      int64_t tokens, float* out, bool parallel) {
+  thread_local Pairs pairs;
+  pairs_of(kept, tokens, n_rows, pairs);
+  const int64_t chunks = (width + CHUNK - 1) / CHUNK;
+  // TILE columns whatever the tokens: 32 tokens' sums take 256 KB of L2, and shorter pieces of the rows slowed the
+  // copy more than the sums' spill from L2 cost (a probe whose output was not kept).
+  const int64_t tile_chunks = TILE / CHUNK;
+  const Pairs& p = pairs;
+  auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t stride = tile_chunks * CHUNK;  // every chunk's sums fit, the last chunk's columns past the width too
+    thread_local std::vector<float> sums_buffer;
+    thread_local std::vector<int64_t> cursor_buffer, lo_buffer;
+    float* sums = scratch(sums_buffer, tokens * stride).data();
+    int64_t* cursor = scratch(cursor_buffer, tokens).data();
+    int64_t* lo = scratch(lo_buffer, tokens).data();
+    alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
+    for (int64_t first = chunk_begin; first < chunk_end; first += tile_chunks) {
+      const int64_t c0 = first * CHUNK, c1 = std::min(width, std::min(chunk_end, first + tile_chunks) * CHUNK);
+      std::fill_n(sums, tokens * stride, 0.0f);
+      std::fill_n(cursor, tokens, 0);
+      for (int64_t j0 = 0; j0 < p.n_active; j0 += BLOCK_PAIRS) {
+        const int64_t np = std::min(BLOCK_PAIRS, p.n_active - j0);
+        for (int64_t t = 0; t < tokens; ++t) {  // each token's pairs in this block: [lo, cursor)
+          lo[t] = cursor[t];
+          while (cursor[t] < p.count[t] && p.position[t][cursor[t]] < j0 + np) ++cursor[t];
+        }
+        for (int64_t c = c0; c < c1; c += CHUNK) {
+          pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, block);
+          for (int64_t t = 0; t < tokens; ++t) {
+            add_pairs(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
+                      cursor[t]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / CHUNK), work);
+  } else {
+    work(0, chunks);
+  }
+}
+#endif
+
 // f(t) for every token, over the threads when there are several tokens.
 template <typename F>
 void per_token(int64_t tokens, bool parallel, const F& f) {
@@ -344,6 +502,25 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
   } else {
     for (int64_t t = 0; t < tokens; ++t) f(t);
   }
+}
+
+// out[t, c] = sum over the rows j token t keeps of its value * w[j, c] (v: the one token's input, all its entries).
+template <typename T>
+void rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
+              const float* v, float* out, bool parallel) {
+  if (tokens == 1) {
+    token_rows_sum(w, width, kept[0].rows.data(), kept[0].count, v, out, parallel);
+    return;
+  }
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tokens >= PACK_FROM) {
+      tokens_pairs_sum(w, width, n_rows, kept, tokens, out, parallel);
+      return;
+    }
+  }
+#endif
+  tokens_rows_sum(w, width, n_rows, kept, tokens, out, parallel);
 }
 
 template <typename T>
@@ -366,21 +543,13 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
   per_token(tokens, parallel, [&](int64_t t) {
     kept(xf + t * hidden, hidden, keep_in, static_cast<float>(t_in), in[t]);
   });
-  if (tokens == 1) {
-    token_rows_sum(w_in, width, in[0].rows.data(), in[0].count, xf, h, parallel);
-  } else {
-    tokens_rows_sum(w_in, width, hidden, in, tokens, h, parallel);
-  }
+  rows_sum(w_in, width, hidden, in, tokens, xf, h, parallel);
   per_token(tokens, parallel, [&](int64_t t) {  // SwiGLU: silu(gate) * up, gate first as in SparseFFN's w_in_t
     const float* ht = h + t * width;
     silu_mul(ht, ht + d_ff, a + t * d_ff, d_ff);
     kept(a + t * d_ff, d_ff, keep_act, static_cast<float>(t_act), act[t]);
   });
-  if (tokens == 1) {
-    token_rows_sum(w_down, hidden, act[0].rows.data(), act[0].count, a, y, parallel);
-  } else {
-    tokens_rows_sum(w_down, hidden, d_ff, act, tokens, y, parallel);
-  }
+  rows_sum(w_down, hidden, d_ff, act, tokens, a, y, parallel);
 
   int64_t* c = counts.data_ptr<int64_t>();
   c[0] += tokens;
