@@ -84,6 +84,41 @@ inline vfloat load16(const c10::Half* p) {
 #endif
 }
 
+// out[0, n) = v as fp32, 16 at a time; the input and output conversions of a call otherwise cost a batch of 32
+// small tokens as much as their selection.
+template <typename T>
+void to_float(const T* v, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vfloat f = load16(v + i);
+    std::memcpy(out + i, &f, sizeof f);
+  }
+  for (; i < n; ++i) out[i] = static_cast<float>(v[i]);
+}
+
+// out[0, n) = v rounded to T (to nearest even), 16 at a time where the CPU converts them in one instruction.
+template <typename T>
+void from_float(const float* v, T* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= n; i += 16) {
+      const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(v + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), reinterpret_cast<const __m256i&>(b));
+    }
+  }
+#endif
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    for (; i + 16 <= n; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<T>(v[i]);
+}
+
 // exp of 16 floats (Cephes' single-precision method: 2^n times a polynomial on [-ln2/2, ln2/2], about 1 ulp):
 // the activation of a token called std::exp once per neuron, as long as a small FFN's sums. NaN stays NaN.
 inline vfloat exp16(vfloat x) {
@@ -140,12 +175,15 @@ V& scratch(V& v, size_t n) {
 // nothing branches on the data, whose every other comparison a new token's values would mispredict.
 float kth_largest(const float* m, int64_t n, int64_t keep) {
   thread_local std::vector<uint32_t> first, second;
+  // Four interleaved histograms, so that equal bytes in a row do not wait on each other. Zeroed once: after a
+  // pass the candidates clear the bins they filled, as clearing all 1024 bins per pass cost a small token more
+  // than its counting. (On the stack: GCC looks a thread_local's address up again in every iteration.)
+  uint32_t histogram[4][256] = {};
   uint32_t* from = scratch(first, n).data();
   uint32_t* to = scratch(second, n).data();
   std::memcpy(from, m, n * sizeof(float));
   int64_t count = n, rank = keep;  // the answer is the rank-th largest of the `count` candidates in `from`
   for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t histogram[4][256] = {};  // four interleaved, so that equal bytes in a row do not wait on each other
     for (int64_t i = 0; i < count; ++i) ++histogram[i & 3][(from[i] >> shift) & 255];
     uint32_t byte = 255;
     for (;; --byte) {
@@ -155,6 +193,7 @@ float kth_largest(const float* m, int64_t n, int64_t keep) {
     }
     int64_t kept_count = 0;
     for (int64_t i = 0; i < count; ++i) {
+      histogram[i & 3][(from[i] >> shift) & 255] = 0;
       to[kept_count] = from[i];
       kept_count += ((from[i] >> shift) & 255) == byte;
     }
@@ -166,38 +205,79 @@ float kth_largest(const float* m, int64_t n, int64_t keep) {
   return kth;
 }
 
+// m[0, n) = magnitude(v[0, n)).
+void magnitudes(const float* v, int64_t n, float* m) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    _mm512_storeu_ps(m + i, _mm512_mask_mov_ps(_mm512_abs_ps(x), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), inf));
+  }
+#endif
+  for (; i < n; ++i) m[i] = magnitude(v[i]);
+}
+
+// Appends to idx the i in [0, n) with m[i] > bound, and the first `ties` with m[i] == bound, in increasing order;
+// returns their count. idx has room for 16 more than n (a vector's store goes past the last kept index).
+int64_t collect(const float* m, int64_t n, float bound, int64_t ties, int64_t* idx) {
+  int64_t count = 0, i = 0;
+#ifdef __AVX512F__
+  // 16 at a time: a mask of the kept, their indices packed by the register form of vpcompressq (the form that
+  // writes memory is microcoded and slow on some CPUs), stored whole.
+  const __m512 b = _mm512_set1_ps(bound);
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(m + i);
+    uint32_t keep = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
+    uint32_t equal = ties > 0 ? _mm512_cmp_ps_mask(x, b, _CMP_EQ_OQ) : 0;
+    for (; equal != 0 && ties > 0; --ties) {  // the first ties (the k-th magnitude itself, usually alone)
+      keep |= equal & (0u - equal);
+      equal &= equal - 1;
+    }
+    const __m512i low = _mm512_add_epi64(_mm512_set1_epi64(i), iota);
+    _mm512_storeu_si512(idx + count, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep), low));
+    count += __builtin_popcount(keep & 255);
+    _mm512_storeu_si512(idx + count, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep >> 8),
+                                                                   _mm512_add_epi64(low, _mm512_set1_epi64(8))));
+    count += __builtin_popcount(keep >> 8);
+  }
+#endif
+  // Which entries are kept differs from token to token, so that a branch per entry would be mispredicted about
+  // every other time: write every index and advance by the test's result instead.
+  for (; i < n; ++i) {
+    const bool tie = m[i] == bound && ties > 0;
+    ties -= tie;
+    idx[count] = i;
+    count += (m[i] > bound) | tie;
+  }
+  return count;
+}
+
 // The kept entries of v[0, n) with their values, in increasing order (the weight rows in memory order): the `keep`
 // largest magnitudes when keep >= 0, else those above `threshold`. The top-k finds the keep-th largest magnitude
-// and collects the indices in one pass, in order, so there is nothing to sort.
-// Which entries are kept differs from token to token, so that a branch per entry is mispredicted about every
-// other time: the passes below write every index and advance by the test's result instead.
+// and collects the indices in one pass, in order, so there is nothing to sort: entries above it, then ties with
+// it in the places left, first come first kept.
 void kept(const float* v, int64_t n, int64_t keep, float threshold, Kept& out) {
-  auto& idx = scratch(out.rows, n);
-  int64_t count = 0;
-  if (keep < 0 || keep >= n) {
-    for (int64_t i = 0; i < n; ++i) {
-      idx[count] = i;
-      count += keep >= n || magnitude(v[i]) > threshold;
-    }
-  } else if (keep > 0) {
-    thread_local std::vector<float> magnitudes;
-    float* m = scratch(magnitudes, n).data();
-    for (int64_t i = 0; i < n; ++i) m[i] = magnitude(v[i]);
+  int64_t* idx = scratch(out.rows, n + 16).data();
+  thread_local std::vector<float> magnitude_buffer;
+  float* m = scratch(magnitude_buffer, n).data();
+  magnitudes(v, n, m);
+  if (keep >= n) {
+    for (int64_t i = 0; i < n; ++i) idx[i] = i;
+    out.count = n;
+  } else if (keep < 0) {
+    out.count = collect(m, n, threshold, 0, idx);
+  } else if (keep == 0) {
+    out.count = 0;
+  } else {
     const float kth = kth_largest(m, n, keep);
-    // Entries above the keep-th magnitude are kept; ties with it fill the remaining places, first come first kept.
     int64_t above = 0;
     for (int64_t i = 0; i < n; ++i) above += m[i] > kth;
-    int64_t ties = keep - above;
-    for (int64_t i = 0; i < n; ++i) {
-      const bool tie = m[i] == kth && ties > 0;
-      ties -= tie;
-      idx[count] = i;
-      count += (m[i] > kth) | tie;
-    }
+    out.count = collect(m, n, kth, keep - above, idx);
   }
-  out.count = count;
-  auto& values = scratch(out.values, count);
-  for (int64_t j = 0; j < count; ++j) values[j] = v[idx[j]];
+  float* values = scratch(out.values, out.count).data();
+  for (int64_t j = 0; j < out.count; ++j) values[j] = v[idx[j]];
 }
 
 // out[c] = sum over j of v[idx[j]] * w[idx[j], c] for c in [0, width), one token: the columns split over the
@@ -338,6 +418,18 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
   }
 }
 
+// f(t) for every token, over the threads when there are several tokens.
+template <typename F>
+void per_token(int64_t tokens, bool parallel, const F& f) {
+  if (parallel && tokens > 1) {
+    at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) f(t);
+    });
+  } else {
+    for (int64_t t = 0; t < tokens; ++t) f(t);
+  }
+}
+
 #ifdef __AVX512BF16__
 // Several tokens with bf16 weights: AVX-512's bf16 dot product (vdpbf16ps) adds two products per fp32 lane, the
 // weights of rows 2p and 2p + 1 in one column times a token's two values of them, so that a pair of rows costs
@@ -358,40 +450,46 @@ struct Pairs {
   int64_t n_active = 0;
 };
 
-void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p) {
+void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p, bool parallel) {
   const int64_t n_pairs = (n_rows + 1) / 2;
   int64_t* index = scratch(p.index, n_pairs).data();
   std::fill_n(index, n_pairs, -1);
   for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t j = 0; j < kept[t].count; ++j) index[kept[t].rows[j] / 2] = 0;
+    const int64_t* rows = kept[t].rows.data();
+    for (int64_t j = 0; j < kept[t].count; ++j) index[rows[j] / 2] = 0;
   }
   int64_t* active = scratch(p.active, n_pairs).data();
-  p.n_active = 0;
-  for (int64_t q = 0; q < n_pairs; ++q) {
-    if (index[q] == 0) {
-      index[q] = p.n_active;
-      active[p.n_active++] = q;
-    }
+  int64_t n_active = 0;
+  for (int64_t q = 0; q < n_pairs; ++q) {  // branch-free (see `collect`)
+    const bool on = index[q] == 0;
+    active[n_active] = q;
+    index[q] = on ? n_active : -1;
+    n_active += on;
   }
+  p.n_active = n_active;
   scratch(p.position, tokens);
   scratch(p.values, tokens);
   scratch(p.count, tokens);
-  for (int64_t t = 0; t < tokens; ++t) {
-    int64_t* position = scratch(p.position[t], kept[t].count).data();
-    uint32_t* values = scratch(p.values[t], kept[t].count).data();
-    int64_t n = 0;
-    for (int64_t j = 0; j < kept[t].count; ++j) {
-      const int64_t row = kept[t].rows[j];
-      const uint32_t bits = c10::BFloat16(kept[t].values[j]).x;  // rounded to nearest even, as torch rounds
-      if (n > 0 && position[n - 1] == index[row / 2]) {  // the second row of the token's last pair
-        values[n - 1] |= bits << 16;
-      } else {
-        position[n] = index[row / 2];
-        values[n++] = row % 2 ? bits << 16 : bits;
-      }
+  per_token(tokens, parallel, [&](int64_t t) {
+    const int64_t* rows = kept[t].rows.data();
+    const float* kept_values = kept[t].values.data();
+    const int64_t count = kept[t].count;
+    int64_t* position = scratch(p.position[t], count).data();
+    uint32_t* values = scratch(p.values[t], count).data();
+    // Branch-free, as in `collect`: a row that is its pair's second, right after the first, steps back onto it.
+    int64_t n = 0, last = -1;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t row = rows[j];
+      const uint32_t bits = c10::BFloat16(kept_values[j]).x;  // rounded to nearest even, as torch rounds
+      const bool second = row / 2 == last;
+      last = row / 2;
+      n -= second;
+      position[n] = index[row / 2];
+      values[n] = (second ? values[n] : 0u) | (row % 2 ? bits << 16 : bits);
+      ++n;
     }
     p.count[t] = n;
-  }
+  });
 }
 
 // 16 bf16 weights of a row from column `from` of a chunk whose first `len` columns lie in the weight; 0 past them.
@@ -449,7 +547,7 @@ inline void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t*
 void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
                       int64_t tokens, float* out, bool parallel) {
   thread_local Pairs pairs;
-  pairs_of(kept, tokens, n_rows, pairs);
+  pairs_of(kept, tokens, n_rows, pairs, parallel);
   const int64_t chunks = (width + CHUNK - 1) / CHUNK;
   // TILE columns whatever the tokens: 32 tokens' sums take 256 KB of L2, and shorter pieces of the rows slowed the
   // copy more than the sums' spill from L2 cost (a probe whose output was not kept).
@@ -492,17 +590,6 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
 }
 #endif
 
-// f(t) for every token, over the threads when there are several tokens.
-template <typename F>
-void per_token(int64_t tokens, bool parallel, const F& f) {
-  if (parallel && tokens > 1) {
-    at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) f(t);
-    });
-  } else {
-    for (int64_t t = 0; t < tokens; ++t) f(t);
-  }
-}
 
 // out[t, c] = sum over the rows j token t keeps of its value * w[j, c] (v: the one token's input, all its entries).
 template <typename T>
@@ -536,7 +623,7 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
   std::vector<Kept>& in = scratch(in_buffer, tokens);
   std::vector<Kept>& act = scratch(act_buffer, tokens);
   const T* xp = x.data_ptr<T>();
-  for (int64_t i = 0; i < tokens * hidden; ++i) xf[i] = static_cast<float>(xp[i]);
+  to_float(xp, xf, tokens * hidden);
   const T* w_in = w_in_t.data_ptr<T>();
   const T* w_down = w_down_t.data_ptr<T>();
 
@@ -559,7 +646,7 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
   }
   at::Tensor out = at::empty({tokens, hidden}, x.options());
   T* op = out.data_ptr<T>();
-  for (int64_t i = 0; i < tokens * hidden; ++i) op[i] = static_cast<T>(y[i]);
+  from_float(y, op, tokens * hidden);
   return out;
 }
 
