@@ -33,6 +33,10 @@ import torch
 
 # Recent timings kept per path: the median of these ranks it.
 WINDOW = 5
+# Calls of each path before the first choice: the first pays allocations and cold caches (and is not kept), and
+# the median of the other three outlasts one call stalled by a scheduler tick (with one, a path that stalled once
+# could lose for hundreds of calls, until it was re-measured).
+FIRST_CALLS = 4
 # A re-measured runner-up runs this many calls in a row, so that its median is of fresh timings only.
 CHECK_CALLS = 3
 # Re-measure a runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
@@ -73,9 +77,8 @@ class PathChooser:
         t = self.timings.get(key)
         if t is None:
             t = self.timings[key] = _Timings()
-        # Each path twice before any choice: its first call pays allocations and cold caches (and is not kept).
-        for p in paths:
-            if t.samples.get(p, 0) < 2:
+        for p in paths:  # each path FIRST_CALLS times before any choice
+            if t.samples.get(p, 0) < FIRST_CALLS:
                 return p
         if t.checking in paths:
             return t.checking
