@@ -32,7 +32,7 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
     assert "kernel" in sparse.paths
     with torch.no_grad():
         # One token (a decode step) five times, then several in one call: rows several of them keep are read once.
-        for tokens in (1, 1, 1, 1, 1, 2, 3, 8, 33):
+        for tokens in (1, 1, 1, 1, 1, 2, 3, 8, 33, 100):
             x = torch.randn(tokens, hidden)
             sparse.set_path("bags")
             sparse.reset_counts()
@@ -69,7 +69,7 @@ def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens, dtype
         assert torch.equal(sparse._kernel(x, parallel=False), many)
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 33])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 33, 100])
 @pytest.mark.parametrize("hidden, d_ff", [(64, 96), (66, 201)])
 def test_kernel_in_bfloat16_sums_in_float32(tokens, hidden, d_ff):
     # From 4 tokens on, bf16 weights go by pairs of rows (vdpbf16ps where the CPU has it): 201 neurons leave a

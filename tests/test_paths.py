@@ -9,6 +9,7 @@ import bricks
 from bricks.arch import ffns
 from bricks.routing import BrickedFFN, SparseFFN
 from bricks.routing import cpu_kernels
+from bricks.routing.sparse_ffn import KERNEL_MAX_TOKENS
 from bricks.routing.paths import FIRST_CALLS, FIRST_INTERVAL, MAX_INTERVAL, PathChooser, token_bucket
 
 
@@ -155,8 +156,8 @@ def test_paths_offered_to_several_tokens(llama, monkeypatch):
     assert sparse.choose_path(x)[1] == sparse.timing_key(x) != SparseFFN(ffns(model)[0], 0.5).timing_key(x)
     # 4 tokens x ~0.5 of the weights each: the kernel where it is built (one call, each row read once), else bags
     assert sparse.paths_for(4) == (("kernel", "masked") if kernel else ("bags", "masked"))
-    assert sparse.paths_for(32) == (("kernel", "masked") if kernel else ("masked",))
-    assert sparse.paths_for(64) == ("masked",)
+    assert sparse.paths_for(KERNEL_MAX_TOKENS) == (("kernel", "masked") if kernel else ("masked",))
+    assert sparse.paths_for(KERNEL_MAX_TOKENS + 1) == ("masked",)
     monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")
     cpu_kernels.reason.cache_clear()
     try:

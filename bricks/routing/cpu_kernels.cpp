@@ -433,10 +433,11 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
 #ifdef __AVX512BF16__
 // Several tokens with bf16 weights: AVX-512's bf16 dot product (vdpbf16ps) adds two products per fp32 lane, the
 // weights of rows 2p and 2p + 1 in one column times a token's two values of them, so that a pair of rows costs
-// one instruction per 16 columns, and the block is copied as bf16 (half the bytes of fp32). A token whose pair
-// has one row kept multiplies the other by 0: its compute is that of the pairs it touches (0.75 of the pairs at
-// half the rows kept, if they fell at random), against 0.5 of the rows in fp32, at half the cost per row.
+// one instruction per 16 columns, and the block is copied as bf16 (half the bytes of fp32). A token that keeps
+// one row of a pair multiplies the other by 0. Per token, that is one instruction per pair it touches (0.75 of
+// the pairs with half the rows kept at random) where fp32 sums take one per row it keeps (0.5 of the rows).
 constexpr int64_t BLOCK_PAIRS = 32;
+constexpr int64_t PAIR_TILE_SUMS = 65536;
 
 // What the tokens keep of a projection's input, by pairs of rows (2p, 2p + 1): the pairs any token keeps
 // (`active`, increasing; the others are not read at all), and per token the positions in `active` of the pairs
@@ -549,9 +550,9 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
   thread_local Pairs pairs;
   pairs_of(kept, tokens, n_rows, pairs, parallel);
   const int64_t chunks = (width + CHUNK - 1) / CHUNK;
-  // TILE columns whatever the tokens: 32 tokens' sums take 256 KB of L2, and shorter pieces of the rows slowed the
-  // copy more than the sums' spill from L2 cost (a probe whose output was not kept).
-  const int64_t tile_chunks = TILE / CHUNK;
+  // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
+  // than that cost, in a probe whose output was not kept), fewer for more tokens.
+  const int64_t tile_chunks = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK);
   const Pairs& p = pairs;
   auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t stride = tile_chunks * CHUNK;  // every chunk's sums fit, the last chunk's columns past the width too
