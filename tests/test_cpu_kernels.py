@@ -69,13 +69,14 @@ def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens, dtype
         assert torch.equal(sparse._kernel(x, parallel=False), many)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8, 33, 100])
 @pytest.mark.parametrize("hidden, d_ff", [(64, 96), (66, 201)])
-def test_kernel_in_bfloat16_sums_in_float32(tokens, hidden, d_ff):
+def test_kernel_in_16_bits_sums_in_float32(tokens, hidden, d_ff, dtype):
     # From 4 tokens on, bf16 weights go by pairs of rows (vdpbf16ps where the CPU has it): 201 neurons leave a
     # row without a pair, and 402 / 66 columns end in a chunk that is neither full nor a whole number of vectors.
-    sparse = _sparse(hidden=hidden, d_ff=d_ff, dtype=torch.bfloat16)
-    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    sparse = _sparse(hidden=hidden, d_ff=d_ff, dtype=dtype)
+    x = torch.randn(tokens, hidden).to(dtype)
     with torch.no_grad():
         sparse.set_path("kernel")
         got = sparse(x)
@@ -87,7 +88,7 @@ def test_kernel_in_bfloat16_sums_in_float32(tokens, hidden, d_ff):
             j = a.abs().topk(sparse.n_act).indices
             ref = a[j] @ sparse.w_down_t.float()[j]
             torch.testing.assert_close(got[t].float(), ref, rtol=1e-2, atol=1e-2)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
 
 
 def test_kernel_keeps_nan_inputs_so_they_show():
