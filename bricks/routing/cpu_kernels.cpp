@@ -436,8 +436,8 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
 // one instruction per 16 columns, and the block is copied as bf16 (half the bytes of fp32). A token that keeps
 // one row of a pair multiplies the other by 0. Per token, that is one instruction per pair it touches (0.75 of
 // the pairs with half the rows kept at random) where fp32 sums take one per row it keeps (0.5 of the rows).
-constexpr int64_t BLOCK_PAIRS = 32;
-constexpr int64_t PAIR_TILE_SUMS = 65536;
+constexpr int64_t BLOCK_PAIRS = 32;  // a block of 32 pairs over CHUNK columns: 16 KB of bf16, in L1
+constexpr int64_t PAIR_TILE_SUMS = 65536;  // the most fp32 sums of all the tokens in a tile: 256 KB, in L2
 
 // What the tokens keep of a projection's input, by pairs of rows (2p, 2p + 1): the pairs any token keeps
 // (`active`, increasing; the others are not read at all), and per token the positions in `active` of the pairs
