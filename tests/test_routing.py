@@ -5,7 +5,7 @@ import torch
 
 import bricks
 from bricks.arch import ffns
-from bricks.routing import ROUTERS, BrickedFFN, bricked, compute_fraction
+from bricks.routing import ROUTERS, BrickedFFN, bricked, compute_fraction, cpu_kernels
 
 
 def _shared_brickset(model, tok, n=8, shared=0.125, method="param-kmeans"):
@@ -71,6 +71,11 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
             del ffn._gathers
         ffn.set_path("masked")  # every brick computed, the unselected ones zeroed: the same function again
         masked = [ffn(x), torch.cat([ffn(x[t : t + 1]) for t in range(5)])]
+        if "kernel" in ffn.paths:  # one token per call of the compiled CPU kernel, where it is built
+            ffn.set_path("kernel")
+            masked += [ffn(x), torch.cat([ffn(x[t : t + 1]) for t in range(5)])]
+            ffn.set_path("masked")
+        assert ("kernel" in ffn.paths) == cpu_kernels.available()
         routed = [b for b in bs.bricks(0) if not b.shared]
         chosen = [torch.cat([routed[b].neurons for b in torch.nonzero(s).flatten().tolist()]) for s in sel]
         shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]

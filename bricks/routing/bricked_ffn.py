@@ -13,7 +13,8 @@ nothing, whatever the activation), which keeps every brick the same shape.
 An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
-Execution, three paths that compute the same function (`RoutedFFN.paths`):
+Execution, three paths that compute the same function (`RoutedFFN.paths`; a fourth, `kernel`, runs a decode
+token in one compiled call, `bricks.routing.brick_kernel`):
 `bricks` reads only the selected bricks' weights: one token (batch-1 decode)
 in a loop on CPU, several tokens grouped by brick, each brick running once on
 its group. `grouped` does the same in two grouped GEMMs
@@ -42,6 +43,7 @@ from ..errors import BricksError
 from .base import RoutedFFN
 from .beside import BesideRun, dense_projections
 from .brick_dense import DenseView
+from .brick_kernel import BrickKernel
 from .paths import running
 from .routers import make_router
 
@@ -49,7 +51,7 @@ from .routers import make_router
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class BrickedFFN(DenseView, RoutedFFN):
+class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
     """Drop-in replacement of one layer's FFN module, computed brick by brick.
 
     Args:
@@ -60,7 +62,7 @@ class BrickedFFN(DenseView, RoutedFFN):
         active: share of the routed bricks each token runs, in (0, 1].
     """
 
-    paths = ("bricks", "grouped", "masked")
+    eager_paths = ("bricks", "grouped", "masked")  # and `kernel` where it applies (`BrickKernel.paths`)
 
     def __init__(self, ffn: FFN, assignment: torch.Tensor, shared: int | None = None, router: str | None = None,
                  active: float = 1.0):
@@ -111,8 +113,7 @@ class BrickedFFN(DenseView, RoutedFFN):
         self.register_buffer("shared_members", torch.nonzero(assignment == shared).flatten() if shared is not None
                              else torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("down_norms", w_down.float().norm(dim=-1), persistent=False)  # [n, size]
-        # The shared brick: plain dense slices, run for every token.
-        self.shared_in = self.shared_b_in = self.shared_down = None
+        self.shared_in = self.shared_b_in = self.shared_down = None  # the shared brick: dense slices, run for every token
         if shared is not None:
             m = torch.nonzero(assignment == shared).flatten()
             self.shared_in = nn.Parameter(torch.cat([p.detach()[m.to(dev)] for p in parts_in]), requires_grad=False)
@@ -124,8 +125,7 @@ class BrickedFFN(DenseView, RoutedFFN):
         self.active = active
         self.dense_at_full = True  # False: brick by brick even at full activity (what `verify_bricks` measures)
         self._dense_cache: dict[str, torch.Tensor] | None = None
-        # Tokens seen and routed bricks run (threshold routers vary per token); on the device: no syncs.
-        # Tokens, bricks the routed function selected, bricks the path ran (all of them when masked).
+        # Tokens, bricks the routed function selected, bricks the path ran (all when masked); on the device: no syncs.
         self.register_buffer("counts", torch.zeros(3, dtype=torch.float64, device=dev), persistent=False)
         # Set by recovery with router refit: the masked path then leaves the router's loss in `router_loss`.
         self.refit_router = False
@@ -198,7 +198,8 @@ class BrickedFFN(DenseView, RoutedFFN):
         return y.reshape(*shape[:-1], self.hidden)
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
-        return self.paths if self._groups_exactly() else ("bricks", "masked")
+        kernel = ("kernel",) if tokens == 1 and self.kernel_applies() else ()
+        return (self.eager_paths if self._groups_exactly() else ("bricks", "masked")) + kernel
 
     def _groups_exactly(self) -> bool:
         """Whether the grouped path applies: a router that picks exactly k bricks per token, grouped GEMMs, and
@@ -231,6 +232,8 @@ class BrickedFFN(DenseView, RoutedFFN):
             y += shared
         if masked:
             y += self._masked(x2, sel, run)
+        elif path == "kernel":
+            y += self._kernel(x2, sel)
         elif path == "grouped":
             self._grouped_mm(x2, sel, y, run)
         elif x2.shape[0] == 1 and self._gathers(x2):

@@ -675,13 +675,127 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// One token through the bricks a router selected (BrickedFFN): each brick's gate|up rows as dot products with the
+// token, then its down rows. In eager torch that is a few small matmuls per brick, whose fixed cost (tens of
+// microseconds each, more in bf16) outweighs a small FFN's whole dense call.
+
+// sum of w[i] * x[i] for i in [0, n), in fp32.
+template <typename T>
+inline float dot(const T* w, const float* x, int64_t n) {
+  vfloat first = {}, second = {};  // two chains of sums, so that each waits on half as many additions
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    first += load16(w + i) * load16(x + i);
+    second += load16(w + i + 16) * load16(x + i + 16);
+  }
+  for (; i + 16 <= n; i += 16) first += load16(w + i) * load16(x + i);
+  first += second;
+  float sum = 0.0f;
+  for (int lane = 0; lane < 16; ++lane) sum += first[lane];
+  for (; i < n; ++i) sum += static_cast<float>(w[i]) * x[i];
+  return sum;
+}
+
+template <typename T>
+at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
+                        bool down_rows, bool parallel) {
+  const int64_t hidden = x.size(1), n_bricks = w_in.size(0), size = w_in.size(1) / 2;
+  thread_local std::vector<float> buffer;
+  thread_local std::vector<int64_t> chosen_buffer, rows_buffer;
+  const bool* selected = sel.data_ptr<bool>();
+  int64_t* chosen = scratch(chosen_buffer, n_bricks).data();
+  int64_t n_chosen = 0;
+  for (int64_t b = 0; b < n_bricks; ++b) {  // branch-free (see `collect`)
+    chosen[n_chosen] = b;
+    n_chosen += selected[b];
+  }
+  // x as fp32, then per chosen brick its gate|up pre-activations and its activations; y last.
+  float* xf = scratch(buffer, hidden + n_chosen * 3 * size + hidden).data();
+  float* h = xf + hidden;
+  float* a = h + n_chosen * 2 * size;
+  float* y = a + n_chosen * size;
+  to_float(x.data_ptr<T>(), xf, hidden);
+  const T* wi = w_in.data_ptr<T>();
+  const T* wd = w_down.data_ptr<T>();
+  auto pre = [&](int64_t begin, int64_t end) {  // bricks [begin, end) of the chosen
+    for (int64_t j = begin; j < end; ++j) {
+      const T* rows = wi + chosen[j] * 2 * size * hidden;
+      float* hj = h + j * 2 * size;
+      for (int64_t r = 0; r < 2 * size; ++r) hj[r] = dot(rows + r * hidden, xf, hidden);
+      silu_mul(hj, hj + size, a + j * size, size);
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, n_chosen, 1, pre);
+  } else {
+    pre(0, n_chosen);
+  }
+  if (down_rows) {  // w_down [n, size, hidden]: the chosen bricks' rows, summed as teal sums its kept rows
+    int64_t* rows = scratch(rows_buffer, n_chosen * size).data();
+    thread_local std::vector<float> values_buffer;
+    float* values = scratch(values_buffer, n_bricks * size).data();
+    for (int64_t j = 0; j < n_chosen; ++j) {
+      for (int64_t r = 0; r < size; ++r) {
+        rows[j * size + r] = chosen[j] * size + r;
+        values[chosen[j] * size + r] = a[j * size + r];
+      }
+    }
+    token_rows_sum(wd, hidden, rows, n_chosen * size, values, y, parallel);
+  } else {  // w_down [n, hidden, size]: each output column a dot product with each chosen brick's activations
+    auto columns = [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n_chosen; ++j) sum += dot(wd + (chosen[j] * hidden + c) * size, a + j * size, size);
+        y[c] = sum;
+      }
+    };
+    if (parallel) {
+      at::parallel_for(0, hidden, GRAIN / 4, columns);
+    } else {
+      columns(0, hidden);
+    }
+  }
+  at::Tensor out = at::empty({1, hidden}, x.options());
+  from_float(y, out.data_ptr<T>(), hidden);
+  return out;
+}
+
+// y [1, hidden] of one token x [1, hidden] through the bricks `sel` [n_bricks] (bool) selects, for a gated SiLU FFN
+// stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows), w_down
+// [n_bricks, size, hidden] when `down_rows`, else [n_bricks, hidden, size]. No bias, no shared brick (the caller
+// adds it). `parallel` as in teal_ffn.
+at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
+                     bool down_rows, bool parallel) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "brick_ffn: x must be one contiguous token [1, hidden]");
+  TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
+              "brick_ffn: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
+  const int64_t n = w_in.size(0), size = w_in.size(1) / 2;
+  TORCH_CHECK(w_down.dim() == 3 && w_down.is_contiguous() && w_down.size(0) == n &&
+                  (down_rows ? (w_down.size(1) == size && w_down.size(2) == x.size(1))
+                             : (w_down.size(1) == x.size(1) && w_down.size(2) == size)),
+              "brick_ffn: w_down must be a contiguous [n_bricks, size, hidden] (down_rows) or [n_bricks, hidden, size] weight");
+  TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == n && sel.is_contiguous(),
+              "brick_ffn: sel must be n_bricks contiguous bools");
+  TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_down.scalar_type(),
+              "brick_ffn: x and the weights must share one dtype");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_ffn", [&] {
+    out = bricks_token<scalar_t>(x, w_in, w_down, sel, down_rows, parallel);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bricks, m) {
   m.def("teal_ffn(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
         "bool parallel, Tensor(a!) counts) -> Tensor");
+  m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool down_rows, bool parallel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {
   m.impl("teal_ffn", &teal_ffn);
+  m.impl("brick_ffn", &brick_ffn);
 }

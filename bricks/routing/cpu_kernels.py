@@ -31,6 +31,11 @@ saved. This kernel does the whole call in one:
 4. keep the `keep_act` neurons of largest |a| (or above a threshold), and
    the output from their rows of `w_down_t` only, the same way.
 
+A second op runs one token of a bricked FFN (`BrickedFFN`, a router's
+bricks): each selected brick's gate|up rows as dot products with the token,
+then its down rows, in one call where eager torch takes a few small
+matmuls per brick.
+
 It runs on torch's own thread pool, so a path timed on one thread (`@1`,
 `bricks.routing.paths`) runs it serially.
 
@@ -112,3 +117,15 @@ def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep
         raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
     return torch.ops.bricks.teal_ffn(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
                                      -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)
+
+
+def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: torch.Tensor, down_rows: bool,
+              parallel: bool = True) -> torch.Tensor:
+    """y `[1, hidden]` of one token `x` `[1, hidden]` through the bricks `sel` (bool `[n_bricks]`) selects, of a
+    gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`; `w_down`
+    `[n_bricks, size, hidden]` when `down_rows`, else `[n_bricks, hidden, size]`), in one call: no bias, no shared
+    brick."""
+    if reason() is not None:
+        raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
+    return torch.ops.bricks.brick_ffn(x, w_in, w_down, sel, down_rows, parallel)
+
