@@ -196,3 +196,24 @@ def test_brick_kernel_computes_the_bricks_path(dtype, shared):
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # of the outputs' scale (a random FFN's are about 1e-3)
     assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
     assert torch.equal(one, got)  # the same sums in the same order on any number of threads
+
+
+def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs, monkeypatch):
+    from bricks.routing import BrickedFFN
+
+    model = bricks.load_model(tiny_dirs["gpt2"])[0]  # GELU, ungated, with biases
+    gpt2 = BrickedFFN(ffns(model)[0], torch.arange(ffns(model)[0].d_ff) % 4, router="centroid", active=0.5)
+    assert "kernel" not in gpt2.paths and "kernel" not in gpt2.paths_for(1)
+    with pytest.raises(bricks.BricksError, match="unknown execution path 'kernel'"):
+        gpt2.set_path("kernel")
+    f = ffns(random_ffn_model(64, 96))[0]
+    ffn = BrickedFFN(f, torch.arange(96) % 4, router="centroid", active=0.5)
+    ffn.set_path("kernel")
+    monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")  # switched off after the path was fixed: it says why it cannot run
+    cpu_kernels.reason.cache_clear()
+    try:
+        assert "kernel" not in ffn.paths
+        with torch.no_grad(), pytest.raises(bricks.BricksError, match="kernel path is not available here: BRICKS_CPU"):
+            ffn(torch.randn(1, 64))
+    finally:
+        cpu_kernels.reason.cache_clear()
