@@ -675,7 +675,6 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
   return out;
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // One token through the bricks a router selected (BrickedFFN): each brick's gate|up rows as dot products with the
 // token, then its down rows. In eager torch that is a few small matmuls per brick, whose fixed cost (tens of
