@@ -106,6 +106,13 @@ def available() -> bool:
     return reason() is None
 
 
+def _ops():
+    """`torch.ops.bricks`, once the kernel is loaded; else a one-line error that says why it is not."""
+    if reason() is not None:
+        raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
+    return torch.ops.bricks
+
+
 def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep_in: int, keep_act: int,
              t_in: float | None, t_act: float | None, counts: torch.Tensor, parallel: bool = True) -> torch.Tensor:
     """y `[tokens, hidden]` of `x` `[tokens, hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
@@ -113,10 +120,8 @@ def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep
     given, per token. `counts` (int64 `[3]`) gains the tokens and the input and neuron rows they read (a row
     several tokens keep is read from memory once, and counted for each). `parallel=False` runs on the calling
     thread only."""
-    if reason() is not None:
-        raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
-    return torch.ops.bricks.teal_ffn(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
-                                     -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)
+    return _ops().teal_ffn(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
+                           -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)
 
 
 def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: torch.Tensor, down_rows: bool,
@@ -125,7 +130,4 @@ def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: to
     gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`; `w_down`
     `[n_bricks, size, hidden]` when `down_rows`, else `[n_bricks, hidden, size]`), in one call: no bias, no shared
     brick."""
-    if reason() is not None:
-        raise BricksError(f"the bricks CPU kernel is not available: {reason()}")
-    return torch.ops.bricks.brick_ffn(x, w_in, w_down, sel, down_rows, parallel)
-
+    return _ops().brick_ffn(x, w_in, w_down, sel, down_rows, parallel)
