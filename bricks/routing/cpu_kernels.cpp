@@ -43,7 +43,7 @@ constexpr int64_t AHEAD = 4;
 // Fewest columns worth handing to another thread.
 constexpr int64_t GRAIN = 256;
 
-// Magnitude used for ranking; NaN ranks first, as in torch.topk, so that a NaN input is kept and shows.
+// Sixteen lanes of 32 bits (GCC's vector extensions): one AVX-512 register, or two AVX2 ones.
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint16_t vhalfbits __attribute__((vector_size(32)));
@@ -149,6 +149,7 @@ void silu_mul(const float* g, const float* u, float* a, int64_t n) {
   for (; i < n; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// Magnitude used for ranking; NaN ranks first, as in torch.topk, so that a NaN input is kept and shows.
 inline float magnitude(float v) {
   return std::isnan(v) ? std::numeric_limits<float>::infinity() : std::abs(v);
 }
