@@ -43,7 +43,7 @@ constexpr int64_t AHEAD = 4;
 // Fewest columns worth handing to another thread.
 constexpr int64_t GRAIN = 256;
 
-// Sixteen lanes of 32 bits (GCC's vector extensions): one AVX-512 register, or two AVX2 ones.
+// Sixteen lanes (GCC's vector extensions): of 32 bits, one AVX-512 register; of 16 bits (bf16, fp16), half of one.
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint16_t vhalfbits __attribute__((vector_size(32)));
