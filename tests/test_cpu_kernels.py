@@ -9,6 +9,7 @@ import bricks
 from bricks.arch import ffns
 from bricks.routing import SparseFFN, cpu_kernels
 from bricks.routing.bench import random_ffn_model
+from bricks.routing.brick_kernel import KERNEL_MAX_TOKENS
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no CPU kernel here: {cpu_kernels.reason()}")
 
@@ -166,36 +167,48 @@ def test_kernel_top_k_keeps_exactly_k_among_ties():
             torch.testing.assert_close(got[t], a[j] @ sparse.w_down_t[j], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [None, 0])
 def test_brick_kernel_computes_the_bricks_path(dtype, shared):
-    """One token of a bricked FFN in one kernel call: the function of the `bricks` path. fp32 bricks keep their down
-    rows `[n, size, hidden]`, bf16 ones `[n, hidden, size]`: both layouts; 200 neurons in 9 bricks leave padding
-    rows, and the 23-wide bricks end in a partial vector."""
+    """Tokens of a bricked FFN in one kernel call: the function of the `bricks` path, for one token and for batches.
+    fp32 bricks keep their down rows `[n, size, hidden]`, bf16/fp16 ones W_down's columns `[hidden, n, size]` (a
+    batch's down projection is then one dense matmul, counted as executed); 200 neurons in 9 bricks leave padding
+    rows, 23-wide bricks end in a partial vector, and 5 or 33 tokens leave a partial group of four."""
     from bricks.routing import BrickedFFN
 
     torch.manual_seed(0)
-    f = ffns(random_ffn_model(64, 200, dtype))[0]
+    f = ffns(random_ffn_model(66, 200, dtype))[0]  # 66: a partial vector at the end of each gate|up row
     assignment = torch.arange(200)[torch.randperm(200)] % 9
     ffn = BrickedFFN(f, assignment, shared, router="centroid", active=0.4)
-    assert "kernel" in ffn.paths and "kernel" in ffn.paths_for(1) and "kernel" not in ffn.paths_for(2)
-    x = torch.randn(6, 64).to(dtype)
+    assert "kernel" in ffn.paths and "kernel" in ffn.paths_for(1) and "kernel" in ffn.paths_for(KERNEL_MAX_TOKENS)
+    assert "kernel" not in ffn.paths_for(KERNEL_MAX_TOKENS + 1)
     threads = torch.get_num_threads()
-    with torch.no_grad():
-        ffn.set_path("bricks")
-        ref = torch.cat([ffn(x[t:t + 1]) for t in range(6)])
-        ffn.set_path("kernel")
-        ffn.reset_counts()
-        got = torch.cat([ffn(x[t:t + 1]) for t in range(6)])
-        assert ffn.executed_fraction() == pytest.approx(ffn.routed_fraction())  # the selected bricks only
-        try:
-            torch.set_num_threads(1)
-            one = torch.cat([ffn(x[t:t + 1]) for t in range(6)])
-        finally:
-            torch.set_num_threads(threads)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # of the outputs' scale (a random FFN's are about 1e-3)
-    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
-    assert torch.equal(one, got)  # the same sums in the same order on any number of threads
+    # Of the outputs' scale (a random FFN's are about 1e-3): fp16 keeps 3 more bits than bf16.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    for tokens in (1, 2, 5, 33):
+        x = torch.randn(tokens, 66).to(dtype)
+        with torch.no_grad():
+            ffn.set_path("bricks")
+            ref = ffn(x)
+            ffn.set_path("kernel")
+            ffn.reset_counts()
+            got = ffn(x)
+            k, n = ffn.k_active, ffn.n_bricks
+            down_share = ffn.brick_size / (ffn.w_in.shape[1] + ffn.brick_size)  # of a brick's MACs
+            ran = k + (n - k) * down_share if tokens > 1 and not ffn.down_rows else k  # bricks per token
+            assert ffn.executed_fraction() == pytest.approx(ffn._macs(ran) / ffn.dense_macs_per_token())
+            # The kernel's own part: not the shared brick's matmul, nor the dense down matmul of a 16-bit batch.
+            sel = ffn.select(x)
+            compiled = (lambda: ffn._kernel(x, sel)) if tokens == 1 or ffn.down_rows else (
+                lambda: cpu_kernels.brick_acts(x, ffn.w_in, sel))
+            routed = compiled()
+            try:
+                torch.set_num_threads(1)
+                one = compiled()
+            finally:
+                torch.set_num_threads(threads)
+        assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max(), tokens
+        assert torch.equal(one, routed), tokens  # the same sums in the same order on any number of threads
 
 
 def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs, monkeypatch):
@@ -207,6 +220,8 @@ def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny
     with pytest.raises(bricks.BricksError, match="unknown execution path 'kernel'"):
         gpt2.set_path("kernel")
     f = ffns(random_ffn_model(64, 96))[0]
+    # A router that computes the gate rows to route: the kernel would compute them again, uncounted.
+    assert "kernel" not in BrickedFFN(f, torch.arange(96) % 4, router="threshold", active=0.5).paths
     ffn = BrickedFFN(f, torch.arange(96) % 4, router="centroid", active=0.5)
     ffn.set_path("kernel")
     monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")  # switched off after the path was fixed: it says why it cannot run

@@ -75,7 +75,8 @@ def test_decode_grouped_and_masked_reference_agree(llama, router, shared, tokeni
             ffn.set_path("kernel")
             masked += [ffn(x), torch.cat([ffn(x[t : t + 1]) for t in range(5)])]
             ffn.set_path("masked")
-        assert ("kernel" in ffn.paths) == cpu_kernels.available()
+        # where it is built, and for routers that do not compute the gate rows themselves (the kernel would again)
+        assert ("kernel" in ffn.paths) == (cpu_kernels.available() and not ffn.router.reuses_gate)
         routed = [b for b in bs.bricks(0) if not b.shared]
         chosen = [torch.cat([routed[b].neurons for b in torch.nonzero(s).flatten().tolist()]) for s in sel]
         shared_neurons = [b.neurons for b in bs.bricks(0) if b.shared]
@@ -217,16 +218,31 @@ def test_bench_ffn_cli_small():
 
 
 def test_half_precision_layout(llama_dir):
-    """bf16 stores down blocks transposed (a faster CPU kernel); results match the dense bf16 FFN."""
+    """bf16 stores W_down itself, its columns brick by brick ([hidden, n, size]: faster CPU kernels, and every brick
+    in one F.linear); every path computes the routed function, and at full activity the dense bf16 FFN."""
     model, _ = bricks.load_model(llama_dir, dtype="bfloat16")
     bs = bricks.partition(model, "random", 8)
     f = ffns(model)[0]
     ffn = BrickedFFN(f, bs.assignments[0], router="centroid", active=1.0)
-    assert not ffn.down_rows and ffn.w_down.shape == (8, 32, 8)
+    assert not ffn.down_rows and ffn.w_down.shape == (32, 8, 8)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)
         torch.testing.assert_close(ffn(x[:1]).float(), f.module(x[:1]).float(), rtol=2e-2, atol=2e-3)
+        ffn.set_path("dense")  # every brick, brick-major: the dense function again
+        ffn.active = 0.5
+        torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)
+        sel = ffn.select(x)
+        xf = x.float()
+        h = xf @ f.gate_weight().float().t()
+        a = torch.nn.functional.silu(h) * (xf @ f.up_weight().float().t())
+        keep = sel.float()[:, bs.assignments[0]]  # [tokens, d_ff]: the neurons of each token's bricks
+        ref = (a * keep) @ f.down_weight().float().t()
+        scale = ref.abs().max()
+        for path in ffn.paths:
+            ffn.set_path(path)
+            for out in (ffn(x), torch.cat([ffn(x[t:t + 1]) for t in range(3)])):
+                assert (out.float() - ref).abs().max() < 2e-2 * scale, path
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gpt_neox", "gemma"])

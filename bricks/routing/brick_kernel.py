@@ -1,18 +1,29 @@
-"""One token of a bricked FFN in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels.brick_ffn`).
+"""The tokens of a bricked FFN in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`).
 
 In eager torch a decode token runs a few small matmuls per selected brick, and each costs tens of microseconds
 (more in bf16), which a small FFN's whole dense call does not: with half of 64 bricks selected on the default
-model's FFN the `bricks` path lost to dense (`bench/README.md`). The kernel reads the same rows, the chosen
-bricks' gate|up rows as dot products with the token and then their down rows, in one call.
+model's FFN the `bricks` path lost to dense (`bench/README.md`). A batch loops over bricks the same way, or
+computes every brick (`masked`). The kernel reads the same rows, the chosen bricks' gate|up rows as dot products
+with the tokens that chose them and then their down rows, in one call.
+
+Several tokens with bf16/fp16 weights (stored as W_down's columns, `BrickedFFN`) take the kernel for the
+activations and one dense matmul for the down projection, over every brick (the unselected ones' activations are
+0): per-column sums of several tokens' bricks would not match oneDNN's bf16 matmul. That third of the FFN is
+counted as executed for every brick.
 """
 
 from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
 from ..errors import BricksError
 from . import cpu_kernels
 from .sparse_paths import SILU
+
+# The kernel is offered to calls of at most this many tokens. Beyond, a prefill's batch is one dense matmul's work.
+KERNEL_MAX_TOKENS = 128
 
 
 class BrickKernel:
@@ -29,13 +40,20 @@ class BrickKernel:
     def _kernel_refusal(self) -> str | None:
         if not (self.gated and isinstance(self.act, SILU) and self.b_in is None and self.beside is None):
             return "it needs a gated SiLU FFN with no input bias or bricks beside"
+        if self.router is not None and self.router.reuses_gate:  # the kernel would compute the gate rows again
+            return "its router computes the gate pre-activations, which the kernel does not take"
         return cpu_kernels.reason()
 
     def _kernel(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias), a token per call: the
-        chooser offers it to one token (`paths_for`), and a path fixed by `set_path` may see several."""
+        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias)."""
         why = self._kernel_refusal()  # bricks beside may have come since the path was fixed
         if why is not None:
             raise BricksError(f"the kernel path is not available here: {why}")
-        return torch.cat([cpu_kernels.brick_ffn(x[t:t + 1].contiguous(), self.w_in, self.w_down, sel[t].contiguous(),
-                                                self.down_rows) for t in range(x.shape[0])])
+        x, sel = x.contiguous(), sel.contiguous()
+        if x.shape[0] == 1 or self.down_rows:
+            return cpu_kernels.brick_ffn(x, self.w_in, self.w_down, sel, self.down_rows)
+        a = cpu_kernels.brick_acts(x, self.w_in, sel)
+        # The down projection ran for every brick: count the unselected bricks' share of it (a brick's MACs are its
+        # gate|up rows and its down rows).
+        self.counts[2] += (sel.numel() - sel.sum()) * self.brick_size / (self.w_in.shape[1] + self.brick_size)
+        return F.linear(a.flatten(1), self.w_down.flatten(1))

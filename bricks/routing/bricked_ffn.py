@@ -6,15 +6,16 @@ views, never gathered copies:
 - `w_in`   `[n_bricks, k*size, hidden]`: per brick its gate rows then its up rows
            (k = 2 for gated FFNs), so one matmul per brick gives both;
 - `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T (fp32), or
-           `[n_bricks, hidden, size]` for bf16/fp16, whose CPU kernels want that layout.
+           `[hidden, n_bricks, size]` for bf16/fp16: W_down itself, its columns brick by brick
+           (CPU kernels want that layout for them; all bricks at once are one plain F.linear).
 
 Bricks are padded to one size with zero rows (a zero down row contributes
 nothing, whatever the activation), which keeps every brick the same shape.
 An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
-Execution, three paths that compute the same function (`RoutedFFN.paths`; a fourth, `kernel`, runs a decode
-token in one compiled call, `bricks.routing.brick_kernel`):
+Execution, three paths that compute the same function (`RoutedFFN.paths`; a fourth, `kernel`, runs up to 128
+tokens in one compiled call, `bricks.routing.brick_kernel`):
 `bricks` reads only the selected bricks' weights: one token (batch-1 decode)
 in a loop on CPU, several tokens grouped by brick, each brick running once on
 its group. `grouped` does the same in two grouped GEMMs
@@ -43,7 +44,7 @@ from ..errors import BricksError
 from .base import RoutedFFN
 from .beside import BesideRun, dense_projections
 from .brick_dense import DenseView
-from .brick_kernel import BrickKernel
+from .brick_kernel import KERNEL_MAX_TOKENS, BrickKernel
 from .paths import running
 from .routers import make_router
 
@@ -100,10 +101,11 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
             self.b_in = nn.Parameter(torch.stack([torch.cat([pack(b.detach(), m, size) for b in bias_in]) for m in members]),
                                      requires_grad=False)  # [n, k*size]
         w_down = torch.stack([pack(w_down_t, m, size) for m in members])  # [n, size, hidden]
-        # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest, while
-        # bf16/fp16 fall off a cliff there (many times slower than F.linear on [hidden, size] blocks).
+        # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest; bf16/fp16 want F.linear on
+        # [hidden, size] blocks (many times faster than `a @ W`), and [hidden, n, size] makes all bricks one F.linear on
+        # [hidden, n*size] (an einsum over [n, hidden, size] copied the whole weight per call: 13x slower at 4096x11008).
         self.down_rows = dtype == torch.float32
-        self.w_down = nn.Parameter(w_down if self.down_rows else w_down.transpose(1, 2).contiguous(), requires_grad=False)
+        self.w_down = nn.Parameter(w_down if self.down_rows else w_down.permute(2, 0, 1).contiguous(), requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         self.register_buffer("sizes", torch.tensor([len(m) for m in members], device=dev), persistent=False)
@@ -173,8 +175,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
     @torch.no_grad()
     def refresh(self) -> None:
         self._dense_cache = None
-        rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
-        self.down_norms.copy_(rows.float().norm(dim=-1))
+        self.down_norms.copy_(self.down_rows_view().float().norm(dim=-1))
         if self.router is not None:
             self.router.refresh()
 
@@ -198,7 +199,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         return y.reshape(*shape[:-1], self.hidden)
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
-        kernel = ("kernel",) if tokens == 1 and self.kernel_applies() else ()
+        kernel = ("kernel",) if tokens <= KERNEL_MAX_TOKENS and self.kernel_applies() else ()
         return (self.eager_paths if self._groups_exactly() else ("bricks", "masked")) + kernel
 
     def _groups_exactly(self) -> bool:
@@ -279,7 +280,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
             if self.down_rows:
                 y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
             else:
-                y += F.linear(a, self.w_down[b])
+                y += F.linear(a, self.down_block(b))
 
     def _gathers(self, x: torch.Tensor) -> bool:  # on accelerators, under a router that picks exactly k bricks
         return x.device.type != "cpu" and self.router is not None and not self.router.reuses_gate
@@ -298,8 +299,8 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         a = self._act(h if run is None else h + run.bricks[:, idx].to(h.dtype), self.brick_size)  # [1, k, size]
         if run is not None:
             run.put(torch.zeros(1, 1, 1, dtype=torch.long, device=x.device), idx, a)
-        w_down = self.w_down.index_select(0, idx)
-        y += a.flatten(1) @ w_down.flatten(0, 1) if self.down_rows else torch.einsum("tns,nhs->th", a, w_down)
+        w_down = self.w_down.index_select(0 if self.down_rows else 1, idx)  # the brick axis of either layout
+        y += a.flatten(1) @ w_down.flatten(0, 1) if self.down_rows else F.linear(a.flatten(1), w_down.flatten(1))
 
     def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, run=None) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
@@ -308,7 +309,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         for b, rows in enumerate(tokens.split(sel.sum(0).tolist())):
             if len(rows):
                 a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b], run, rows)
-                y.index_add_(0, rows, self._down(a, self.w_down[b]))
+                y.index_add_(0, rows, self._down(a, self.down_block(b)))
 
     def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, run: BesideRun | None = None) -> None:
         """Every token's k bricks in two grouped GEMMs over the brick-major weights, shapes fixed by (tokens, k):
@@ -330,8 +331,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         a = self._act(h if run is None else h + run.bricks[rows, bricks].to(h.dtype), self.brick_size)
         if run is not None:
             run.put(rows[:, None], bricks, a)
-        w_down = self.w_down if self.down_rows else self.w_down.transpose(1, 2)  # [n, size, hidden] either way
-        y.index_add_(0, rows, grouped_mm(a, w_down, offs=ends))
+        y.index_add_(0, rows, grouped_mm(a, self.down_rows_view(), offs=ends))  # grouped_mm reads the views' strides
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor | None, run: BesideRun | None = None) -> torch.Tensor:
         """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path
@@ -344,8 +344,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         if self.refit_router and self.router is not None and self.training:
             # The oracle choice of the current weights comes for free here: refit the router towards it.
             with torch.no_grad():
-                rows = self.w_down if self.down_rows else self.w_down.transpose(1, 2)
-                mass = (a.abs() * rows.norm(dim=-1)).sum(-1).float()
+                mass = (a.abs() * self.down_rows_view().norm(dim=-1)).sum(-1).float()
             self.router_loss = self.router.refit_loss(x.detach(), mass, self.k_active)
         if sel is not None:
             a = a * sel[..., None].to(h.dtype)
@@ -353,7 +352,7 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
             run.put(torch.arange(len(x), device=x.device)[:, None, None], slice(None), a)
         if self.down_rows:
             return a.flatten(1) @ self.w_down.flatten(0, 1)
-        return torch.einsum("tns,nhs->th", a, self.w_down)
+        return F.linear(a.flatten(1), self.w_down.flatten(1))
 
     # ------------------------------------------------------------------ accounting
     def dense_macs_per_token(self) -> int:

@@ -743,11 +743,11 @@ at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::T
       }
     }
     token_rows_sum(wd, hidden, rows, n_chosen * size, values, y, parallel);
-  } else {  // w_down [n, hidden, size]: each output column a dot product with each chosen brick's activations
+  } else {  // w_down [hidden, n, size]: each output column a dot product with each chosen brick's activations
     auto columns = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         float sum = 0.0f;
-        for (int64_t j = 0; j < n_chosen; ++j) sum += dot(wd + (chosen[j] * hidden + c) * size, a + j * size, size);
+        for (int64_t j = 0; j < n_chosen; ++j) sum += dot(wd + (c * n_bricks + chosen[j]) * size, a + j * size, size);
         y[c] = sum;
       }
     };
@@ -762,27 +762,239 @@ at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::T
   return out;
 }
 
-// y [1, hidden] of one token x [1, hidden] through the bricks `sel` [n_bricks] (bool) selects, for a gated SiLU FFN
-// stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows), w_down
-// [n_bricks, size, hidden] when `down_rows`, else [n_bricks, hidden, size]. No bias, no shared brick (the caller
-// adds it). `parallel` as in teal_ffn.
+// Several tokens: brick by brick, each brick's gate|up rows read from memory once for all the tokens that selected
+// it, a tile of rows against four tokens at a time with the sums in registers (a token at a time would read the
+// brick's rows once per token, as the eager path's per-brick matmuls on gathered tokens nearly do, at tens of
+// microseconds per matmul).
+
+inline float lanes_sum(vfloat v) {
+  float sum = 0.0f;
+  for (int lane = 0; lane < 16; ++lane) sum += v[lane];
+  return sum;
+}
+
+// out[q * stride + r] = row r of w (rows `hidden` apart) . token q of xs, for R rows and Q tokens, in fp32.
+template <int R, int Q, typename T>
+inline void tile_dots(const T* w, int64_t hidden, const float* const* xs, float* out, int64_t stride) {
+  vfloat acc[R][Q] = {};  // in registers: the loops over R and Q unrolled (see the bf16 version)
+  const float* x[Q];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) x[q] = xs[q];
+  int64_t i = 0;
+  for (; i + 16 <= hidden; i += 16) {
+    vfloat rows[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) rows[r] = load16(w + r * hidden + i);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const vfloat xv = load16(x[q] + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][q] += rows[r] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < Q; ++q) {
+      float sum = lanes_sum(acc[r][q]);
+      for (int64_t k = i; k < hidden; ++k) sum += static_cast<float>(w[r * hidden + k]) * xs[q][k];
+      out[q * stride + r] = sum;
+    }
+  }
+}
+
+#ifdef __AVX512BF16__
+// The same for bf16 weights and bf16 tokens (their own values, no rounding): vdpbf16ps, 32 products per
+// instruction; the last piece of a row is loaded masked, its missing entries 0 in both operands.
+template <int R, int Q>
+inline void tile_dots(const c10::BFloat16* w, int64_t hidden, const c10::BFloat16* const* xs, float* out,
+                      int64_t stride) {
+  // Loops over R and Q unrolled: with the sums in an array indexed by loop variables, GCC stored every sum to the
+  // stack after each instruction (perf annotate), which bounded the loop by stores.
+  __m512 acc[R][Q];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) acc[r][q] = _mm512_setzero_ps();
+  const c10::BFloat16* x[Q];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) x[q] = xs[q];
+  for (int64_t i = 0; i < hidden; i += 32) {
+    const __mmask32 m = hidden - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (hidden - i)) - 1);
+    __m512bh rows[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) rows[r] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w + r * hidden + i));
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x[q] + i));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], rows[r], xv);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) out[q * stride + r] = _mm512_reduce_add_ps(acc[r][q]);
+}
+#endif
+
+// tile_dots for R rows and 1-4 tokens.
+template <int R, typename T, typename X>
+inline void tile_dots_for(int64_t q, const T* w, int64_t hidden, const X* const* xs, float* out, int64_t stride) {
+  switch (q) {
+    case 1: tile_dots<R, 1>(w, hidden, xs, out, stride); break;
+    case 2: tile_dots<R, 2>(w, hidden, xs, out, stride); break;
+    case 3: tile_dots<R, 3>(w, hidden, xs, out, stride); break;
+    default: tile_dots<R, 4>(w, hidden, xs, out, stride); break;
+  }
+}
+
+// a [tokens, n_bricks, size] = each token's activations in the bricks sel [tokens, n_bricks] selects, 0 in the
+// others. bf16 tokens meet bf16 rows in vdpbf16ps where the CPU has it; other dtypes are summed in fp32.
+template <typename T>
+void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t tokens, int64_t n_bricks, int64_t size,
+                       int64_t hidden, float* a, bool parallel) {
+#ifdef __AVX512BF16__
+  constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool pairs = false;
+#endif
+  using X = std::conditional_t<pairs, T, float>;  // what the dot products take of the tokens
+  thread_local std::vector<float> xf_buffer;
+  thread_local std::vector<int64_t> list_buffer;
+  const X* xs = nullptr;
+  if constexpr (pairs) {
+    xs = x;
+  } else {
+    float* xf = scratch(xf_buffer, tokens * hidden).data();
+    to_float(x, xf, tokens * hidden);
+    xs = xf;
+  }
+  // Per brick the tokens that selected it: ids[starts[b], starts[b + 1]).
+  int64_t* starts = scratch(list_buffer, n_bricks + 1 + tokens * n_bricks).data();
+  int64_t* ids = starts + n_bricks + 1;
+  starts[0] = 0;
+  for (int64_t b = 0; b < n_bricks; ++b) {
+    int64_t n = starts[b];
+    for (int64_t t = 0; t < tokens; ++t) {  // branch-free (see `collect`)
+      ids[n] = t;
+      n += sel[t * n_bricks + b];
+    }
+    starts[b + 1] = n;
+  }
+  auto bricks = [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> h_buffer;
+    thread_local std::vector<const X*> x_buffer;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t* group = ids + starts[b];
+      const int64_t count = starts[b + 1] - starts[b];
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (!sel[t * n_bricks + b]) std::fill_n(a + (t * n_bricks + b) * size, size, 0.0f);
+      }
+      if (count == 0) continue;
+      float* h = scratch(h_buffer, count * 2 * size).data();  // [count, 2 * size]: gate rows, then up rows
+      const X** xq = scratch(x_buffer, count).data();
+      for (int64_t i = 0; i < count; ++i) xq[i] = xs + group[i] * hidden;
+      const T* rows = w_in + b * 2 * size * hidden;
+      for (int64_t r = 0; r < 2 * size; r += 4) {  // four rows stay in L1 while the tokens pass
+        for (int64_t q = 0; q < count; q += 4) {
+          const int64_t n = std::min<int64_t>(4, count - q);
+          if (r + 4 <= 2 * size) {
+            tile_dots_for<4>(n, rows + r * hidden, hidden, xq + q, h + q * 2 * size + r, 2 * size);
+          } else {
+            for (int64_t k = r; k < 2 * size; ++k)
+              tile_dots_for<1>(n, rows + k * hidden, hidden, xq + q, h + q * 2 * size + k, 2 * size);
+          }
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const float* hi = h + i * 2 * size;
+        silu_mul(hi, hi + size, a + (group[i] * n_bricks + b) * size, size);
+      }
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, n_bricks, 1, bricks);
+  } else {
+    bricks(0, n_bricks);
+  }
+}
+
+// y [tokens, hidden] for several tokens, w_down [n_bricks, size, hidden] (fp32's layout): each token's selected
+// bricks' rows summed with its activations, the rows read once for all the tokens (`rows_sum`, as teal sums them).
+template <typename T>
+at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
+                         bool parallel) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), n_bricks = w_in.size(0), size = w_in.size(1) / 2;
+  thread_local std::vector<float> buffer;
+  thread_local std::vector<Kept> kept_buffer;
+  float* a = scratch(buffer, tokens * (n_bricks * size + hidden)).data();
+  float* y = a + tokens * n_bricks * size;
+  const bool* selected = sel.data_ptr<bool>();
+  brick_activations(x.data_ptr<T>(), w_in.data_ptr<T>(), selected, tokens, n_bricks, size, hidden, a, parallel);
+  std::vector<Kept>& kept = scratch(kept_buffer, tokens);
+  per_token(tokens, parallel, [&](int64_t t) {
+    int64_t* rows = scratch(kept[t].rows, n_bricks * size).data();
+    float* values = scratch(kept[t].values, n_bricks * size).data();
+    int64_t n = 0;
+    for (int64_t b = 0; b < n_bricks; ++b) {
+      if (!selected[t * n_bricks + b]) continue;
+      for (int64_t r = 0; r < size; ++r, ++n) {
+        rows[n] = b * size + r;
+        values[n] = a[(t * n_bricks + b) * size + r];
+      }
+    }
+    kept[t].count = n;
+  });
+  rows_sum(w_down.data_ptr<T>(), hidden, n_bricks * size, kept, tokens, a, y, parallel);
+  at::Tensor out = at::empty({tokens, hidden}, x.options());
+  from_float(y, out.data_ptr<T>(), tokens * hidden);
+  return out;
+}
+
+// y [tokens, hidden] of tokens x [tokens, hidden] through the bricks `sel` [tokens, n_bricks] (bool) selects, for a
+// gated SiLU FFN stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows),
+// w_down [n_bricks, size, hidden] when `down_rows`, else [hidden, n_bricks, size] (one token only: several take
+// brick_acts and one dense matmul). No bias, no shared brick (the caller adds it). `parallel` as in teal_ffn.
 at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
                      bool down_rows, bool parallel) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "brick_ffn: x must be one contiguous token [1, hidden]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_ffn: x must be contiguous tokens [tokens, hidden]");
+  TORCH_CHECK(x.size(0) == 1 || down_rows, "brick_ffn: several tokens need w_down as rows [n_bricks, size, hidden]");
   TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
               "brick_ffn: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
   const int64_t n = w_in.size(0), size = w_in.size(1) / 2;
-  TORCH_CHECK(w_down.dim() == 3 && w_down.is_contiguous() && w_down.size(0) == n &&
-                  (down_rows ? (w_down.size(1) == size && w_down.size(2) == x.size(1))
-                             : (w_down.size(1) == x.size(1) && w_down.size(2) == size)),
-              "brick_ffn: w_down must be a contiguous [n_bricks, size, hidden] (down_rows) or [n_bricks, hidden, size] weight");
-  TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == n && sel.is_contiguous(),
-              "brick_ffn: sel must be n_bricks contiguous bools");
+  TORCH_CHECK(w_down.dim() == 3 && w_down.is_contiguous() &&
+                  (down_rows ? (w_down.size(0) == n && w_down.size(1) == size && w_down.size(2) == x.size(1))
+                             : (w_down.size(0) == x.size(1) && w_down.size(1) == n && w_down.size(2) == size)),
+              "brick_ffn: w_down must be a contiguous [n_bricks, size, hidden] (down_rows) or [hidden, n_bricks, size] weight");
+  TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == x.size(0) * n && sel.is_contiguous(),
+              "brick_ffn: sel must be contiguous bools [tokens, n_bricks]");
   TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_down.scalar_type(),
               "brick_ffn: x and the weights must share one dtype");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_ffn", [&] {
-    out = bricks_token<scalar_t>(x, w_in, w_down, sel, down_rows, parallel);
+    out = x.size(0) == 1 ? bricks_token<scalar_t>(x, w_in, w_down, sel, down_rows, parallel)
+                         : bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel);
+  });
+  return out;
+}
+
+// a [tokens, n_bricks, size] in x's dtype: the activations of the bricks sel [tokens, n_bricks] selects for each
+// token, 0 in the others (w_in and sel as in brick_ffn). With w_down as W_down's columns ([hidden, n_bricks, size]),
+// the output is then one dense matmul, whose bf16 kernels the per-column sums of a batch would not match.
+at::Tensor brick_acts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& sel, bool parallel) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_acts: x must be contiguous tokens [tokens, hidden]");
+  TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
+              "brick_acts: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
+  const int64_t tokens = x.size(0), n = w_in.size(0), size = w_in.size(1) / 2;
+  TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == tokens * n && sel.is_contiguous(),
+              "brick_acts: sel must be contiguous bools [tokens, n_bricks]");
+  TORCH_CHECK(x.scalar_type() == w_in.scalar_type(), "brick_acts: x and w_in must share one dtype");
+  at::Tensor out = at::empty({tokens, n, size}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_acts", [&] {
+    thread_local std::vector<float> buffer;
+    float* a = scratch(buffer, tokens * n * size).data();
+    brick_activations(x.data_ptr<scalar_t>(), w_in.data_ptr<scalar_t>(), sel.data_ptr<bool>(), tokens, n, size,
+                      x.size(1), a, parallel);
+    from_float(a, out.data_ptr<scalar_t>(), tokens * n * size);
   });
   return out;
 }
@@ -793,9 +1005,11 @@ TORCH_LIBRARY(bricks, m) {
   m.def("teal_ffn(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
         "bool parallel, Tensor(a!) counts) -> Tensor");
   m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool down_rows, bool parallel) -> Tensor");
+  m.def("brick_acts(Tensor x, Tensor w_in, Tensor sel, bool parallel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {
   m.impl("teal_ffn", &teal_ffn);
   m.impl("brick_ffn", &brick_ffn);
+  m.impl("brick_acts", &brick_acts);
 }
