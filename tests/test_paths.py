@@ -208,3 +208,23 @@ def test_ffn_bench_times_calls_on_distinct_inputs():
                   device="cpu", min_seconds=0.0)
     timed = seen["dense"][-8:]  # after the warm-up calls
     assert seen["dense"] == seen["routed"] and set(timed) == {id(x) for x in xs}
+
+
+def test_ffn_bench_counts_the_path_it_reports(monkeypatch):
+    """The executed fraction a bench row reports is that of its path, not of a runner-up the chooser happened to
+    re-measure on the counted call."""
+    from bricks.routing import bench
+    from bricks.routing.paths import PathChooser
+
+    chooser = PathChooser()
+    monkeypatch.setattr(bench, "CHOOSER", chooser)
+    monkeypatch.setattr("bricks.routing.base.CHOOSER", chooser)
+    monkeypatch.setattr("bricks.routing.paths.CHOOSER", chooser)
+    # The chooser re-measures a runner-up on every call from the counted one on, and names `bricks` the best.
+    monkeypatch.setattr(chooser, "choose", lambda key, paths: "masked")
+    monkeypatch.setattr(chooser, "best", lambda key: "bricks")
+    monkeypatch.setattr(chooser, "record", lambda key, path, seconds: None)
+    rows = bench.bench_ffn(shapes=((32, 64),), dtypes=("float32",), batches=(1,), actives=(0.5,), n_bricks=8, reps=2,
+                           progress=None)
+    assert rows[0]["path"] == "bricks"
+    assert rows[0]["executed_fraction"] == pytest.approx(rows[0]["compute_fraction"])  # not masked's 1.0

@@ -133,16 +133,20 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
                     t_dense, t = _median_times(dense, routed, xs, reps, device)
-                    routed.reset_counts()
-                    routed(x)  # one more call, counted: what the chosen path executes
                     key = routed.timing_key(x.reshape(-1, hidden))
+                    chosen = routed.path or CHOOSER.best(key) or routed.static_path(batch)
+                    # One more call, counted, on the chosen path: left to the chooser, it could be a runner-up's
+                    # re-measurement, whose executed fraction would be reported as the chosen path's.
+                    routed.set_path(chosen)
+                    routed.reset_counts()
+                    routed(x)
                     row = {"device": str(device), "timing": "cuda graph replays" if str(device).startswith("cuda") else "calls",
                            "hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
                            "router": router, "n_bricks": None if router == "teal" else n_bricks, "busy_processes": busy,
                            "selection": selection if router == "teal" else None,
                            "dense_fallback": dense_fallback,
                            "compute_fraction": round(routed.compute_fraction(), 4),
-                           "path": routed.path or CHOOSER.best(key) or routed.static_path(batch),
+                           "path": chosen,
                            "executed_fraction": round(routed.executed_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
                            "speedup": round(t_dense / t, 3)}
