@@ -53,7 +53,4 @@ class BrickKernel:
         if x.shape[0] == 1 or self.down_rows:
             return cpu_kernels.brick_ffn(x, self.w_in, self.w_down, sel, self.down_rows)
         a = cpu_kernels.brick_acts(x, self.w_in, sel)
-        # The down projection ran for every brick: count the unselected bricks' share of it (a brick's MACs are its
-        # gate|up rows and its down rows).
-        self.counts[2] += (sel.numel() - sel.sum()) * self.brick_size / (self.w_in.shape[1] + self.brick_size)
-        return F.linear(a.flatten(1), self.w_down.flatten(1))
+        return F.linear(a.flatten(1), self.w_down.flatten(1))  # every brick's down rows (`_run` counts them)

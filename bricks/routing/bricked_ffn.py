@@ -43,6 +43,7 @@ from ..arch import FFN
 from ..errors import BricksError
 from .base import RoutedFFN
 from .beside import BesideRun, dense_projections
+from .brick_counts import BrickCounts
 from .brick_dense import DenseView
 from .brick_kernel import KERNEL_MAX_TOKENS, BrickKernel
 from .paths import running
@@ -52,7 +53,7 @@ from .routers import make_router
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
+class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
     """Drop-in replacement of one layer's FFN module, computed brick by brick.
 
     Args:
@@ -221,20 +222,22 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
 
     def _run(self, x2: torch.Tensor, sel: torch.Tensor | None, path: str) -> torch.Tensor:
         masked = path in ("masked", "dense")  # every brick is computed there: executed, all of them
-        self.counts[0] += x2.shape[0]
-        self.counts[1] += x2.shape[0] * self.n_bricks if sel is None else sel.sum()
-        self.counts[2] += x2.shape[0] * self.n_bricks if masked else sel.sum()
+        tokens, n = x2.shape[0], self.n_bricks
+        exact = self.router is not None and self.router.exact_k and self.k_active < n  # k per token, no sum needed
+        chosen = tokens * n if sel is None else tokens * self.k_active if exact else sel.sum()
+        ran = tokens * n if masked else chosen
+        if path == "kernel" and tokens > 1 and not self.down_rows:  # its down projection ran for every brick
+            ran = ran + (tokens * n - chosen) * self.brick_size / (self.w_in.shape[1] + self.brick_size)
+        self._count(tokens, chosen, ran)
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         run = None if self.beside is None else BesideRun(self, x2)
-        y = x2.new_zeros(x2.shape[0], self.hidden)
         shared = self._shared(x2, run)
-        if shared is not None:
-            y += shared
+        y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared
         if masked:
-            y += self._masked(x2, sel, run)
+            y = y + self._masked(x2, sel, run)
         elif path == "kernel":
-            y += self._kernel(x2, sel)
+            y = y + self._kernel(x2, sel)
         elif path == "grouped":
             self._grouped_mm(x2, sel, y, run)
         elif x2.shape[0] == 1 and self._gathers(x2):
@@ -353,47 +356,3 @@ class BrickedFFN(BrickKernel, DenseView, RoutedFFN):
         if self.down_rows:
             return a.flatten(1) @ self.w_down.flatten(0, 1)
         return F.linear(a.flatten(1), self.w_down.flatten(1))
-
-    # ------------------------------------------------------------------ accounting
-    def dense_macs_per_token(self) -> int:
-        return (3 if self.gated else 2) * self.d_ff * self.hidden
-
-    def _macs(self, k: float) -> float:
-        """MACs per token with k routed bricks: bricks + shared brick + router (when it routes)."""
-        if k >= self.n_bricks:
-            return self.dense_macs_per_token()
-        reused = self.router is not None and self.router.reuses_gate  # the router computed the gate rows already
-        per_brick = (self.w_in.shape[1] - (self.brick_size if reused else 0) + self.brick_size) * self.hidden
-        shared = 0 if self.shared_in is None else self.shared_in.numel() + self.shared_down.numel()  # MACs = weights read
-        router = self.router.macs_per_token() if self.router is not None else 0
-        return k * per_brick + shared + router
-
-    def compute_fraction(self) -> float:
-        """FFN multiply-accumulates per token (router + bricks + shared) over dense, as configured.
-
-        For a threshold router the number of bricks varies per token: this is the
-        calibrated mean; `executed_fraction` gives what the forward passes ran.
-        """
-        return self._macs(min(self.k_active, self.n_bricks)) / self.dense_macs_per_token()
-
-    def ranked_per_token(self) -> int:
-        return self.n_bricks if self.router is not None and self.k_active < self.n_bricks else 0
-
-    def _fraction(self, which: int) -> float | None:
-        tokens, bricks = self.counts[0].item(), self.counts[which].item()
-        return None if tokens == 0 else self._macs(bricks / tokens) / self.dense_macs_per_token()
-
-    def routed_fraction(self) -> float | None:
-        return self._fraction(1)
-
-    def executed_fraction(self) -> float | None:
-        return self._fraction(2)
-
-    def set_compute(self, target: float) -> None:
-        """Choose the active share so that the compute fraction (router and shared brick included) is at most `target`."""
-        dense = self.dense_macs_per_token()
-        fits = [k for k in range(1, self.n_bricks + 1) if self._macs(k) <= target * dense]
-        if not fits:
-            raise BricksError(f"a compute fraction of {target} leaves no room for one routed brick after the shared brick "
-                              f"and the router ({self._macs(1) / dense:.3f} at least): raise --compute or use less shared neurons")
-        self.active = max(fits) / self.n_bricks
