@@ -681,6 +681,8 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
 // token, then its down rows. In eager torch that is a few small matmuls per brick, whose fixed cost (tens of
 // microseconds each, more in bf16) outweighs a small FFN's whole dense call.
 
+// One bf16 token's down projection prefetches each chosen brick's piece of the row this many rows on (in a probe
+// whose output was not kept, 8, 16 and 32 did alike).
 constexpr int64_t PIECES_AHEAD = 16;
 
 // sum of w[i] * x[i] for i in [0, n), in fp32.
@@ -763,9 +765,10 @@ at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::T
     }
     token_rows_sum(wd, hidden, rows, n_chosen * size, values, y, parallel);
   } else {  // w_down [hidden, n, size]: each output column a dot product with each chosen brick's activations
-    // Brick by brick, a brick's pieces lie one row of W_down apart: a constant stride, which the prefetcher
-    // follows. Column by column, the chosen bricks' pieces of a row ascend with gaps between, and the prefetcher
-    // read the gaps too: at a quarter of the bricks, the down rows took as long as at half (bench/README.md).
+    // Brick by brick, with the piece PIECES_AHEAD rows on prefetched. Column by column, the chosen bricks' pieces
+    // of a row ascend with gaps between, and the hardware prefetcher read the gaps too: at a quarter of the bricks
+    // the call took as long as at half (bench/README.md). Brick by brick without the prefetch, the pieces (one
+    // row of W_down apart, 22 KB on a 7B FFN) came from memory one at a time: slower still at half the bricks.
     auto columns = [&](int64_t begin, int64_t end) {
       std::fill(y + begin, y + end, 0.0f);
       const int64_t piece = size * static_cast<int64_t>(sizeof(T));
@@ -790,10 +793,9 @@ at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::T
   return out;
 }
 
-// Several tokens: brick by brick, each brick's gate|up rows read from memory once for all the tokens that selected
-// it, a tile of rows against four tokens at a time with the sums in registers (a token at a time would read the
-// brick's rows once per token, as the eager path's per-brick matmuls on gathered tokens nearly do, at tens of
-// microseconds per matmul).
+// Several tokens: brick by brick, each brick's gate|up rows are read from memory once for all the tokens that
+// selected it, a tile of four rows against four tokens at a time with the sums in registers. The eager `bricks`
+// path does the same with a matmul per brick on its gathered tokens, at tens of microseconds per matmul.
 
 inline float lanes_sum(vfloat v) {
   float sum = 0.0f;
