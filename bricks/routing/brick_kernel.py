@@ -8,14 +8,14 @@ with the tokens that chose them and then their down rows, in one call.
 
 Several tokens with bf16/fp16 weights (stored as W_down's columns, `BrickedFFN`) take the kernel for the
 activations and one dense matmul for the down projection, over every brick (the unselected ones' activations are
-0): per-column sums of several tokens' bricks would not match oneDNN's bf16 matmul. That third of the FFN is
-counted as executed for every brick.
+0). Sparse down sums of several tokens in that layout would be short per-column dot products, each with its
+horizontal sum: more instructions per product than oneDNN's bf16 matmul, by my estimate (not built). That third
+of the FFN is counted as executed for every brick.
 """
 
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 
 from ..errors import BricksError

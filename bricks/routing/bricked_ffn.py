@@ -104,7 +104,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         w_down = torch.stack([pack(w_down_t, m, size) for m in members])  # [n, size, hidden]
         # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest; bf16/fp16 want F.linear on
         # [hidden, size] blocks (many times faster than `a @ W`), and [hidden, n, size] makes all bricks one F.linear on
-        # [hidden, n*size] (an einsum over [n, hidden, size] copied the whole weight per call: 13x slower at 4096x11008).
+        # [hidden, n*size] (an einsum over [n, hidden, size] copied the whole weight per call: bench/README.md).
         self.down_rows = dtype == torch.float32
         self.w_down = nn.Parameter(w_down if self.down_rows else w_down.permute(2, 0, 1).contiguous(), requires_grad=False)
         b = ffn.down_bias()
