@@ -222,6 +222,10 @@ def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny
     f = ffns(random_ffn_model(64, 96))[0]
     # A router that computes the gate rows to route: the kernel would compute them again, uncounted.
     assert "kernel" not in BrickedFFN(f, torch.arange(96) % 4, router="threshold", active=0.5).paths
+    # float64: the kernel sums in fp32, and float64 is asked for its precision (brick-wise execution is exact there).
+    f64 = ffns(random_ffn_model(64, 96, torch.float64))[0]
+    assert "kernel" not in BrickedFFN(f64, torch.arange(96) % 4, router="centroid", active=0.5).paths
+    assert "kernel" not in SparseFFN(f64, 0.5).paths
     ffn = BrickedFFN(f, torch.arange(96) % 4, router="centroid", active=0.5)
     ffn.set_path("kernel")
     monkeypatch.setenv("BRICKS_CPU_KERNELS", "0")  # switched off after the path was fixed: it says why it cannot run

@@ -40,6 +40,8 @@ class BrickKernel:
     def _kernel_refusal(self) -> str | None:
         if not (self.gated and isinstance(self.act, SILU) and self.b_in is None and self.beside is None):
             return "it needs a gated SiLU FFN with no input bias or bricks beside"
+        if self.w_in.dtype == torch.float64:
+            return "it sums in fp32, below float64's precision"
         if self.router is not None and self.router.reuses_gate:  # the kernel would compute the gate rows again
             return "its router computes the gate pre-activations, which the kernel does not take"
         return cpu_kernels.reason()

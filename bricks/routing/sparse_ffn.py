@@ -256,8 +256,10 @@ class SparseFFN(SparsePaths, RoutedFFN):
     @property
     def paths(self) -> tuple[str, ...]:
         """The CPU paths, and `kernel` (`bricks.routing.cpu_kernels`: one compiled call per FFN call) for a gated SiLU
-        FFN with nothing added before its activation, once the kernel is built."""
-        kernel = self.gated and self.silu and self.b_in is None and self.beside is None and cpu_kernels.available()
+        FFN with nothing added before its activation, once the kernel is built; not for float64, which the kernel
+        would sum in fp32."""
+        kernel = (self.gated and self.silu and self.b_in is None and self.beside is None
+                  and self.w_in_t.dtype != torch.float64 and cpu_kernels.available())
         return self.eager_paths + (("kernel",) if kernel else ())
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
