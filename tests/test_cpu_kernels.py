@@ -9,7 +9,7 @@ import bricks
 from bricks.arch import ffns
 from bricks.routing import SparseFFN, cpu_kernels
 from bricks.routing.bench import random_ffn_model
-from bricks.routing.brick_kernel import KERNEL_MAX_TOKENS
+from bricks.routing.cpu_kernels import KERNEL_MAX_TOKENS
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no CPU kernel here: {cpu_kernels.reason()}")
 

@@ -22,9 +22,6 @@ from ..errors import BricksError
 from . import cpu_kernels
 from .sparse_paths import SILU
 
-# The kernel is offered to calls of at most this many tokens. Beyond, a prefill's batch is one dense matmul's work.
-KERNEL_MAX_TOKENS = 128
-
 
 class BrickKernel:
     """The `kernel` path of `BrickedFFN` (a mixin: it uses the bricked FFN's storage)."""

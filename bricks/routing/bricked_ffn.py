@@ -45,7 +45,8 @@ from .base import RoutedFFN
 from .beside import BesideRun, dense_projections
 from .brick_counts import BrickCounts
 from .brick_dense import DenseView
-from .brick_kernel import KERNEL_MAX_TOKENS, BrickKernel
+from .brick_kernel import BrickKernel
+from .cpu_kernels import KERNEL_MAX_TOKENS
 from .paths import running
 from .routers import make_router
 
@@ -187,7 +188,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         if self.k_active >= self.n_bricks and self.dense_at_full:
             y = self._dense(x2)
             n = x2.shape[0] * self.n_bricks
-            self.counts += torch.tensor([x2.shape[0], n, n], dtype=self.counts.dtype, device=self.counts.device)
+            self._count(x2.shape[0], n, n)
             return y.reshape(*shape[:-1], self.hidden)
         self._dense_cache = None  # routing again: drop the full-activity copy
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)

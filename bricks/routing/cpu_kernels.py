@@ -106,6 +106,13 @@ def reason() -> str | None:
     return None
 
 
+# Calls of several tokens are offered the compiled kernels up to this many (teal's and the bricks'). Up to 128
+# tokens teal's was faster than `masked` in every setting of a probe on this project's CPU (fp32 and bf16, 576x1536
+# and 4096x11008; its output was not kept); at 2048 tokens dense matmuls are far more efficient than at 32, and only
+# timing the kernel would cost a prefill seconds. The bricks' kernel takes the same limit, not probed apart.
+KERNEL_MAX_TOKENS = 128
+
+
 def available() -> bool:
     return reason() is None
 

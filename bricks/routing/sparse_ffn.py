@@ -54,6 +54,7 @@ from . import base
 from .base import RoutedFFN
 from .beside import dense_projections
 from . import cpu_kernels
+from .cpu_kernels import KERNEL_MAX_TOKENS
 from .paths import SERIAL, running, with_serial
 from .sparse_paths import SILU, SparsePaths
 
@@ -63,11 +64,6 @@ IN_OVER_COMPUTE = 1.2
 SELECTIONS = ("topk", "threshold")
 # Several tokens take the bags only while they read at most this many times the FFN's weights between them.
 MAX_BAG_READS = 2.0
-# Several tokens are offered the compiled kernel up to this many. Up to 128 tokens it was faster than `masked` in
-# every setting of a probe on this project's CPU (fp32 and bf16, 576x1536 and 4096x11008; its output was not kept);
-# at 2048 tokens dense matmuls are far more efficient than at 32, and only timing the kernel would cost a prefill
-# seconds.
-KERNEL_MAX_TOKENS = 128
 
 
 class SparseFFN(SparsePaths, RoutedFFN):
