@@ -1,7 +1,7 @@
 """Benchmark: one FFN call, dense vs routed (teal or brick routers), on an idle machine and beside busy processes.
 
-The same measurement as `bricks bench ffn` (random weights, decode-style inputs, the median of --reps calls,
-dense and routed timed in the same run), repeated for each --busy count of competing processes, with the
+The same measurement as `bricks bench ffn` (random weights, decode-style inputs, the median and the mean of
+the timed calls, dense and routed alternating in the same run), repeated for each --busy count of competing processes, with the
 results file recording the command and the machine. Each row names the execution path the routed FFN's
 timings chose and the compute fraction it executed. On CUDA every call is timed as replays of a captured
 CUDA graph, dense and routed alike (`--device cuda --busy 0`).
@@ -40,9 +40,10 @@ def main():
                           router=a.router, reps=a.reps, device=a.device, busy=busy,
                           dense_fallback=a.dense_fallback, selection=a.selection, path=a.path,
                           progress=lambda line, busy=busy: print(f"busy {busy}: {line}", flush=True))
-    worst = min(rows, key=lambda r: r["speedup"])
-    print(f"slowest setting: x{worst['speedup']:.2f} dense ({worst['hidden']}x{worst['d_ff']} {worst['dtype']} batch "
-          f"{worst['batch']} at {worst['active']}, {worst['busy_processes']} busy, path {worst['path']})")
+    for stat in ("speedup", "speedup_mean"):
+        worst = min(rows, key=lambda r: r[stat])
+        print(f"slowest setting by {stat}: x{worst[stat]:.2f} dense ({worst['hidden']}x{worst['d_ff']} {worst['dtype']} "
+              f"batch {worst['batch']} at {worst['active']}, {worst['busy_processes']} busy, path {worst['path']})")
     save(a.json, {"args": vars(a), "rows": rows}, device=a.device)
 
 

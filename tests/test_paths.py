@@ -10,7 +10,7 @@ from bricks.arch import ffns
 from bricks.routing import BrickedFFN, SparseFFN
 from bricks.routing import cpu_kernels
 from bricks.routing.sparse_ffn import KERNEL_MAX_TOKENS
-from bricks.routing.paths import FIRST_CALLS, FIRST_INTERVAL, MAX_INTERVAL, PathChooser, token_bucket
+from bricks.routing.paths import FIRST_CALLS, FIRST_INTERVAL, MAX_INTERVAL, PathChooser, expected_seconds, token_bucket
 
 
 def _drive(chooser, key, paths, cost, calls):
@@ -72,6 +72,33 @@ def test_one_stalled_first_call_does_not_decide():
         c.record(key, p, cost(p))
         taken.append(p)
     assert c.best(key) == "kernel" and taken[-4:] == ["kernel"] * 4
+
+
+def test_a_path_that_stalls_on_a_third_of_its_calls_loses_to_a_steady_one():
+    """With a busy process, a call split over both threads waits a scheduler tick on a share of its calls: its
+    median stays low, but a decode waits for the sum of its calls. A steady one-thread path that is slower by the
+    median but faster on average must win."""
+    c, key, paths = PathChooser(), ("ffn",), ("kernel", "kernel@1")
+    calls = {"kernel": 0}
+
+    def cost(p):
+        if p == "kernel@1":
+            return 2.0
+        calls["kernel"] += 1
+        return 5.5 if calls["kernel"] % 3 == 0 else 1.3  # median 1.3, mean 2.7
+
+    taken = []
+    for _ in range(300):
+        p = c.choose(key, paths)
+        c.record(key, p, cost(p))
+        taken.append(p)
+    assert c.best(key) == "kernel@1" and taken[-100:].count("kernel@1") >= 90
+
+
+def test_expected_seconds_leaves_out_the_slowest_timing():
+    assert expected_seconds([1.0, 2.0, 6.0]) == 3.0  # a re-measurement's three calls all count
+    assert expected_seconds([1.0, 3.0, 2.0, 100.0]) == 2.0  # one stall among four or more does not
+    assert expected_seconds([1.0, 1.0, 1.0, 5.0, 5.0]) == 2.0  # two do
 
 
 def test_token_buckets():
@@ -200,13 +227,13 @@ def test_busy_processes_end_with_a_bench_killed_by_a_signal():
 def test_ffn_bench_times_calls_on_distinct_inputs():
     """A kernel timed on one input again and again has its branches predicted from memory: the bench cycles
     through distinct inputs, dense and routed alike."""
-    from bricks.routing.bench import _median_times
+    from bricks.routing.bench import _call_times
 
     seen = {"dense": [], "routed": []}
     xs = [torch.randn(2, 3) for _ in range(4)]
-    _median_times(lambda x: seen["dense"].append(id(x)), lambda x: seen["routed"].append(id(x)), xs, reps=8,
-                  device="cpu", min_seconds=0.0)
-    timed = seen["dense"][-8:]  # after the warm-up calls
+    _call_times(lambda x: seen["dense"].append(id(x)), lambda x: seen["routed"].append(id(x)), xs, reps=8,
+                device="cpu", min_seconds=0.0)
+    timed = seen["dense"][-8:]  # the last block, after the warm-up calls
     assert seen["dense"] == seen["routed"] and set(timed) == {id(x) for x in xs}
 
 

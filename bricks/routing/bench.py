@@ -50,33 +50,48 @@ def competing_processes(n: int):
             p.wait()
 
 
-def _median_times(dense, routed, xs: list[torch.Tensor], reps: int, device, min_seconds: float = 0.5) -> tuple[float, float]:
-    """Median seconds of one call of `dense` and of `routed`, the calls taking the inputs `xs` in turn. On CPU the
-    two alternate, call by call, for `reps` pairs and at least `min_seconds`: a machine that drifts between slow
-    and fast phases (a shared one does) moves both alike. On CUDA each is replayed from a CUDA graph of the first
-    input (see `_graph_time`)."""
+# Calls of one side in a row on CPU (the first of them untimed), before the other side's turn.
+BLOCK = 8
+
+
+def _call_times(dense, routed, xs: list[torch.Tensor], reps: int, device,
+                min_seconds: float = 0.5) -> tuple[list[float], list[float]]:
+    """Seconds of calls of `dense` and of `routed`, the calls taking the inputs `xs` in turn. On CUDA each is
+    replayed from a CUDA graph of the first input (see `_graph_times`).
+
+    On CPU the two take turns, BLOCK calls each on the same inputs, until each has `reps` timed calls and at least
+    `min_seconds` have passed: a machine that drifts between slow and fast phases (a shared one does) moves both
+    alike. In turns of blocks rather than call by call, because a call on one thread (an `@1` path) leaves torch's
+    other threads idle long enough to fall asleep, and with a busy process on the other core the next call on two
+    threads then waits a scheduler tick for one to wake: measured, the dense FFN's median doubled to quadrupled
+    next to one-thread calls (`bench/README.md`), a cost a dense model, its calls back to back, does not pay. The
+    first call of each block, which pays it, is not timed, on either side. (In a routed model the operation after
+    an `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
     if str(device).startswith("cuda"):
-        return _graph_time(dense, xs[0], reps), _graph_time(routed, xs[0], reps)
+        return _graph_times(dense, xs[0], reps), _graph_times(routed, xs[0], reps)
     # Warm-up, and the routed FFN's paths' first timings (each path, and each on one thread, twice) and the
     # chooser's first re-measurements: what a long decode has long behind it.
     for i in range(8 + 8 * len(getattr(routed, "paths", ()))):
         dense(xs[i % len(xs)])
         routed(xs[i % len(xs)])
     times: tuple[list[float], list[float]] = ([], [])
-    start = time.perf_counter()
-    while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
-        x = xs[len(times[0]) % len(xs)]
+    start, i = time.perf_counter(), 0
+    while len(times[1]) < reps or time.perf_counter() - start < min_seconds:
+        block = [xs[(i + j) % len(xs)] for j in range(BLOCK)]
+        i += BLOCK
         for module, out in zip((dense, routed), times):
-            t = time.perf_counter()
-            module(x)
-            out.append(time.perf_counter() - t)
-    return tuple(sorted(v)[len(v) // 2] for v in times)
+            module(block[0])
+            for x in block[1:]:
+                t = time.perf_counter()
+                module(x)
+                out.append(time.perf_counter() - t)
+    return times
 
 
-def _graph_time(module, x, reps: int, replays: int = 20) -> float:
-    """One call captured in a CUDA graph after warm-up calls (kernel autotuning, lazy buffers), then the median
-    over `reps` of the mean time of `replays` replays: the kernels' time, not Python's launch overhead, which
-    would otherwise dominate a batch-1 call on a GPU (the same setting as decoding with graphs)."""
+def _graph_times(module, x, reps: int, replays: int = 20) -> list[float]:
+    """One call captured in a CUDA graph after warm-up calls (kernel autotuning, lazy buffers), then `reps` mean
+    times of `replays` replays: the kernels' time, not Python's launch overhead, which would otherwise dominate a
+    batch-1 call on a GPU (the same setting as decoding with graphs)."""
     graph = capture_graph(lambda: module(x))
     times = []
     for _ in range(reps):
@@ -86,7 +101,11 @@ def _graph_time(module, x, reps: int, replays: int = 20) -> float:
             graph.replay()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) / replays)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
 
 
 @torch.no_grad()
@@ -94,7 +113,12 @@ def bench_ffn(shapes=((576, 1536), (4096, 11008)), dtypes=("float32", "bfloat16"
               actives=(0.5, 0.25), n_bricks: int = 64, router: str = "centroid", reps: int = 20,
               device: str = "cpu", busy: int = 0, path: str | None = None, dense_fallback: bool = False,
               selection: str = "topk", progress=print) -> list[dict]:
-    """Median latency of one FFN call, dense and bricked, for every combination; ratio = dense / bricked.
+    """Latency of one FFN call, dense and bricked, for every combination: the median of the timed calls
+    (`speedup` = dense / bricked) and their mean (`speedup_mean`).
+
+    The two differ where calls stall. With a busy process on as many cores as there are threads, a call split
+    over every thread waits a scheduler tick whenever one of them is descheduled, on a share of the calls: the
+    median leaves those calls out, the mean counts them, as a run of many calls (a decode) does.
 
     `router="teal"` measures the activation-sparse FFN (`SparseFFN`) at compute fraction `active` instead.
     `busy` other processes spin on the CPU meanwhile. Each row names the execution path the routed FFN's
@@ -132,7 +156,10 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                         routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
                     routed.set_path(path)
                     routed.dense_fallback = dense_fallback
-                    t_dense, t = _median_times(dense, routed, xs, reps, device)
+                    dense_times, routed_times = _call_times(dense, routed, xs, reps, device)
+                    t_dense, t = _median(dense_times), _median(routed_times)
+                    # The mean: what a run of these calls waits in all, stalls included (see `bench_ffn`'s doc).
+                    mean_dense, mean = (sum(v) / len(v) for v in (dense_times, routed_times))
                     key = routed.timing_key(x.reshape(-1, hidden))
                     chosen = routed.path or CHOOSER.best(key) or routed.static_path(batch)
                     # One more call, counted, on the chosen path: left to the chooser, it could be a runner-up's
@@ -149,11 +176,14 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                            "path": chosen,
                            "executed_fraction": round(routed.executed_fraction(), 4),
                            "dense_ms": round(1e3 * t_dense, 3), "bricked_ms": round(1e3 * t, 3),
-                           "speedup": round(t_dense / t, 3)}
+                           "speedup": round(t_dense / t, 3),
+                           "dense_mean_ms": round(1e3 * mean_dense, 3), "bricked_mean_ms": round(1e3 * mean, 3),
+                           "speedup_mean": round(mean_dense / mean, 3)}
                     rows.append(row)
                     if progress:
                         progress(f"{hidden}x{d_ff} {dtype_name:>8} batch {batch:>2} active {active:.2f}: dense {row['dense_ms']:8.3f} ms, "
-                                 f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (compute {row['compute_fraction']:.3f}, "
+                                 f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (mean x{row['speedup_mean']:.2f}; "
+                                 f"compute {row['compute_fraction']:.3f}, "
                                  f"path {row['path']}, executed {row['executed_fraction']:.3f})")
                     del routed
             del model, f, dense

@@ -12,14 +12,22 @@ every thread waits for all of them, and with one other busy process on a
 Each path can also run on one thread (`masked@1`): on an idle machine that is
 slower, on a busy one it is often the fastest, as nothing waits for a
 descheduled thread. So the paths are timed as they run. Every path is
-measured at first use, then calls take the one with the lowest median of its
-recent timings, and the others are re-measured now and then (a few calls in
-a row, replacing their old timings), less often while they keep losing, so
-that a path that becomes the fastest again (the machine went quiet) is found.
-A median, not a mean: on a shared machine single calls stall for a
-scheduler tick (ten times their time) and a mean would hand the lead to a
-slower path after every such stall, while a path that stalls on most calls
-(a split call with a core taken) loses its median within a few calls.
+measured at first use, then calls take the one with the lowest expected
+time per call from its recent timings, and the others are re-measured now
+and then (a few calls in a row, replacing their old timings), less often
+while they keep losing, so that a path that becomes the fastest again (the
+machine went quiet) is found.
+
+The expected time is the mean of the recent timings, less the slowest one
+when there are four or more. A decode waits for the sum of its calls, so a
+path that stalls for a scheduler tick on a third of its calls costs what its
+mean says, not its median: with one busy process on 2 cores, a two-thread
+call of the small bf16 FFN at 32 tokens had a median of 1.4-1.6 ms and a mean
+of 2.7-4.6 ms, its one-thread run 1.7-1.8 and 2.2 ms (`bench/README.md`).
+Leaving out the slowest of four or more keeps a single stall, rare on any
+path, from handing the lead to a slower path. A runner-up's re-measurement
+(three calls) counts all of them: a path that stalls on every third call
+would otherwise win the lead back on the two calls between its stalls.
 Timings are shared by every FFN of the same shape and settings.
 """
 
@@ -31,18 +39,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Recent timings kept per path: the median of these ranks it.
-WINDOW = 5
+# Recent timings kept per path: their mean, less the slowest (`expected_seconds`), ranks it.
+WINDOW = 8
 # Calls of each path before the first choice: the first pays allocations and cold caches (and is not kept), and
-# the median of the other three outlasts one call stalled by a scheduler tick (with one, a path that stalled once
+# the other four, less their slowest, outlast one call stalled by a scheduler tick (with one, a path that stalled once
 # could lose for hundreds of calls, until it was re-measured).
-FIRST_CALLS = 4
-# A re-measured runner-up runs this many calls in a row, so that its median is of fresh timings only.
+FIRST_CALLS = 5
+# A re-measured runner-up runs this many calls in a row, so that its rank rests on fresh timings only.
 CHECK_CALLS = 3
 # Re-measure a runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
 FIRST_INTERVAL, MAX_INTERVAL = 8, 256
 # Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
 SERIAL = "@1"
+
+
+def expected_seconds(recent) -> float:
+    """The mean of `recent` timings, less the slowest one when there are four or more (see the module's doc)."""
+    if len(recent) < 4:
+        return sum(recent) / len(recent)
+    return (sum(recent) - max(recent)) / (len(recent) - 1)
 
 
 def token_bucket(tokens: int) -> int:
@@ -53,7 +68,7 @@ def token_bucket(tokens: int) -> int:
 @dataclass
 class _Timings:
     recent: dict[str, deque] = field(default_factory=dict)  # last WINDOW timings per path
-    seconds: dict[str, float] = field(default_factory=dict)  # their median, per path
+    seconds: dict[str, float] = field(default_factory=dict)  # their expected time (`expected_seconds`), per path
     samples: dict[str, int] = field(default_factory=dict)  # calls timed, per path
     calls: int = 0
     interval: int = FIRST_INTERVAL
@@ -104,7 +119,7 @@ class PathChooser:
             return  # the cold first call
         recent = t.recent[path]
         recent.append(seconds)
-        t.seconds[path] = sorted(recent)[len(recent) // 2]
+        t.seconds[path] = expected_seconds(recent)
         if path == t.checking:
             t.left -= 1
             if t.left <= 0:
