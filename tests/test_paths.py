@@ -224,17 +224,32 @@ def test_busy_processes_end_with_a_bench_killed_by_a_signal():
     pytest.fail("the busy process outlived the bench")
 
 
-def test_ffn_bench_times_calls_on_distinct_inputs():
-    """A kernel timed on one input again and again has its branches predicted from memory: the bench cycles
-    through distinct inputs, dense and routed alike."""
-    from bricks.routing.bench import _call_times
+def test_ffn_bench_times_calls_on_distinct_inputs_and_copies():
+    """A kernel timed on one input again and again has its branches predicted from memory, and an FFN called alone
+    runs from the cache: the bench cycles through distinct inputs and copies of the FFN, dense and routed alike, in
+    blocks whose first call is not timed."""
+    from bricks.routing.bench import BLOCK, _call_times
 
     seen = {"dense": [], "routed": []}
+    copies = {side: [lambda x, side=side, c=c: seen[side].append((c, id(x))) for c in range(3)] for side in seen}
     xs = [torch.randn(2, 3) for _ in range(4)]
-    _call_times(lambda x: seen["dense"].append(id(x)), lambda x: seen["routed"].append(id(x)), xs, reps=8,
-                device="cpu", min_seconds=0.0)
-    timed = seen["dense"][-8:]  # the last block, after the warm-up calls
-    assert seen["dense"] == seen["routed"] and set(timed) == {id(x) for x in xs}
+    dense_times, routed_times = _call_times(copies["dense"], copies["routed"], xs, reps=2 * BLOCK, device="cpu",
+                                            min_seconds=0.0)
+    assert len(dense_times) == len(routed_times) == 3 * (BLOCK - 1)  # three blocks of BLOCK - 1 timed calls
+    timed = seen["dense"][-BLOCK:]  # the last block, after the warm-up calls
+    assert seen["dense"] == seen["routed"]
+    assert {c for c, _ in timed} == {0, 1, 2} and {x for _, x in timed} == {id(x) for x in xs}
+
+
+def test_ffn_bench_cycles_through_more_weights_than_the_cache():
+    from bricks.routing.bench import CACHE_BYTES, layers_for
+
+    assert layers_for(576, 1536, torch.float32, "cpu") == 13  # 10.6 MB each
+    assert layers_for(576, 1536, torch.bfloat16, "cpu") == 26
+    assert layers_for(4096, 11008, torch.float32, "cpu") == 1  # 541 MB
+    assert layers_for(576, 1536, torch.float32, "cuda") == 1  # graph replays of one copy
+    assert layers_for(32, 64, torch.float32, "cpu") == 32  # capped: a tiny FFN runs from the cache anyway
+    assert 13 * 3 * 576 * 1536 * 4 >= CACHE_BYTES > 12 * 3 * 576 * 1536 * 4
 
 
 def test_ffn_bench_counts_the_path_it_reports(monkeypatch):

@@ -17,12 +17,12 @@ from .paths import CHOOSER
 from .sparse_ffn import SparseFFN
 
 
-def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = "cpu"):
-    """A one-layer Llama with random weights: speed does not depend on the weights' values."""
+def random_ffn_model(hidden: int, d_ff: int, dtype=torch.float32, device: str = "cpu", layers: int = 1):
+    """A Llama of `layers` layers (one by default) with random weights: speed does not depend on their values."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     heads = max(1, hidden // 128)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=1, num_attention_heads=heads,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=heads, vocab_size=8, max_position_embeddings=64)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
@@ -34,6 +34,21 @@ _SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    fo
 
 # Distinct inputs the timed calls take in turn.
 INPUTS = 64
+# On CPU the timed calls go through copies of the FFN ("layers") holding at least this many bytes of weights in all,
+# more than the last-level cache of most CPUs: in a model, the other layers' weights pass through the caches
+# between two calls of one FFN, and a small FFN timed alone would run from the cache (576x1536 fp32, 10.6 MB,
+# fits this machine's 32 MB L3).
+CACHE_BYTES = 128 << 20
+# A tiny FFN (a test's) would need thousands of copies: it runs from the cache anyway.
+MAX_LAYERS = 32
+
+
+def layers_for(hidden: int, d_ff: int, dtype: torch.dtype, device) -> int:
+    """How many copies of a hidden x d_ff FFN the bench cycles through (one on accelerators, see `_graph_times`)."""
+    if str(device).startswith("cuda"):
+        return 1
+    ffn_bytes = 3 * hidden * d_ff * torch.finfo(dtype).bits // 8
+    return min(MAX_LAYERS, max(1, -(-CACHE_BYTES // ffn_bytes)))
 
 
 @contextlib.contextmanager
@@ -54,37 +69,38 @@ def competing_processes(n: int):
 BLOCK = 8
 
 
-def _call_times(dense, routed, xs: list[torch.Tensor], reps: int, device,
+def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, device,
                 min_seconds: float = 0.5) -> tuple[list[float], list[float]]:
-    """Seconds of calls of `dense` and of `routed`, the calls taking the inputs `xs` in turn. On CUDA each is
-    replayed from a CUDA graph of the first input (see `_graph_times`).
+    """Seconds of calls of the `dense` FFNs and of the `routed` ones (copies of one FFN, see `CACHE_BYTES`), the
+    calls taking the copies and the inputs `xs` in turn. On CUDA the first copy is replayed from a CUDA graph of the
+    first input (see `_graph_times`).
 
-    On CPU the two take turns, BLOCK calls each on the same inputs, until each has `reps` timed calls and at least
-    `min_seconds` have passed: a machine that drifts between slow and fast phases (a shared one does) moves both
-    alike. In turns of blocks rather than call by call, because a call on one thread (an `@1` path) leaves torch's
-    other threads idle long enough to fall asleep, and with a busy process on the other core the next call on two
-    threads then waits a scheduler tick for one to wake: measured, the dense FFN's median doubled to quadrupled
-    next to one-thread calls (`bench/README.md`), a cost a dense model, its calls back to back, does not pay. The
-    first call of each block, which pays it, is not timed, on either side. (In a routed model the operation after
-    an `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
+    On CPU dense and routed take turns, BLOCK calls each on the same inputs, until each has `reps` timed calls and
+    at least `min_seconds` have passed: a machine that drifts between slow and fast phases (a shared one does) moves
+    both alike. In turns of blocks rather than call by call, because a call on one thread (an `@1` path) leaves
+    torch's other threads idle long enough to fall asleep, and with a busy process on the other core the next call
+    on two threads then waits a scheduler tick for one to wake: the dense FFN's median rose 2-4x next to one-thread
+    calls in a probe (`bench/README.md`), a cost a dense model, its calls back to back, does not pay. The first
+    call of each block, which pays it, is not timed, on either side. (In a routed model the operation after an
+    `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
     if str(device).startswith("cuda"):
-        return _graph_times(dense, xs[0], reps), _graph_times(routed, xs[0], reps)
+        return _graph_times(dense[0], xs[0], reps), _graph_times(routed[0], xs[0], reps)
     # Warm-up, and the routed FFN's paths' first timings (each path, and each on one thread, twice) and the
     # chooser's first re-measurements: what a long decode has long behind it.
-    for i in range(8 + 8 * len(getattr(routed, "paths", ()))):
-        dense(xs[i % len(xs)])
-        routed(xs[i % len(xs)])
+    for i in range(8 + 8 * len(getattr(routed[0], "paths", ()))):
+        dense[i % len(dense)](xs[i % len(xs)])
+        routed[i % len(routed)](xs[i % len(xs)])
     times: tuple[list[float], list[float]] = ([], [])
     start, i = time.perf_counter(), 0
     while len(times[1]) < reps or time.perf_counter() - start < min_seconds:
-        block = [xs[(i + j) % len(xs)] for j in range(BLOCK)]
+        block = range(i, i + BLOCK)
         i += BLOCK
-        for module, out in zip((dense, routed), times):
-            module(block[0])
-            for x in block[1:]:
+        for copies, out in zip((dense, routed), times):
+            for n, j in enumerate(block):
                 t = time.perf_counter()
-                module(x)
-                out.append(time.perf_counter() - t)
+                copies[j % len(copies)](xs[j % len(xs)])
+                if n:
+                    out.append(time.perf_counter() - t)
     return times
 
 
@@ -137,11 +153,11 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
     for hidden, d_ff in shapes:
         for dtype_name in dtypes:
             dtype = parse_dtype(dtype_name)
-            model = random_ffn_model(hidden, d_ff, dtype, device)
-            f = ffns(model)[0]
+            model = random_ffn_model(hidden, d_ff, dtype, device, layers_for(hidden, d_ff, dtype, device))
+            layers = ffns(model)
             g = torch.Generator().manual_seed(0)
             assignment = torch.randperm(d_ff, generator=g) % n_bricks  # balanced random bricks
-            dense = f.module
+            dense = [f.module for f in layers]
             for batch in batches:
                 # Decode-style inputs (one position), a new one each call: which rows a token keeps differs from
                 # token to token, and a kernel timed on one input again and again would have its branches
@@ -150,16 +166,20 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                 x = xs[0]
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
-                    routed = SparseFFN(f, compute=active, selection=selection) if router == "teal" else \
-                        BrickedFFN(f, assignment, router=router, active=active)
+                    copies = [SparseFFN(f, compute=active, selection=selection) if router == "teal" else
+                              BrickedFFN(f, assignment, router=router, active=active) for f in layers]
                     if router == "teal" and selection == "threshold":
-                        routed.fit_thresholds(torch.randn(4096, hidden, generator=g).to(device, dtype))
-                    routed.set_path(path)
-                    routed.dense_fallback = dense_fallback
-                    dense_times, routed_times = _call_times(dense, routed, xs, reps, device)
+                        calibration = torch.randn(4096, hidden, generator=g).to(device, dtype)
+                        for c in copies:
+                            c.fit_thresholds(calibration)
+                    for c in copies:
+                        c.set_path(path)
+                        c.dense_fallback = dense_fallback
+                    dense_times, routed_times = _call_times(dense, copies, xs, reps, device)
                     t_dense, t = _median(dense_times), _median(routed_times)
                     # The mean: what a run of these calls waits in all, stalls included (see `bench_ffn`'s doc).
                     mean_dense, mean = (sum(v) / len(v) for v in (dense_times, routed_times))
+                    routed = copies[0]
                     key = routed.timing_key(x.reshape(-1, hidden))
                     chosen = routed.path or CHOOSER.best(key) or routed.static_path(batch)
                     # One more call, counted, on the chosen path: left to the chooser, it could be a runner-up's
@@ -168,7 +188,8 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                     routed.reset_counts()
                     routed(x)
                     row = {"device": str(device), "timing": "cuda graph replays" if str(device).startswith("cuda") else "calls",
-                           "hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "batch": batch, "active": active,
+                           "hidden": hidden, "d_ff": d_ff, "dtype": dtype_name, "layers": len(layers), "batch": batch,
+                           "active": active,
                            "router": router, "n_bricks": None if router == "teal" else n_bricks, "busy_processes": busy,
                            "selection": selection if router == "teal" else None,
                            "dense_fallback": dense_fallback,
@@ -185,6 +206,6 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                                  f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (mean x{row['speedup_mean']:.2f}; "
                                  f"compute {row['compute_fraction']:.3f}, "
                                  f"path {row['path']}, executed {row['executed_fraction']:.3f})")
-                    del routed
-            del model, f, dense
+                    del routed, copies
+            del model, layers, dense
     return rows
