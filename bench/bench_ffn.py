@@ -27,8 +27,8 @@ def main():
     p.add_argument("--busy", action="append", type=int, default=None, help="competing busy processes (default: 0, 1)")
     p.add_argument("--dense-fallback", action="store_true", help="let routed FFNs run densely where that is faster")
     p.add_argument("--selection", default="topk", choices=("topk", "threshold"), help="teal's")
-    p.add_argument("--path", default=None, help="fix the routed FFN's execution path (default: timed on CPU, "
-                   "static on accelerators)")
+    p.add_argument("--path", action="append", default=None, help="fix the routed FFN's execution path, repeatable: "
+                   "rows for each (default: timed on CPU, static on accelerators)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
@@ -36,10 +36,11 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in (a.shape or ["576x1536", "4096x11008"])]
     rows = []
     for busy in a.busy or [0, 1]:
-        rows += bench_ffn(shapes, a.dtype or ["float32", "bfloat16"], a.batch or [1, 8, 32], a.active or [0.5, 0.25],
-                          router=a.router, reps=a.reps, device=a.device, busy=busy,
-                          dense_fallback=a.dense_fallback, selection=a.selection, path=a.path,
-                          progress=lambda line, busy=busy: print(f"busy {busy}: {line}", flush=True))
+        for path in a.path or [None]:
+            rows += bench_ffn(shapes, a.dtype or ["float32", "bfloat16"], a.batch or [1, 8, 32], a.active or [0.5, 0.25],
+                              router=a.router, reps=a.reps, device=a.device, busy=busy,
+                              dense_fallback=a.dense_fallback, selection=a.selection, path=path,
+                              progress=lambda line, busy=busy: print(f"busy {busy}: {line}", flush=True))
     for stat in ("speedup", "speedup_mean"):
         worst = min(rows, key=lambda r: r[stat])
         print(f"slowest setting by {stat}: x{worst[stat]:.2f} dense ({worst['hidden']}x{worst['d_ff']} {worst['dtype']} "

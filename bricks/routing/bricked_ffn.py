@@ -234,19 +234,12 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         run = None if self.beside is None else BesideRun(self, x2)
         shared = self._shared(x2, run)
-        y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared
-        if masked:
-            y = y + self._masked(x2, sel, run)
-        elif path == "kernel":
-            y = y + self._kernel(x2, sel)
-        elif path == "grouped":
-            self._grouped_mm(x2, sel, y, run)
-        elif x2.shape[0] == 1 and self._gathers(x2):
-            self._gathered(x2, sel, y, run)
-        elif x2.shape[0] == 1:
-            self._decode(x2, sel, y, gate, run)
-        else:
-            self._grouped(x2, sel, y, gate, run)
+        if masked or path == "kernel":  # these return the routed output: no zeros to add it to
+            y = self._masked(x2, sel, run) if masked else self._kernel(x2, sel)
+            y = y if shared is None else y + shared
+        else:  # these add each brick's output into y
+            y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared
+            self._accumulate(x2, sel, y, gate, run, path)
         if gate is not None:
             self.router.gate = None  # [tokens, d_ff]: not worth keeping
         if run is not None:
@@ -254,6 +247,18 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         if self.b_down is not None:
             y += self.b_down
         return y
+
+    def _accumulate(self, x2: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
+                    run: BesideRun | None, path: str) -> None:
+        """Add the selected bricks' outputs into y on the `grouped` or `bricks` path."""
+        if path == "grouped":
+            self._grouped_mm(x2, sel, y, run)
+        elif x2.shape[0] == 1 and self._gathers(x2):
+            self._gathered(x2, sel, y, run)
+        elif x2.shape[0] == 1:
+            self._decode(x2, sel, y, gate, run)
+        else:
+            self._grouped(x2, sel, y, gate, run)
 
     def _brick_act(self, xb: torch.Tensor, b: int, gate: torch.Tensor | None = None, run: BesideRun | None = None,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
