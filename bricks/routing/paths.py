@@ -21,9 +21,10 @@ machine went quiet) is found.
 The expected time is the mean of the recent timings, less the slowest one
 when there are four or more. A decode waits for the sum of its calls, so a
 path that stalls for a scheduler tick on a third of its calls costs what its
-mean says, not its median: with one busy process on 2 cores, a two-thread
-call of the small bf16 FFN at 32 tokens had a median of 1.4-1.6 ms and a mean
-of 2.7-4.6 ms, its one-thread run 1.7-1.8 and 2.2 ms (`bench/README.md`).
+mean says, not its median: with one busy process on 2 cores, the small bf16
+FFN's kernel at 32 tokens had a median of 1.17 ms and a mean of 3.72 ms on
+two threads, 1.43 and 1.58 ms on one
+(`bench/results/ffn_centroid_paths_busy_cpu.json`).
 Leaving out the slowest of four or more keeps a single stall, rare on any
 path, from handing the lead to a slower path. A runner-up's re-measurement
 (three calls) counts all of them: a path that stalls on every third call
