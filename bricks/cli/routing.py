@@ -250,7 +250,8 @@ def bench():
 @user_errors
 def bench_ffn_cmd(shapes, dtypes, batches, actives, n_bricks, router, reps, device, busy, path, dense_fallback, selection,
                   as_json):
-    """Dense vs bricked FFN latency (random weights), speedup = dense / bricked, router cost included."""
+    """Dense vs bricked FFN latency (random weights), speedup = dense / bricked by the median of the calls and by
+    their mean (which counts calls that stalled on a busy machine), router cost included."""
     from ..routing.bench import bench_ffn
 
     parsed = []
