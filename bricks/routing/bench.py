@@ -79,8 +79,8 @@ def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, de
     at least `min_seconds` have passed: a machine that drifts between slow and fast phases (a shared one does) moves
     both alike. In turns of blocks rather than call by call, because a call on one thread (an `@1` path) leaves
     torch's other threads idle long enough to fall asleep, and with a busy process on the other core the next call
-    on two threads then waits a scheduler tick for one to wake: the dense FFN's median rose 2-4x next to one-thread
-    calls in a probe (`bench/README.md`), a cost a dense model, its calls back to back, does not pay. The first
+    on two threads then waits a scheduler tick for one to wake: the dense FFN's median rose up to 7x after 2 ms on one
+    thread (`bench/thread_wake.py`, `bench/README.md`), a cost a dense model, its calls back to back, does not pay. The first
     call of each block, which pays it, is not timed, on either side. (In a routed model the operation after an
     `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
     if str(device).startswith("cuda"):
