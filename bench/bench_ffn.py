@@ -1,8 +1,8 @@
 """Benchmark: one FFN call, dense vs routed (teal or brick routers), on an idle machine and beside busy processes.
 
-The same measurement as `bricks bench ffn` (random weights, decode-style inputs, the median and the mean of
-the timed calls, dense and routed alternating in the same run), repeated for each --busy count of competing processes, with the
-results file recording the command and the machine. Each row names the execution path the routed FFN's
+The same measurement as `bricks bench ffn` (random weights, decode-style inputs, copies of the FFN as in a
+model, dense and routed in turns in the same run, the median and the mean of the timed calls), repeated for each
+--busy count of competing processes, with the results file recording the command and the machine. Each row names the execution path the routed FFN's
 timings chose and the compute fraction it executed. On CUDA every call is timed as replays of a captured
 CUDA graph, dense and routed alike (`--device cuda --busy 0`).
 
