@@ -236,3 +236,40 @@ def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny
             ffn(torch.randn(1, 64))
     finally:
         cpu_kernels.reason.cache_clear()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("size", [1, 23, 24, 40])  # shorter than a vector, partial vectors, whole ones
+def test_gated_silu_is_silu_of_each_gate_times_its_up(dtype, tol, size):
+    torch.manual_seed(0)
+    h = (3 * torch.randn(70, 5, 2 * size)).to(dtype)  # 70 tokens x 5 bricks: rows split over the threads unevenly
+    a = cpu_kernels.gated_silu(h, size)
+    ref = torch.nn.functional.silu(h[..., :size].float()) * h[..., size:].float()  # exact in fp32, rounded once
+    assert a.shape == (70, 5, size) and a.dtype == dtype
+    torch.testing.assert_close(a.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.gated_silu(h.transpose(0, 1), size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_path_takes_the_compiled_activation_only_without_gradients(dtype, monkeypatch):
+    """The masked and dense paths of a bricked FFN compute every brick's activations in one compiled call at
+    inference, and in eager torch where a gradient must flow (recovery)."""
+    torch.manual_seed(0)
+    f = ffns(random_ffn_model(48, 96, dtype))[0]
+    bricked = bricks.routing.BrickedFFN(f, torch.arange(96) % 8, router="centroid", active=0.5)
+    bricked.set_path("masked")
+    calls = []
+    real = cpu_kernels.gated_silu
+    monkeypatch.setattr(cpu_kernels, "gated_silu", lambda h, size: calls.append(size) or real(h, size))
+    x = torch.randn(5, 48).to(dtype)
+    with torch.no_grad():
+        y = bricked(x)
+    assert calls == [bricked.brick_size]
+    monkeypatch.setattr(type(bricked), "compiled_activation", lambda self, h: False)  # the eager activation
+    with torch.no_grad():
+        eager = bricked(x)
+    torch.testing.assert_close(y, eager, **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+    bricked.w_in.requires_grad_(True)
+    bricked(x).float().sum().backward()  # the eager activation: a gradient reaches the weights
+    assert calls == [bricked.brick_size] and bricked.w_in.grad is not None

@@ -30,6 +30,14 @@ class BrickKernel:
     def paths(self) -> tuple[str, ...]:
         return self.eager_paths + (("kernel",) if self.kernel_applies() else ())
 
+    def compiled_activation(self, h: torch.Tensor) -> bool:
+        """Whether `_masked` may take `silu(gate) * up` of every brick from the compiled CPU kernel
+        (`cpu_kernels.gated_silu`): torch's elementwise kernels on each brick's strided gate and up halves took
+        about 4x as long (`tests/test_cpu_kernels.py`). A gated SiLU FFN on the CPU, below float64 (it computes in
+        fp32), with no gradient to carry."""
+        return (h.device.type == "cpu" and self.gated and isinstance(self.act, SILU) and h.dtype != torch.float64
+                and not (torch.is_grad_enabled() and h.requires_grad) and cpu_kernels.available())
+
     def kernel_applies(self) -> bool:
         """Whether the kernel computes this FFN's routed function: gated SiLU, no input bias, no bricks beside."""
         return self._kernel_refusal() is None

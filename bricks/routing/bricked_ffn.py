@@ -46,6 +46,7 @@ from .beside import BesideRun, dense_projections
 from .brick_counts import BrickCounts
 from .brick_dense import DenseView
 from .brick_kernel import BrickKernel
+from . import cpu_kernels
 from .cpu_kernels import KERNEL_MAX_TOKENS
 from .paths import running
 from .routers import make_router
@@ -349,7 +350,10 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         n, size = self.n_bricks, self.brick_size
         h = F.linear(x, self.w_in.flatten(0, 1), None if self.b_in is None else self.b_in.flatten())
         h = h.view(len(x), n, -1)
-        a = self._act(h if run is None else h + run.bricks.to(h.dtype), size)  # [tokens, n, size]: every brick's activations
+        if run is None and self.compiled_activation(h):
+            a = cpu_kernels.gated_silu(h, size)  # [tokens, n, size]: every brick's activations
+        else:
+            a = self._act(h if run is None else h + run.bricks.to(h.dtype), size)
         if self.refit_router and self.router is not None and self.training:
             # The oracle choice of the current weights comes for free here: refit the router towards it.
             with torch.no_grad():

@@ -148,3 +148,9 @@ def brick_acts(x: torch.Tensor, w_in: torch.Tensor, sel: torch.Tensor, parallel:
     """Activations `[tokens, n_bricks, size]` (x's dtype) of the bricks `sel` selects for each token of `x`, 0 in
     the others, each brick's gate|up rows read once for all its tokens (as in `brick_ffn`)."""
     return _ops().brick_acts(x, w_in, sel, parallel)
+
+
+def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
+    """`silu(gate) * up` of `h` `[..., k * 2 * size]`, whose pieces of 2 * size are gate values then up values (a
+    brick-major matmul of every brick, `BrickedFFN._masked`): `[..., k * size]`, computed in fp32. No autograd."""
+    return _ops().gated_silu(h, size)
