@@ -270,3 +270,31 @@ def test_ffn_bench_counts_the_path_it_reports(monkeypatch):
                            progress=None)
     assert rows[0]["path"] == "bricks"
     assert rows[0]["executed_fraction"] == pytest.approx(rows[0]["compute_fraction"])  # not masked's 1.0
+
+
+def test_ffn_bench_warm_up_covers_every_path_first_timings(monkeypatch):
+    """The timed calls start after the chooser timed each path (and each on one thread) FIRST_CALLS times: first
+    timings among the timed calls would count the routed FFN's slower paths against it."""
+    from bricks.routing import bench
+    from bricks.routing.paths import with_serial
+
+    chooser = PathChooser()
+    monkeypatch.setattr("bricks.routing.base.CHOOSER", chooser)
+    monkeypatch.setattr("bricks.routing.paths.CHOOSER", chooser)
+    torch.manual_seed(0)
+    sparse = SparseFFN(ffns(bricks.routing.bench.random_ffn_model(32, 64))[0], 0.5)
+    x = torch.randn(2, 32)
+    key = sparse.timing_key(x)
+    offered = with_serial(sparse.paths_for(2), torch.get_num_threads())
+    settled = []
+
+    def routed(x):
+        t = chooser.timings.get(key)
+        settled.append(t is not None and all(t.samples.get(p, 0) >= FIRST_CALLS for p in offered))
+        return sparse(x)
+
+    routed.paths = sparse.paths  # what the bench reads of the routed FFN
+    with torch.no_grad():
+        _, timed = bench._call_times([lambda x: None], [routed], [x], reps=bench.BLOCK, device="cpu", min_seconds=0.0)
+    blocks = len(timed) // (bench.BLOCK - 1)  # each block's calls, its first untimed
+    assert len(offered) > 2 and all(settled[-blocks * bench.BLOCK:])

@@ -13,7 +13,7 @@ from ..arch import ffns
 from ..decoding import capture_graph
 from ..loading import parse_dtype
 from .bricked_ffn import BrickedFFN
-from .paths import CHOOSER
+from .paths import CHOOSER, FIRST_CALLS
 from .sparse_ffn import SparseFFN
 
 
@@ -85,9 +85,12 @@ def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, de
     `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
     if str(device).startswith("cuda"):
         return _graph_times(dense[0], xs[0], reps), _graph_times(routed[0], xs[0], reps)
-    # Warm-up, and the routed FFN's paths' first timings (each path, and each on one thread, twice) and the
-    # chooser's first re-measurements: what a long decode has long behind it.
-    for i in range(8 + 8 * len(getattr(routed[0], "paths", ()))):
+    # Warm-up, and the routed FFN's paths' first timings (FIRST_CALLS of each path, and of each on one thread; with
+    # `dense_fallback`, of `dense` too) and the chooser's first re-measurements: what a long decode has long behind
+    # it. Derived from FIRST_CALLS: a count written for 4 first calls left part of the first timings of 5 in the
+    # timed calls, on the routed side only.
+    paths = len(getattr(routed[0], "paths", ())) + bool(getattr(routed[0], "dense_fallback", False))
+    for i in range(8 + 2 * FIRST_CALLS * paths):
         dense[i % len(dense)](xs[i % len(xs)])
         routed[i % len(routed)](xs[i % len(xs)])
     times: tuple[list[float], list[float]] = ([], [])
