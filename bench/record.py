@@ -24,11 +24,12 @@ def _head() -> str | None:
 
 
 # Read once, when the bench imports this module: the code a long run executes is the commit it started on, not
-# whatever the repository holds when it writes its last row. Uncommitted changes are flagged.
+# whatever the repository holds when it writes its last row. Uncommitted changes are flagged, save those to other
+# results files (a bench started while the previous one's results wait to be committed runs the same code).
 COMMIT = _head()
 if COMMIT is not None:
-    _dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    _dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                            capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     COMMIT += "+changes" if _dirty else ""
 
 
