@@ -28,7 +28,7 @@ def _head() -> str | None:
 # results files (a bench started while the previous one's results wait to be committed runs the same code).
 COMMIT = _head()
 if COMMIT is not None:
-    _dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+    _dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results"],
                             capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     COMMIT += "+changes" if _dirty else ""
 
