@@ -370,7 +370,9 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
   const int64_t tile_columns = tokens < PACK_FROM ? TOKEN_TILE / tokens : std::min<int64_t>(TILE, TILE_SUMS / tokens);
   const int64_t tile_chunks = std::max<int64_t>(1, tile_columns / CHUNK);
   auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-    const int64_t stride = tile_chunks * CHUNK;
+    // A tile's sums per token, no wider than this thread's columns: a whole tile's (2048 columns) for the 2-3
+    // chunks of a thread's share of a 576-wide down projection would be zeroed for nothing.
+    const int64_t stride = std::min(tile_chunks, chunk_end - chunk_begin) * CHUNK;
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<size_t> cursor_buffer, lo_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
@@ -564,7 +566,8 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
   const int64_t tile_chunks = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK);
   const Pairs& p = pairs;
   auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-    const int64_t stride = tile_chunks * CHUNK;  // every chunk's sums fit, the last chunk's columns past the width too
+    // every chunk's sums fit, the last chunk's columns past the width too; no wider than this thread's columns
+    const int64_t stride = std::min(tile_chunks, chunk_end - chunk_begin) * CHUNK;
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<int64_t> cursor_buffer, lo_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
