@@ -37,6 +37,12 @@ def ffn_rows(r: dict, d_ff: int, busy: int) -> list[dict]:
     return [x for x in r["rows"] if x["d_ff"] == d_ff and x["busy_processes"] == busy]
 
 
+def decode_row(r: dict) -> str:
+    """A decode table's `dense | routed | **speedup** | executed` cells."""
+    return (f"{r['dense_tokens_per_s']:.2f} | {r['bricked_tokens_per_s']:.2f} | **{r['speedup']:.2f}x** | "
+            f"{r['ffn_executed_fraction']:.2f}")
+
+
 # (document, text as written there, results file, the text computed from the file)
 HEADLINES = [
     ("README.md", "**{}**", "routing_recovery_teal_0.5_cpu_400.json", lambda r: ratios(r, "recovered")),
@@ -75,13 +81,15 @@ HEADLINES = [
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
     ("README.md", "Greedy decoding is {} on a\n  22-layer", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("README.md", "{} on the default model (best", "decode_teal_default_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 5.94 | **{}** | 0.52", "decode_teal_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 2.26 | 2.85 | {} |", "decode_teal_busy_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 19.96 | **{}** | 0.50", "decode_teal_default_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 3.93 | 7.07 | **{}** | 0.51", "decode_centroid_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 14.80 | 21.17 | **{}** | 0.52", "decode_centroid_default_cpu.json",
+    ("README.md", "all 6), and {} on the Llama with another process busy", "decode_teal_busy_cpu.json",
      lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "| 1.99 | 2.88 | **{}** | 0.51", "decode_centroid_busy_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "| idle | {} |", "decode_teal_cpu.json", lambda r: decode_row(r)),
+    ("bench/README.md", "| 1 busy process | {} |", "decode_teal_busy_cpu.json", lambda r: decode_row(r)),
+    ("bench/README.md", "| default model, fp32, 64 tokens | idle | {} |", "decode_teal_default_cpu.json", lambda r: decode_row(r)),
+    ("bench/README.md", "| idle | {} |", "decode_centroid_cpu.json", lambda r: decode_row(r)),
+    ("bench/README.md", "| default model, fp32, 64 tokens | idle | {} |", "decode_centroid_default_cpu.json",
+     lambda r: decode_row(r)),
+    ("bench/README.md", "| 1 busy process | {} |", "decode_centroid_busy_cpu.json", lambda r: decode_row(r)),
     ("README.md", "model and {} on the 22-layer Llama with another process busy", "decode_centroid_busy_cpu.json",
      lambda r: f"{r['speedup']:.2f}x"),
     ("README.md", "centroid router at 0.5 is {} on the default", "decode_centroid_default_cpu.json",
