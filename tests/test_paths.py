@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -45,6 +47,24 @@ def test_a_path_that_starts_to_stall_is_left_and_found_again():
     # The machine goes quiet again: the runner-up is re-measured, and wins back its place.
     taken = _drive(c, key, paths, {"bags": 2.0, "split": 1.0}, 400)
     assert c.best(key) == "split" and taken[-20:].count("split") >= 19
+
+
+def test_paths_about_as_fast_trade_the_lead_without_bringing_back_frequent_re_measurements():
+    c, key, paths = PathChooser(), ("ffn",), ("kernel", "dense", "masked")
+    # kernel and dense within 5% of each other, call by call; masked twice as slow.
+    rng, slow_calls = random.Random(0), 0
+    for _ in range(3000):
+        cost = {"kernel": 1.0 + 0.05 * rng.random(), "dense": 1.0 + 0.05 * rng.random(), "masked": 2.0}
+        slow_calls += _drive(c, key, paths, cost, 1) == ["masked"]
+    # masked is re-measured as any steady loser is (8 calls here); when every narrow win of kernel or dense brought
+    # the re-measurements back to every FIRST_INTERVAL calls, 53.
+    assert slow_calls < 20
+    # A clear win (the load changed) still brings the re-measurements back to every FIRST_INTERVAL calls.
+    c2 = PathChooser()
+    _drive(c2, key, ("bags", "split"), {"bags": 1.0, "split": 2.0}, 300)
+    taken = _drive(c2, key, ("bags", "split"), {"bags": 1.0, "split": 0.8}, 600)
+    assert c2.best(key) == "split" and taken[-20:].count("split") >= 17
+    assert c2.timings[key].interval < MAX_INTERVAL
 
 
 def test_first_timing_is_warm_up_and_keys_are_separate():

@@ -15,8 +15,8 @@ descheduled thread. So the paths are timed as they run. Every path is
 measured at first use, then calls take the one with the lowest expected
 time per call from its recent timings, and the others are re-measured now
 and then (a few calls in a row, replacing their old timings), less often
-while they keep losing, so that a path that becomes the fastest again (the
-machine went quiet) is found.
+while they keep losing or win by a hair (MARGIN), so that a path that becomes
+the fastest again (the machine went quiet) is found.
 
 The expected time is the mean of the recent timings, less the slowest one
 when there are four or more. A decode waits for the sum of its calls, so a
@@ -50,6 +50,11 @@ FIRST_CALLS = 5
 CHECK_CALLS = 3
 # Re-measure a runner-up after this many calls, doubling while it keeps losing, up to MAX_INTERVAL.
 FIRST_INTERVAL, MAX_INTERVAL = 8, 256
+# A re-measured runner-up that beats the best of the other paths by less than this share takes the lead, but the
+# re-measurements keep spacing out: two paths about as fast as each other (the bricks' kernel and dense at 32 small
+# bf16 tokens) would otherwise trade the lead on noise, and each trade brought the re-measurements of every
+# runner-up, the slow ones too, back to every FIRST_INTERVAL calls.
+MARGIN = 0.1
 # Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
 SERIAL = "@1"
 
@@ -125,9 +130,10 @@ class PathChooser:
             t.left -= 1
             if t.left <= 0:
                 t.checking = None
-                best = min(t.seconds, key=t.seconds.get)
-                # The re-measured path won: check often again (the load changed); it lost: check less often.
-                t.interval = FIRST_INTERVAL if best == path else min(MAX_INTERVAL, 2 * t.interval)
+                rival = min((s for p, s in t.seconds.items() if p != path), default=float("inf"))
+                # The re-measured path won clearly: check often again (the load changed); else less often.
+                won = t.seconds[path] < (1 - MARGIN) * rival
+                t.interval = FIRST_INTERVAL if won else min(MAX_INTERVAL, 2 * t.interval)
 
     def best(self, key: tuple) -> str | None:
         """The path calls with this key take now (None before it was timed)."""
