@@ -67,6 +67,17 @@ def test_paths_about_as_fast_trade_the_lead_without_bringing_back_frequent_re_me
     assert c2.timings[key].interval < MAX_INTERVAL
 
 
+def test_a_slow_runner_up_is_re_measured_less_often_than_a_close_one():
+    c, key, paths = PathChooser(), ("ffn",), ("kernel", "masked", "bricks")
+    cost = {"kernel": 1.0, "masked": 1.2, "bricks": 10.0}
+    taken = _drive(c, key, paths, cost, 5000)[3 * FIRST_CALLS:]
+    # Each runner-up's re-measurements take about the same time in all: bricks, 10x the best, is re-measured
+    # about a tenth as often as masked. (In turn, as these calls' counts fell, bricks took 30 and masked 83.)
+    spent = {p: taken.count(p) * cost[p] for p in ("masked", "bricks")}
+    assert taken.count("bricks") > 0 and max(spent.values()) < 1.5 * min(spent.values())
+    assert taken.count("kernel") > 0.95 * len(taken)
+
+
 def test_first_timing_is_warm_up_and_keys_are_separate():
     c, paths = PathChooser(), ("a", "b")
     assert c.choose(("k",), paths) == "a"
