@@ -111,8 +111,9 @@ class PathChooser:
         if len(paths) > 1 and t.calls >= t.next_check:
             # Re-measure a runner-up, at an interval that doubles while the best stays best: the one whose
             # re-measurements have cost least so far, counting this one, so that each runner-up takes about the same
-            # time in all and a slow one is re-measured less often. In turn, the bricks' eager brick-by-brick path (10x
-            # the best at 32 small bf16 tokens) took a quarter of the time of the FFN's calls in the bench.
+            # time in all and a slow one is re-measured less often. In turn, the bricks' eager brick-by-brick path,
+            # many times the best at 32 small bf16 tokens, was re-measured as often as the close paths
+            # (bench/README.md, the centroid `--dense-fallback` grid).
             t.checking = min((p for p in paths if p != best), key=lambda p: (t.checks.get(p, 0) + 1) * seconds[p])
             t.checks[t.checking] = t.checks.get(t.checking, 0) + 1
             t.recent[t.checking].clear()  # its old timings may date from a stall that has passed
