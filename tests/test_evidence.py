@@ -37,6 +37,12 @@ def ffn_rows(r: dict, d_ff: int, busy: int) -> list[dict]:
     return [x for x in r["rows"] if x["d_ff"] == d_ff and x["busy_processes"] == busy]
 
 
+def path_speedup(r: dict, d_ff: int, dtype: str, path: str, busy: int = 0) -> str:
+    """The speedup of the one row of a results file with that shape, dtype, fixed path and load."""
+    row = next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["path"], x["busy_processes"]) == (d_ff, dtype, path, busy))
+    return f"{row['speedup']:.2f}x"
+
+
 def decode_row(r: dict) -> str:
     """A decode table's `dense | routed | **speedup** | executed` cells."""
     return (f"{r['dense_tokens_per_s']:.2f} | {r['bricked_tokens_per_s']:.2f} | **{r['speedup']:.2f}x** | "
@@ -57,6 +63,14 @@ HEADLINES = [
     ("README.md", "and {} at\n  0.5 with another process", "ffn_teal_cpu.json",
      lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, busy=1)),
     ("README.md", "small FFN is {} at 0.5", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
+    ("bench/README.md", "| 4096x11008 | fp32 | kernel@1 | {} | 2.47x |", "ffn_teal_token_before_cpu.json",
+     lambda r: path_speedup(r, 11008, "float32", "kernel@1")),
+    ("bench/README.md", "| 4096x11008 | fp32 | kernel@1 | 1.39x | {} |", "ffn_teal_token_cpu.json",
+     lambda r: path_speedup(r, 11008, "float32", "kernel@1")),
+    ("README.md", "at compute 0.99 it is already {} dense", "ffn_teal_full_compute_cpu.json",
+     lambda r: path_speedup(r, 11008, "float32", "kernel")),
+    ("bench/README.md", "0.99 the kernel is already {} the dense FFN on the large fp32 shape", "ffn_teal_full_compute_cpu.json",
+     lambda r: path_speedup(r, 11008, "float32", "kernel")),
     ("README.md", "token's FFN is {}\n  dense at 0.5 on the large fp32", "ffn_centroid_cpu.json",
      lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
     ("README.md", "shape and {} on the small one, and\n  greedy", "ffn_centroid_cpu.json",
@@ -65,7 +79,7 @@ HEADLINES = [
      lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
     ("README.md", "under teal (the small FFN {}; the large", "ffn_teal_cpu.json",
      lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
-    ("README.md", "one 0.92x, {} by the mean)", "ffn_teal_cpu.json",
+    ("README.md", "one 0.91x, {} by the mean)", "ffn_teal_cpu.json",
      lambda r: f"{next(x for x in ffn_rows(r, 11008, 0) if (x['dtype'], x['batch'], x['active']) == ('bfloat16', 32, 0.5))['speedup_mean']:.2f}x"),
     ("README.md", "2 of teal's and {} of the\n  brick router's 24", "ffn_centroid_cpu.json",
      lambda r: str(sum(x["speedup"] < 0.9 for x in ffn_rows(r, 1536, 1)))),
@@ -73,9 +87,9 @@ HEADLINES = [
      lambda r: str(sum(x["speedup"] < 0.9 for x in ffn_rows(r, 1536, 1)))),
     ("README.md", "(down to {},\n  teal's bf16 batch", "ffn_teal_cpu.json",
      lambda r: f"{min(x['speedup'] for x in ffn_rows(r, 1536, 1)):.2f}x"),
-    ("README.md", "teal's bf16 batch of 32 on `masked@1`, and {});", "ffn_centroid_cpu.json",
+    ("README.md", "teal's bf16 batch of 32 on `kernel@1`, and {});", "ffn_centroid_cpu.json",
      lambda r: f"{min(x['speedup'] for x in ffn_rows(r, 1536, 1)):.2f}x"),
-    ("README.md", "decode token at 0.5 on two threads, {}; the", "ffn_teal_cpu.json",
+    ("README.md", "(teal's large bf16 batch of 32 at 0.5, {}; the", "ffn_teal_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
     ("README.md", "brick router's small fp32 batch of 32 at 0.25, {}); by the median", "ffn_centroid_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
@@ -94,16 +108,16 @@ HEADLINES = [
      lambda r: f"{r['speedup']:.2f}x"),
     ("README.md", "centroid router at 0.5 is {} on the default", "decode_centroid_default_cpu.json",
      lambda r: f"{r['speedup']:.2f}x"),
-    ("bench/README.md", "shape's are {} / 6.30x at 0.5 / 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
-    ("bench/README.md", "shape's are 3.04x / {} at 0.5 / 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
+    ("bench/README.md", "shape's are {} / 5.42x at 0.5 / 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("bench/README.md", "shape's are 3.24x / {} at 0.5 / 0.25", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
     ("bench/README.md", "token is {} at 0.5 by the\nmedian", "ffn_teal_cpu.json",
      lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, busy=1)),
-    ("bench/README.md", "the small shape's {} / 6.36x in fp32", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
-    ("bench/README.md", "(small shape {} by the\nmedian, 0.83x by the mean", "ffn_teal_cpu.json",
+    ("bench/README.md", "the small shape's {} / 4.91x in fp32", "ffn_teal_cpu.json", lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
+    ("bench/README.md", "(small shape {} by the\nmedian, 0.82x by the mean", "ffn_teal_cpu.json",
      lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
-    ("bench/README.md", "token is 2.45x at 0.5 by the\nmedian and {} by the mean", "ffn_teal_cpu.json",
+    ("bench/README.md", "token is 2.07x at 0.5 by the\nmedian and {} by the mean", "ffn_teal_cpu.json",
      lambda r: f"{next(x for x in ffn_rows(r, 11008, 1) if (x['dtype'], x['batch'], x['active']) == ('float32', 1, 0.5))['speedup_mean']:.2f}x"),
-    ("bench/README.md", "cell's mean is at\nleast {} (the small fp32 decode", "ffn_teal_cpu.json",
+    ("bench/README.md", "cell's mean is at\nleast {} (the large bf16 batch", "ffn_teal_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
     ("bench/README.md", "process every cell's mean is at least {} (the small fp32 batch of 32 at\n0.25", "ffn_centroid_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
@@ -119,15 +133,15 @@ HEADLINES = [
      lambda r: f"{next(x for x in r['rows'] if x['path'] == 'dense' and x['batch'] == 32)['speedup']:.2f}x"),
     ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean 2, all on the", "ffn_centroid_fallback_cpu.json",
      lambda r: str(sum(x["speedup"] < 0.9 for x in r["rows"]))),
-    ("bench/README.md", "a median of 0.59 ms, the calls that\ndid not wait, and a mean of {} ms", "ffn_teal_cpu.json",
-     lambda r: f"{next(x for x in ffn_rows(r, 1536, 1) if x['dtype'] == 'bfloat16' and x['batch'] == 1 and x['active'] == 0.5)['dense_mean_ms']:.2f}"),
-    ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean 3, none in", "ffn_teal_fallback_cpu.json",
+    ("bench/README.md", "a median of 1.67 ms, the calls that\ndid not wait, and a mean of {} ms", "ffn_teal_cpu.json",
+     lambda r: f"{next(x for x in ffn_rows(r, 1536, 1) if x['dtype'] == 'float32' and x['batch'] == 8 and x['active'] == 0.25)['dense_mean_ms']:.2f}"),
+    ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean 1, none in", "ffn_teal_fallback_cpu.json",
      lambda r: str(sum(x["speedup"] < 0.9 for x in r["rows"]))),
     ("bench/README.md", "below 0.9x, by the mean {}, none in", "ffn_teal_fallback_cpu.json",
      lambda r: str(sum(x["speedup_mean"] < 0.9 for x in r["rows"]))),
-    ("bench/README.md", "and the large shape's at\n0.5 on the kernel (0.92x / {})", "ffn_teal_fallback_cpu.json",
+    ("bench/README.md", "bf16 batch of 32 at 0.5 on the kernel (0.95x / {})", "ffn_teal_fallback_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows']):.2f}x"),
-    ("bench/README.md", "With the busy process every cell's mean\nis at least {}, and 3", "ffn_teal_fallback_cpu.json",
+    ("bench/README.md", "process every cell's mean is at least {}, and 4 small-shape", "ffn_teal_fallback_cpu.json",
      lambda r: f"{min(x['speedup_mean'] for x in r['rows'] if x['busy_processes'] == 1):.2f}x"),
     ("README.md", "bf16 FFN {} dense at 0.5", "ffn_teal_threshold_h200.json",
      lambda r: ffn_speedup(r, 11008, "bfloat16", 1, 0.5)),
