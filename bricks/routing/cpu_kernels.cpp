@@ -24,9 +24,9 @@ namespace {
 // this was written on, in a probe whose output was not kept).
 constexpr int64_t TOKEN_TILE = 32768;
 // One token: rows added to the sums at a time. One row at a time, each 64 bytes of weights came with a load and
-// a store of 64 bytes of sums from L2, and one thread read 11 GB/s of a 4096x22016 fp32 gate|up; 8 rows at a
-// time (8 streams from memory, a sums' load and store per 8 rows' bytes), 25 GB/s, as fast as one thread
-// streams memory on the machine this was written on (bench/README.md).
+// a store of 64 bytes of sums from L2; 8 rows at a time (8 streams from memory, a load and a store of the sums
+// per 8 rows' bytes) one thread read the kept rows about twice as fast (bench/README.md, the teal kernel's
+// one-token table before and after).
 constexpr int64_t TOKEN_ROWS = 8;
 // Several tokens: at most this many columns per tile.
 constexpr int64_t TILE = 2048;
