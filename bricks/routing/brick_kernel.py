@@ -33,9 +33,8 @@ class BrickKernel:
     def compiled_activation(self, h: torch.Tensor) -> bool:
         """Whether `_masked` may take `silu(gate) * up` of every brick from the compiled CPU kernel
         (`cpu_kernels.gated_silu`): torch's elementwise kernels on each brick's strided gate and up halves took
-        4-5x as long (a probe, its output not kept: 119 against 23 us for 32 bf16 tokens of 64 bricks of 24, 8.1
-        against 2.0 ms for 2048 tokens). A gated SiLU FFN on the CPU, below float64 (it computes in fp32), with no
-        gradient to carry."""
+        several times as long (bench/README.md). A gated SiLU FFN on the CPU, below float64 (it computes in
+        fp32), with no gradient to carry."""
         return (h.device.type == "cpu" and self.gated and isinstance(self.act, SILU) and h.dtype != torch.float64
                 and not (torch.is_grad_enabled() and h.requires_grad) and cpu_kernels.available())
 
