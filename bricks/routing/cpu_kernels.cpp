@@ -320,12 +320,12 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
   }
 }
 
-// block = w[r0, r1) x [c, c + CHUNK) as fp32, contiguous. Read in place, the rows of a block lie a row's width
+// block = w[r0, r1) x [c, c + len) as fp32, rows CHUNK apart (len a multiple of 16, at most CHUNK). Read in place, the rows of a block lie a row's width
 // apart, often a multiple of 4 KB (a 3072-wide fp32 gate|up row is 12 KB): they fall in the same few sets of the
 // L1 cache, which then holds a quarter of the block, and every token that keeps a row would fetch it again.
 // The copy holds the whole block in L1, and bf16 or fp16 rows are converted once for all the tokens.
 template <typename T>
-void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, float* block) {
+void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, int64_t len, float* block) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = w + r * width + c;
     // The rows' pieces PACK_AHEAD chunks on, which the next blocks of this tile will copy: each piece is
@@ -336,7 +336,7 @@ void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, float* b
       for (size_t line = 0; line < CHUNK * sizeof(T); line += 64) __builtin_prefetch(ahead + line, 0, 2);  // prefetcht1
     }
     float* to = block + (r - r0) * CHUNK;
-    for (int i = 0; i < CHUNK / 16; ++i) {
+    for (int i = 0; i < len / 16; ++i) {
       const vfloat v = load16(row + 16 * i);
       std::memcpy(to + 16 * i, &v, sizeof v);
     }
@@ -358,29 +358,58 @@ inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_wid
   for (int i = 0; i < N; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
 }
 
+// add_rows over `vectors` (1 to CHUNK / 16) vectors of sums.
+template <typename R>
+inline void add_rows_n(int64_t vectors, float* s, const R* from, int64_t first_row, int64_t row_width,
+                       const int64_t* rows, const float* values, size_t lo, size_t hi) {
+  switch (vectors) {
+    case 1: add_rows<1>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 2: add_rows<2>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 3: add_rows<3>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 4: add_rows<4>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 5: add_rows<5>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 6: add_rows<6>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 7: add_rows<7>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    default: add_rows<CHUNK / 16>(s, from, first_row, row_width, rows, values, lo, hi); break;
+  }
+}
+
+// f(begin, end) over the columns [0, width), split over the threads in whole vectors of 16 columns, as evenly as
+// they allow (when `parallel`). Split in whole CHUNKs, a 576-wide down projection gave one of two threads 384
+// columns and the other 192, and the first's work set the call's time.
+template <typename F>
+void columns_over_threads(int64_t width, bool parallel, const F& f) {
+  if (!parallel) {
+    f(0, width);
+    return;
+  }
+  at::parallel_for(0, (width + 15) / 16, std::max<int64_t>(1, GRAIN / 16), [&](int64_t begin, int64_t end) {
+    f(begin * 16, std::min(width, end * 16));
+  });
+}
+
 // out[t, c] = sum over the rows j token t keeps of its value * w[j, c], for several tokens (w has `n_rows` rows):
-// each thread takes whole CHUNKs of columns, so that a column's sum is added in the same order (rows increasing)
+// each thread takes its columns CHUNK at a time, a column's sum added in the same order (rows increasing)
 // whatever the thread count; a block of rows is read from memory once (`pack`) for all the tokens that keep its
 // rows, each token's CHUNK sums in registers over its kept rows of the block.
 template <typename T>
 void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
                      float* out, bool parallel) {
-  const int64_t chunks = (width + CHUNK - 1) / CHUNK;
   // Tokens that read the rows in place read long pieces of them, as one token does (see TOKEN_TILE).
   const int64_t tile_columns = tokens < PACK_FROM ? TOKEN_TILE / tokens : std::min<int64_t>(TILE, TILE_SUMS / tokens);
-  const int64_t tile_chunks = std::max<int64_t>(1, tile_columns / CHUNK);
-  auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-    // A tile's sums per token, no wider than this thread's columns: a whole tile's (2048 columns) for the 2-3
-    // chunks of a thread's share of a 576-wide down projection would be zeroed for nothing.
-    const int64_t stride = std::min(tile_chunks, chunk_end - chunk_begin) * CHUNK;
+  const int64_t tile = std::max<int64_t>(1, tile_columns / CHUNK) * CHUNK;
+  columns_over_threads(width, parallel, [&](int64_t begin, int64_t end) {
+    // A tile's sums per token, no wider than this thread's columns: a whole tile's (2048 columns) for the 288
+    // columns of a thread's share of a 576-wide down projection would be zeroed for nothing.
+    const int64_t stride = std::min(tile, end - begin);
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<size_t> cursor_buffer, lo_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
     size_t* cursor = scratch(cursor_buffer, tokens).data();
     size_t* lo = scratch(lo_buffer, tokens).data();
     alignas(64) float block[BLOCK_ROWS * CHUNK];
-    for (int64_t first = chunk_begin; first < chunk_end; first += tile_chunks) {  // a tile's first chunk
-      const int64_t c0 = first * CHUNK, c1 = std::min(width, std::min(chunk_end, first + tile_chunks) * CHUNK);
+    for (int64_t c0 = begin; c0 < end; c0 += tile) {
+      const int64_t c1 = std::min(end, c0 + tile);
       std::fill_n(sums, tokens * stride, 0.0f);
       std::fill_n(cursor, tokens, 0);
       for (int64_t r1 = BLOCK_ROWS; r1 < n_rows + BLOCK_ROWS; r1 += BLOCK_ROWS) {
@@ -395,38 +424,23 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
             const int64_t* rows = kept[t].rows.data();
             const float* values = kept[t].values.data();
             float* s = sums + t * stride + (c - c0);
-            if (len == CHUNK && tokens >= PACK_FROM) {
-              if (t == 0) pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, block);
-              add_rows<CHUNK / 16>(s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
-            } else if (len == CHUNK) {
-              add_rows<CHUNK / 16>(s, w + c, 0, width, rows, values, lo[t], cursor[t]);
-            } else if (len % 16 == 0) {  // the last columns of the weight: the same for every thread count
-              switch (len / 16) {
-                case 1: add_rows<1>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                case 2: add_rows<2>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                case 3: add_rows<3>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                case 4: add_rows<4>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                case 5: add_rows<5>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                case 6: add_rows<6>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-                default: add_rows<7>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); break;
-              }
-            } else {  // a width that is not a multiple of 16: its last columns one at a time
+            if (len % 16 != 0) {  // the last columns of a width that is not a multiple of 16, one at a time
               for (size_t j = lo[t]; j < cursor[t]; ++j) {
                 const T* row = w + rows[j] * width + c;
                 for (int64_t k = 0; k < len; ++k) s[k] += values[j] * static_cast<float>(row[k]);
               }
+            } else if (tokens >= PACK_FROM) {
+              if (t == 0) pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, len, block);
+              add_rows_n(len / 16, s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
+            } else {
+              add_rows_n(len / 16, s, w + c, 0, width, rows, values, lo[t], cursor[t]);
             }
           }
         }
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
     }
-  };
-  if (parallel) {
-    at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / CHUNK), work);
-  } else {
-    work(0, chunks);
-  }
+  });
 }
 
 // f(t) for every token, over the threads when there are several tokens.
@@ -511,14 +525,13 @@ inline __m256i load_bf16(const c10::BFloat16* row, int64_t from, int64_t len) {
   return _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (len - from)) - 1), row + from);
 }
 
-// block[j] = the active pairs [j0, j0 + np) over the columns [c, c + CHUNK) (those past the weight's width are 0),
+// block[j] = the active pairs [j0, j0 + np) over the columns [c, c + len) and on to a whole vector (0 past len),
 // each column's two weights side by side, as vdpbf16ps takes them; pieces PACK_AHEAD chunks on are prefetched.
 void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np, int64_t c,
-                __m512i* block) {
+                int64_t len, __m512i* block) {
   // Word i of the result takes bf16 i of the first row (the low half of the source), then bf16 i of the second.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                               6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const int64_t len = std::min(CHUNK, width - c);
   const bool ahead = c + (PACK_AHEAD + 1) * CHUNK <= width;
   for (int64_t j = 0; j < np; ++j) {
     const int64_t r = 2 * active[j];
@@ -533,7 +546,7 @@ void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int
         if (pair) __builtin_prefetch(reinterpret_cast<const char*>(second + PACK_AHEAD * CHUNK) + line, 0, 2);
       }
     }
-    for (int64_t v = 0; v < CHUNK / 16; ++v) {
+    for (int64_t v = 0; v < (len + 15) / 16; ++v) {
       const __m256i a = load_bf16(first, 16 * v, len);
       const __m256i b = pair ? load_bf16(second, 16 * v, len) : _mm256_setzero_si256();
       block[j * (CHUNK / 16) + v] =
@@ -542,17 +555,33 @@ void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int
   }
 }
 
-// s[0, CHUNK) += the token's pairs [lo, hi) of the block (whose first active pair is j0), the sums in registers.
+// s[0, 16 * N) += the token's pairs [lo, hi) of the block (whose first active pair is j0), the sums in registers.
+template <int N>
 inline void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t* position, const uint32_t* values,
                       int64_t lo, int64_t hi) {
-  __m512 acc[CHUNK / 16];
-  for (int v = 0; v < CHUNK / 16; ++v) acc[v] = _mm512_loadu_ps(s + 16 * v);
+  __m512 acc[N];
+  for (int v = 0; v < N; ++v) acc[v] = _mm512_loadu_ps(s + 16 * v);
   for (int64_t i = lo; i < hi; ++i) {
     const __m512i* pair = block + (position[i] - j0) * (CHUNK / 16);
     const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(values[i])));
-    for (int v = 0; v < CHUNK / 16; ++v) acc[v] = _mm512_dpbf16_ps(acc[v], x, reinterpret_cast<__m512bh>(pair[v]));
+    for (int v = 0; v < N; ++v) acc[v] = _mm512_dpbf16_ps(acc[v], x, reinterpret_cast<__m512bh>(pair[v]));
   }
-  for (int v = 0; v < CHUNK / 16; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
+  for (int v = 0; v < N; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
+}
+
+// add_pairs over `vectors` (1 to CHUNK / 16) vectors of sums.
+inline void add_pairs_n(int64_t vectors, float* s, const __m512i* block, int64_t j0, const int64_t* position,
+                        const uint32_t* values, int64_t lo, int64_t hi) {
+  switch (vectors) {
+    case 1: add_pairs<1>(s, block, j0, position, values, lo, hi); break;
+    case 2: add_pairs<2>(s, block, j0, position, values, lo, hi); break;
+    case 3: add_pairs<3>(s, block, j0, position, values, lo, hi); break;
+    case 4: add_pairs<4>(s, block, j0, position, values, lo, hi); break;
+    case 5: add_pairs<5>(s, block, j0, position, values, lo, hi); break;
+    case 6: add_pairs<6>(s, block, j0, position, values, lo, hi); break;
+    case 7: add_pairs<7>(s, block, j0, position, values, lo, hi); break;
+    default: add_pairs<CHUNK / 16>(s, block, j0, position, values, lo, hi); break;
+  }
 }
 
 // tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks.
@@ -560,22 +589,21 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
                       int64_t tokens, float* out, bool parallel) {
   thread_local Pairs pairs;
   pairs_of(kept, tokens, n_rows, pairs, parallel);
-  const int64_t chunks = (width + CHUNK - 1) / CHUNK;
   // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
   // than that cost, in a probe whose output was not kept), fewer for more tokens.
-  const int64_t tile_chunks = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK);
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK) * CHUNK;
   const Pairs& p = pairs;
-  auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-    // every chunk's sums fit, the last chunk's columns past the width too; no wider than this thread's columns
-    const int64_t stride = std::min(tile_chunks, chunk_end - chunk_begin) * CHUNK;
+  columns_over_threads(width, parallel, [&](int64_t begin, int64_t end) {
+    // no wider than this thread's columns, and room for the last vector's columns past the width
+    const int64_t stride = std::min(tile, (end - begin + 15) / 16 * 16);
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<int64_t> cursor_buffer, lo_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
     int64_t* cursor = scratch(cursor_buffer, tokens).data();
     int64_t* lo = scratch(lo_buffer, tokens).data();
     alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
-    for (int64_t first = chunk_begin; first < chunk_end; first += tile_chunks) {
-      const int64_t c0 = first * CHUNK, c1 = std::min(width, std::min(chunk_end, first + tile_chunks) * CHUNK);
+    for (int64_t c0 = begin; c0 < end; c0 += tile) {
+      const int64_t c1 = std::min(end, c0 + tile);
       std::fill_n(sums, tokens * stride, 0.0f);
       std::fill_n(cursor, tokens, 0);
       for (int64_t j0 = 0; j0 < p.n_active; j0 += BLOCK_PAIRS) {
@@ -585,21 +613,17 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
           while (cursor[t] < p.count[t] && p.position[t][cursor[t]] < j0 + np) ++cursor[t];
         }
         for (int64_t c = c0; c < c1; c += CHUNK) {
-          pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, block);
+          const int64_t len = std::min(CHUNK, c1 - c);
+          pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block);
           for (int64_t t = 0; t < tokens; ++t) {
-            add_pairs(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
-                      cursor[t]);
+            add_pairs_n((len + 15) / 16, sums + t * stride + (c - c0), block, j0, p.position[t].data(),
+                        p.values[t].data(), lo[t], cursor[t]);
           }
         }
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
     }
-  };
-  if (parallel) {
-    at::parallel_for(0, chunks, std::max<int64_t>(1, GRAIN / CHUNK), work);
-  } else {
-    work(0, chunks);
-  }
+  });
 }
 #endif
 
