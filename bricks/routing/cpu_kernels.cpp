@@ -170,39 +170,25 @@ V& scratch(V& v, size_t n) {
   return v;
 }
 
-// The keep-th largest of the n magnitudes m (0 < keep <= n), by radix selection on their bits (the bits of a
-// non-negative float order as it does): a byte at a time from the top, count the candidates per byte value,
-// find the byte of the keep-th largest, keep the candidates with that byte. Unlike a partition (nth_element),
-// nothing branches on the data, whose every other comparison a new token's values would mispredict.
+// The keep-th largest of the n magnitudes m (0 < keep <= n), a bit at a time from the top: the bits of a
+// non-negative float order as it does, so the answer is the largest bit pattern with at least `keep` magnitudes
+// at or above it, and each bit is set where that leaves `keep` of them. 31 counts of n comparisons, which the
+// compiler vectorizes (16 a step with AVX-512), and nothing branches on the data. The radix selection this
+// replaced (a byte at a time, a histogram of each byte's values) took a scalar increment per candidate and pass:
+// about a sixth of a 32-token call's time.
 float kth_largest(const float* m, int64_t n, int64_t keep) {
-  thread_local std::vector<uint32_t> first, second;
-  // Four interleaved histograms, so that equal bytes in a row do not wait on each other. Zeroed once: after a
-  // pass the candidates clear the bins they filled, as clearing all 1024 bins per pass cost a small token more
-  // than its counting. (On the stack: GCC looks a thread_local's address up again in every iteration.)
-  uint32_t histogram[4][256] = {};
-  uint32_t* from = scratch(first, n).data();
-  uint32_t* to = scratch(second, n).data();
-  std::memcpy(from, m, n * sizeof(float));
-  int64_t count = n, rank = keep;  // the answer is the rank-th largest of the `count` candidates in `from`
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int64_t i = 0; i < count; ++i) ++histogram[i & 3][(from[i] >> shift) & 255];
-    uint32_t byte = 255;
-    for (;; --byte) {
-      const int64_t here = histogram[0][byte] + histogram[1][byte] + histogram[2][byte] + histogram[3][byte];
-      if (here >= rank) break;
-      rank -= here;
-    }
-    int64_t kept_count = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      histogram[i & 3][(from[i] >> shift) & 255] = 0;
-      to[kept_count] = from[i];
-      kept_count += ((from[i] >> shift) & 255) == byte;
-    }
-    std::swap(from, to);
-    count = kept_count;
+  thread_local std::vector<uint32_t> bits_buffer;
+  uint32_t* bits = scratch(bits_buffer, n).data();
+  std::memcpy(bits, m, n * sizeof(float));
+  uint32_t answer = 0;
+  for (int bit = 30; bit >= 0; --bit) {  // bit 31, the sign, is 0
+    const uint32_t candidate = answer | (1u << bit);
+    uint32_t at_or_above = 0;
+    for (int64_t i = 0; i < n; ++i) at_or_above += bits[i] >= candidate;
+    if (at_or_above >= static_cast<uint64_t>(keep)) answer = candidate;
   }
   float kth;
-  std::memcpy(&kth, from, sizeof kth);  // every candidate left has the same bits
+  std::memcpy(&kth, &answer, sizeof kth);
   return kth;
 }
 
