@@ -489,15 +489,18 @@ void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pai
     int64_t* position = scratch(p.position[t], count).data();
     uint32_t* values = scratch(p.values[t], count).data();
     // Branch-free, as in `collect`: a row that is its pair's second, right after the first, steps back onto it.
+    // The word written last stays in a register: read back from memory, each row waited on the previous store.
     int64_t n = 0, last = -1;
+    uint32_t word = 0;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t row = rows[j];
       const uint32_t bits = c10::BFloat16(kept_values[j]).x;  // rounded to nearest even, as torch rounds
       const bool second = row / 2 == last;
       last = row / 2;
       n -= second;
+      word = (second ? word : 0u) | (row % 2 ? bits << 16 : bits);
       position[n] = index[row / 2];
-      values[n] = (second ? values[n] : 0u) | (row % 2 ? bits << 16 : bits);
+      values[n] = word;
       ++n;
     }
     p.count[t] = n;
