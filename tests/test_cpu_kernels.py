@@ -51,7 +51,7 @@ def test_kernel_computes_the_bags_function_and_counts_what_it_read(selection, co
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 32])
 def test_kernel_threads_split_columns_so_results_are_bit_identical(tokens, dtype):
     sparse = _sparse(hidden=576, d_ff=1536, dtype=dtype)
     sparse.set_path("kernel")
@@ -150,21 +150,36 @@ def _keep_reference(v: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
-def test_kernel_top_k_keeps_exactly_k_among_ties():
-    """Tokens whose magnitudes tie (small integers; common in bf16) keep exactly k, the first ties first."""
-    sparse = _sparse(hidden=40, d_ff=52)
+def _assert_top_k_reference(sparse, x):
+    """The kernel's output for tokens x is the one of the reference top-k (`_keep_reference`), every row counted."""
     sparse.set_path("kernel")
-    x = torch.randint(-2, 3, (6, 40)).float()  # magnitudes 0, 1 and 2 only
+    d_ff = sparse.w_down_t.shape[0]
     with torch.no_grad():
         sparse.reset_counts()
         got = sparse(x)
         assert sparse.executed_fraction() == pytest.approx(sparse.compute_fraction())
-        for t in range(6):
+        for t in range(x.shape[0]):
             idx = _keep_reference(x[t], sparse.n_in)
             h = x[t, idx] @ sparse.w_in_t[idx]
-            a = torch.nn.functional.silu(h[:52]) * h[52:]
+            a = torch.nn.functional.silu(h[:d_ff]) * h[d_ff:]
             j = _keep_reference(a, sparse.n_act)
             torch.testing.assert_close(got[t], a[j] @ sparse.w_down_t[j], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_top_k_keeps_exactly_k_among_ties():
+    """Tokens whose magnitudes tie (small integers; common in bf16) keep exactly k, the first ties first."""
+    x = torch.randint(-2, 3, (6, 40)).float()  # magnitudes 0, 1 and 2 only
+    _assert_top_k_reference(_sparse(hidden=40, d_ff=52), x)
+
+
+def test_kernel_top_k_ranks_zeros_subnormals_and_large_magnitudes():
+    """The k-th magnitude is found from the floats' bits, a bit at a time from the top: zeros, subnormals and
+    magnitudes of 1e10 (exponent bits a float of at most 2 never sets) rank as the reference ranks them."""
+    g = torch.Generator().manual_seed(1)
+    scales = torch.tensor([0.0, 1e-45, 1e-40, 1e-38, 1e-3, 1.0, 1e10])
+    x = scales[torch.randint(0, len(scales), (6, 40), generator=g)] * (1 + torch.rand(6, 40, generator=g))
+    x = torch.where(torch.rand(6, 40, generator=g) < 0.5, -x, x)
+    _assert_top_k_reference(_sparse(hidden=40, d_ff=52), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

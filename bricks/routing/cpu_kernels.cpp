@@ -174,8 +174,8 @@ V& scratch(V& v, size_t n) {
 // non-negative float order as it does, so the answer is the largest bit pattern with at least `keep` magnitudes
 // at or above it, and each bit is set where that leaves `keep` of them. 31 counts of n comparisons, which the
 // compiler vectorizes (16 a step with AVX-512), and nothing branches on the data. The radix selection this
-// replaced (a byte at a time, a histogram of each byte's values) took a scalar increment per candidate and pass:
-// about a sixth of a 32-token call's time.
+// replaced (a byte at a time, a histogram of each byte's values) took a scalar increment per candidate and pass,
+// about a sixth of a 32-token call's samples in a one-thread profile (bench/README.md, "Several tokens").
 float kth_largest(const float* m, int64_t n, int64_t keep) {
   thread_local std::vector<uint32_t> bits_buffer;
   uint32_t* bits = scratch(bits_buffer, n).data();
@@ -306,10 +306,11 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
   }
 }
 
-// block = w[r0, r1) x [c, c + len) as fp32, rows CHUNK apart (len a multiple of 16, at most CHUNK). Read in place, the rows of a block lie a row's width
-// apart, often a multiple of 4 KB (a 3072-wide fp32 gate|up row is 12 KB): they fall in the same few sets of the
-// L1 cache, which then holds a quarter of the block, and every token that keeps a row would fetch it again.
-// The copy holds the whole block in L1, and bf16 or fp16 rows are converted once for all the tokens.
+// block = w[r0, r1) x [c, c + len) as fp32, rows CHUNK apart (len a multiple of 16, at most CHUNK). Read in place,
+// the rows of a block lie a row's width apart, often a multiple of 4 KB (a 3072-wide fp32 gate|up row is 12 KB):
+// they fall in the same few sets of the L1 cache, which then holds a quarter of the block, and every token that
+// keeps a row would fetch it again. The copy holds the whole block in L1, and bf16 or fp16 rows are converted once
+// for all the tokens.
 template <typename T>
 void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, int64_t len, float* block) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -872,7 +873,8 @@ inline void sums_4x4(const __m512 (&acc)[4][4], float* out, int64_t stride) {
                          _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
 #pragma GCC unroll 2
   for (int i = 0; i < 2; ++i)  // 2 in each 32-bit pair of a lane
-    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xEE));
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xEE));
   // Lane 4q + r of the result sums acc[r][q] (worked out by hand, checked against the kernel tests' references).
   const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
 #pragma GCC unroll 4
