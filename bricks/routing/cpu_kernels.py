@@ -11,8 +11,9 @@ saved. This kernel does the whole call in one:
 
 1. per token, keep the `keep_in` inputs of largest |x| (or those above a
    calibrated threshold), in memory order; the k-th largest magnitude is
-   found by radix selection, which does not branch on the data (a new
-   token's values would mispredict every other branch of a partition);
+   found by bisection on its bits, in vectorized counts that do not branch
+   on the data (a new token's values would mispredict every other branch of
+   a partition);
 2. gate|up pre-activations from the kept rows of `w_in_t` only, the columns
    split over the threads. One token streams a long contiguous piece of
    every kept row into fp32 sums held in the thread's L2 cache (a new piece
