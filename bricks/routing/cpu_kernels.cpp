@@ -175,7 +175,7 @@ V& scratch(V& v, size_t n) {
 // at or above it, and each bit is set where that leaves `keep` of them. 31 counts of n comparisons, which the
 // compiler vectorizes (16 a step with AVX-512), and nothing branches on the data. The radix selection this
 // replaced (a byte at a time, a histogram of each byte's values) took a scalar increment per candidate and pass,
-// about a sixth of a 32-token call's samples in a one-thread profile (bench/README.md, "Several tokens").
+// the largest cost after the sums in a 32-token call (bench/README.md, "Several tokens": before and after).
 float kth_largest(const float* m, int64_t n, int64_t keep) {
   thread_local std::vector<uint32_t> bits_buffer;
   uint32_t* bits = scratch(bits_buffer, n).data();
