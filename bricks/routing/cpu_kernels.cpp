@@ -345,19 +345,20 @@ inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_wid
   for (int i = 0; i < N; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
 }
 
-// add_rows over `vectors` (1 to CHUNK / 16) vectors of sums.
-template <typename R>
-inline void add_rows_n(int64_t vectors, float* s, const R* from, int64_t first_row, int64_t row_width,
-                       const int64_t* rows, const float* values, size_t lo, size_t hi) {
+// f(std::integral_constant<int, vectors>{}) for `vectors` in [1, CHUNK / 16]: a chunk's sums are held in that many
+// registers, a count the compiler must know (a chunk at the end of a thread's columns may be shorter than CHUNK).
+template <typename F>
+inline void with_vectors(int64_t vectors, const F& f) {
+  static_assert(CHUNK / 16 == 8, "one case per vector count of a chunk");
   switch (vectors) {
-    case 1: add_rows<1>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 2: add_rows<2>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 3: add_rows<3>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 4: add_rows<4>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 5: add_rows<5>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 6: add_rows<6>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    case 7: add_rows<7>(s, from, first_row, row_width, rows, values, lo, hi); break;
-    default: add_rows<CHUNK / 16>(s, from, first_row, row_width, rows, values, lo, hi); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -418,9 +419,11 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
               }
             } else if (tokens >= PACK_FROM) {
               if (t == 0) pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, len, block);
-              add_rows_n(len / 16, s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
+              with_vectors(len / 16, [&](auto n) {
+                add_rows<n>(s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
+              });
             } else {
-              add_rows_n(len / 16, s, w + c, 0, width, rows, values, lo[t], cursor[t]);
+              with_vectors(len / 16, [&](auto n) { add_rows<n>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); });
             }
           }
         }
@@ -559,21 +562,6 @@ inline void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t*
   for (int v = 0; v < N; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
 }
 
-// add_pairs over `vectors` (1 to CHUNK / 16) vectors of sums.
-inline void add_pairs_n(int64_t vectors, float* s, const __m512i* block, int64_t j0, const int64_t* position,
-                        const uint32_t* values, int64_t lo, int64_t hi) {
-  switch (vectors) {
-    case 1: add_pairs<1>(s, block, j0, position, values, lo, hi); break;
-    case 2: add_pairs<2>(s, block, j0, position, values, lo, hi); break;
-    case 3: add_pairs<3>(s, block, j0, position, values, lo, hi); break;
-    case 4: add_pairs<4>(s, block, j0, position, values, lo, hi); break;
-    case 5: add_pairs<5>(s, block, j0, position, values, lo, hi); break;
-    case 6: add_pairs<6>(s, block, j0, position, values, lo, hi); break;
-    case 7: add_pairs<7>(s, block, j0, position, values, lo, hi); break;
-    default: add_pairs<CHUNK / 16>(s, block, j0, position, values, lo, hi); break;
-  }
-}
-
 // tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks.
 void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
                       int64_t tokens, float* out, bool parallel) {
@@ -605,10 +593,12 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
         for (int64_t c = c0; c < c1; c += CHUNK) {
           const int64_t len = std::min(CHUNK, c1 - c);
           pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block);
-          for (int64_t t = 0; t < tokens; ++t) {
-            add_pairs_n((len + 15) / 16, sums + t * stride + (c - c0), block, j0, p.position[t].data(),
-                        p.values[t].data(), lo[t], cursor[t]);
-          }
+          with_vectors((len + 15) / 16, [&](auto n) {
+            for (int64_t t = 0; t < tokens; ++t) {
+              add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
+                           cursor[t]);
+            }
+          });
         }
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
