@@ -288,3 +288,22 @@ def test_masked_path_takes_the_compiled_activation_only_without_gradients(dtype,
     bricked.w_in.requires_grad_(True)
     bricked(x).float().sum().backward()  # the eager activation: a gradient reaches the weights
     assert calls == [bricked.brick_size] and bricked.w_in.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_top_k_mask_is_torch_topk_with_ties_to_the_lower_index(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((64, 32), (64, 1), (64, 64), (7, 3), (100, 17)):
+        scores = torch.randn(40, n, generator=g).to(dtype)
+        mask = cpu_kernels.top_k_mask(scores, k)
+        kth = scores.float().topk(k, dim=-1).values[:, -1:]
+        assert (mask.sum(1) == k).all()
+        assert (scores.float() > kth)[~mask].sum() == 0  # nothing left out outranks what is kept
+        assert (scores.float() < kth)[mask].sum() == 0
+    # Negatives below positives, -0.0 equal to 0.0, ties kept first come first, NaN above +inf (as torch.topk).
+    scores = torch.tensor([[-1.0, -0.0, 2.0, 0.0, 2.0, float("nan"), float("inf"), -float("inf"), 2.0]])
+    assert cpu_kernels.top_k_mask(scores, 4).nonzero()[:, 1].tolist() == [2, 4, 5, 6]
+    assert cpu_kernels.top_k_mask(scores, 6).nonzero()[:, 1].tolist() == [1, 2, 4, 5, 6, 8]
+    assert cpu_kernels.top_k_mask(scores, 7).nonzero()[:, 1].tolist() == [1, 2, 3, 4, 5, 6, 8]
+    with pytest.raises(RuntimeError, match="k must be in"):
+        cpu_kernels.top_k_mask(scores, 10)

@@ -142,7 +142,7 @@ def test_threshold_router_calibrates_to_the_target_share(llama):
         scores, sel = ffn.router(x[:100]), ffn.select(x[:100])
         several = sel.sum(1) > 1
         assert scores[several][sel[several]].min() >= scores[~sel].max()
-        ffn.counts.zero_()
+        ffn.reset_counts()
         ffn.set_path("bricks")  # reads only the selected bricks (the `masked` path counts every brick)
         ffn(x[:100])
         ran = float(sel.sum()) / 100

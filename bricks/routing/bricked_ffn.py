@@ -132,6 +132,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         self._dense_cache: dict[str, torch.Tensor] | None = None
         # Tokens, bricks the routed function selected, bricks the path ran (all when masked); on the device: no syncs.
         self.register_buffer("counts", torch.zeros(3, dtype=torch.float64, device=dev), persistent=False)
+        self.host_counts = [0, 0, 0]  # the same, for the calls on the CPU that count plain numbers (`_count`)
         # Set by recovery with router refit: the masked path then leaves the router's loss in `router_loss`.
         self.refit_router = False
         self.router_loss: torch.Tensor | None = None

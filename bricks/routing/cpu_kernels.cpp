@@ -170,23 +170,30 @@ V& scratch(V& v, size_t n) {
   return v;
 }
 
-// The keep-th largest of the n magnitudes m (0 < keep <= n), a bit at a time from the top: the bits of a
-// non-negative float order as it does, so the answer is the largest bit pattern with at least `keep` magnitudes
-// at or above it, and each bit is set where that leaves `keep` of them. 31 counts of n comparisons, which the
-// compiler vectorizes (16 a step with AVX-512), and nothing branches on the data. The radix selection this
-// replaced (a byte at a time, a histogram of each byte's values) took a scalar increment per candidate and pass,
-// the largest cost after the sums in a 32-token call (bench/README.md, "Several tokens": before and after).
+// The keep-th largest of the n keys (0 < keep <= n) whose bits above `top_bit` are 0, a bit at a time from the
+// top: the answer is the largest bit pattern with at least `keep` keys at or above it, and each bit is set where
+// that leaves `keep` of them. top_bit + 1 counts of n comparisons, which the compiler vectorizes (16 a step with
+// AVX-512), and nothing branches on the data. The radix selection this replaced (a byte at a time, a histogram of
+// each byte's values) took a scalar increment per candidate and pass, the largest cost after the sums in a
+// 32-token call (bench/README.md, "Several tokens": before and after).
+uint32_t kth_largest_key(const uint32_t* keys, int64_t n, int64_t keep, int top_bit) {
+  uint32_t answer = 0;
+  for (int bit = top_bit; bit >= 0; --bit) {
+    const uint32_t candidate = answer | (1u << bit);
+    uint32_t at_or_above = 0;
+    for (int64_t i = 0; i < n; ++i) at_or_above += keys[i] >= candidate;
+    if (at_or_above >= static_cast<uint64_t>(keep)) answer = candidate;
+  }
+  return answer;
+}
+
+// The keep-th largest of the n magnitudes m: the bits of a non-negative float order as it does (the sign bit, 31,
+// is 0). Integer comparisons, so that a CPU treating subnormals as zero would change nothing.
 float kth_largest(const float* m, int64_t n, int64_t keep) {
   thread_local std::vector<uint32_t> bits_buffer;
   uint32_t* bits = scratch(bits_buffer, n).data();
   std::memcpy(bits, m, n * sizeof(float));
-  uint32_t answer = 0;
-  for (int bit = 30; bit >= 0; --bit) {  // bit 31, the sign, is 0
-    const uint32_t candidate = answer | (1u << bit);
-    uint32_t at_or_above = 0;
-    for (int64_t i = 0; i < n; ++i) at_or_above += bits[i] >= candidate;
-    if (at_or_above >= static_cast<uint64_t>(keep)) answer = candidate;
-  }
+  const uint32_t answer = kth_largest_key(bits, n, keep, 30);
   float kth;
   std::memcpy(&kth, &answer, sizeof kth);
   return kth;
@@ -1127,6 +1134,44 @@ at::Tensor gated_silu(const at::Tensor& h, int64_t size) {
   return out;
 }
 
+// A float's bits as an unsigned key that orders as the float does: positives above negatives (their sign bit set),
+// negatives reversed, -0.0 equal to 0.0; NaN above everything, as torch.topk ranks it.
+inline uint32_t order_key(float v) {
+  if (v != v) return 0xFFFFFFFFu;
+  if (v == 0.0f) v = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// sel [rows, n] (bool): each row's k largest scores, ties to the lower index. What a router's top-k is in torch,
+// topk, a mask of zeros and a scatter, three operations of tens of microseconds each in a decode step, longer than
+// the selection itself (n is a few dozen bricks).
+at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(), "top_k_mask: scores must be contiguous [rows, n]");
+  const int64_t rows = scores.size(0), n = scores.size(1);
+  TORCH_CHECK(k >= 1 && k <= n, "top_k_mask: k must be in [1, n], got ", k, " of ", n);
+  TORCH_CHECK(scores.scalar_type() != at::kDouble, "top_k_mask: it ranks in fp32, below float64's precision");
+  at::Tensor sel = at::empty({rows, n}, scores.options().dtype(at::kBool));
+  bool* out = sel.data_ptr<bool>();
+  std::vector<uint32_t> keys(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "top_k_mask", [&] {
+    const scalar_t* v = scores.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < n; ++i) keys[i] = order_key(static_cast<float>(v[r * n + i]));
+      const uint32_t kth = kth_largest_key(keys.data(), n, k, 31);
+      int64_t ties = k;
+      for (int64_t i = 0; i < n; ++i) ties -= keys[i] > kth;
+      for (int64_t i = 0; i < n; ++i) {  // the ties in the places left, first come first kept
+        const bool tie = keys[i] == kth && ties > 0;
+        ties -= tie;
+        out[r * n + i] = keys[i] > kth || tie;
+      }
+    }
+  });
+  return sel;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bricks, m) {
@@ -1135,6 +1180,7 @@ TORCH_LIBRARY(bricks, m) {
   m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool down_rows, bool parallel) -> Tensor");
   m.def("brick_acts(Tensor x, Tensor w_in, Tensor sel, bool parallel) -> Tensor");
   m.def("gated_silu(Tensor h, int size) -> Tensor");
+  m.def("top_k_mask(Tensor scores, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {
@@ -1142,4 +1188,5 @@ TORCH_LIBRARY_IMPL(bricks, CPU, m) {
   m.impl("brick_ffn", &brick_ffn);
   m.impl("brick_acts", &brick_acts);
   m.impl("gated_silu", &gated_silu);
+  m.impl("top_k_mask", &top_k_mask);
 }

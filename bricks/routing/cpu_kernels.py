@@ -155,3 +155,9 @@ def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
     """`silu(gate) * up` of `h` `[..., k * 2 * size]`, whose pieces of 2 * size are gate values then up values (a
     brick-major matmul of every brick, `BrickedFFN._masked`): `[..., k * size]`, computed in fp32. No autograd."""
     return _ops().gated_silu(h, size)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask `[rows, n]` of each row's k largest `scores` `[rows, n]` (ties to the lower index, NaN as the
+    largest): a router's top-k in one call instead of three torch operations."""
+    return _ops().top_k_mask(scores, k)
