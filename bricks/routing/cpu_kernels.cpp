@@ -40,6 +40,8 @@ constexpr int64_t TILE_SUMS = 16384;
 constexpr int64_t PACK_FROM = 4;
 // A copy prefetches its rows' pieces this many chunks on.
 constexpr int64_t PACK_AHEAD = 2;
+// The bricks' gate|up rows of several tokens are prefetched this many bytes on (at least a tile of 4 rows).
+constexpr int64_t PREFETCH_BYTES = 32 << 10;
 // Fewest columns worth handing to another thread.
 constexpr int64_t GRAIN = 256;
 
@@ -973,7 +975,8 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
   auto bricks = [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> h_buffer;
     thread_local std::vector<const X*> x_buffer;
-    int64_t next = begin;  // the next brick some token selected: its rows are prefetched while brick b runs
+    int64_t next = begin;  // the next brick some token selected: its first rows are prefetched while brick b runs
+    const int64_t ahead = std::clamp<int64_t>(PREFETCH_BYTES / (hidden * sizeof(T)), 4, 2 * size);  // rows
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* group = ids + starts[b];
       const int64_t count = starts[b + 1] - starts[b];
@@ -986,13 +989,18 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
       const X** xq = scratch(x_buffer, count).data();
       for (int64_t i = 0; i < count; ++i) xq[i] = xs + group[i] * hidden;
       const T* rows = w_in + b * 2 * size * hidden;
-      const char* ahead = next < end ? reinterpret_cast<const char*>(w_in + next * 2 * size * hidden) : nullptr;
       for (int64_t r = 0; r < 2 * size; r += 4) {  // four rows stay in L1 while the tokens pass
-        // The same four rows of the next brick into L2. A brick's rows are a few KB each: the hardware prefetcher
-        // did not follow them, and in a one-thread profile the loads of the weights took most of the time.
-        if (ahead != nullptr) {
-          const int64_t lines = std::min<int64_t>(4, 2 * size - r) * hidden * sizeof(T);
-          for (int64_t line = 0; line < lines; line += 64) __builtin_prefetch(ahead + r * hidden * sizeof(T) + line, 0, 2);
+        // The four rows `ahead` rows on (in this brick or the next selected one) into L2. A small FFN's rows are
+        // a KB or two: the hardware prefetcher did not follow them, and in a one-thread profile the loads of the
+        // weights took most of the time. Not further: a large FFN's brick is MBs, which would leave L2 before use.
+        const int64_t target = r + ahead;
+        const T* later = target < 2 * size ? rows + target * hidden
+                         : next < end      ? w_in + (next * 2 * size + target - 2 * size) * hidden
+                                           : nullptr;
+        if (later != nullptr) {
+          const int64_t bytes = std::min<int64_t>(4, 2 * size - target % (2 * size)) * hidden * sizeof(T);
+          const char* p = reinterpret_cast<const char*>(later);
+          for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(p + line, 0, 2);  // prefetcht1
         }
         for (int64_t q = 0; q < count; q += 4) {
           const int64_t n = std::min<int64_t>(4, count - q);
