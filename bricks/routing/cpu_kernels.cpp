@@ -42,6 +42,7 @@ constexpr int64_t PACK_FROM = 4;
 constexpr int64_t PACK_AHEAD = 2;
 // The bricks' gate|up rows of several tokens are prefetched this many bytes on (at least a tile of 4 rows).
 constexpr int64_t PREFETCH_BYTES = 32 << 10;
+constexpr int64_t LONG_ROW = 4 << 10;  // bytes: rows this long are left to the hardware prefetcher
 // Fewest columns worth handing to another thread.
 constexpr int64_t GRAIN = 256;
 
@@ -975,8 +976,14 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
   auto bricks = [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> h_buffer;
     thread_local std::vector<const X*> x_buffer;
-    int64_t next = begin;  // the next brick some token selected: its first rows are prefetched while brick b runs
-    const int64_t ahead = std::clamp<int64_t>(PREFETCH_BYTES / (hidden * sizeof(T)), 4, 2 * size);  // rows
+    // Gate|up rows are prefetched into L2 `ahead` rows on, in this brick or the next one some token selected:
+    // about 32 KB, which stay in L2 until used (a large FFN's whole next brick, MBs, would not). Short rows only.
+    // A small FFN's rows, a KB or two, the hardware prefetcher did not follow, and in a one-thread profile the
+    // loads of the weights took most of the time. A large FFN's rows of 8 KB or more it follows, and with the
+    // prefetch too the large bf16 batch of 8 was slower (13.6 -> 15.3-16.8 ms, bench runs not kept).
+    int64_t next = begin;
+    const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
+    const int64_t ahead = row_bytes >= LONG_ROW ? 0 : std::clamp<int64_t>(PREFETCH_BYTES / row_bytes, 4, 2 * size);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* group = ids + starts[b];
       const int64_t count = starts[b + 1] - starts[b];
@@ -990,13 +997,11 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
       for (int64_t i = 0; i < count; ++i) xq[i] = xs + group[i] * hidden;
       const T* rows = w_in + b * 2 * size * hidden;
       for (int64_t r = 0; r < 2 * size; r += 4) {  // four rows stay in L1 while the tokens pass
-        // The four rows `ahead` rows on (in this brick or the next selected one) into L2. A small FFN's rows are
-        // a KB or two: the hardware prefetcher did not follow them, and in a one-thread profile the loads of the
-        // weights took most of the time. Not further: a large FFN's brick is MBs, which would leave L2 before use.
         const int64_t target = r + ahead;
-        const T* later = target < 2 * size ? rows + target * hidden
-                         : next < end      ? w_in + (next * 2 * size + target - 2 * size) * hidden
-                                           : nullptr;
+        const T* later = ahead == 0         ? nullptr
+                         : target < 2 * size ? rows + target * hidden
+                         : next < end        ? w_in + (next * 2 * size + target - 2 * size) * hidden
+                                             : nullptr;
         if (later != nullptr) {
           const int64_t bytes = std::min<int64_t>(4, 2 * size - target % (2 * size)) * hidden * sizeof(T);
           const char* p = reinterpret_cast<const char*>(later);
