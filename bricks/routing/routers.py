@@ -115,8 +115,8 @@ class CentroidRouter(Router):
         self.centroids.copy_(self._centroids())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.linear, not `x @ centroids.t()`: in a probe of a bf16 decode step on the CPU the transposed matmul took
-        # about 1.7x as long (mostly fixed cost: the product is small)
+        # F.linear, not `x @ centroids.t()`: the transposed matmul took longer in a probe of a bf16 call on the
+        # CPU (bench/README.md, "Bricks' calls"), mostly fixed cost, as the product is small
         return F.linear(x, self.centroids)
 
     def macs_per_token(self) -> int:
