@@ -185,10 +185,9 @@ def test_kernel_top_k_ranks_zeros_subnormals_and_large_magnitudes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [None, 0])
 def test_brick_kernel_computes_the_bricks_path(dtype, shared):
-    """Tokens of a bricked FFN in one kernel call: the function of the `bricks` path, for one token and for batches.
-    fp32 bricks keep their down rows `[n, size, hidden]`, bf16/fp16 ones W_down's columns `[hidden, n, size]` (a
-    batch's down projection is then one dense matmul, counted as executed); 200 neurons in 9 bricks leave padding
-    rows, 23-wide bricks end in a partial vector, and 5 or 33 tokens leave a partial group of four."""
+    """Tokens of a bricked FFN in one kernel call: the function of the `bricks` path, for one token and for batches,
+    reading the selected bricks only (counted); 200 neurons in 9 bricks leave padding rows, 23-wide bricks end in a
+    partial vector, and 5 or 33 tokens leave a partial group of four."""
     from bricks.routing import BrickedFFN
 
     torch.manual_seed(0)
@@ -208,14 +207,9 @@ def test_brick_kernel_computes_the_bricks_path(dtype, shared):
             ffn.set_path("kernel")
             ffn.reset_counts()
             got = ffn(x)
-            k, n = ffn.k_active, ffn.n_bricks
-            down_share = ffn.brick_size / (ffn.w_in.shape[1] + ffn.brick_size)  # of a brick's MACs
-            ran = k + (n - k) * down_share if tokens > 1 and not ffn.down_rows else k  # bricks per token
-            assert ffn.executed_fraction() == pytest.approx(ffn._macs(ran) / ffn.dense_macs_per_token())
-            # The kernel's own part: not the shared brick's matmul, nor the dense down matmul of a 16-bit batch.
-            sel = ffn.select(x)
-            compiled = (lambda: ffn._kernel(x, sel)) if tokens == 1 or ffn.down_rows else (
-                lambda: cpu_kernels.brick_acts(x, ffn.w_in, sel))
+            assert ffn.executed_fraction() == pytest.approx(ffn._macs(ffn.k_active) / ffn.dense_macs_per_token())
+            sel = ffn.select(x)  # the kernel's own part: not the shared brick's matmul
+            compiled = lambda: ffn._kernel(x, sel)  # noqa: E731
             routed = compiled()
             try:
                 torch.set_num_threads(1)

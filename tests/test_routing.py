@@ -218,13 +218,13 @@ def test_bench_ffn_cli_small():
 
 
 def test_half_precision_layout(llama_dir):
-    """bf16 stores W_down itself, its columns brick by brick ([hidden, n, size]: faster CPU kernels, and every brick
-    in one F.linear); every path computes the routed function, and at full activity the dense bf16 FFN."""
+    """bf16 stores W_down's rows brick by brick, as fp32 does ([n, size, hidden]: a token's down projection sums its
+    bricks' rows); every path computes the routed function, and at full activity the dense bf16 FFN."""
     model, _ = bricks.load_model(llama_dir, dtype="bfloat16")
     bs = bricks.partition(model, "random", 8)
     f = ffns(model)[0]
     ffn = BrickedFFN(f, bs.assignments[0], router="centroid", active=1.0)
-    assert not ffn.down_rows and ffn.w_down.shape == (32, 8, 8)
+    assert ffn.w_down.shape == (8, 8, 32)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)

@@ -17,14 +17,6 @@ class DenseView:
     """The dense tensors of a `BrickedFFN`, and what computes every brick (a mixin: it uses the bricked FFN's storage
     and shared brick)."""
 
-    def down_rows_view(self) -> torch.Tensor:
-        """Every brick's rows of W_down^T, `[n_bricks, size, hidden]`, a view of either stored layout."""
-        return self.w_down if self.down_rows else self.w_down.permute(1, 2, 0)
-
-    def down_block(self, b: int) -> torch.Tensor:
-        """Brick b's down weight as `_down` takes it: `[size, hidden]` rows, or a `[hidden, size]` view of W_down."""
-        return self.w_down[b] if self.down_rows else self.w_down[:, b]
-
     @torch.no_grad()
     def neuron_order(self) -> dict[str, torch.Tensor]:
         """The FFN's tensors in the original neuron order: `gate`/`up` `[d_ff, hidden]` (+ `*_bias`), `down` `[hidden, d_ff]`."""
@@ -40,13 +32,13 @@ class DenseView:
         rows[:, idx] = w_in.transpose(0, 1)[:, real]
         if bias is not None:
             bias[:, idx] = self.b_in.view(self.n_bricks, k, size).transpose(0, 1)[:, real]
-        down[idx] = self.down_rows_view()[real]
+        down[idx] = self.w_down[real]
         if self.shared_in is not None:
             m = self.shared_members
             rows[:, m] = self.shared_in.view(k, len(m), self.hidden)
             if bias is not None:
                 bias[:, m] = self.shared_b_in.view(k, len(m))
-            down[m] = self.shared_down if self.down_rows else self.shared_down.t()
+            down[m] = self.shared_down
         out = {name: rows[j] for j, name in enumerate(names)}
         if bias is not None:
             out.update({f"{name}_bias": bias[j] for j, name in enumerate(names)})

@@ -6,17 +6,13 @@ model's FFN the `bricks` path lost to dense (`bench/README.md`). A batch loops o
 computes every brick (`masked`). The kernel reads the same rows, the chosen bricks' gate|up rows as dot products
 with the tokens that chose them and then their down rows, in one call.
 
-Several tokens with bf16/fp16 weights (stored as W_down's columns, `BrickedFFN`) take the kernel for the
-activations and one dense matmul for the down projection, over every brick (the unselected ones' activations are
-0). Sparse down sums of several tokens in that layout would be short per-column dot products, each with its
-horizontal sum: more instructions per product than oneDNN's bf16 matmul, by my estimate (not built). That third
-of the FFN is counted as executed for every brick.
+Every dtype stores W_down's rows brick by brick (`BrickedFFN`), so that each token's down projection is the sum
+of its selected bricks' rows, several tokens' in one pass over the rows.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import BricksError
 from . import cpu_kernels
@@ -56,8 +52,4 @@ class BrickKernel:
         why = self._kernel_refusal()  # bricks beside may have come since the path was fixed
         if why is not None:
             raise BricksError(f"the kernel path is not available here: {why}")
-        x, sel = x.contiguous(), sel.contiguous()
-        if x.shape[0] == 1 or self.down_rows:
-            return cpu_kernels.brick_ffn(x, self.w_in, self.w_down, sel, self.down_rows)
-        a = cpu_kernels.brick_acts(x, self.w_in, sel)
-        return F.linear(a.flatten(1), self.w_down.flatten(1))  # every brick's down rows (`_run` counts them)
+        return cpu_kernels.brick_ffn(x.contiguous(), self.w_in, self.w_down, sel.contiguous())

@@ -5,9 +5,9 @@ views, never gathered copies:
 
 - `w_in`   `[n_bricks, k*size, hidden]`: per brick its gate rows then its up rows
            (k = 2 for gated FFNs), so one matmul per brick gives both;
-- `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T (fp32), or
-           `[hidden, n_bricks, size]` for bf16/fp16: W_down itself, its columns brick by brick
-           (CPU kernels want that layout for them; all bricks at once are one plain F.linear).
+- `w_down` `[n_bricks, size, hidden]`: per brick its rows of W_down^T, so that a token's
+           down projection sums the rows of the bricks it selected (the CPU kernels do, in
+           every dtype), and all bricks at once are one matmul.
 
 Bricks are padded to one size with zero rows (a zero down row contributes
 nothing, whatever the activation), which keeps every brick the same shape.
@@ -104,11 +104,10 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             self.b_in = nn.Parameter(torch.stack([torch.cat([pack(b.detach(), m, size) for b in bias_in]) for m in members]),
                                      requires_grad=False)  # [n, k*size]
         w_down = torch.stack([pack(w_down_t, m, size) for m in members])  # [n, size, hidden]
-        # CPU kernels differ by dtype: fp32 runs `a @ W` on [size, hidden] blocks fastest; bf16/fp16 want F.linear on
-        # [hidden, size] blocks (many times faster than `a @ W`), and [hidden, n, size] makes all bricks one F.linear on
-        # [hidden, n*size] (an einsum over [n, hidden, size] copied the whole weight per call: bench/README.md).
-        self.down_rows = dtype == torch.float32
-        self.w_down = nn.Parameter(w_down if self.down_rows else w_down.permute(2, 0, 1).contiguous(), requires_grad=False)
+        # Rows in every dtype. bf16/fp16 once stored W_down's columns ([hidden, n, size]), which oneDNN's bf16 matmul
+        # takes a little faster, but a batch's down projection then ran densely over every brick: with rows the
+        # kernel sums only the selected bricks' (bench/README.md, "Bricks' calls").
+        self.w_down = nn.Parameter(w_down, requires_grad=False)
         b = ffn.down_bias()
         self.b_down = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
         self.register_buffer("sizes", torch.tensor([len(m) for m in members], device=dev), persistent=False)
@@ -125,7 +124,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             if self.b_in is not None:
                 self.shared_b_in = nn.Parameter(torch.cat([b.detach()[m.to(dev)] for b in bias_in]), requires_grad=False)
             sd = w_down_t[m.to(dev)]  # [n_shared, hidden]
-            self.shared_down = nn.Parameter(sd.clone() if self.down_rows else sd.t().contiguous(), requires_grad=False)
+            self.shared_down = nn.Parameter(sd.clone(), requires_grad=False)
         self.hidden = hidden
         self.active = active
         self.dense_at_full = True  # False: brick by brick even at full activity (what `verify_bricks` measures)
@@ -163,7 +162,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         return self._down(a, self.shared_down)
 
     def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # a [tokens, size] through a down block
-        return a @ w if self.down_rows else F.linear(a, w)
+        return a @ w
 
     def select(self, x: torch.Tensor) -> torch.Tensor | None:
         """Bool mask `[tokens, n_bricks]` of the bricks each token runs (None = all bricks)."""
@@ -179,7 +178,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
     @torch.no_grad()
     def refresh(self) -> None:
         self._dense_cache = None
-        self.down_norms.copy_(self.down_rows_view().float().norm(dim=-1))
+        self.down_norms.copy_(self.w_down.float().norm(dim=-1))
         if self.router is not None:
             self.router.refresh()
 
@@ -229,8 +228,6 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         exact = self.router is not None and self.router.exact_k and self.k_active < n  # k per token, no sum needed
         chosen = tokens * n if sel is None else tokens * self.k_active if exact else sel.sum()
         ran = tokens * n if masked else chosen
-        if path == "kernel" and tokens > 1 and not self.down_rows:  # its down projection ran for every brick
-            ran = ran + (tokens * n - chosen) * self.brick_size / (self.w_in.shape[1] + self.brick_size)
         self._count(tokens, chosen, ran)
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
@@ -288,10 +285,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         """One token: read only the selected bricks' weights (views of the brick-major storage)."""
         for b in torch.nonzero(sel[0]).flatten().tolist():
             a = self._brick_act(x, b, None if gate is None else gate[:, b], run)
-            if self.down_rows:
-                y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
-            else:
-                y += F.linear(a, self.down_block(b))
+            y.addmm_(a, self.w_down[b])  # accumulate in place: no temporary per brick
 
     def _gathers(self, x: torch.Tensor) -> bool:  # on accelerators, under a router that picks exactly k bricks
         return x.device.type != "cpu" and self.router is not None and not self.router.reuses_gate
@@ -310,8 +304,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         a = self._act(h if run is None else h + run.bricks[:, idx].to(h.dtype), self.brick_size)  # [1, k, size]
         if run is not None:
             run.put(torch.zeros(1, 1, 1, dtype=torch.long, device=x.device), idx, a)
-        w_down = self.w_down.index_select(0 if self.down_rows else 1, idx)  # the brick axis of either layout
-        y += a.flatten(1) @ w_down.flatten(0, 1) if self.down_rows else F.linear(a.flatten(1), w_down.flatten(1))
+        y += a.flatten(1) @ self.w_down.index_select(0, idx).flatten(0, 1)
 
     def _grouped(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, run=None) -> None:
         """Many tokens: each brick runs once on the tokens that selected it."""
@@ -320,7 +313,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         for b, rows in enumerate(tokens.split(sel.sum(0).tolist())):
             if len(rows):
                 a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b], run, rows)
-                y.index_add_(0, rows, self._down(a, self.down_block(b)))
+                y.index_add_(0, rows, self._down(a, self.w_down[b]))
 
     def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, run: BesideRun | None = None) -> None:
         """Every token's k bricks in two grouped GEMMs over the brick-major weights, shapes fixed by (tokens, k):
@@ -342,7 +335,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         a = self._act(h if run is None else h + run.bricks[rows, bricks].to(h.dtype), self.brick_size)
         if run is not None:
             run.put(rows[:, None], bricks, a)
-        y.index_add_(0, rows, grouped_mm(a, self.down_rows_view(), offs=ends))  # grouped_mm reads the views' strides
+        y.index_add_(0, rows, grouped_mm(a, self.w_down, offs=ends))
 
     def _masked(self, x: torch.Tensor, sel: torch.Tensor | None, run: BesideRun | None = None) -> torch.Tensor:
         """Every brick computed, the unselected ones zeroed: the function and gradients of the grouped path
@@ -358,12 +351,10 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         if self.refit_router and self.router is not None and self.training:
             # The oracle choice of the current weights comes for free here: refit the router towards it.
             with torch.no_grad():
-                mass = (a.abs() * self.down_rows_view().norm(dim=-1)).sum(-1).float()
+                mass = (a.abs() * self.w_down.norm(dim=-1)).sum(-1).float()
             self.router_loss = self.router.refit_loss(x.detach(), mass, self.k_active)
         if sel is not None:
             a = a * sel[..., None].to(h.dtype)
         if run is not None:
             run.put(torch.arange(len(x), device=x.device)[:, None, None], slice(None), a)
-        if self.down_rows:
-            return a.flatten(1) @ self.w_down.flatten(0, 1)
-        return F.linear(a.flatten(1), self.w_down.flatten(1))
+        return a.flatten(1) @ self.w_down.flatten(0, 1)

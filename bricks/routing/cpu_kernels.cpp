@@ -706,10 +706,6 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
 // token, then its down rows. In eager torch that is a few small matmuls per brick, whose fixed cost (tens of
 // microseconds each, more in bf16) outweighs a small FFN's whole dense call.
 
-// One bf16 token's down projection prefetches each chosen brick's piece of the row this many rows on (in a probe
-// whose output was not kept, 8, 16 and 32 did alike).
-constexpr int64_t PIECES_AHEAD = 16;
-
 // sum of w[i] * x[i] for i in [0, n), in fp32.
 template <typename T>
 inline float dot(const T* w, const float* x, int64_t n) {
@@ -721,8 +717,8 @@ inline float dot(const T* w, const float* x, int64_t n) {
   }
   for (; i + 16 <= n; i += 16) first += load16(w + i) * load16(x + i);
 #ifdef __AVX512BW__
-  // The last n - i < 16 in one masked step: a brick's down piece (172 wide on a 7B FFN's 64 bricks) otherwise ends
-  // in a dozen scalar steps, as many instructions as the rest of it.
+  // The last n - i < 16 in one masked step, rather than up to 15 scalar ones (a hidden size that is not a multiple
+  // of 16).
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
     if (i < n) {
       const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
@@ -746,7 +742,7 @@ inline float dot(const T* w, const float* x, int64_t n) {
 
 template <typename T>
 at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
-                        bool down_rows, bool parallel) {
+                        bool parallel) {
   const int64_t hidden = x.size(1), n_bricks = w_in.size(0), size = w_in.size(1) / 2;
   thread_local std::vector<float> buffer;
   thread_local std::vector<int64_t> chosen_buffer, rows_buffer;
@@ -778,41 +774,17 @@ at::Tensor bricks_token(const at::Tensor& x, const at::Tensor& w_in, const at::T
   } else {
     pre(0, n_chosen);
   }
-  if (down_rows) {  // w_down [n, size, hidden]: the chosen bricks' rows, summed as teal sums its kept rows
-    int64_t* rows = scratch(rows_buffer, n_chosen * size).data();
-    thread_local std::vector<float> values_buffer;
-    float* values = scratch(values_buffer, n_bricks * size).data();
-    for (int64_t j = 0; j < n_chosen; ++j) {
-      for (int64_t r = 0; r < size; ++r) {
-        rows[j * size + r] = chosen[j] * size + r;
-        values[chosen[j] * size + r] = a[j * size + r];
-      }
-    }
-    token_rows_sum(wd, hidden, rows, n_chosen * size, values, y, parallel);
-  } else {  // w_down [hidden, n, size]: each output column a dot product with each chosen brick's activations
-    // Brick by brick, with the piece PIECES_AHEAD rows on prefetched. Column by column, the chosen bricks' pieces
-    // of a row ascend with gaps between, and the hardware prefetcher read the gaps too: at a quarter of the bricks
-    // the call took as long as at half (bench/README.md). Brick by brick without the prefetch, the pieces (one
-    // row of W_down apart, 22 KB on a 7B FFN) came from memory one at a time: slower still at half the bricks.
-    auto columns = [&](int64_t begin, int64_t end) {
-      std::fill(y + begin, y + end, 0.0f);
-      const int64_t piece = size * static_cast<int64_t>(sizeof(T));
-      for (int64_t j = 0; j < n_chosen; ++j) {
-        for (int64_t c = begin; c < end; ++c) {
-          if (c + PIECES_AHEAD < end) {
-            const char* ahead = reinterpret_cast<const char*>(wd + ((c + PIECES_AHEAD) * n_bricks + chosen[j]) * size);
-            for (int64_t line = 0; line < piece + 64; line += 64) __builtin_prefetch(ahead + line, 0, 3);
-          }
-          y[c] += dot(wd + (c * n_bricks + chosen[j]) * size, a + j * size, size);
-        }
-      }
-    };
-    if (parallel) {
-      at::parallel_for(0, hidden, GRAIN / 4, columns);
-    } else {
-      columns(0, hidden);
+  // The chosen bricks' rows of w_down [n, size, hidden], summed as teal sums its kept rows.
+  int64_t* rows = scratch(rows_buffer, n_chosen * size).data();
+  thread_local std::vector<float> values_buffer;
+  float* values = scratch(values_buffer, n_bricks * size).data();
+  for (int64_t j = 0; j < n_chosen; ++j) {
+    for (int64_t r = 0; r < size; ++r) {
+      rows[j * size + r] = chosen[j] * size + r;
+      values[chosen[j] * size + r] = a[j * size + r];
     }
   }
+  token_rows_sum(wd, hidden, rows, n_chosen * size, values, y, parallel);
   at::Tensor out = at::empty({1, hidden}, x.options());
   from_float(y, out.data_ptr<T>(), hidden);
   return out;
@@ -1030,7 +1002,7 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
   }
 }
 
-// y [tokens, hidden] for several tokens, w_down [n_bricks, size, hidden] (fp32's layout): each token's selected
+// y [tokens, hidden] for several tokens, w_down [n_bricks, size, hidden]: each token's selected
 // bricks' rows summed with its activations, the rows read once for all the tokens (`rows_sum`, as teal sums them).
 template <typename T>
 at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
@@ -1064,53 +1036,28 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
 
 // y [tokens, hidden] of tokens x [tokens, hidden] through the bricks `sel` [tokens, n_bricks] (bool) selects, for a
 // gated SiLU FFN stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows),
-// w_down [n_bricks, size, hidden] when `down_rows`, else [hidden, n_bricks, size] (one token only: several take
-// brick_acts and one dense matmul). No bias, no shared brick (the caller adds it). `parallel` as in teal_ffn.
+// w_down [n_bricks, size, hidden] (each brick's rows of W_down^T). No bias, no shared brick (the caller adds it).
+// `parallel` as in teal_ffn.
 at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
-                     bool down_rows, bool parallel) {
+                     bool parallel) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_ffn: x must be contiguous tokens [tokens, hidden]");
-  TORCH_CHECK(x.size(0) == 1 || down_rows, "brick_ffn: several tokens need w_down as rows [n_bricks, size, hidden]");
   TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
               "brick_ffn: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
   const int64_t n = w_in.size(0), size = w_in.size(1) / 2;
-  TORCH_CHECK(w_down.dim() == 3 && w_down.is_contiguous() &&
-                  (down_rows ? (w_down.size(0) == n && w_down.size(1) == size && w_down.size(2) == x.size(1))
-                             : (w_down.size(0) == x.size(1) && w_down.size(1) == n && w_down.size(2) == size)),
-              "brick_ffn: w_down must be a contiguous [n_bricks, size, hidden] (down_rows) or [hidden, n_bricks, size] weight");
+  TORCH_CHECK(w_down.dim() == 3 && w_down.is_contiguous() && w_down.size(0) == n && w_down.size(1) == size &&
+                  w_down.size(2) == x.size(1),
+              "brick_ffn: w_down must be a contiguous [n_bricks, size, hidden] weight");
   TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == x.size(0) * n && sel.is_contiguous(),
               "brick_ffn: sel must be contiguous bools [tokens, n_bricks]");
   TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_down.scalar_type(),
               "brick_ffn: x and the weights must share one dtype");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_ffn", [&] {
-    out = x.size(0) == 1 ? bricks_token<scalar_t>(x, w_in, w_down, sel, down_rows, parallel)
+    out = x.size(0) == 1 ? bricks_token<scalar_t>(x, w_in, w_down, sel, parallel)
                          : bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel);
   });
   return out;
 }
-
-// a [tokens, n_bricks, size] in x's dtype: the activations of the bricks sel [tokens, n_bricks] selects for each
-// token, 0 in the others (w_in and sel as in brick_ffn). With w_down as W_down's columns ([hidden, n_bricks, size]),
-// the output is then one dense matmul, whose bf16 kernels the per-column sums of a batch would not match.
-at::Tensor brick_acts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& sel, bool parallel) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_acts: x must be contiguous tokens [tokens, hidden]");
-  TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
-              "brick_acts: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
-  const int64_t tokens = x.size(0), n = w_in.size(0), size = w_in.size(1) / 2;
-  TORCH_CHECK(sel.scalar_type() == at::kBool && sel.numel() == tokens * n && sel.is_contiguous(),
-              "brick_acts: sel must be contiguous bools [tokens, n_bricks]");
-  TORCH_CHECK(x.scalar_type() == w_in.scalar_type(), "brick_acts: x and w_in must share one dtype");
-  at::Tensor out = at::empty({tokens, n, size}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_acts", [&] {
-    thread_local std::vector<float> buffer;
-    float* a = scratch(buffer, tokens * n * size).data();
-    brick_activations(x.data_ptr<scalar_t>(), w_in.data_ptr<scalar_t>(), sel.data_ptr<bool>(), tokens, n, size,
-                      x.size(1), a, parallel);
-    from_float(a, out.data_ptr<scalar_t>(), tokens * n * size);
-  });
-  return out;
-}
-
 
 // a [rows, size] = silu(h[:, :size]) * h[:, size:] for h [rows, 2 * size]: every brick's gate values, then its up
 // values, as the brick-major matmul of all bricks leaves them (`BrickedFFN._masked`). torch's elementwise kernels
@@ -1190,8 +1137,7 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
 TORCH_LIBRARY(bricks, m) {
   m.def("teal_ffn(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
         "bool parallel, Tensor(a!) counts) -> Tensor");
-  m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool down_rows, bool parallel) -> Tensor");
-  m.def("brick_acts(Tensor x, Tensor w_in, Tensor sel, bool parallel) -> Tensor");
+  m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool parallel) -> Tensor");
   m.def("gated_silu(Tensor h, int size) -> Tensor");
   m.def("top_k_mask(Tensor scores, int k) -> Tensor");
 }
@@ -1199,7 +1145,6 @@ TORCH_LIBRARY(bricks, m) {
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {
   m.impl("teal_ffn", &teal_ffn);
   m.impl("brick_ffn", &brick_ffn);
-  m.impl("brick_acts", &brick_acts);
   m.impl("gated_silu", &gated_silu);
   m.impl("top_k_mask", &top_k_mask);
 }

@@ -37,9 +37,8 @@ bricks), in one call where eager torch takes a few small matmuls per
 brick: each selected brick's gate|up rows as dot products with the tokens
 that selected it (a tile of its rows against four tokens at a time, so that
 a brick's rows are read once for all its tokens; bf16 tokens and rows in
-`vdpbf16ps`), then the selected bricks' down rows (one token, or fp32's
-rows summed as above); `brick_acts` stops at the activations, for bf16
-whose down projection is then one dense matmul.
+`vdpbf16ps`), then each token's sum of its selected bricks' down rows, as
+above.
 
 It runs on torch's own thread pool, so a path timed on one thread (`@1`,
 `bricks.routing.paths`) runs it serially.
@@ -136,19 +135,12 @@ def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep
                            -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)
 
 
-def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: torch.Tensor, down_rows: bool,
+def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: torch.Tensor,
               parallel: bool = True) -> torch.Tensor:
     """y `[tokens, hidden]` of `x` `[tokens, hidden]` through the bricks `sel` (bool `[tokens, n_bricks]`) selects,
-    of a gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`; `w_down`
-    `[n_bricks, size, hidden]` when `down_rows`, else `[hidden, n_bricks, size]`, the latter for one token only),
-    in one call: no bias, no shared brick."""
-    return _ops().brick_ffn(x, w_in, w_down, sel, down_rows, parallel)
-
-
-def brick_acts(x: torch.Tensor, w_in: torch.Tensor, sel: torch.Tensor, parallel: bool = True) -> torch.Tensor:
-    """Activations `[tokens, n_bricks, size]` (x's dtype) of the bricks `sel` selects for each token of `x`, 0 in
-    the others, each brick's gate|up rows read once for all its tokens (as in `brick_ffn`)."""
-    return _ops().brick_acts(x, w_in, sel, parallel)
+    of a gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`, `w_down`
+    `[n_bricks, size, hidden]`), in one call: no bias, no shared brick."""
+    return _ops().brick_ffn(x, w_in, w_down, sel, parallel)
 
 
 def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
