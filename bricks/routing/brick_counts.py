@@ -19,8 +19,8 @@ class BrickCounts:
             self.counts[0] += tokens
             self.counts[1] += chosen
             self.counts[2] += ran
-        else:  # plain numbers on the CPU: added in Python, as a tensor op costs tens of microseconds (a probe of the
-            # small FFN's batch of 32 in bf16: 34 us of a 1 ms call)
+        else:  # plain numbers on the CPU: added in Python, as a tensor op costs tens of microseconds between kernel
+            # calls (bench/README.md, "Bricks' calls")
             host = self.host_counts
             host[0] += tokens
             host[1] += chosen

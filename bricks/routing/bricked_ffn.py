@@ -159,10 +159,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         a = self._act(h if run is None else h + run.shared.to(h.dtype), self.shared_in.shape[0] // (2 if self.gated else 1))
         if run is not None:
             run.put_shared(a)
-        return self._down(a, self.shared_down)
-
-    def _down(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # a [tokens, size] through a down block
-        return a @ w
+        return a @ self.shared_down
 
     def select(self, x: torch.Tensor) -> torch.Tensor | None:
         """Bool mask `[tokens, n_bricks]` of the bricks each token runs (None = all bricks)."""
@@ -313,7 +310,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         for b, rows in enumerate(tokens.split(sel.sum(0).tolist())):
             if len(rows):
                 a = self._brick_act(x[rows], b, None if gate is None else gate[rows, b], run, rows)
-                y.index_add_(0, rows, self._down(a, self.w_down[b]))
+                y.index_add_(0, rows, a @ self.w_down[b])
 
     def _grouped_mm(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, run: BesideRun | None = None) -> None:
         """Every token's k bricks in two grouped GEMMs over the brick-major weights, shapes fixed by (tokens, k):

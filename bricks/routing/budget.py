@@ -35,7 +35,7 @@ POWER = 2  # loss ~ s · err^POWER near the uniform budget
 def error_curve(ffn: BrickedFFN, x: torch.Tensor) -> torch.Tensor:
     """`[n_bricks + 1]`: mean relative FFN output error with the router's top-k bricks, k = 0..n."""
     n = ffn.n_bricks
-    outs = torch.stack([ffn._down(ffn._brick_act(x, b), ffn.w_down[b]) for b in range(n)], 1).float()  # [T, n, h]
+    outs = torch.stack([ffn._brick_act(x, b) @ ffn.w_down[b] for b in range(n)], 1).float()  # [T, n, h]
     full = outs.sum(1)
     shared = ffn._shared(x)
     total = full + (shared.float() if shared is not None else 0.0)

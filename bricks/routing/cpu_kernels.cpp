@@ -847,7 +847,7 @@ inline void tile_dots(const T* w, int64_t hidden, const float* const* xs, float*
     }
   }
 #ifdef __AVX512F__
-  if constexpr (R == 4 && Q == 4) {  // in a one-thread profile, 16 lane-by-lane sums took a seventh of the tile's time
+  if constexpr (R == 4 && Q == 4) {  // 16 lane-by-lane sums were a large share of a one-thread profile's samples
     sums_4x4(acc, out, stride);
   } else
 #endif
@@ -952,7 +952,7 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
     // about 32 KB, which stay in L2 until used (a large FFN's whole next brick, MBs, would not). Short rows only.
     // A small FFN's rows, a KB or two, the hardware prefetcher did not follow, and in a one-thread profile the
     // loads of the weights took most of the time. A large FFN's rows of 8 KB or more it follows, and with the
-    // prefetch too the large bf16 batch of 8 was slower (13.6 -> 15.3-16.8 ms, bench runs not kept).
+    // prefetch too the large bf16 batch of 8 was slower (bench/README.md, "Bricks' calls").
     int64_t next = begin;
     const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
     const int64_t ahead = row_bytes >= LONG_ROW ? 0 : std::clamp<int64_t>(PREFETCH_BYTES / row_bytes, 4, 2 * size);
