@@ -316,28 +316,48 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
   }
 }
 
+// Into L2 (prefetcht1), the CHUNK columns from c of w's row r, that a copy (`pack`, `pack_pairs`) will read
+// PACK_AHEAD chunks on. Each row's piece is short, and the hardware prefetcher follows none of a block's rows far
+// enough by itself. Not into L1: the lines of two chunks ahead of every row of a block outnumber L1's buffers for
+// misses, and requests for L1 stalled the copy (a probe whose output was not kept: about 1.5x slower). Each copy
+// prefetches as it goes, a row per row it copies: all of a block's rows in a burst before the copy made it slower.
+template <typename T>
+inline void prefetch_piece(const T* w, int64_t width, int64_t r, int64_t c) {
+  const char* piece = reinterpret_cast<const char*>(w + r * width + c);
+  const int64_t bytes = std::min(CHUNK, width - c) * static_cast<int64_t>(sizeof(T));
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(piece + line, 0, 2);
+}
+
 // block = w[r0, r1) x [c, c + len) as fp32, rows CHUNK apart (len a multiple of 16, at most CHUNK). Read in place,
 // the rows of a block lie a row's width apart, often a multiple of 4 KB (a 3072-wide fp32 gate|up row is 12 KB):
 // they fall in the same few sets of the L1 cache, which then holds a quarter of the block, and every token that
 // keeps a row would fetch it again. The copy holds the whole block in L1, and bf16 or fp16 rows are converted once
 // for all the tokens.
+// The rows [a0, a1) over the columns from `ahead` are prefetched meanwhile (see prefetch_piece).
 template <typename T>
-void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, int64_t len, float* block) {
+void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, int64_t len, float* block, int64_t a0,
+          int64_t a1, int64_t ahead) {
   for (int64_t r = r0; r < r1; ++r) {
+    if (a0 + r - r0 < a1) prefetch_piece(w, width, a0 + r - r0, ahead);
     const T* row = w + r * width + c;
-    // The rows' pieces PACK_AHEAD chunks on, which the next blocks of this tile will copy: each piece is
-    // short, and the hardware prefetcher would follow none of the block's rows far enough by itself. Into L2
-    // (see pack_pairs).
-    if (c + (PACK_AHEAD + 1) * CHUNK <= width) {
-      const char* ahead = reinterpret_cast<const char*>(row + PACK_AHEAD * CHUNK);
-      for (size_t line = 0; line < CHUNK * sizeof(T); line += 64) __builtin_prefetch(ahead + line, 0, 2);  // prefetcht1
-    }
     float* to = block + (r - r0) * CHUNK;
     for (int i = 0; i < len / 16; ++i) {
       const vfloat v = load16(row + 16 * i);
       std::memcpy(to + 16 * i, &v, sizeof v);
     }
   }
+}
+
+// Where a copy PACK_AHEAD chunks on in a tile's order (each block's chunks in turn, then the next block's) reads:
+// the block (0 this one, 1 the next, ...) and its column. At a block's last chunks, the next block's first: each
+// block's first chunks were otherwise read with nothing prefetched, half of all the reads where a tile is 4 chunks
+// wide (32 fp32 tokens), an eighth where it is 16 (bf16 pairs).
+struct Ahead {
+  int64_t block, column;
+};
+inline Ahead ahead_of(int64_t c0, int64_t c1, int64_t c) {
+  const int64_t chunks = (c1 - c0 + CHUNK - 1) / CHUNK, step = (c - c0) / CHUNK + PACK_AHEAD;
+  return {step / chunks, c0 + step % chunks * CHUNK};
 }
 
 // s[0, 16 * N) += values[j] * row rows[j] of `from` (rows `row_width` apart, the first being `first_row`), for j in
@@ -428,7 +448,12 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
                 for (int64_t k = 0; k < len; ++k) s[k] += values[j] * static_cast<float>(row[k]);
               }
             } else if (tokens >= PACK_FROM) {
-              if (t == 0) pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, len, block);
+              if (t == 0) {
+                const Ahead a = ahead_of(c0, c1, c);
+                const int64_t a0 = r1 - BLOCK_ROWS + a.block * BLOCK_ROWS;
+                pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, len, block, a0,
+                     std::min(a0 + BLOCK_ROWS, n_rows), a.column);
+              }
               with_vectors(len / 16, [&](auto n) {
                 add_rows<n>(s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
               });
@@ -529,25 +554,21 @@ inline __m256i load_bf16(const c10::BFloat16* row, int64_t from, int64_t len) {
 }
 
 // block[j] = the active pairs [j0, j0 + np) over the columns [c, c + len) and on to a whole vector (0 past len),
-// each column's two weights side by side, as vdpbf16ps takes them; pieces PACK_AHEAD chunks on are prefetched.
+// each column's two weights side by side, as vdpbf16ps takes them; the pairs ahead[0, n_ahead) over the columns
+// from `ahead_c` are prefetched meanwhile (see prefetch_piece).
 void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np, int64_t c,
-                int64_t len, __m512i* block) {
+                int64_t len, __m512i* block, const int64_t* ahead, int64_t n_ahead, int64_t ahead_c) {
   // Word i of the result takes bf16 i of the first row (the low half of the source), then bf16 i of the second.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                               6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const bool ahead = c + (PACK_AHEAD + 1) * CHUNK <= width;
   for (int64_t j = 0; j < np; ++j) {
     const int64_t r = 2 * active[j];
     const c10::BFloat16* first = w + r * width + c;
     const c10::BFloat16* second = first + width;
     const bool pair = r + 1 < n_rows;  // an odd row count leaves the last row alone
-    // Into L2, not L1: the lines of two chunks ahead of every row of the block outnumber L1's buffers for
-    // misses, and requests for L1 stalled the copy (a probe whose output was not kept: about 1.5x slower).
-    if (ahead) {
-      for (int64_t line = 0; line < CHUNK * 2; line += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(first + PACK_AHEAD * CHUNK) + line, 0, 2);
-        if (pair) __builtin_prefetch(reinterpret_cast<const char*>(second + PACK_AHEAD * CHUNK) + line, 0, 2);
-      }
+    if (j < n_ahead) {
+      prefetch_piece(w, width, 2 * ahead[j], ahead_c);
+      if (2 * ahead[j] + 1 < n_rows) prefetch_piece(w, width, 2 * ahead[j] + 1, ahead_c);
     }
     for (int64_t v = 0; v < (len + 15) / 16; ++v) {
       const __m256i a = load_bf16(first, 16 * v, len);
@@ -602,7 +623,10 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
         }
         for (int64_t c = c0; c < c1; c += CHUNK) {
           const int64_t len = std::min(CHUNK, c1 - c);
-          pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block);
+          const Ahead a = ahead_of(c0, c1, c);
+          const int64_t ja = std::min(p.n_active, j0 + a.block * BLOCK_PAIRS);
+          pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block, p.active.data() + ja,
+                     std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
           with_vectors((len + 15) / 16, [&](auto n) {
             for (int64_t t = 0; t < tokens; ++t) {
               add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
