@@ -272,6 +272,26 @@ def test_ffn_bench_times_calls_on_distinct_inputs_and_copies():
     assert {c for c, _ in timed} == {0, 1, 2} and {x for _, x in timed} == {id(x) for x in xs}
 
 
+def test_ffn_bench_warm_up_lasts_until_the_chooser_settles():
+    """The chooser's first re-measurements of slower paths, which a model's layers have behind them within a few
+    tokens, are warm-up: timed calls start once `settled()` says so, or after SETTLE_CALLS more calls."""
+    from bricks.routing.bench import BLOCK, SETTLE_CALLS, _call_times
+
+    calls = []
+
+    def routed(x):
+        calls.append(x)
+
+    x = torch.randn(1, 3)
+    timed_calls = 2 * BLOCK  # two blocks of BLOCK - 1 timed calls for reps=BLOCK
+    _call_times([lambda x: None], [routed], [x], reps=BLOCK, device="cpu", min_seconds=0.0,
+                settled=lambda: len(calls) >= 30)
+    assert len(calls) == 30 + timed_calls
+    calls.clear()
+    _call_times([lambda x: None], [routed], [x], reps=BLOCK, device="cpu", min_seconds=0.0, settled=lambda: False)
+    assert len(calls) == 8 + SETTLE_CALLS + timed_calls  # 8: the fixed warm-up of an FFN with no paths to time
+
+
 def test_ffn_bench_cycles_through_more_weights_than_the_cache():
     from bricks.routing.bench import CACHE_BYTES, layers_for
 

@@ -67,10 +67,16 @@ def competing_processes(n: int):
 
 # Calls of one side in a row on CPU (the first of them untimed), before the other side's turn.
 BLOCK = 8
+# Warm-up goes on until the chooser re-measures runner-ups this many calls apart (three losing re-measurements
+# after its first choice), for at most SETTLE_CALLS more calls. The chooser's first re-measurements come 8, 16,
+# then 32 calls apart (`bricks.routing.paths`): in a model, where an FFN shape's layers share their timings, they
+# are over within the first few tokens; in a bench run of 20-30 timed calls, one of them (three calls of a path
+# more than twice as slow) raised the routed mean by a fifth (bench/README.md, the teal grid).
+SETTLED_INTERVAL, SETTLE_CALLS = 64, 100
 
 
 def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, device,
-                min_seconds: float = 0.5) -> tuple[list[float], list[float]]:
+                min_seconds: float = 0.5, settled=lambda: True) -> tuple[list[float], list[float]]:
     """Seconds of calls of the `dense` FFNs and of the `routed` ones (copies of one FFN, see `CACHE_BYTES`), the
     calls taking the copies and the inputs `xs` in turn. On CUDA the first copy is replayed from a CUDA graph of the
     first input (see `_graph_times`).
@@ -82,7 +88,8 @@ def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, de
     on two threads then waits a scheduler tick for one to wake: the dense FFN's median rose up to 7x after 2 ms on one
     thread (`bench/thread_wake.py`, `bench/README.md`), a cost a dense model, its calls back to back, does not pay. The first
     call of each block, which pays it, is not timed, on either side. (In a routed model the operation after an
-    `@1` call pays that wake; only the end-to-end decode bench counts it.)"""
+    `@1` call pays that wake; only the end-to-end decode bench counts it.) Warm-up calls go on while `settled()` is
+    false, up to SETTLE_CALLS."""
     if str(device).startswith("cuda"):
         return _graph_times(dense[0], xs[0], reps), _graph_times(routed[0], xs[0], reps)
     # Warm-up, and the routed FFN's paths' first timings (FIRST_CALLS of each path, and of each on one thread; with
@@ -90,7 +97,10 @@ def _call_times(dense: list, routed: list, xs: list[torch.Tensor], reps: int, de
     # it. Derived from FIRST_CALLS: a count written for 4 first calls left part of the first timings of 5 in the
     # timed calls, on the routed side only.
     paths = len(getattr(routed[0], "paths", ())) + bool(getattr(routed[0], "dense_fallback", False))
-    for i in range(8 + 2 * FIRST_CALLS * paths):
+    warm_up = 8 + 2 * FIRST_CALLS * paths
+    for i in range(warm_up + SETTLE_CALLS):
+        if i >= warm_up and settled():
+            break
         dense[i % len(dense)](xs[i % len(xs)])
         routed[i % len(routed)](xs[i % len(xs)])
     times: tuple[list[float], list[float]] = ([], [])
@@ -178,12 +188,18 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                     for c in copies:
                         c.set_path(path)
                         c.dense_fallback = dense_fallback
-                    dense_times, routed_times = _call_times(dense, copies, xs, reps, device)
+                    key = copies[0].timing_key(x.reshape(-1, hidden))
+
+                    def settled():  # see SETTLED_INTERVAL; a fixed path is not chosen
+                        t = CHOOSER.timings.get(key)
+                        return path is not None or (t is not None and t.checking is None and
+                                                    t.interval >= SETTLED_INTERVAL)
+
+                    dense_times, routed_times = _call_times(dense, copies, xs, reps, device, settled=settled)
                     t_dense, t = _median(dense_times), _median(routed_times)
                     # The mean: what a run of these calls waits in all, stalls included (see `bench_ffn`'s doc).
                     mean_dense, mean = (sum(v) / len(v) for v in (dense_times, routed_times))
                     routed = copies[0]
-                    key = routed.timing_key(x.reshape(-1, hidden))
                     chosen = routed.path or CHOOSER.best(key) or routed.static_path(batch)
                     # One more call, counted, on the chosen path: left to the chooser, it could be a runner-up's
                     # re-measurement, whose executed fraction would be reported as the chosen path's.
