@@ -3,7 +3,9 @@
 `bench_ffn.py` reports a cell's chosen path and the median and mean of its timed calls; this shows how the
 chooser (`bricks/routing/paths.py`) got there: each timed call in order (warm-up included), its path and time,
 and per path the median, mean and longest call beside the chooser's expected time at the end (the mean of its
-recent timings less the slowest). Where a path's stalls are rare but long, the expected time leaves them out.
+recent timings, less a lone stall: `expected_seconds`). Before WINDOW = 16 and the lone-stall rule, the chooser
+left out the slowest of 8 timings, and a path whose stalls were rare but long looked as fast as its calls between
+them (the file of this command at 3110b54 or before, in git history).
 
     python bench/chooser_trace.py --router teal --dense-fallback --shape 576x1536 --dtype float32 --batch 32 \\
         --active 0.5 --busy 1 --json bench/results/chooser_trace_teal_fallback_busy_cpu.json

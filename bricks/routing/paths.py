@@ -19,15 +19,18 @@ while they keep losing or win by a hair (MARGIN), and a slow one less often
 than a close one, so that a path that becomes the fastest again (the machine
 went quiet) is found without much time spent on paths that will not be.
 
-The expected time is the mean of the recent timings, less the slowest one
-when there are four or more. A decode waits for the sum of its calls, so a
-path that stalls for a scheduler tick on a third of its calls costs what its
-mean says, not its median: with one busy process on 2 cores, the small bf16
-FFN's kernel at 32 tokens had a median of 1.17 ms and a mean of 3.72 ms on
-two threads, 1.43 and 1.58 ms on one
-(`bench/results/ffn_centroid_paths_busy_cpu.json`).
-Leaving out the slowest of four or more keeps a single stall, rare on any
-path, from handing the lead to a slower path. A runner-up's re-measurement
+The expected time is the mean of the recent timings. A decode waits for
+the sum of its calls, so a path that stalls for a scheduler tick on a third
+of its calls costs what its mean says, not its median: with one busy process
+on 2 cores, the small bf16 FFN's kernel at 32 tokens had a median of 1.17 ms
+and a mean of 3.72 ms on two threads, 1.43 and 1.58 ms on one
+(`bench/results/ffn_centroid_paths_busy_cpu.json`). One stall alone in a
+window of four or more (a timing over twice the window's median, the only
+one) is left out, so that a stall, rare on any path, does not hand the lead
+to a slower path. Two or more count: a path whose stalls are rare but long
+(a 30 ms call among 1.5 ms ones) would otherwise look as fast as its calls
+between stalls, window after window, since WINDOW calls rarely hold more
+than one of them (`bench/chooser_trace.py`). A runner-up's re-measurement
 (three calls) counts all of them: a path that stalls on every third call
 would otherwise win the lead back on the two calls between its stalls.
 Timings are shared by every FFN of the same shape and settings.
@@ -41,10 +44,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Recent timings kept per path: their mean, less the slowest (`expected_seconds`), ranks it.
-WINDOW = 8
+# Recent timings kept per path: their mean, less one lone stall (`expected_seconds`), ranks it. Sixteen, so that
+# the stalls of a path that stalls once in ten or so calls are seen two at a time, and counted.
+WINDOW = 16
 # Calls of each path before the first choice: the first pays allocations and cold caches (and is not kept), and
-# the other four, less their slowest, outlast one call stalled by a scheduler tick (with one, a path that stalled once
+# the other four, less a lone stall, outlast one call stalled by a scheduler tick (with one, a path that stalled once
 # could lose for hundreds of calls, until it was re-measured).
 FIRST_CALLS = 5
 # A re-measured runner-up runs this many calls in a row, so that its rank rests on fresh timings only.
@@ -56,15 +60,22 @@ FIRST_INTERVAL, MAX_INTERVAL = 8, 256
 # bf16 tokens) would otherwise trade the lead on noise, and each trade brought the re-measurements of every
 # runner-up, the slow ones too, back to every FIRST_INTERVAL calls.
 MARGIN = 0.1
+# A timing over this many times its window's median is a stall (a thread descheduled, a scheduler tick waited).
+STALL = 2.0
 # Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
 SERIAL = "@1"
 
 
 def expected_seconds(recent) -> float:
-    """The mean of `recent` timings, less the slowest one when there are four or more (see the module's doc)."""
-    if len(recent) < 4:
-        return sum(recent) / len(recent)
-    return (sum(recent) - max(recent)) / (len(recent) - 1)
+    """The mean of `recent` timings, less a lone stall: with four or more, the only timing over STALL times
+    their median (see the module's doc)."""
+    total, n = sum(recent), len(recent)
+    if n >= 4:
+        median = sorted(recent)[n // 2]
+        stalls = [t for t in recent if t > STALL * median]
+        if len(stalls) == 1:
+            return (total - stalls[0]) / (n - 1)
+    return total / n
 
 
 def token_bucket(tokens: int) -> int:
