@@ -87,6 +87,31 @@ inline vfloat load16(const c10::Half* p) {
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 8 weights as fp32, in one AVX2 register.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+#ifdef __F16C__
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+// The sum of v's 8 lanes.
+inline float lanes_sum8(__m256 v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+template <typename R>
+constexpr bool HAS_LOAD8 = std::is_same_v<R, float> || std::is_same_v<R, c10::BFloat16>
+#ifdef __F16C__
+                           || std::is_same_v<R, c10::Half>
+#endif
+    ;
+#endif
+
 // out[0, n) = v as fp32, 16 at a time; the input and output conversions of a call otherwise cost a batch of 32
 // small tokens as much as their selection.
 template <typename T>
@@ -297,6 +322,17 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
           row[q] = w + idx[j + q] * width + c0;
           s[q] = v[idx[j + q]];
         }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        if constexpr (HAS_LOAD8<T>) {  // in AVX2's own lanes (see add_rows)
+          __m256 sv[TOKEN_ROWS];
+          for (int64_t q = 0; q < m; ++q) sv[q] = _mm256_set1_ps(s[q]);
+          for (int64_t k = 0; k < body; k += 8) {
+            __m256 a = _mm256_loadu_ps(acc + k);
+            for (int64_t q = 0; q < m; ++q) a = _mm256_fmadd_ps(sv[q], load8(row[q] + k), a);
+            _mm256_storeu_ps(acc + k, a);
+          }
+        } else
+#endif
         for (int64_t k = 0; k < body; k += 16) {
           vfloat a = load16(acc + k);
           for (int64_t q = 0; q < m; ++q) a += s[q] * load16(row[q] + k);
@@ -361,10 +397,26 @@ inline Ahead ahead_of(int64_t c0, int64_t c1, int64_t c) {
 }
 
 // s[0, 16 * N) += values[j] * row rows[j] of `from` (rows `row_width` apart, the first being `first_row`), for j in
-// [lo, hi): the sums in N registers meanwhile.
+// [lo, hi): the sums in N registers meanwhile (2N without AVX-512).
 template <int N, typename R>
 inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_width, const int64_t* rows,
                      const float* values, size_t lo, size_t hi) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // GCC lowers the 16-lane vectors below to AVX2 through the stack: the sums, and 16 copies of each value, went to
+  // memory and back at every row, and batches ran several times slower than the dense FFN (a profile on an
+  // AVX2-only CPU). In AVX2's own 8 lanes they stay in registers.
+  if constexpr (HAS_LOAD8<R>) {
+    __m256 acc[2 * N];
+    for (int i = 0; i < 2 * N; ++i) acc[i] = _mm256_loadu_ps(s + 8 * i);
+    for (size_t j = lo; j < hi; ++j) {
+      const R* row = from + (rows[j] - first_row) * row_width;
+      const __m256 v = _mm256_set1_ps(values[j]);
+      for (int i = 0; i < 2 * N; ++i) acc[i] = _mm256_fmadd_ps(v, load8(row + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 2 * N; ++i) _mm256_storeu_ps(s + 8 * i, acc[i]);
+    return;
+  }
+#endif
   vfloat acc[N];
   for (int i = 0; i < N; ++i) acc[i] = load16(s + 16 * i);
   for (size_t j = lo; j < hi; ++j) {
@@ -374,6 +426,14 @@ inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_wid
   }
   for (int i = 0; i < N; ++i) std::memcpy(s + 16 * i, &acc[i], sizeof(vfloat));
 }
+
+// Vectors of 16 sums a token holds in registers at a time: 8 take 8 of AVX-512's 32 registers; without AVX-512
+// each takes two of AVX2's 16, and 4 leave room for the value and a row's load.
+#ifdef __AVX512F__
+constexpr int REGISTER_VECTORS = 8;
+#else
+constexpr int REGISTER_VECTORS = 4;
+#endif
 
 // f(std::integral_constant<int, vectors>{}) for `vectors` in [1, CHUNK / 16]: a chunk's sums are held in that many
 // registers, a count the compiler must know (a chunk at the end of a thread's columns may be shorter than CHUNK).
@@ -389,6 +449,17 @@ inline void with_vectors(int64_t vectors, const F& f) {
     case 6: f(std::integral_constant<int, 6>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
     default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// add_rows over a chunk's `vectors` vectors of columns, REGISTER_VECTORS at a time.
+template <typename R>
+inline void add_chunk_rows(int64_t vectors, float* s, const R* from, int64_t first_row, int64_t row_width,
+                           const int64_t* rows, const float* values, size_t lo, size_t hi) {
+  for (int64_t v = 0; v < vectors; v += REGISTER_VECTORS) {
+    with_vectors(std::min<int64_t>(REGISTER_VECTORS, vectors - v), [&](auto n) {
+      add_rows<n>(s + 16 * v, from + 16 * v, first_row, row_width, rows, values, lo, hi);
+    });
   }
 }
 
@@ -454,11 +525,9 @@ void tokens_rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vecto
                 pack(w, width, r1 - BLOCK_ROWS, std::min(r1, n_rows), c, len, block, a0,
                      std::min(a0 + BLOCK_ROWS, n_rows), a.column);
               }
-              with_vectors(len / 16, [&](auto n) {
-                add_rows<n>(s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
-              });
+              add_chunk_rows(len / 16, s, block, r1 - BLOCK_ROWS, CHUNK, rows, values, lo[t], cursor[t]);
             } else {
-              with_vectors(len / 16, [&](auto n) { add_rows<n>(s, w + c, 0, width, rows, values, lo[t], cursor[t]); });
+              add_chunk_rows(len / 16, s, w + c, 0, width, rows, values, lo[t], cursor[t]);
             }
           }
         }
@@ -733,8 +802,23 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
 // sum of w[i] * x[i] for i in [0, n), in fp32.
 template <typename T>
 inline float dot(const T* w, const float* x, int64_t n) {
-  vfloat first = {}, second = {};  // two chains of sums, so that each waits on half as many additions
   int64_t i = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (HAS_LOAD8<T>) {  // in AVX2's own lanes (see add_rows); four chains of sums
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    for (; i + 32 <= n; i += 32) {
+      a = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a);
+      b = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(x + i + 8), b);
+      c = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(x + i + 16), c);
+      d = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(x + i + 24), d);
+    }
+    for (; i + 8 <= n; i += 8) a = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a);
+    float sum = lanes_sum8(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    for (; i < n; ++i) sum += static_cast<float>(w[i]) * x[i];
+    return sum;
+  }
+#endif
+  vfloat first = {}, second = {};  // two chains of sums, so that each waits on half as many additions
   for (; i + 32 <= n; i += 32) {
     first += load16(w + i) * load16(x + i);
     second += load16(w + i + 16) * load16(x + i + 16);
@@ -851,9 +935,52 @@ inline void sums_4x4(const V (&acc)[4][4], float* out, int64_t stride) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// tile_dots (below) in AVX2's 8 lanes, two rows at a time against the Q tokens: a 4 x 4 tile of 16-lane sums is
+// 32 of AVX2's 16 registers, and GCC's lowering kept them on the stack (as in add_rows). Each row is still read
+// once; the tokens, in cache, once per two rows.
+template <int R, int Q, typename T>
+inline void tile_dots_avx2(const T* w, int64_t hidden, const float* const* xs, float* out, int64_t stride) {
+#pragma GCC unroll 2
+  for (int r0 = 0; r0 < R; r0 += 2) {
+    constexpr int P = R < 2 ? R : 2;  // rows in this pass (R is 1 or a multiple of 2)
+    __m256 acc[P][Q];
+#pragma GCC unroll 2
+    for (int r = 0; r < P; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) acc[r][q] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= hidden; i += 8) {
+      __m256 rows[P];
+#pragma GCC unroll 2
+      for (int r = 0; r < P; ++r) rows[r] = load8(w + (r0 + r) * hidden + i);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) {
+        const __m256 xv = _mm256_loadu_ps(xs[q] + i);
+#pragma GCC unroll 2
+        for (int r = 0; r < P; ++r) acc[r][q] = _mm256_fmadd_ps(rows[r], xv, acc[r][q]);
+      }
+    }
+    for (int r = 0; r < P; ++r) {
+      for (int q = 0; q < Q; ++q) {
+        float sum = lanes_sum8(acc[r][q]);
+        for (int64_t k = i; k < hidden; ++k) sum += static_cast<float>(w[(r0 + r) * hidden + k]) * xs[q][k];
+        out[q * stride + r0 + r] = sum;
+      }
+    }
+  }
+}
+#endif
+
 // out[q * stride + r] = row r of w (rows `hidden` apart) . token q of xs, for R rows and Q tokens, in fp32.
 template <int R, int Q, typename T>
 inline void tile_dots(const T* w, int64_t hidden, const float* const* xs, float* out, int64_t stride) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (HAS_LOAD8<T> && (R == 1 || R % 2 == 0)) {
+    tile_dots_avx2<R, Q>(w, hidden, xs, out, stride);
+    return;
+  }
+#endif
   vfloat acc[R][Q] = {};  // in registers: the loops over R and Q unrolled (see the bf16 version)
   const float* x[Q];
 #pragma GCC unroll 4
