@@ -33,6 +33,23 @@ if COMMIT is not None:
     COMMIT += "+changes" if _dirty else ""
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the widest vector instructions the kernels use ("AVX-512 BF16", "AVX-512", "AVX2"):
+    the same kernel ran several times faster or slower than dense on two CPUs of this workplace (bench/README.md)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    def field(key):  # of the first CPU listed
+        return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.split(":")[0].strip() == key), "?")
+
+    name = f"{field('model name')} (family {field('cpu family')}, model {field('model')})"  # VMs often say no more
+    flags = set(field("flags").split())
+    isa = next((label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), "no AVX2")
+    return f"{name}, {isa}"
+
+
 def environment(model=None, device=None) -> dict:
     """Where the run happened. The built-in code and prose corpora come from the interpreter's own standard library
     and documentation, so perplexities are comparable only between runs on the same Python version."""
@@ -44,7 +61,7 @@ def environment(model=None, device=None) -> dict:
     device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
     if device == "cpu":
         device = f"cpu ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} threads"
-    return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+    return {"device": device, "cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "bricks_commit": COMMIT,
             "date": datetime.date.today().isoformat()}
 
