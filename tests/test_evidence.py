@@ -346,6 +346,36 @@ HEADLINES += [
      lambda r: ffn_speedup(r, 1536, "float32", 2048, 0.5)),
 ]
 
+def avx2_row(router: str, shape: str, d_ff: int, dt: str, batch: int) -> str:
+    """A row of bench/README.md's "On an AVX2-only CPU" tables: the kernel before and after, the dense FFN of both."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[dt]
+    before, after = (next(x for x in load(f"ffn_{router}_avx2{run}_cpu.json")["rows"] if (x["d_ff"], x["dtype"], x["batch"])
+                          == (d_ff, dtype, batch)) for run in ("_before", ""))
+    return (f"| {shape} | {dt} | {batch} | {before['speedup']:.2f}x | {after['speedup']:.2f}x | {before['bricked_ms']:.3f} | "
+            f"{after['bricked_ms']:.3f} | {before['dense_ms']:.3f} / {after['dense_ms']:.3f} |")
+
+
+def speedup_range(r: dict) -> str:
+    return f"{lowest(r['rows'], 'speedup')}-{max(x['speedup'] for x in r['rows']):.2f}x"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", f"ffn_{router}_avx2_cpu.json",
+       lambda r, router=router, shape=shape, d=d, dt=dt, batch=batch: avx2_row(router, shape, d, dt, batch))
+      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
+      for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "dense FFN ({} for teal,", "ffn_teal_avx2_cpu.json", speedup_range),
+    ("README.md", "is {} dense for teal", "ffn_teal_avx2_cpu.json", speedup_range),
+    ("README.md", "and\n  {} for the bricks there", "ffn_centroid_avx2_cpu.json", speedup_range),
+    ("README.md", "batches of 32 at 0.5: {}), GCC's", "ffn_teal_avx2_before_cpu.json",
+     lambda r: speedup_range({"rows": [x for x in r["rows"] if x["batch"] == 32]})),
+    ("bench/README.md", "for teal,\n{} for the bricks)", "ffn_centroid_avx2_cpu.json", speedup_range),
+    ("bench/README.md", "batch of\n32: {} ms against", "ffn_teal_avx2_cpu.json",
+     lambda r: f"{next(x for x in grid(r, 0) if (x['d_ff'], x['dtype'], x['batch']) == (11008, 'bfloat16', 32))['dense_ms']:.0f}"),
+    ("bench/README.md", "ms against {} ms for the kernel)", "ffn_teal_avx2_cpu.json",
+     lambda r: f"{next(x for x in grid(r, 0) if (x['d_ff'], x['dtype'], x['batch']) == (11008, 'bfloat16', 32))['bricked_ms']:.0f}"),
+]
+
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
                   lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
 
