@@ -376,6 +376,34 @@ HEADLINES += [
      lambda r: f"{next(x for x in grid(r, 0) if (x['d_ff'], x['dtype'], x['batch']) == (11008, 'bfloat16', 32))['bricked_ms']:.0f}"),
 ]
 
+def grid_row(r: dict, shape: str, d_ff: int, dt: str, batch: int) -> str:
+    """A row of an FFN grid's table: idle 0.5 and 0.25, then busy 0.5 and 0.25 (median / mean), each with its path."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[dt]
+    cells = []
+    for busy in (0, 1):
+        for active in (0.5, 0.25):
+            x = next(x for x in grid(r, busy) if (x["d_ff"], x["dtype"], x["batch"], x["active"]) == (d_ff, dtype, batch, active))
+            mean = f" / {x['speedup_mean']:.2f}x" if busy else ""
+            cells.append(f"{x['speedup']:.2f}x{mean} {x['path']}")
+    return f"| {shape} | {dt} | {batch} | " + " | ".join(cells) + " |"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_teal_grid_avx2_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "{} cell is below 0.9x dense, by the median or the mean. Idle", "ffn_teal_grid_avx2_cpu.json",
+     lambda r: str(below(r["rows"], "speedup") + below(r["rows"], "speedup_mean") or "No")),
+    ("bench/README.md", "fp32 batch of 32 at 0.5 ({} / 1.03x); with", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 0), "speedup")),
+    ("bench/README.md", "at 0.5 (1.03x / {}); with", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 0), "speedup_mean")),
+    ("bench/README.md", "busy, {} by the median (the same cell)", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup")),
+    ("bench/README.md", "and {} by the mean (the small\nfp32 decode token", "ffn_teal_grid_avx2_cpu.json",
+     lambda r: lowest(grid(r, 1), "speedup_mean")),
+    ("README.md", "the mean ({} at the lowest, idle;", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(r["rows"], "speedup")),
+    ("README.md", "busy {} by the median and 1.77x", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup")),
+    ("README.md", "by the median and {} by the mean);", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup_mean")),
+]
+
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
                   lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
 
