@@ -67,6 +67,11 @@ def prefetch_row(shape: str, d_ff: int, dt: str, batch: int) -> str:
     return f"| {shape} | {dt} | {batch} | " + " | ".join(cells) + " |"
 
 
+def run_range(runs: list[float]) -> str:
+    """The slowest and fastest of a decode's timed runs, tokens/s."""
+    return f"{min(runs):.2f}-{max(runs):.2f}"
+
+
 def decode_row(r: dict) -> str:
     """A decode table's `dense | routed | **speedup** | executed` cells."""
     return (f"{r['dense_tokens_per_s']:.2f} | {r['bricked_tokens_per_s']:.2f} | **{r['speedup']:.2f}x** | "
@@ -134,6 +139,18 @@ HEADLINES = [
     ("bench/README.md", "| idle | {} |", "decode_teal_cpu.json", lambda r: decode_row(r)),
     ("bench/README.md", "| 1 busy process | {} |", "decode_teal_busy_cpu.json", lambda r: decode_row(r)),
     ("bench/README.md", "| default model, fp32, 64 tokens | idle | {} |", "decode_teal_default_cpu.json", lambda r: decode_row(r)),
+    ("bench/README.md", "| 22-layer Llama as above, AVX2-only CPU | idle | {} |", "decode_teal_avx2_cpu.json", decode_row),
+    ("bench/README.md", "| 22-layer Llama, AVX2-only CPU | 1 busy process | {} |", "decode_teal_busy_avx2_cpu.json", decode_row),
+    ("bench/README.md", "| default model, 64 tokens, AVX2-only CPU | idle | {} |", "decode_teal_default_avx2_cpu.json", decode_row),
+    ("bench/README.md", "the Llama\nidle {} tokens/s against", "decode_teal_avx2_cpu.json", lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "tokens/s against {}, with one busy", "decode_teal_avx2_cpu.json", lambda r: run_range(r["dense_runs"])),
+    ("bench/README.md", "busy process {}\nagainst", "decode_teal_busy_avx2_cpu.json", lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "against {}, the default model", "decode_teal_busy_avx2_cpu.json", lambda r: run_range(r["dense_runs"])),
+    ("bench/README.md", "the default model {} against", "decode_teal_default_avx2_cpu.json", lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "against {}.\n", "decode_teal_default_avx2_cpu.json", lambda r: run_range(r["dense_runs"])),
+    ("README.md", "greedy decoding there is {} on the", "decode_teal_avx2_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "Llama ({} with another\n  process busy)", "decode_teal_busy_avx2_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "busy) and {} on the default model", "decode_teal_default_avx2_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
     ("bench/README.md", "| idle | {} |", "decode_centroid_cpu.json", lambda r: decode_row(r)),
     ("bench/README.md", "| default model, fp32, 64 tokens | idle | {} |", "decode_centroid_default_cpu.json",
      lambda r: decode_row(r)),
@@ -401,7 +418,7 @@ HEADLINES += [
      lambda r: lowest(grid(r, 1), "speedup_mean")),
     ("README.md", "the mean ({} at the lowest, idle;", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(r["rows"], "speedup")),
     ("README.md", "busy {} by the median and 1.77x", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup")),
-    ("README.md", "by the median and {} by the mean);", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup_mean")),
+    ("README.md", "by the median and {} by the mean), and", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup_mean")),
 ]
 
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
