@@ -187,11 +187,17 @@ def test_int4_gradients_equal_those_of_the_dequantized_model(tiny64, lora_t):
         grads.append(torch.cat([p.grad.flatten() for p in parts.parameters()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
-    # A 4-bit model that already ran inference (repacked, no autograd) is refused by training, in one line.
+    # A 4-bit model that already ran inference (repacked, no autograd) is refused by training, in one line. Only a
+    # CPU with AVX-512 bf16 has that kernel: elsewhere bitsandbytes leaves the weights as they are, and training runs.
     fresh, _ = compress(bricks.load_model(tiny64)[0], tok, CompressConfig(methods=["int4"]))
     with torch.no_grad():
         fresh(x)
-    with pytest.raises(BricksError, match="repacked its weights"):
+    repacked = any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+                   for m in fresh.modules() if isinstance(m, bnb.nn.Linear4bit))
+    if repacked:
+        with pytest.raises(BricksError, match="repacked its weights"):
+            train_cpet(attach_cpet(fresh, lora_t), None, x, steps=1)
+    else:
         train_cpet(attach_cpet(fresh, lora_t), None, x, steps=1)
 
 
