@@ -87,7 +87,15 @@ inline vfloat load16(const c10::Half* p) {
 #endif
 }
 
+// AVX2 without AVX-512: GCC lowers the 16-lane generic vectors (`vfloat`) to AVX2 through the stack where they
+// are kept across a loop, so the hot loops have versions in AVX2's own 8 lanes (see add_rows).
 #if defined(__AVX2__) && !defined(__AVX512F__)
+#define AVX2_LANES 1
+#else
+#define AVX2_LANES 0
+#endif
+
+#if AVX2_LANES
 // 8 weights as fp32, in one AVX2 register.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
@@ -322,7 +330,7 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
           row[q] = w + idx[j + q] * width + c0;
           s[q] = v[idx[j + q]];
         }
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if AVX2_LANES
         if constexpr (HAS_LOAD8<T>) {  // in AVX2's own lanes (see add_rows)
           __m256 sv[TOKEN_ROWS];
           for (int64_t q = 0; q < m; ++q) sv[q] = _mm256_set1_ps(s[q]);
@@ -401,7 +409,7 @@ inline Ahead ahead_of(int64_t c0, int64_t c1, int64_t c) {
 template <int N, typename R>
 inline void add_rows(float* s, const R* from, int64_t first_row, int64_t row_width, const int64_t* rows,
                      const float* values, size_t lo, size_t hi) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if AVX2_LANES
   // GCC lowers the 16-lane vectors below to AVX2 through the stack: the sums, and 16 copies of each value, went to
   // memory and back at every row, and batches ran several times slower than the dense FFN (a profile on an
   // AVX2-only CPU). In AVX2's own 8 lanes they stay in registers.
@@ -803,7 +811,7 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
 template <typename T>
 inline float dot(const T* w, const float* x, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if AVX2_LANES
   if constexpr (HAS_LOAD8<T>) {  // in AVX2's own lanes (see add_rows); four chains of sums
     __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
     for (; i + 32 <= n; i += 32) {
@@ -935,7 +943,7 @@ inline void sums_4x4(const V (&acc)[4][4], float* out, int64_t stride) {
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if AVX2_LANES
 // tile_dots (below) in AVX2's 8 lanes, two rows at a time against the Q tokens: a 4 x 4 tile of 16-lane sums is
 // 32 of AVX2's 16 registers, and GCC's lowering kept them on the stack (as in add_rows). Each row is still read
 // once; the tokens, in cache, once per two rows.
@@ -975,7 +983,7 @@ inline void tile_dots_avx2(const T* w, int64_t hidden, const float* const* xs, f
 // out[q * stride + r] = row r of w (rows `hidden` apart) . token q of xs, for R rows and Q tokens, in fp32.
 template <int R, int Q, typename T>
 inline void tile_dots(const T* w, int64_t hidden, const float* const* xs, float* out, int64_t stride) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if AVX2_LANES
   if constexpr (HAS_LOAD8<T> && (R == 1 || R % 2 == 0)) {
     tile_dots_avx2<R, Q>(w, hidden, xs, out, stride);
     return;
