@@ -40,6 +40,7 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
+
     def field(key):  # of the first CPU listed
         return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.split(":")[0].strip() == key), "?")
 
