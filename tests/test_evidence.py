@@ -434,6 +434,77 @@ HEADLINES += [
     ("README.md", "by the median and {} by the mean), and", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup_mean")),
 ]
 
+def cell(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy: int, key: str = "speedup") -> dict:
+    """One row of an FFN grid, by its shape, dtype, batch, compute and load."""
+    return next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"], x["busy_processes"])
+                == (d_ff, dtype, batch, active, busy))
+
+
+def below_both(r: dict) -> str:
+    """How many cells of a grid are below 0.9x by the median, and by the mean: "N of the 48 ... by the mean M"."""
+    return f"{below(r['rows'], 'speedup')} of the 48 cells are below 0.9x dense, by the mean {below(r['rows'], 'speedup_mean')}"
+
+
+def zen5_decode(name: str) -> str:
+    return f"{load(name)['speedup']:.2f}x"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", f"ffn_{router}_grid_zen5_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
+      for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "at 32 tokens in {} ms (1.248", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5, 0)['dense_ms']:.3f}"),
+    ("bench/README.md", "ms ({}\nms in `results/ffn_teal_cpu.json`)", "ffn_teal_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5, 0)['dense_ms']:.3f}"),
+    ("bench/README.md", "of weights in {} ms (26 GB/s", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float32', 1, 0.5, 0)['dense_ms']:.2f}"),
+    ("bench/README.md", "large fp32 one is {}\n/ ", "ffn_teal_grid_zen5_cpu.json", lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("bench/README.md", "\n/ {} dense at 0.5 / 0.25 idle", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
+    ("bench/README.md", "kept rows\nin {} ms, 43 GB/s", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float32', 1, 0.5, 0)['bricked_ms']:.2f}"),
+    ("bench/README.md", "and {} at 0.5 busy, the small", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, busy=1)),
+    ("bench/README.md", "the small fp32 one {} at\n0.5.", "ffn_teal_grid_zen5_cpu.json", lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
+    ("bench/README.md", "The fp32 batches are {} by the median.", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: speedup_range({"rows": [x for x in r["rows"] if x["dtype"] == "float32" and x["batch"] > 1]})),
+    ("bench/README.md", "by the median {},\nall of them bf16 batches", "ffn_teal_grid_zen5_cpu.json", below_both),
+    ("bench/README.md", "the batches of 32 at 0.5 ({} small,", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
+    ("bench/README.md", "small,\n{} large, on the kernel", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "bfloat16", 32, 0.5)),
+    ("bench/README.md", "at 0.5 and at 0.25 ({} and", "ffn_teal_grid_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5, busy=1)),
+    ("bench/README.md", "at compute 0.99 the\nsmall shape is {} dense", "ffn_teal_bf16_compute_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.99)),
+    ("bench/README.md", "dense and the large one {}; at 0.5", "ffn_teal_bf16_compute_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "bfloat16", 32, 0.99)),
+    ("README.md", "kernel's bf16 batch of 32 is {} / ", "ffn_teal_bf16_compute_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.99)),
+    ("bench/README.md", "By the mean no cell is below 0.9x (the lowest {} idle", "ffn_centroid_grid_zen5_cpu.json",
+     lambda r: lowest(grid(r, 0), "speedup_mean")),
+    ("bench/README.md", "32 at 0.5; {} busy, the same cell)", "ffn_centroid_grid_zen5_cpu.json",
+     lambda r: lowest(grid(r, 1), "speedup_mean")),
+    ("bench/README.md", "cell); by the median {} are, all", "ffn_centroid_grid_zen5_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "\nat 0.5, and it was slower than the dense FFN too: {} for teal", "ffn_teal_fallback_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
+    ("bench/README.md", "unit-major weights) and {} for the bricks", "ffn_centroid_fallback_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
+    *[("bench/README.md", "{}", f"decode_{router}{load_}_zen5_cpu.json", decode_row)
+      for router in ("teal", "centroid") for load_ in ("", "_busy", "_default")],
+    ("bench/README.md", "teal at compute 0.5 is\n{} on the 22-layer", "decode_teal_zen5_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "the centroid router {}, 1.32x and 1.35x", "decode_centroid_zen5_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("bench/README.md", "whose runs overlap ({} tokens/s", "decode_centroid_default_zen5_cpu.json", lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "tokens/s\nagainst {}). The rows", "decode_centroid_default_zen5_cpu.json", lambda r: run_range(r["dense_runs"])),
+    ("README.md", "greedy decoding is {} on the 22-layer", "decode_teal_zen5_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "Llama and {} on the default model. The bf16", "decode_teal_default_zen5_cpu.json", lambda r: f"{r['speedup']:.2f}x"),
+    ("README.md", "batches of 32 at 0.5 are {} and", "ffn_teal_grid_zen5_cpu.json", lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
+    ("README.md", "by the median {}\n  of teal's 48 cells", "ffn_teal_grid_zen5_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("README.md", "and {} of the brick router's are below", "ffn_centroid_grid_zen5_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+]
+
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
                   lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
 
