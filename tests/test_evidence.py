@@ -27,10 +27,14 @@ def ratios(r: dict, key: str, digits: int = 3) -> str:
     return " / ".join(f"{r[key]['ppl'][d] / dense[d]:.{digits}f}" for d in dense)
 
 
+def cell(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy: int = 0) -> dict:
+    """One row of an FFN results file, by its shape, dtype, batch, compute and load."""
+    return next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"], x["busy_processes"])
+                == (d_ff, dtype, batch, active, busy))
+
+
 def ffn_speedup(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy: int = 0) -> str:
-    row = next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"], x["busy_processes"])
-               == (d_ff, dtype, batch, active, busy))
-    return f"{row['speedup']:.2f}x"
+    return f"{cell(r, d_ff, dtype, batch, active, busy)['speedup']:.2f}x"
 
 
 def ffn_rows(r: dict, d_ff: int, busy: int) -> list[dict]:
@@ -434,19 +438,9 @@ HEADLINES += [
     ("README.md", "by the median and {} by the mean), and", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup_mean")),
 ]
 
-def cell(r: dict, d_ff: int, dtype: str, batch: int, active: float, busy: int, key: str = "speedup") -> dict:
-    """One row of an FFN grid, by its shape, dtype, batch, compute and load."""
-    return next(x for x in r["rows"] if (x["d_ff"], x["dtype"], x["batch"], x["active"], x["busy_processes"])
-                == (d_ff, dtype, batch, active, busy))
-
-
 def below_both(r: dict) -> str:
     """How many cells of a grid are below 0.9x by the median, and by the mean: "N of the 48 ... by the mean M"."""
     return f"{below(r['rows'], 'speedup')} of the 48 cells are below 0.9x dense, by the mean {below(r['rows'], 'speedup_mean')}"
-
-
-def zen5_decode(name: str) -> str:
-    return f"{load(name)['speedup']:.2f}x"
 
 
 HEADLINES += [
