@@ -1291,6 +1291,19 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
   return sel;
 }
 
+// The vector instructions this build's hot loops use: the build is for one CPU target (cpu_kernels.py).
+std::string isa() {
+#if defined(__AVX512BF16__)
+  return "avx512-bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif AVX2_LANES
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bricks, m) {
@@ -1299,6 +1312,7 @@ TORCH_LIBRARY(bricks, m) {
   m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool parallel) -> Tensor");
   m.def("gated_silu(Tensor h, int size) -> Tensor");
   m.def("top_k_mask(Tensor scores, int k) -> Tensor");
+  m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(bricks, CPU, m) {

@@ -46,8 +46,12 @@ It runs on torch's own thread pool, so a path timed on one thread (`@1`,
 It is built at first use with torch's C++ extension tools (a C++ compiler
 and ninja, which a Linux machine with build tools has) for this machine's CPU
 (`-march=native`), into `~/.cache/bricks/kernels`, which takes about a
-minute once. Without a compiler, or with `BRICKS_CPU_KERNELS=0`, SparseFFN
-runs its eager paths (`reason()` says why).
+minute once. `BRICKS_CPU_MARCH` names another target (`x86-64-v3`: AVX2
+without AVX-512), for machines of several kinds that share one cache, or to
+run the AVX2 paths on an AVX-512 machine (the tests do); `isa()` says which
+vector instructions the loaded build's hot loops use. Without a compiler, or
+with `BRICKS_CPU_KERNELS=0`, SparseFFN runs its eager paths (`reason()` says
+why).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -64,7 +69,15 @@ import torch
 from ..errors import BricksError
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def march() -> str:
+    """The CPU target of the build: `BRICKS_CPU_MARCH`, else this machine's (`native`)."""
+    return os.environ.get("BRICKS_CPU_MARCH", "native")
+
+
+def flags() -> list[str]:
+    return ["-O3", f"-march={march()}", "-fopenmp"]
 
 
 def _machine() -> str:
@@ -78,7 +91,7 @@ def _machine() -> str:
 
 def build_directory() -> Path:
     """One build per source, flags, torch version and CPU: a shared home never loads a build for another CPU."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _machine()]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags(), torch.__version__, _machine()]).encode()).hexdigest()
     root = Path(os.environ.get("BRICKS_CACHE", Path.home() / ".cache" / "bricks"))
     return root / "kernels" / key[:16]
 
@@ -90,15 +103,17 @@ def reason() -> str | None:
         return "BRICKS_CPU_KERNELS=0"
     if hasattr(torch.ops.bricks, "teal_ffn"):  # loaded before: a second library would register the ops again
         return None
+    if not re.fullmatch(r"[\w.-]+", march()):
+        return f"BRICKS_CPU_MARCH={march()!r} is not a compiler target name (e.g. native, x86-64-v3)"
     try:
         from torch.utils.cpp_extension import load
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
-            print("bricks: building the CPU sparse-decode kernel for this machine (once, about a minute)...",
+            print(f"bricks: building the CPU sparse-decode kernel for -march={march()} (once, about a minute)...",
                   file=sys.stderr, flush=True)
-        load(name="bricks_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        load(name="bricks_cpu_kernels", sources=[str(SOURCE)], extra_cflags=flags(), extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the eager paths remain
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -115,6 +130,11 @@ KERNEL_MAX_TOKENS = 128
 
 def available() -> bool:
     return reason() is None
+
+
+def isa() -> str:
+    """The vector instructions of the loaded build's hot loops: `avx512-bf16`, `avx512`, `avx2` or `generic`."""
+    return _ops().isa()
 
 
 def _ops():
