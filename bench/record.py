@@ -62,12 +62,12 @@ def environment(model=None, device=None) -> dict:
     device = torch.cuda.get_device_name(dev) + " (cuda)" if dev.type == "cuda" else "cpu"
     if device == "cpu":
         device = f"cpu ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} threads"
-    # The build of the CPU kernels the run loaded, if it loaded them: `BRICKS_CPU_MARCH` may have chosen another target.
-    kernels = torch.ops.bricks.isa() if hasattr(torch.ops.bricks, "isa") else None
-    return {"device": device, "cpu": cpu_model(), "cpu_kernels": kernels, "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "bricks_commit": COMMIT,
-            "date": datetime.date.today().isoformat()}
+    from bricks.routing import cpu_kernels
+
+    # The build of the CPU kernels the run loaded, if any: `BRICKS_CPU_MARCH` may have chosen another target.
+    return {"device": device, "cpu": cpu_model(), "cpu_kernels": cpu_kernels.isa(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bricks_commit": COMMIT, "date": datetime.date.today().isoformat()}
 
 
 def save(path: str | os.PathLike | None, result: dict, model=None, device=None) -> None:

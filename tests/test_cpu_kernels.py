@@ -307,14 +307,14 @@ def test_router_top_k_mask_is_torch_topk_with_ties_to_the_lower_index(dtype):
         cpu_kernels.top_k_mask(scores, 10)
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    """`code` run by a fresh interpreter (one that has loaded no build of the ops) with `env` added."""
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1],
+def _python(*args: str, **env) -> subprocess.CompletedProcess:
+    """A fresh interpreter (one that has loaded no build of the ops) run with `args`, `env` added to this one's."""
+    return subprocess.run([sys.executable, *args], env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=900)
 
 
 def test_a_cpu_target_that_is_not_a_name_is_refused_with_its_reason():
-    got = _python("from bricks.routing import cpu_kernels; print(cpu_kernels.reason())", BRICKS_CPU_MARCH="native -O0")
+    got = _python("-c", "from bricks.routing import cpu_kernels; print(cpu_kernels.reason())", BRICKS_CPU_MARCH="native -O0")
     assert "BRICKS_CPU_MARCH='native -O0' is not a compiler target name" in got.stdout, got.stderr[-2000:]
 
 
@@ -325,10 +325,9 @@ def test_the_avx2_build_passes_these_tests_too():
     """The AVX2 paths (`AVX2_LANES` in cpu_kernels.cpp) are compiled only without AVX-512, and CI machines are often
     AVX-512 ones: built for x86-64-v3 (AVX2, FMA, F16C), this file's other tests run again, in a process of their own
     (a process loads one build of the ops)."""
-    isa = _python("from bricks.routing import cpu_kernels; print(cpu_kernels.isa())", BRICKS_CPU_MARCH="x86-64-v3")
+    isa = _python("-c", "from bricks.routing import cpu_kernels; cpu_kernels.available(); print(cpu_kernels.isa())",
+                  BRICKS_CPU_MARCH="x86-64-v3")
     assert isa.stdout.strip() == "avx2", isa.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build"],
-                         env={**os.environ, "BRICKS_CPU_MARCH": "x86-64-v3"}, cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=900)
+    run = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build", BRICKS_CPU_MARCH="x86-64-v3")
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode == 0 and "passed" in summary and "skipped" not in summary, run.stdout[-3000:] + run.stderr[-1000:]

@@ -132,9 +132,10 @@ def available() -> bool:
     return reason() is None
 
 
-def isa() -> str:
-    """The vector instructions of the loaded build's hot loops: `avx512-bf16`, `avx512`, `avx2` or `generic`."""
-    return _ops().isa()
+def isa() -> str | None:
+    """The vector instructions of the loaded build's hot loops: `avx512-bf16`, `avx512`, `avx2` or `generic`; None
+    when this process has loaded no build (asking builds nothing: a results file records it for every run)."""
+    return torch.ops.bricks.isa() if hasattr(torch.ops.bricks, "isa") else None
 
 
 def _ops():
