@@ -98,6 +98,25 @@ def test_kernel_in_16_bits_sums_in_float32(tokens, hidden, d_ff, dtype):
     assert got.dtype == dtype
 
 
+@pytest.mark.parametrize("compute", [0.1, 0.5, 0.95])
+def test_bf16_pairs_count_the_dropped_rows_they_multiply(compute):
+    # From 4 tokens, bf16 rows go by pairs where the CPU has bf16 dot products: a dropped row beside a kept one is
+    # multiplied by 0, and a block of pairs most tokens touch runs for all of them. The executed fraction counts
+    # those products; the routed fraction does not.
+    sparse = _sparse(hidden=64, d_ff=96, dtype=torch.bfloat16, compute=compute)
+    sparse.set_path("kernel")
+    with torch.no_grad():
+        sparse(torch.randn(32, 64).bfloat16())
+    routed, executed = sparse.routed_fraction(), sparse.executed_fraction()
+    assert routed == pytest.approx(compute, abs=0.03)
+    if cpu_kernels.isa() != "avx512-bf16":
+        assert executed == routed
+    elif compute > 0.9:  # every input kept, nearly every neuron pair touched: every block runs densely
+        assert executed == 1.0
+    else:  # at most both rows of every pair a token keeps a row of
+        assert routed < executed <= 2 * routed
+
+
 def test_kernel_keeps_nan_inputs_so_they_show():
     sparse = _sparse()
     sparse.set_path("kernel")
@@ -111,7 +130,7 @@ def test_kernel_keeps_nan_inputs_so_they_show():
 
 def test_kernel_refuses_mismatched_tensors_with_one_line():
     sparse = _sparse()
-    counts = torch.zeros(3, dtype=torch.int64)
+    counts = torch.zeros(5, dtype=torch.int64)
     x = torch.randn(1, 40)
     with pytest.raises(RuntimeError, match="x must be contiguous tokens"):
         cpu_kernels.teal_ffn(x[0], sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts)
@@ -121,7 +140,7 @@ def test_kernel_refuses_mismatched_tensors_with_one_line():
         cpu_kernels.teal_ffn(x, sparse.w_in_t.t(), sparse.w_down_t, 20, 20, None, None, counts)
     with pytest.raises(RuntimeError, match="w_down_t must be a contiguous"):
         cpu_kernels.teal_ffn(x, sparse.w_in_t, sparse.w_down_t[:10], 20, 20, None, None, counts)
-    with pytest.raises(RuntimeError, match="counts must be 3 contiguous int64"):
+    with pytest.raises(RuntimeError, match="counts must be 5 contiguous int64"):
         cpu_kernels.teal_ffn(x, sparse.w_in_t, sparse.w_down_t, 20, 20, None, None, counts.int())
 
 

@@ -565,6 +565,15 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
 // the pairs with half the rows kept at random) where fp32 sums take one per row it keeps (0.5 of the rows).
 constexpr int64_t BLOCK_PAIRS = 32;  // a block of 32 pairs over CHUNK columns: 16 KB of bf16, in L1
 constexpr int64_t PAIR_TILE_SUMS = 65536;  // the most fp32 sums of all the tokens in a tile: 256 KB, in L2
+// A block that most of the tokens touch is run densely (`add_block`): every pair for every token, a 0 word where
+// a token keeps neither row. From BLOCK_TOKENS tokens at once, each of the block's vectors is loaded once for all of
+// them and 24 sums are in flight (a token's own pairs, in `add_pairs`, load every vector for it alone): on the
+// 2-core Zen 5 this was measured on, at least 3 of 5 (token, pair) products touched were cheaper run densely, and
+// the share between 0.4 and 0.7 changed nothing measurable (a probe whose output was not kept); a 32-token call of a
+// 4096x11008 FFN at compute 0.5 went from 0.76x to 1.02x dense.
+constexpr int BLOCK_TOKENS = 6;  // 6 x 4 sums, 4 vectors of the block and a token's word: 29 of 32 registers
+constexpr int BLOCK_VECTORS = 4;
+constexpr int64_t DENSE_OVER = 5, DENSE_UNDER = 3;  // dense when touched * 5 >= tokens * pairs * 3
 
 // What the tokens keep of a projection's input, by pairs of rows (2p, 2p + 1): the pairs any token keeps
 // (`active`, increasing; the others are not read at all), and per token the positions in `active` of the pairs
@@ -576,7 +585,43 @@ struct Pairs {
   std::vector<std::vector<uint32_t>> values;
   std::vector<int64_t> count;  // per token, of position and values
   int64_t n_active = 0;
+  // Per block b of BLOCK_PAIRS active pairs: token t's pairs in it are [first[b * tokens + t],
+  // first[(b + 1) * tokens + t]) of its positions, and dense[b] says whether the block runs densely.
+  std::vector<int64_t> first;
+  std::vector<uint8_t> dense;
+  int64_t multiplied = 0;  // rows multiplied by a token's value, summed over the tokens (0 for a row dropped too)
 };
+
+// Pairs::first, dense and multiplied, once per projection: every thread and tile goes over the same blocks.
+void plan_blocks(int64_t tokens, int64_t n_rows, Pairs& p) {
+  const int64_t n_blocks = (p.n_active + BLOCK_PAIRS - 1) / BLOCK_PAIRS;
+  int64_t* first = scratch(p.first, (n_blocks + 1) * tokens).data();
+  uint8_t* dense = scratch(p.dense, n_blocks).data();
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t* position = p.position[t].data();
+    int64_t i = 0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      first[b * tokens + t] = i;
+      while (i < p.count[t] && position[i] < (b + 1) * BLOCK_PAIRS) ++i;
+    }
+    first[n_blocks * tokens + t] = i;
+  }
+  // An odd row count leaves the last pair one row (its second is 0 in the block): it multiplies one.
+  const bool lone = n_rows % 2 && p.n_active > 0 && p.active[p.n_active - 1] == n_rows / 2;
+  p.multiplied = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t np = std::min(BLOCK_PAIRS, p.n_active - b * BLOCK_PAIRS);
+    const bool last = b == n_blocks - 1;
+    int64_t touched = 0, touch_lone = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t end = first[(b + 1) * tokens + t];
+      touched += end - first[b * tokens + t];
+      touch_lone += last && lone && end > first[b * tokens + t] && p.position[t][end - 1] == p.n_active - 1;
+    }
+    dense[b] = touched * DENSE_OVER >= tokens * np * DENSE_UNDER;
+    p.multiplied += dense[b] ? tokens * (2 * np - (last && lone)) : 2 * touched - touch_lone;
+  }
+}
 
 void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p, bool parallel) {
   const int64_t n_pairs = (n_rows + 1) / 2;
@@ -621,6 +666,7 @@ void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pai
     }
     p.count[t] = n;
   });
+  plan_blocks(tokens, n_rows, p);
 }
 
 // 16 bf16 weights of a row from column `from` of a chunk whose first `len` columns lie in the weight; 0 past them.
@@ -670,33 +716,67 @@ inline void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t*
   for (int v = 0; v < N; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
 }
 
-// tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks.
-void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
-                      int64_t tokens, float* out, bool parallel) {
+// f(std::integral_constant<int, min(k, Max)>{}) for k >= 1: a count the compiler must know.
+template <int Max, typename F>
+inline void with_count(int64_t k, const F& f) {
+  if constexpr (Max > 1) {
+    if (k < Max) return with_count<Max - 1>(k, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// For T tokens at once: s[t * s_stride + [0, 16 * V)) += every pair j of the block times words[j * w_stride + t],
+// token t's two values of it (0 for a row it drops). Each pair's V vectors are loaded once for the T tokens, and
+// T x V sums are in flight, where add_pairs loads them for every token and has V sums in flight.
+template <int T, int V>
+inline void add_block(float* s, int64_t s_stride, const __m512i* block, int64_t np, const uint32_t* words,
+                      int64_t w_stride) {
+  __m512 acc[T][V];
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_loadu_ps(s + t * s_stride + 16 * v);
+  for (int64_t j = 0; j < np; ++j) {
+    __m512bh w[V];
+    for (int v = 0; v < V; ++v) w[v] = reinterpret_cast<__m512bh>(block[j * (CHUNK / 16) + v]);
+    for (int t = 0; t < T; ++t) {
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(words[j * w_stride + t])));
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], x, w[v]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(s + t * s_stride + 16 * v, acc[t][v]);
+}
+
+// tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks. Returns
+// the rows multiplied by the tokens' values (Pairs::multiplied).
+int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
+                         int64_t tokens, float* out, bool parallel) {
   thread_local Pairs pairs;
   pairs_of(kept, tokens, n_rows, pairs, parallel);
   // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
   // than that cost, in a probe whose output was not kept), fewer for more tokens.
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK) * CHUNK;
   const Pairs& p = pairs;
+  // Tokens in groups as even as BLOCK_TOKENS allows (8 tokens as 4 + 4, not 6 + 2).
+  const int64_t groups = (tokens + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
   columns_over_threads(width, parallel, [&](int64_t begin, int64_t end) {
     // no wider than this thread's columns, and room for the last vector's columns past the width
     const int64_t stride = std::min(tile, (end - begin + 15) / 16 * 16);
     thread_local std::vector<float> sums_buffer;
-    thread_local std::vector<int64_t> cursor_buffer, lo_buffer;
+    thread_local std::vector<uint32_t> words_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
-    int64_t* cursor = scratch(cursor_buffer, tokens).data();
-    int64_t* lo = scratch(lo_buffer, tokens).data();
+    uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * tokens).data();  // a dense block's: [pair][token]
     alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
     for (int64_t c0 = begin; c0 < end; c0 += tile) {
       const int64_t c1 = std::min(end, c0 + tile);
       std::fill_n(sums, tokens * stride, 0.0f);
-      std::fill_n(cursor, tokens, 0);
-      for (int64_t j0 = 0; j0 < p.n_active; j0 += BLOCK_PAIRS) {
+      for (int64_t j0 = 0, b = 0; j0 < p.n_active; j0 += BLOCK_PAIRS, ++b) {
         const int64_t np = std::min(BLOCK_PAIRS, p.n_active - j0);
-        for (int64_t t = 0; t < tokens; ++t) {  // each token's pairs in this block: [lo, cursor)
-          lo[t] = cursor[t];
-          while (cursor[t] < p.count[t] && p.position[t][cursor[t]] < j0 + np) ++cursor[t];
+        const int64_t* lo = p.first.data() + b * tokens;  // token t's pairs in the block: [lo[t], hi[t])
+        const int64_t* hi = lo + tokens;
+        if (p.dense[b]) {
+          std::fill_n(words, np * tokens, 0u);
+          for (int64_t t = 0; t < tokens; ++t)
+            for (int64_t i = lo[t]; i < hi[t]; ++i) words[(p.position[t][i] - j0) * tokens + t] = p.values[t][i];
         }
         for (int64_t c = c0; c < c1; c += CHUNK) {
           const int64_t len = std::min(CHUNK, c1 - c);
@@ -704,38 +784,55 @@ void tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, con
           const int64_t ja = std::min(p.n_active, j0 + a.block * BLOCK_PAIRS);
           pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block, p.active.data() + ja,
                      std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
-          with_vectors((len + 15) / 16, [&](auto n) {
-            for (int64_t t = 0; t < tokens; ++t) {
-              add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
-                           cursor[t]);
+          const int64_t vectors = (len + 15) / 16;
+          if (p.dense[b]) {
+            for (int64_t g = 0, t0 = 0; g < groups; t0 += tokens / groups + (g < tokens % groups), ++g) {
+              for (int64_t v0 = 0; v0 < vectors; v0 += BLOCK_VECTORS) {
+                with_count<BLOCK_TOKENS>(tokens / groups + (g < tokens % groups), [&](auto nt) {
+                  with_count<BLOCK_VECTORS>(vectors - v0, [&](auto nv) {
+                    add_block<nt, nv>(sums + t0 * stride + (c - c0) + 16 * v0, stride, block + v0, np, words + t0,
+                                      tokens);
+                  });
+                });
+              }
             }
-          });
+          } else {
+            with_vectors(vectors, [&](auto n) {
+              for (int64_t t = 0; t < tokens; ++t) {
+                add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
+                             hi[t]);
+              }
+            });
+          }
         }
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
     }
   });
+  return p.multiplied;
 }
 #endif
 
 
 // out[t, c] = sum over the rows j token t keeps of its value * w[j, c] (v: the one token's input, all its entries).
+// Returns the rows multiplied, summed over the tokens: those they keep, and by pairs of bf16 rows also the rows
+// they drop beside them (multiplied by 0).
 template <typename T>
-void rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
-              const float* v, float* out, bool parallel) {
+int64_t rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept, int64_t tokens,
+                 const float* v, float* out, bool parallel) {
   if (tokens == 1) {
     token_rows_sum(w, width, kept[0].rows.data(), kept[0].count, v, out, parallel);
-    return;
+    return kept[0].count;
   }
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (tokens >= PACK_FROM) {
-      tokens_pairs_sum(w, width, n_rows, kept, tokens, out, parallel);
-      return;
-    }
+    if (tokens >= PACK_FROM) return tokens_pairs_sum(w, width, n_rows, kept, tokens, out, parallel);
   }
 #endif
   tokens_rows_sum(w, width, n_rows, kept, tokens, out, parallel);
+  int64_t multiplied = 0;
+  for (int64_t t = 0; t < tokens; ++t) multiplied += kept[t].count;
+  return multiplied;
 }
 
 template <typename T>
@@ -758,19 +855,23 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
   per_token(tokens, parallel, [&](int64_t t) {
     kept(xf + t * hidden, hidden, keep_in, static_cast<float>(t_in), in[t]);
   });
-  rows_sum(w_in, width, hidden, in, tokens, xf, h, parallel);
+  const int64_t multiplied_in = rows_sum(w_in, width, hidden, in, tokens, xf, h, parallel);
   per_token(tokens, parallel, [&](int64_t t) {  // SwiGLU: silu(gate) * up, gate first as in SparseFFN's w_in_t
     const float* ht = h + t * width;
     silu_mul(ht, ht + d_ff, a + t * d_ff, d_ff);
     kept(a + t * d_ff, d_ff, keep_act, static_cast<float>(t_act), act[t]);
   });
-  rows_sum(w_down, hidden, d_ff, act, tokens, a, y, parallel);
+  const int64_t multiplied_act = rows_sum(w_down, hidden, d_ff, act, tokens, a, y, parallel);
 
   int64_t* c = counts.data_ptr<int64_t>();
   c[0] += tokens;
+  c[3] += multiplied_in;
+  c[4] += multiplied_act;
   for (int64_t t = 0; t < tokens; ++t) {
     c[1] += in[t].count;
     c[2] += act[t].count;
+    c[3] -= in[t].count;
+    c[4] -= act[t].count;
   }
   at::Tensor out = at::empty({tokens, hidden}, x.options());
   T* op = out.data_ptr<T>();
@@ -781,7 +882,9 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& 
 // y [tokens, hidden] of tokens x [tokens, hidden]: keep_in / keep_act >= 0 keep that many entries of each token by
 // magnitude (top-k), < 0 keep those above t_in / t_act (calibrated thresholds). `parallel`: over torch's threads,
 // else on the calling thread (no change of the thread count, which costs the other operations of a decode step).
-// counts [3] (int64) gains the tokens and the rows they read (a row several tokens keep counts for each).
+// counts [5] (int64) gains the tokens, the input and neuron rows they keep (a row several tokens keep counts for
+// each), and the rows they multiply beside those (by pairs of bf16 rows: a dropped row beside a kept one, and
+// every row of a block run densely, multiplied by 0).
 at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Tensor& w_down_t, int64_t keep_in,
                     int64_t keep_act, double t_in, double t_act, bool parallel, at::Tensor counts) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) > 0,
@@ -793,8 +896,8 @@ at::Tensor teal_ffn(const at::Tensor& x, const at::Tensor& w_in_t, const at::Ten
               "teal_ffn: w_down_t must be a contiguous [d_ff, hidden] down weight");
   TORCH_CHECK(x.scalar_type() == w_in_t.scalar_type() && x.scalar_type() == w_down_t.scalar_type(),
               "teal_ffn: x and the weights must share one dtype");
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() == 3 && counts.is_contiguous(),
-              "teal_ffn: counts must be 3 contiguous int64");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() == 5 && counts.is_contiguous(),
+              "teal_ffn: counts must be 5 contiguous int64");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "teal_ffn", [&] {
     out = ffn<scalar_t>(x, w_in_t, w_down_t, keep_in, keep_act, t_in, t_act, parallel, counts);

@@ -149,9 +149,11 @@ def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep
              t_in: float | None, t_act: float | None, counts: torch.Tensor, parallel: bool = True) -> torch.Tensor:
     """y `[tokens, hidden]` of `x` `[tokens, hidden]` through a gated SiLU FFN stored unit-major (`SparseFFN`): top-k
     selection with `keep_in` inputs and `keep_act` neurons, or threshold selection where `t_in` / `t_act` are
-    given, per token. `counts` (int64 `[3]`) gains the tokens and the input and neuron rows they read (a row
-    several tokens keep is read from memory once, and counted for each). `parallel=False` runs on the calling
-    thread only."""
+    given, per token. `counts` (int64 `[5]`) gains the tokens, the input and neuron rows they keep (a row several
+    tokens keep is read from memory once, and counted for each), and the input and neuron rows multiplied beside
+    those: bf16 weights from 4 tokens on go by pairs of rows (AVX-512 bf16 dot products), where a dropped row
+    beside a kept one is multiplied by 0, and a block of pairs most tokens touch runs for every token (the
+    executed fraction counts them). `parallel=False` runs on the calling thread only."""
     return _ops().teal_ffn(x, w_in_t, w_down_t, -1 if t_in is not None else keep_in,
                            -1 if t_act is not None else keep_act, t_in or 0.0, t_act or 0.0, parallel, counts)
 

@@ -194,9 +194,11 @@ class SparseFFN(SparsePaths, RoutedFFN):
 
     def _fraction(self, which: int) -> float | None:
         tokens, n_in, n_act = self.counts[0], self.counts[which], self.counts[which + 1]
-        if self._kernel_counts is not None:  # the compiled paths read what they select: routed and executed alike
+        if self._kernel_counts is not None:  # the compiled paths: rows kept, then those multiplied beside them
             kernel = self._kernel_counts.tolist()
-            tokens, n_in, n_act = tokens + kernel[0], n_in + kernel[1], n_act + kernel[2]
+            extra = which == 3  # executed: bf16 pairs in the CPU kernel also multiply dropped rows by 0
+            tokens = tokens + kernel[0]
+            n_in, n_act = n_in + kernel[1] + extra * kernel[3], n_act + kernel[2] + extra * kernel[4]
         if tokens == 0:
             return None
         return self._macs(float(n_in) / tokens, float(n_act) / tokens) / self.dense_macs_per_token()

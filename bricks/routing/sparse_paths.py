@@ -140,9 +140,10 @@ class SparsePaths:
         return out.sum(0)
 
     def _counts_on(self, device) -> torch.Tensor:
-        """The compiled paths' counts (tokens, inputs and neurons read), kept where they run."""
+        """The compiled paths' counts, kept where they run: tokens, inputs and neurons kept, then inputs and neurons
+        multiplied beside those (`cpu_kernels.teal_ffn`; the triton path multiplies only what it keeps)."""
         if self._kernel_counts is None or self._kernel_counts.device != device:
-            self._kernel_counts = torch.zeros(3, dtype=torch.int64, device=device)
+            self._kernel_counts = torch.zeros(5, dtype=torch.int64, device=device)
         return self._kernel_counts
 
     def set_path(self, path: str | None) -> None:
