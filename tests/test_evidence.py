@@ -513,6 +513,64 @@ HEADLINES += [
 HEADLINES.append(("bench/README.md", "capture takes **{}x**", "capture_cpu.json",
                   lambda r: f"{r['capture_s'] / r['plain_s']:.2f}"))
 
+# Zen 5, the kernel's dense blocks of bf16 pairs: two runs before and two after, alternating.
+BLOCKS_BEFORE = ("ffn_teal_bf16_batches_before1_zen5_cpu.json", "ffn_teal_bf16_batches_before2_zen5_cpu.json")
+BLOCKS_AFTER = ("ffn_teal_bf16_batches1_zen5_cpu.json", "ffn_teal_bf16_batches2_zen5_cpu.json")
+
+
+def before_after_row(shape: str, d_ff: int, batch: int, active: float, busy: int) -> str:
+    """A row of the before / after table: each run's cell by the median / the mean, then the path of the last."""
+    cells = [cell(load(name), d_ff, "bfloat16", batch, active, busy) for name in BLOCKS_BEFORE + BLOCKS_AFTER]
+    runs = " | ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x" for x in cells)
+    return f"| {shape} | {batch} | {active} | {'busy' if busy else 'idle'} | {runs} | {cells[-1]['path']} |"
+
+
+def span(rows: list[dict], key: str) -> str:
+    """The lowest and highest of `rows` by `key`, as "a-b"."""
+    return f"{lowest(rows, key)}-{max(x[key] for x in rows):.2f}x"
+
+
+def runs_speedup(names: tuple[str, ...], d_ff: int, batch: int, active: float, busy: int = 0) -> str:
+    """The speedups by the median of one cell in each of the runs, as "a and b"."""
+    return " and ".join(ffn_speedup(load(name), d_ff, "bfloat16", batch, active, busy) for name in names)
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", BLOCKS_AFTER[1],
+       lambda r, shape=shape, d=d, batch=batch, active=active, busy=busy: before_after_row(shape, d, batch, active, busy))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for busy in (0, 1)
+      for active in (0.5, 0.25)],
+    ("bench/README.md", "idle, went from {} to 0.94x", BLOCKS_AFTER[1], lambda r: runs_speedup(BLOCKS_BEFORE, 11008, 32, 0.5)),
+    ("bench/README.md", "0.82x to {}; the other cells", BLOCKS_AFTER[1],
+     lambda r: runs_speedup(BLOCKS_AFTER, 11008, 32, 0.5).replace(" and ", "\nand ")),
+    ("bench/README.md", "small batch of 32 at 0.5: {} before", BLOCKS_AFTER[1], lambda r: runs_speedup(BLOCKS_BEFORE, 1536, 32, 0.5)),
+    ("bench/README.md", "before, {} after).", BLOCKS_AFTER[1], lambda r: runs_speedup(BLOCKS_AFTER, 1536, 32, 0.5)),
+    ("bench/README.md", "Below 0.9x by the median: {} of the 16 cells before", BLOCKS_AFTER[1],
+     lambda r: " and ".join(str(below(load(n)["rows"], "speedup")) for n in BLOCKS_BEFORE)),
+    ("bench/README.md", "cells before, {} after;\nby the mean", BLOCKS_AFTER[1],
+     lambda r: " and ".join(str(below(load(n)["rows"], "speedup")) for n in BLOCKS_AFTER)),
+    ("bench/README.md", "by the mean {} before, 1 and 1", BLOCKS_AFTER[1],
+     lambda r: " and ".join(str(below(load(n)["rows"], "speedup_mean")) for n in BLOCKS_BEFORE)),
+    ("bench/README.md", "2 and 2 before, {} after (a batch", BLOCKS_AFTER[1],
+     lambda r: " and ".join(str(below(load(n)["rows"], "speedup_mean")) for n in BLOCKS_AFTER)),
+    ("bench/README.md", "these cells {}\nby the median", BLOCKS_AFTER[1],
+     lambda r: span([x for n in BLOCKS_AFTER for x in ffn_rows(load(n), 1536, 1)], "speedup")),
+    ("bench/README.md", "by the median, {} by the mean: one thread", BLOCKS_AFTER[1],
+     lambda r: span([x for n in BLOCKS_AFTER for x in ffn_rows(load(n), 1536, 1)], "speedup_mean")),
+    ("bench/README.md", "the kernel is {} dense on the small shape", "ffn_teal_bf16_compute_blocks_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.99)),
+    ("bench/README.md", "shape and\n{} on the large one", "ffn_teal_bf16_compute_blocks_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "bfloat16", 32, 0.99)),
+    ("bench/README.md", "at 0.5 {}.\nAt 32 tokens", "ffn_teal_bf16_compute_blocks_zen5_cpu.json",
+     lambda r: f"{ffn_speedup(r, 1536, 'bfloat16', 32, 0.5)} and {ffn_speedup(r, 11008, 'bfloat16', 32, 0.5)}"),
+    ("README.md", "at 0.5\n  went to {} dense in two runs", BLOCKS_AFTER[1], lambda r: runs_speedup(BLOCKS_AFTER, 11008, 32, 0.5)),
+    ("README.md", "in two runs ({} before)", BLOCKS_AFTER[1], lambda r: runs_speedup(BLOCKS_BEFORE, 11008, 32, 0.5)),
+    ("README.md", "with every row kept to {}; the small", "ffn_teal_bf16_compute_blocks_zen5_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "bfloat16", 32, 0.99)),
+    ("README.md", "(at least {} by the mean)", BLOCKS_AFTER[1],
+     lambda r: lowest([x for n in BLOCKS_AFTER for x in ffn_rows(load(n), 1536, 1)], "speedup_mean")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
