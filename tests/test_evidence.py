@@ -571,6 +571,30 @@ HEADLINES += [
      lambda r: lowest([x for n in BLOCKS_AFTER for x in ffn_rows(load(n), 1536, 1)], "speedup_mean")),
 ]
 
+# Zen 5, the top-k's bisection stopping early: two runs before and two after, alternating, the kernel path fixed.
+SELECTION_RUNS = ("ffn_teal_selection_before1_zen5_cpu.json", "ffn_teal_selection_before2_zen5_cpu.json",
+                  "ffn_teal_selection1_zen5_cpu.json", "ffn_teal_selection2_zen5_cpu.json")
+
+
+def selection_row(dt: str, batch: int, active: float) -> str:
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[dt]
+    cells = [cell(load(name), 1536, dtype, batch, active) for name in SELECTION_RUNS]
+    return f"| {dt} | {batch} | {active} | " + " | ".join(f"{x['speedup']:.2f}x ({x['bricked_ms']:.3f} ms)" for x in cells) + " |"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", SELECTION_RUNS[3], lambda r, dt=dt, batch=batch, active=active: selection_row(dt, batch, active))
+      for dt in ("fp32", "bf16") for batch in (1, 32) for active in (0.5, 0.25)],
+    ("bench/README.md", "The bf16 batch of 32 at 0.5 went from {} to 0.97x", SELECTION_RUNS[3],
+     lambda r: " and ".join(ffn_speedup(load(n), 1536, "bfloat16", 32, 0.5) for n in SELECTION_RUNS[:2])),
+    ("bench/README.md", "0.89x to {} dense (in the second", SELECTION_RUNS[3],
+     lambda r: " and\n".join(ffn_speedup(load(n), 1536, "bfloat16", 32, 0.5) for n in SELECTION_RUNS[2:])),
+    ("bench/README.md", "dense calls were slower too:\n{} ms against", SELECTION_RUNS[3],
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['dense_ms']:.3f}"),
+    ("bench/README.md", "ms against {} ms in the other three", SELECTION_RUNS[3],
+     lambda r: "{:.3f}-{:.3f}".format(*sorted(cell(load(n), 1536, "bfloat16", 32, 0.5)["dense_ms"] for n in SELECTION_RUNS[:3])[::2])),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
