@@ -213,7 +213,8 @@ V& scratch(V& v, size_t n) {
 // each byte's values) took a scalar increment per candidate and pass, the largest cost after the sums in a
 // 32-token call (bench/README.md, "Several tokens": before and after). Once exactly `keep` keys are at or above the
 // answer so far, the rest of its bits are those of the least of them: one pass finds it, where the remaining bits
-// took a pass each (about a third of them for random magnitudes, which part from each other well before the last bit).
+// took a pass each. Magnitudes of random normal values part from each other after 16-20 of the 31 bits (576 to 11008
+// of them, a simulation whose output was not kept).
 uint32_t kth_largest_key(const uint32_t* keys, int64_t n, int64_t keep, int top_bit) {
   uint32_t answer = 0;
   for (int bit = top_bit; bit >= 0; --bit) {
@@ -574,11 +575,11 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
 constexpr int64_t BLOCK_PAIRS = 32;  // a block of 32 pairs over CHUNK columns: 16 KB of bf16, in L1
 constexpr int64_t PAIR_TILE_SUMS = 65536;  // the most fp32 sums of all the tokens in a tile: 256 KB, in L2
 // A block that most of the tokens touch is run densely (`add_block`): every pair for every token, a 0 word where
-// a token keeps neither row. From BLOCK_TOKENS tokens at once, each of the block's vectors is loaded once for all of
-// them and 24 sums are in flight (a token's own pairs, in `add_pairs`, load every vector for it alone): on the
-// 2-core Zen 5 this was measured on, at least 3 of 5 (token, pair) products touched were cheaper run densely, and
-// the share between 0.4 and 0.7 changed nothing measurable (a probe whose output was not kept); a 32-token call of a
-// 4096x11008 FFN at compute 0.5 went from 0.76x to 1.02x dense.
+// a token keeps neither row. BLOCK_TOKENS tokens at once, each of the block's vectors is loaded once for all of them
+// and 24 sums are in flight (a token's own pairs, in `add_pairs`, load every vector for it alone). A block runs
+// densely where the tokens touch at least 3 in 5 of its (token, pair) products; on the Zen 5 this was measured on,
+// any share from 0.4 to 0.7 timed the same (a probe whose output was not kept). bench/README.md, "On an AMD Zen 5
+// CPU", has the batches before and after.
 constexpr int BLOCK_TOKENS = 6;  // 6 x 4 sums, 4 vectors of the block and a token's word: 29 of 32 registers
 constexpr int BLOCK_VECTORS = 4;
 constexpr int64_t DENSE_OVER = 5, DENSE_UNDER = 3;  // dense when touched * 5 >= tokens * pairs * 3
@@ -712,7 +713,8 @@ void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int
 
 // s[0, 16 * N) += the token's pairs [lo, hi) of the block (whose first active pair is j0), the sums in registers.
 // Not inlined, nor is add_block: inlined together into tokens_pairs_sum, this loop was compiled with its sums moved
-// between registers and ran about 8% slower (32 tokens at compute 0.25, 4096x11008, where no block runs densely).
+// between registers and ran about 8% slower (32 tokens at compute 0.25, 4096x11008, where no block runs densely; a
+// probe whose output was not kept).
 template <int N>
 __attribute__((noinline)) void add_pairs(float* s, const __m512i* block, int64_t j0, const int64_t* position,
                                          const uint32_t* values, int64_t lo, int64_t hi) {
