@@ -452,21 +452,14 @@ constexpr int REGISTER_VECTORS = 8;
 constexpr int REGISTER_VECTORS = 4;
 #endif
 
-// f(std::integral_constant<int, vectors>{}) for `vectors` in [1, CHUNK / 16]: a chunk's sums are held in that many
-// registers, a count the compiler must know (a chunk at the end of a thread's columns may be shorter than CHUNK).
-template <typename F>
-inline void with_vectors(int64_t vectors, const F& f) {
-  static_assert(CHUNK / 16 == 8, "one case per vector count of a chunk");
-  switch (vectors) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+// f(std::integral_constant<int, min(k, Max)>{}) for k >= 1: a count the compiler must know, such as the vectors of
+// sums held in registers over a chunk (one at the end of a thread's columns may be shorter than CHUNK).
+template <int Max, typename F>
+inline void with_count(int64_t k, const F& f) {
+  if constexpr (Max > 1) {
+    if (k < Max) return with_count<Max - 1>(k, f);
   }
+  f(std::integral_constant<int, Max>{});
 }
 
 // add_rows over a chunk's `vectors` vectors of columns, REGISTER_VECTORS at a time.
@@ -474,7 +467,7 @@ template <typename R>
 inline void add_chunk_rows(int64_t vectors, float* s, const R* from, int64_t first_row, int64_t row_width,
                            const int64_t* rows, const float* values, size_t lo, size_t hi) {
   for (int64_t v = 0; v < vectors; v += REGISTER_VECTORS) {
-    with_vectors(std::min<int64_t>(REGISTER_VECTORS, vectors - v), [&](auto n) {
+    with_count<REGISTER_VECTORS>(vectors - v, [&](auto n) {
       add_rows<n>(s + 16 * v, from + 16 * v, first_row, row_width, rows, values, lo, hi);
     });
   }
@@ -728,15 +721,6 @@ __attribute__((noinline)) void add_pairs(float* s, const __m512i* block, int64_t
   for (int v = 0; v < N; ++v) _mm512_storeu_ps(s + 16 * v, acc[v]);
 }
 
-// f(std::integral_constant<int, min(k, Max)>{}) for k >= 1: a count the compiler must know.
-template <int Max, typename F>
-inline void with_count(int64_t k, const F& f) {
-  if constexpr (Max > 1) {
-    if (k < Max) return with_count<Max - 1>(k, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
-
 // For T tokens at once: s[t * s_stride + [0, 16 * V)) += every pair j of the block times words[j * w_stride + t],
 // token t's two values of it (0 for a row it drops). Each pair's V vectors are loaded once for the T tokens, and
 // T x V sums are in flight, where add_pairs loads them for every token and has V sums in flight.
@@ -798,18 +782,20 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
                      std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
           const int64_t vectors = (len + 15) / 16;
           if (p.dense[b]) {
-            for (int64_t g = 0, t0 = 0; g < groups; t0 += tokens / groups + (g < tokens % groups), ++g) {
+            for (int64_t g = 0, t0 = 0; g < groups; ++g) {
+              const int64_t size = tokens / groups + (g < tokens % groups);
               for (int64_t v0 = 0; v0 < vectors; v0 += BLOCK_VECTORS) {
-                with_count<BLOCK_TOKENS>(tokens / groups + (g < tokens % groups), [&](auto nt) {
+                with_count<BLOCK_TOKENS>(size, [&](auto nt) {
                   with_count<BLOCK_VECTORS>(vectors - v0, [&](auto nv) {
                     add_block<nt, nv>(sums + t0 * stride + (c - c0) + 16 * v0, stride, block + v0, np, words + t0,
                                       tokens);
                   });
                 });
               }
+              t0 += size;
             }
           } else {
-            with_vectors(vectors, [&](auto n) {
+            with_count<CHUNK / 16>(vectors, [&](auto n) {
               for (int64_t t = 0; t < tokens; ++t) {
                 add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
                              hi[t]);
