@@ -376,8 +376,14 @@ def avx2_row(router: str, shape: str, d_ff: int, dt: str, batch: int) -> str:
             f"{after['bricked_ms']:.3f} | {before['dense_ms']:.3f} / {after['dense_ms']:.3f} |")
 
 
+def span(rows: list[dict], key: str, form: str = "{:.2f}x") -> str:
+    """The lowest and highest of `rows` by `key`, as "a-b" (speedups unless `form` says otherwise)."""
+    values = [x[key] for x in rows]
+    return f"{form.format(min(values))}-{form.format(max(values))}"
+
+
 def speedup_range(r: dict) -> str:
-    return f"{lowest(r['rows'], 'speedup')}-{max(x['speedup'] for x in r['rows']):.2f}x"
+    return span(r["rows"], "speedup")
 
 
 HEADLINES += [
@@ -525,9 +531,6 @@ def before_after_row(shape: str, d_ff: int, batch: int, active: float, busy: int
     return f"| {shape} | {batch} | {active} | {'busy' if busy else 'idle'} | {runs} | {cells[-1]['path']} |"
 
 
-def span(rows: list[dict], key: str) -> str:
-    """The lowest and highest of `rows` by `key`, as "a-b"."""
-    return f"{lowest(rows, key)}-{max(x[key] for x in rows):.2f}x"
 
 
 def runs_speedup(names: tuple[str, ...], d_ff: int, batch: int, active: float, busy: int = 0) -> str:
@@ -592,7 +595,7 @@ HEADLINES += [
     ("bench/README.md", "dense calls were slower too:\n{} ms against", SELECTION_RUNS[3],
      lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['dense_ms']:.3f}"),
     ("bench/README.md", "ms against {} ms in the other three", SELECTION_RUNS[3],
-     lambda r: "{:.3f}-{:.3f}".format(*sorted(cell(load(n), 1536, "bfloat16", 32, 0.5)["dense_ms"] for n in SELECTION_RUNS[:3])[::2])),
+     lambda r: span([cell(load(n), 1536, "bfloat16", 32, 0.5) for n in SELECTION_RUNS[:3]], "dense_ms", "{:.3f}")),
 ]
 
 # bench/README.md's durations table: one row per job of the file.
