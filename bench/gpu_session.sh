@@ -27,3 +27,8 @@ step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat
 step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
 step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
   --json $OUTDIR/ffn_centroid_masked_$TAG.json
+# Batches under --dense-fallback run `dense` off the CPU (`RoutedFFN.untimed_path`): the batch of 32 should be ~1.0x.
+step ffn-teal-fallback timeout 150 python3 bench/bench_ffn.py --device cuda --busy 0 --batch 8 --batch 32 --active 0.5 \
+  --router teal --selection threshold --dense-fallback --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_fallback_$TAG.json
+step ffn-bricks-fallback timeout 150 python3 bench/bench_ffn.py --device cuda --busy 0 --batch 8 --batch 32 --active 0.5 \
+  --router centroid --dense-fallback --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_fallback_$TAG.json

@@ -175,6 +175,22 @@ def test_dense_fallback_is_opt_in_and_counted(llama, kind, monkeypatch):
     assert routed.executed_fraction() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("kind", ["teal", "bricks"])
+def test_off_the_cpu_only_a_batch_falls_back_to_dense(llama, kind):
+    """Off the CPU calls are not timed: with `dense_fallback` a batch takes `dense` there (the routed batch paths
+    lost to it on a GPU), a decode token keeps its sparse path; without it nothing leaves the routed function. A
+    tensor on the meta device stands for one on a GPU (the rule looks only at the device's type)."""
+    model, _ = llama
+    f = ffns(model)[0]
+    routed = SparseFFN(f, 0.5) if kind == "teal" else \
+        BrickedFFN(f, bricks.partition(model, "random", 8).assignments[0], router="centroid", active=0.5)
+    batch, token = torch.empty(8, 32, device="meta"), torch.empty(1, 32, device="meta")
+    assert routed.choose_path(batch) == (routed.static_path(8), None) and routed.static_path(8) != "dense"
+    routed.dense_fallback = True
+    assert routed.choose_path(batch) == ("dense", None)
+    assert routed.choose_path(token) == (routed.static_path(1), None) and routed.static_path(1) != "dense"
+
+
 def test_a_serial_path_runs_on_one_thread_and_gives_the_threads_back(llama):
     model, _ = llama
     sparse = SparseFFN(ffns(model)[0], 0.5)

@@ -46,6 +46,13 @@ class RoutedFFN(nn.Module):
         """The path off the CPU, where calls are not timed."""
         raise NotImplementedError
 
+    def untimed_path(self, tokens: int) -> str:
+        """The path off the CPU, where calls are not timed (a timing needs the host to wait, which a CUDA graph cannot
+        capture): `static_path`, or `dense` for several tokens under `dense_fallback`. The routed batch paths there
+        (`masked`, `grouped`) ran 0.29x-0.74x dense at 32 tokens on an H200 (bench/README.md), and `masked` is dense
+        matmuls plus its masks; the decode token keeps its sparse path (as TEAL and CATS serve)."""
+        return "dense" if self.dense_fallback and tokens > 1 else self.static_path(tokens)
+
     def shape_key(self) -> tuple:
         """What makes two modules' calls cost the same: shapes and settings."""
         raise NotImplementedError
@@ -56,7 +63,7 @@ class RoutedFFN(nn.Module):
         if self.path is not None:
             return self.path, None
         if x.device.type != "cpu":
-            return self.static_path(tokens), None
+            return self.untimed_path(tokens), None
         key = self.timing_key(x)
         paths = self.paths_for(tokens) + (("dense",) if self.dense_fallback else ())
         return CHOOSER.choose(key, with_serial(paths, torch.get_num_threads())), key

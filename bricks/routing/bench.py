@@ -200,7 +200,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                     # The mean: what a run of these calls waits in all, stalls included (see `bench_ffn`'s doc).
                     mean_dense, mean = (sum(v) / len(v) for v in (dense_times, routed_times))
                     routed = copies[0]
-                    chosen = routed.path or CHOOSER.best(key) or routed.static_path(batch)
+                    chosen = routed.path or CHOOSER.best(key) or routed.untimed_path(batch)
                     # One more call, counted, on the chosen path: left to the chooser, it could be a runner-up's
                     # re-measurement, whose executed fraction would be reported as the chosen path's.
                     routed.set_path(chosen)
