@@ -598,6 +598,18 @@ HEADLINES += [
      lambda r: span([cell(load(n), 1536, "bfloat16", 32, 0.5) for n in SELECTION_RUNS[:3]], "dense_ms", "{:.3f}")),
 ]
 
+HELPERS_BEFORE = ("ffn_teal_helpers_before1_zen5_cpu.json", "ffn_teal_helpers_before2_zen5_cpu.json")
+HELPERS_AFTER = ("ffn_teal_helpers1_zen5_cpu.json", "ffn_teal_helpers2_zen5_cpu.json")
+
+HEADLINES += [
+    ("bench/README.md", "batch of 32 at 0.5: {} before", HELPERS_AFTER[1], lambda r: runs_speedup(HELPERS_BEFORE, 1536, 32, 0.5)),
+    ("bench/README.md", "before, {}\nwith the patch)", HELPERS_AFTER[1],
+     lambda r: runs_speedup(HELPERS_AFTER, 1536, 32, 0.5)),
+    ("bench/README.md", "(that cell {} before, 0.54x", HELPERS_AFTER[1], lambda r: runs_speedup(HELPERS_BEFORE, 1536, 32, 0.5, 1)),
+    ("bench/README.md", "before, {} with it)", HELPERS_AFTER[1], lambda r: runs_speedup(HELPERS_AFTER, 1536, 32, 0.5, 1)),
+]
+
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
@@ -638,3 +650,11 @@ def test_no_measured_figure_in_code_docstrings():
     found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sorted((ROOT / "bricks").rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if figure.search(line)]
     assert not found, "measured figures in code:\n" + "\n".join(found)
+
+
+def test_the_helpers_patch_took_one_thread_idle():
+    """bench/README.md: idle, the chooser took `kernel@1` in every cell with the patch, and `kernel` before."""
+    for name in HELPERS_AFTER:
+        assert {x["path"] for x in ffn_rows(load(name), 1536, 0)} == {"kernel@1"}, name
+    for name in HELPERS_BEFORE:
+        assert {x["path"] for x in ffn_rows(load(name), 1536, 0)} == {"kernel"}, name

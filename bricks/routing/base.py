@@ -49,8 +49,8 @@ class RoutedFFN(nn.Module):
     def untimed_path(self, tokens: int) -> str:
         """The path off the CPU, where calls are not timed (a timing needs the host to wait, which a CUDA graph cannot
         capture): `static_path`, or `dense` for several tokens under `dense_fallback`. The routed batch paths there
-        (`masked`, `grouped`) ran 0.29x-0.74x dense at 32 tokens on an H200 (bench/README.md), and `masked` is dense
-        matmuls plus its masks; the decode token keeps its sparse path (as TEAL and CATS serve)."""
+        (`masked`, `grouped`) were slower than dense at 32 tokens on an H200 (bench/README.md), and `masked` is
+        dense matmuls plus its masks; the decode token keeps its sparse path (as TEAL and CATS serve)."""
         return "dense" if self.dense_fallback and tokens > 1 else self.static_path(tokens)
 
     def shape_key(self) -> tuple:
