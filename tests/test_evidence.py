@@ -610,6 +610,23 @@ HEADLINES += [
      lambda r: span(grid(r, 1), "speedup")),
 ]
 
+PATHS_BUSY = ("ffn_teal_paths_busy1_zen5_cpu.json", "ffn_teal_paths_busy2_zen5_cpu.json")
+
+
+def busy_paths(path: str, key: str) -> str:
+    """The range of `key` over the cells of the fixed-path busy runs on `path`."""
+    return span([x for n in PATHS_BUSY for x in load(n)["rows"] if x["path"] == path], key)
+
+
+HEADLINES += [
+    ("bench/README.md", "`kernel` was\n{} dense by the median", PATHS_BUSY[1], lambda r: busy_paths("kernel", "speedup")),
+    ("bench/README.md", "but {} by the\nmean (its stalls)", PATHS_BUSY[1], lambda r: busy_paths("kernel", "speedup_mean")),
+    ("bench/README.md", "`kernel@1` {} by the median", PATHS_BUSY[1], lambda r: busy_paths("kernel@1", "speedup")),
+    ("bench/README.md", "and {}\nby the mean; `masked`", PATHS_BUSY[1], lambda r: busy_paths("kernel@1", "speedup_mean")),
+    ("bench/README.md", "`masked` {} by the median", PATHS_BUSY[1], lambda r: busy_paths("masked", "speedup")),
+]
+
+
 HEADLINES += [
     ("bench/README.md", "batch of 32 at 0.5: {} before", HELPERS_AFTER[1], lambda r: runs_speedup(HELPERS_BEFORE, 1536, 32, 0.5)),
     ("bench/README.md", "before, {}\nwith the patch)", HELPERS_AFTER[1],
