@@ -624,6 +624,8 @@ HEADLINES += [
     ("bench/README.md", "`kernel@1` {} by the median", PATHS_BUSY[1], lambda r: busy_paths("kernel@1", "speedup")),
     ("bench/README.md", "and {}\nby the mean; `masked`", PATHS_BUSY[1], lambda r: busy_paths("kernel@1", "speedup_mean")),
     ("bench/README.md", "`masked` {} by the median", PATHS_BUSY[1], lambda r: busy_paths("masked", "speedup")),
+    ("README.md", "both threads is {} dense by", PATHS_BUSY[1], lambda r: busy_paths("kernel", "speedup")),
+    ("README.md", "the median but {} by the mean (its stalls)", PATHS_BUSY[1], lambda r: busy_paths("kernel", "speedup_mean")),
 ]
 
 
