@@ -111,8 +111,54 @@ def test_grouped_brick_path_is_the_masked_function(llama_dir, device, dtype):
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, **tol)
     assert ffn.executed_fraction() == pytest.approx(ffn.compute_fraction())  # only the selected bricks ran
-    if dtype == torch.bfloat16:
-        assert ffn.static_path(1) == "grouped" and ffn.static_path(32) == "grouped"
+    if dtype == torch.bfloat16:  # a decode token takes the triton path where it runs (below)
+        assert ffn.static_path(1) == ("triton" if kernels.available(torch.device(device)) else "grouped")
+        assert ffn.static_path(32) == "grouped"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_brick_rows_reads_the_selected_bricks(device, dtype):
+    """One token through k of n bricks: gate|up rows as dot products, then the down rows with the activations
+    computed inside; shapes that are not multiples of the tiles, so their edges are masked."""
+    _needs_kernel(device)
+    g = torch.Generator().manual_seed(0)
+    n, size, hidden = 10, 70, 300
+    w_in = torch.randn(n, 2 * size, hidden, generator=g).to(device, dtype) / hidden ** 0.5
+    w_down = torch.randn(n, size, hidden, generator=g).to(device, dtype) / size ** 0.5
+    x = torch.randn(hidden, generator=g).to(device, dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for chosen in ([7, 0, 3, 9, 4, 1], [5]):  # more bricks than one program sums, and one
+        idx = torch.tensor(chosen, device=device)
+        h = w_in[idx].float() @ x.float()
+        a = F.silu(h[:, :size]) * h[:, size:]
+        ref = torch.einsum("js,jsh->h", a, w_down[idx].float())
+        torch.testing.assert_close(kernels.brick_rows(x, w_in, w_down, idx), ref, **tol)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.brick_rows(x[:10], w_in, w_down, idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bricked_ffn_triton_path_is_the_routed_function(llama_dir, device):
+    """A decode token on the triton path computes what `masked` computes and runs only its k bricks; a router
+    whose brick count varies per token is refused with the reason."""
+    _needs_kernel(device)
+    model, _ = bricks.load_model(llama_dir, device=device)
+    f = ffns(model)[0]
+    g = torch.Generator().manual_seed(0)
+    assignment = torch.randperm(f.d_ff, generator=g) % 8
+    ffn = BrickedFFN(f, assignment, router="centroid", active=0.5)
+    x = torch.randn(3, f.down_weight().shape[0], generator=g).to(device)
+    with torch.no_grad():
+        ffn.set_path("masked")
+        ref = ffn(x)
+        assert ffn.static_path(1) == "triton"
+        ffn.set_path("triton")
+        ffn.reset_counts()
+        torch.testing.assert_close(ffn(x), ref, atol=1e-5, rtol=1e-4)
+    assert ffn.executed_fraction() == pytest.approx(ffn.compute_fraction())
+    varying = BrickedFFN(f, assignment, router="threshold", active=0.5)
+    assert varying.static_path(1) != "triton" and "exactly k bricks" in varying._triton_refusal()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,5 @@
-"""The tokens of a bricked FFN in one call of the compiled CPU kernel (`bricks.routing.cpu_kernels`).
+"""The tokens of a bricked FFN in one call of a compiled kernel: the CPU's (`bricks.routing.cpu_kernels`), and on a
+GPU triton's (`bricks.routing.kernels.brick_rows`, the `triton` path of a decode token).
 
 In eager torch a decode token runs a few small matmuls per selected brick, and each costs tens of microseconds
 (more in bf16), which a small FFN's whole dense call does not: with half of 64 bricks selected on the default
@@ -8,6 +9,10 @@ with the tokens that chose them and then their down rows, in one call.
 
 Every dtype stores W_down's rows brick by brick (`BrickedFFN`), so that each token's down projection is the sum
 of its selected bricks' rows, several tokens' in one pass over the rows.
+
+On a GPU a decode token's grouped GEMMs have one row per group, a shape they are not built for (`bench/README.md`,
+"On a GPU"), and gathering the k bricks' weights copies them: the triton path reads each selected brick's rows in
+place, a block of rows per program.
 """
 
 from __future__ import annotations
@@ -38,9 +43,15 @@ class BrickKernel:
         """Whether the kernel computes this FFN's routed function: gated SiLU, no input bias, no bricks beside."""
         return self._kernel_refusal() is None
 
-    def _kernel_refusal(self) -> str | None:
+    def _fused_refusal(self) -> str | None:
+        """Why a kernel computing `silu(gate) * up` inside cannot run this FFN's routed function, or None."""
         if not (self.gated and isinstance(self.act, SILU) and self.b_in is None and self.beside is None):
             return "it needs a gated SiLU FFN with no input bias or bricks beside"
+        return None
+
+    def _kernel_refusal(self) -> str | None:
+        if self._fused_refusal() is not None:
+            return self._fused_refusal()
         if self.w_in.dtype == torch.float64:
             return "it sums in fp32, below float64's precision"
         if self.router is not None and self.router.reuses_gate:  # the kernel would compute the gate rows again
@@ -53,3 +64,30 @@ class BrickKernel:
         if why is not None:
             raise BricksError(f"the kernel path is not available here: {why}")
         return cpu_kernels.brick_ffn(x.contiguous(), self.w_in, self.w_down, sel.contiguous())
+
+    def triton_applies(self) -> bool:
+        """Whether the triton path runs this FFN's routed function where its weights are."""
+        return self._triton_refusal() is None
+
+    def _triton_refusal(self) -> str | None:
+        from . import kernels  # imports triton: only where the path is asked for
+
+        if self._fused_refusal() is not None:
+            return self._fused_refusal()
+        if self.router is not None and not self.router.exact_k:  # k per token: shapes fixed, no host sync
+            return "its router does not pick exactly k bricks per token"
+        if not kernels.available(self.w_in.device):
+            return "it needs a CUDA device with triton installed (or TRITON_INTERPRET=1)"
+        return None
+
+    def _triton(self, x: torch.Tensor, sel: torch.Tensor, y: torch.Tensor) -> None:
+        """Add each token's selected bricks' output into y `[tokens, hidden]`, a token at a time (a decode token)."""
+        from . import kernels
+
+        why = self._triton_refusal()
+        if why is not None:
+            raise BricksError(f"the triton path is not available here: {why}")
+        # Each token's k bricks first (a stable sort of the mask), found on the device: no host sync.
+        idx = torch.argsort(sel.to(torch.int8), dim=1, descending=True, stable=True)[:, :self.k_active]
+        for t in range(x.shape[0]):
+            y[t] += kernels.brick_rows(x[t], self.w_in, self.w_down, idx[t]).to(y.dtype)

@@ -15,7 +15,7 @@ An always-active shared brick (see `BrickSet.shared`) is stored apart and is
 computed for every token.
 
 Execution, three paths that compute the same function (`RoutedFFN.paths`; a fourth, `kernel`, runs up to 128
-tokens in one compiled call, `bricks.routing.brick_kernel`):
+tokens in one compiled call on the CPU, and a fifth, `triton`, a decode token on a GPU: `bricks.routing.brick_kernel`):
 `bricks` reads only the selected bricks' weights: one token (batch-1 decode)
 in a loop on CPU, several tokens grouped by brick, each brick running once on
 its group. `grouped` does the same in two grouped GEMMs
@@ -67,6 +67,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
     """
 
     eager_paths = ("bricks", "grouped", "masked")  # and `kernel` where it applies (`BrickKernel.paths`)
+    device_paths = ("triton",)  # a decode token on a GPU (`BrickKernel._triton`)
 
     def __init__(self, ffn: FFN, assignment: torch.Tensor, shared: int | None = None, router: str | None = None,
                  active: float = 1.0):
@@ -210,6 +211,8 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         return grouped_mm is not None and aligned and self.router is not None and self.router.exact_k
 
     def static_path(self, tokens: int) -> str:
+        if tokens == 1 and self.triton_applies():
+            return "triton"
         if self._groups_exactly() and self.w_in.dtype == torch.bfloat16:  # the dtype of CUDA's grouped GEMMs
             return "grouped"
         return "bricks" if tokens == 1 else "masked"
@@ -249,6 +252,8 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         """Add the selected bricks' outputs into y on the `grouped` or `bricks` path."""
         if path == "grouped":
             self._grouped_mm(x2, sel, y, run)
+        elif path == "triton":
+            self._triton(x2, sel, y)
         elif x2.shape[0] == 1 and self._gathers(x2):
             self._gathered(x2, sel, y, run)
         elif x2.shape[0] == 1:

@@ -27,6 +27,13 @@ so the activations are never written out. Each call counts the rows it read
 (and, for the gate/up call, the token) into a device buffer: the executed
 fraction stays honest without a host sync, also under CUDA-graph replay.
 
+A decode token of a bricked FFN (`BrickedFFN`, the router's k bricks) takes
+`brick_rows`: the selected bricks' gate|up rows as dot products with the
+token (a block of one brick's rows per program, read in place where
+gathering the bricks would copy them), then their down rows summed with the
+activations, computed inside from the fp32 gate|up values. Its tiles are
+autotuned like the above and have not been measured on a GPU yet.
+
 Runs on CUDA, and on CPU under `TRITON_INTERPRET=1` (the correctness tests).
 """
 
@@ -133,6 +140,89 @@ def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: 
         _sparse_rows[_grid(K, N, INTERPRETED)](*args, **flags, **INTERPRETED)
     else:
         _tuned[lambda meta: _grid(K, N, meta)](*args, **flags)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _brick_gate_up(x_ptr, w_ptr, idx_ptr, h_ptr, HIDDEN, ROWS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """h[j, r] = w[idx[j], r] . x for BLOCK_R rows of the j-th selected brick (rows contiguous in hidden)."""
+        j = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < ROWS
+        brick = tl.load(idx_ptr + j).to(tl.int64)
+        w_rows = w_ptr + brick * ROWS * HIDDEN + rows[:, None].to(tl.int64) * HIDDEN
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)  # reduced once, at the end
+        for c0 in range(0, HIDDEN, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < HIDDEN
+            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * xv[None, :]
+        tl.store(h_ptr + j * ROWS + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+    @triton.jit
+    def _brick_down(h_ptr, w_ptr, idx_ptr, out_ptr, K_SEL, SIZE, HIDDEN,
+                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BRICKS: tl.constexpr):
+        """out[cols] += sum over BRICKS selected bricks of silu(gate) * up times their down rows, the activation
+        computed from the fp32 gate|up values `h` as they are loaded."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < HIDDEN
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for i in range(BRICKS):
+            j = tl.program_id(1) * BRICKS + i
+            brick = tl.load(idx_ptr + tl.minimum(j, K_SEL - 1)).to(tl.int64)
+            limit = tl.where(j < K_SEL, SIZE, 0)  # past the last selected brick: no rows
+            for r0 in range(0, SIZE, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                row_ok = rows < limit
+                g = tl.load(h_ptr + j * 2 * SIZE + rows, mask=row_ok, other=0.0)
+                u = tl.load(h_ptr + j * 2 * SIZE + SIZE + rows, mask=row_ok, other=0.0)
+                a = g * tl.sigmoid(g) * u
+                w = tl.load(w_ptr + brick * SIZE * HIDDEN + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * a[:, None]
+        tl.atomic_add(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+    # Tiles tried per shape at first use, none measured yet (no GPU since they were written): gate|up (BLOCK_R,
+    # BLOCK_C, warps): enough row blocks per brick to fill the GPU at batch 1; down (BLOCK_R, BLOCK_N, BRICKS,
+    # warps): column blocks times groups of bricks, each group's sums added atomically.
+    BRICK_IN_CONFIGS = [(16, 256, 4), (32, 128, 4), (8, 512, 4), (64, 128, 8)]
+    BRICK_DOWN_CONFIGS = [(16, 128, 4, 4), (32, 128, 8, 4), (16, 256, 2, 4), (32, 64, 4, 4), (64, 128, 2, 8)]
+    _brick_gate_up_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c, w in BRICK_IN_CONFIGS],
+        key=["HIDDEN", "ROWS"])(_brick_gate_up)
+    _brick_down_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_R": r, "BLOCK_N": n, "BRICKS": b}, num_warps=w) for r, n, b, w in BRICK_DOWN_CONFIGS],
+        key=["K_SEL", "SIZE", "HIDDEN"], reset_to_zero=["out_ptr"])(_brick_down)
+
+
+def brick_rows(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One token `[hidden]` through the bricks `idx` (`[k]` indices, on the device) of a gated SiLU FFN stored
+    brick-major (`BrickedFFN`: `w_in` `[n, 2*size, hidden]`, gate rows then up rows per brick; `w_down`
+    `[n, size, hidden]`): only the selected bricks' rows are read, each contiguous. fp32 `[hidden]`.
+
+    The gate|up rows are dot products with the token (every program one block of one brick's rows, no atomics);
+    the down rows are summed with the activations, which the kernel computes from the fp32 gate|up values."""
+    n, rows, hidden = w_in.shape
+    size = rows // 2
+    if not (w_in.is_contiguous() and w_down.is_contiguous() and rows % 2 == 0 and w_down.shape == (n, size, hidden)
+            and x.numel() == hidden and idx.dim() == 1):
+        raise ValueError(f"brick_rows: a token of {x.numel()} values and bricks {tuple(w_in.shape)} / "
+                         f"{tuple(w_down.shape)} do not match a gated FFN's brick-major storage")
+    k = idx.numel()
+    x, idx = x.reshape(-1).contiguous(), idx.to(torch.int32).contiguous()
+    h = torch.empty(k, rows, device=w_in.device, dtype=torch.float32)
+    out = torch.zeros(hidden, device=w_in.device, dtype=torch.float32)
+    if interpreting():  # few, large programs (see INTERPRETED)
+        _brick_gate_up[(k, triton.cdiv(rows, 64))](x, w_in, idx, h, hidden, rows, BLOCK_R=64, BLOCK_C=128)
+        _brick_down[(triton.cdiv(hidden, 128), triton.cdiv(k, 4))](h, w_down, idx, out, k, size, hidden,
+                                                                    BLOCK_R=64, BLOCK_N=128, BRICKS=4)
+    else:
+        _brick_gate_up_tuned[lambda meta: (k, triton.cdiv(rows, meta["BLOCK_R"]))](x, w_in, idx, h, hidden, rows)
+        _brick_down_tuned[lambda meta: (triton.cdiv(hidden, meta["BLOCK_N"]), triton.cdiv(k, meta["BRICKS"]))](
+            h, w_down, idx, out, k, size, hidden)
     return out
 
 
