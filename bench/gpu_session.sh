@@ -23,7 +23,11 @@ DEC="timeout 240 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --
 step decode-teal-threshold $DEC --router teal --selection threshold --json $OUTDIR/decode_teal_threshold_7b_$TAG.json
 step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_topk_$TAG.json
 step decode-bricks $DEC --router centroid --json $OUTDIR/decode_centroid_7b_$TAG.json
-step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_grouped_$TAG.json
+# The bricks' decode token on its triton kernel (the static path since the 2026-12-02 session), batches grouped;
+# then the grouped GEMMs at batch 1 too, for the comparison.
+step ffn-bricks $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_centroid_triton_$TAG.json
+step ffn-bricks-grouped $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path grouped \
+  --json $OUTDIR/ffn_centroid_grouped_$TAG.json
 step decode-teal-topk $DEC --router teal --json $OUTDIR/decode_teal_topk_7b_$TAG.json
 step ffn-bricks-masked $FFN --router centroid --shape 4096x11008 --dtype bfloat16 --path masked \
   --json $OUTDIR/ffn_centroid_masked_$TAG.json
