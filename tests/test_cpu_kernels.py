@@ -326,6 +326,33 @@ def test_router_top_k_mask_is_torch_topk_with_ties_to_the_lower_index(dtype):
         cpu_kernels.top_k_mask(scores, 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_magnitudes_keeps_the_largest_magnitudes_with_ties_to_the_lower_index(dtype):
+    """The masked path's top-k: each row's k largest |v|, as a mask or as v with the rest zeroed; bf16's ties
+    (common with its 8 bits of mantissa) kept first come first, as the teal kernel keeps them."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((576, 345), (1536, 460), (100, 1), (100, 100), (7, 3), (33, 0)):
+        v = torch.randn(40, n, generator=g).to(dtype)
+        mask = cpu_kernels.top_magnitudes(v, k)
+        assert mask.dtype == torch.bool and (mask.sum(1) == k).all()
+        m = v.float().abs()
+        if 0 < k:
+            kth = m.topk(k, dim=-1).values[:, -1:]
+            assert (m > kth)[~mask].sum() == 0 and (m < kth)[mask].sum() == 0  # nothing left out outranks the kept
+            tie = (m == kth)
+            first = tie & (tie.cumsum(1) <= (k - (m > kth).sum(1, keepdim=True)))  # the first ties in each row
+            assert torch.equal(mask, (m > kth) | first)
+        assert torch.equal(cpu_kernels.top_magnitudes(v, k, zero_dropped=True), torch.where(mask, v, torch.zeros_like(v)))
+    # -0.0 and 0.0 tie; NaN is the largest magnitude; ties kept first come first.
+    v = torch.tensor([[-1.0, -0.0, 2.0, 0.0, -2.0, float("nan"), float("-inf"), 0.5, 2.0]])
+    assert cpu_kernels.top_magnitudes(v, 4).nonzero()[:, 1].tolist() == [2, 4, 5, 6]
+    assert cpu_kernels.top_magnitudes(v, 8).nonzero()[:, 1].tolist() == [0, 1, 2, 4, 5, 6, 7, 8]
+    with pytest.raises(RuntimeError, match="k must be in"):
+        cpu_kernels.top_magnitudes(v, 10)
+    with pytest.raises(RuntimeError, match="below float64"):
+        cpu_kernels.top_magnitudes(v.double(), 3)
+
+
 def _python(*args: str, **env) -> subprocess.CompletedProcess:
     """A fresh interpreter (one that has loaded no build of the ops) run with `args`, `env` added to this one's."""
     return subprocess.run([sys.executable, *args], env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1],

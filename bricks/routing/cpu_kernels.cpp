@@ -1392,6 +1392,71 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
   return sel;
 }
 
+// Each row's k largest magnitudes of v [rows, n], as `kept` chooses them (NaN the largest, ties to the lower index):
+// a bool mask, or (zero_dropped) v with the other entries 0. The top-k of teal's `masked` path, which runs a
+// prefill's tokens: torch's topk took longer than the FFN's matmuls there (bench/README.md).
+at::Tensor top_magnitudes(const at::Tensor& v, int64_t k, bool zero_dropped) {
+  TORCH_CHECK(v.dim() == 2 && v.is_contiguous(), "top_magnitudes: v must be contiguous [rows, n]");
+  const int64_t rows = v.size(0), n = v.size(1);
+  TORCH_CHECK(k >= 0 && k <= n, "top_magnitudes: k must be in [0, n], got ", k, " of ", n);
+  TORCH_CHECK(v.scalar_type() != at::kDouble, "top_magnitudes: it ranks in fp32, below float64's precision");
+  at::Tensor out = zero_dropped ? at::empty_like(v) : at::empty({rows, n}, v.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "top_magnitudes", [&] {
+    const scalar_t* src = v.data_ptr<scalar_t>();
+    scalar_t* values = zero_dropped ? out.data_ptr<scalar_t>() : nullptr;
+    bool* mask = zero_dropped ? nullptr : out.data_ptr<bool>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> row_buffer, magnitude_buffer;
+      float* row = scratch(row_buffer, n).data();
+      float* m = scratch(magnitude_buffer, n).data();
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* in = src + r * n;
+        to_float(in, row, n);
+        magnitudes(row, n, m);
+        // Everything above kth is kept, then the first `ties` equal to it; k = n keeps all, k = 0 none.
+        const float kth = k == 0 ? std::numeric_limits<float>::infinity() : k == n ? -1.0f : kth_largest(m, n, k);
+        int64_t above = 0, equal = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          above += m[i] > kth;
+          equal += m[i] == kth;
+        }
+        int64_t ties = k - above;
+        // One comparison per entry, which the compiler vectorizes (on the values' bits: 0 is 0 in every float
+        // type): all of the ties where all are kept (nearly always in fp32, the k-th alone), else none of them,
+        // and then a walk to the first `ties` (bf16's few mantissa bits make ties common).
+        using Bits = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+        const Bits* in_bits = reinterpret_cast<const Bits*>(in);
+        Bits* out_bits = zero_dropped ? reinterpret_cast<Bits*>(values) + r * n : nullptr;
+        bool* out_mask = zero_dropped ? nullptr : mask + r * n;
+        const auto keep_where = [&](auto kept) {
+          if (zero_dropped) {
+            for (int64_t i = 0; i < n; ++i) out_bits[i] = kept(m[i]) ? in_bits[i] : Bits(0);
+          } else {
+            for (int64_t i = 0; i < n; ++i) out_mask[i] = kept(m[i]);
+          }
+        };
+        if (k == 0) {
+          keep_where([](float) { return false; });
+        } else if (ties == equal) {
+          keep_where([kth](float x) { return x >= kth; });
+        } else {
+          keep_where([kth](float x) { return x > kth; });
+        }
+        for (int64_t i = 0; ties != equal && ties > 0 && i < n; ++i) {
+          if (m[i] != kth) continue;
+          --ties;
+          if (zero_dropped) {
+            out_bits[i] = in_bits[i];
+          } else {
+            out_mask[i] = true;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // The vector instructions this build's hot loops use: the build is for one CPU target (cpu_kernels.py).
 std::string isa() {
 #if defined(__AVX512BF16__)
@@ -1413,6 +1478,7 @@ TORCH_LIBRARY(bricks, m) {
   m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool parallel) -> Tensor");
   m.def("gated_silu(Tensor h, int size) -> Tensor");
   m.def("top_k_mask(Tensor scores, int k) -> Tensor");
+  m.def("top_magnitudes(Tensor v, int k, bool zero_dropped) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -1421,4 +1487,5 @@ TORCH_LIBRARY_IMPL(bricks, CPU, m) {
   m.impl("brick_ffn", &brick_ffn);
   m.impl("gated_silu", &gated_silu);
   m.impl("top_k_mask", &top_k_mask);
+  m.impl("top_magnitudes", &top_magnitudes);
 }

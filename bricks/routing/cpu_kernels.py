@@ -181,3 +181,14 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask `[rows, n]` of each row's k largest `scores` `[rows, n]` (ties to the lower index, NaN as the
     largest): a router's top-k in one call instead of three torch operations."""
     return _ops().top_k_mask(scores, k)
+
+
+def ranks(v: torch.Tensor) -> bool:
+    """Whether `top_magnitudes` can rank `v` (on the CPU, below float64, once the kernel is built)."""
+    return v.device.type == "cpu" and v.dtype != torch.float64 and v.dim() >= 1 and available()
+
+
+def top_magnitudes(v: torch.Tensor, k: int, zero_dropped: bool = False) -> torch.Tensor:
+    """Each row's k largest |v| of `v` `[rows, n]`, chosen as the teal kernel chooses them (NaN as the largest, ties
+    to the lower index): a bool mask `[rows, n]`, or (`zero_dropped`) `v` with the other entries 0. No autograd."""
+    return _ops().top_magnitudes(v, k, zero_dropped)
