@@ -629,6 +629,30 @@ HEADLINES += [
 ]
 
 
+PREFILL_RUNS = ("ffn_teal_prefill_before1_zen5_cpu.json", "ffn_teal_prefill_before2_zen5_cpu.json",
+                "ffn_teal_prefill1_zen5_cpu.json", "ffn_teal_prefill2_zen5_cpu.json")
+
+
+def prefill_row(shape: str, d_ff: int, dtype: str) -> str:
+    cells = [cell(load(n), d_ff, dtype, 2048, 0.5) for n in PREFILL_RUNS]
+    label = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    return f"| {shape} | {label} | " + " | ".join(f"{c['speedup']:.2f}x ({c['bricked_ms']:.1f} ms)" for c in cells) + " |"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", PREFILL_RUNS[3], lambda r, shape=shape, d=d, dt=dt: prefill_row(shape, d, dt))
+      for shape, d in (("576x1536", 1536), ("4096x11008", 11008)) for dt in ("float32", "bfloat16")],
+    ("bench/README.md", "dense calls took {}\nacross the four runs", PREFILL_RUNS[3],
+     lambda r: span([cell(load(n), 1536, "float32", 2048, 0.5) for n in PREFILL_RUNS], "dense_ms", "{:.1f}") + " ms"),
+    ("README.md", "on `masked`) went from {} dense", PREFILL_RUNS[3],
+     lambda r: span([x for n in PREFILL_RUNS[:2] for x in load(n)["rows"]], "speedup")),
+    ("README.md", "dense to\n  {} in two runs each way", PREFILL_RUNS[3],
+     lambda r: span([x for n in PREFILL_RUNS[2:] for x in load(n)["rows"]], "speedup")),
+    ("bench/README.md", "2048 tokens at {} dense in fp32 there", PREFILL_RUNS[3],
+     lambda r: span([cell(load(n), d, "float32", 2048, 0.5) for n in PREFILL_RUNS[2:] for d in (1536, 11008)], "speedup")),
+]
+
+
 HEADLINES += [
     ("bench/README.md", "batch of 32 at 0.5: {} before", HELPERS_AFTER[1], lambda r: runs_speedup(HELPERS_BEFORE, 1536, 32, 0.5)),
     ("bench/README.md", "before, {}\nwith the patch)", HELPERS_AFTER[1],
