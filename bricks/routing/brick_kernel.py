@@ -50,8 +50,9 @@ class BrickKernel:
         return None
 
     def _kernel_refusal(self) -> str | None:
-        if self._fused_refusal() is not None:
-            return self._fused_refusal()
+        why = self._fused_refusal()
+        if why is not None:
+            return why
         if self.w_in.dtype == torch.float64:
             return "it sums in fp32, below float64's precision"
         if self.router is not None and self.router.reuses_gate:  # the kernel would compute the gate rows again
@@ -72,8 +73,9 @@ class BrickKernel:
     def _triton_refusal(self) -> str | None:
         from . import kernels  # imports triton: only where the path is asked for
 
-        if self._fused_refusal() is not None:
-            return self._fused_refusal()
+        why = self._fused_refusal()
+        if why is not None:
+            return why
         if self.router is not None and not self.router.exact_k:  # k per token: shapes fixed, no host sync
             return "its router does not pick exactly k bricks per token"
         if not kernels.available(self.w_in.device):

@@ -249,7 +249,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
 
     def _accumulate(self, x2: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
                     run: BesideRun | None, path: str) -> None:
-        """Add the selected bricks' outputs into y on the `grouped` or `bricks` path."""
+        """Add the selected bricks' outputs into y on the `grouped`, `triton` or `bricks` path."""
         if path == "grouped":
             self._grouped_mm(x2, sel, y, run)
         elif path == "triton":
