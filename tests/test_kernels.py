@@ -1,6 +1,11 @@
 """GPU decoding paths, checked against the CPU reference: the triton sparse kernel (run by triton's interpreter where
 there is no GPU), the grouped brick path, and greedy decoding with a static cache (captured in CUDA graphs on a GPU)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +164,49 @@ def test_bricked_ffn_triton_path_is_the_routed_function(llama_dir, device):
     assert ffn.executed_fraction() == pytest.approx(ffn.compute_fraction())
     varying = BrickedFFN(f, assignment, router="threshold", active=0.5)
     assert varying.static_path(1) != "triton" and "exactly k bricks" in varying._triton_refusal()
+
+
+def _compile_for_hopper(fn, types: dict, constants: dict):
+    """`fn` compiled by triton's own compiler (not the interpreter) to a cubin for sm_90 (H100, H200): the frontend
+    and the ptxas that the triton wheel ships, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**types, **{name: "constexpr" for name in constants}}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()})
+    return kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
+def test_the_gpu_kernels_compile_for_a_hopper_gpu():
+    """The interpreter runs the kernels' Python, not triton's compiler, which refuses more: every tile the brick
+    kernels' autotuners try, and teal's kernel in its three forms, compile to cubins for an H100/H200. Under the
+    interpreter (conftest.py, no GPU) the kernels are not compilable objects: the test runs again in a process
+    without it."""
+    if kernels.triton is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if "nvidia" not in getattr(kernels.triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    if kernels.interpreting():
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                              "compile_for_a_hopper"], env={**os.environ, "TRITON_INTERPRET": "0"},
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+        return
+    down_types = {"h_ptr": "*fp32", "w_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*fp32", "K_SEL": "i32",
+                  "SIZE": "i32", "HIDDEN": "i32"}
+    in_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i32", "h_ptr": "*fp32", "HIDDEN": "i32", "ROWS": "i32"}
+    for r, c, _ in kernels.BRICK_IN_CONFIGS:
+        assert "cubin" in _compile_for_hopper(kernels._brick_gate_up, in_types, {"BLOCK_R": r, "BLOCK_C": c}).asm
+    for r, n, b, _ in kernels.BRICK_DOWN_CONFIGS:
+        assert "cubin" in _compile_for_hopper(kernels._brick_down, down_types, {"BLOCK_R": r, "BLOCK_N": n, "BRICKS": b}).asm
+    teal_types = {"v_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "keep_ptr": "*i1", "counts_ptr": "*i64",
+                  "threshold": "fp32", "K": "i32", "N": "i32", "stride_w": "i32"}
+    tile = dict(zip(("BLOCK_N", "BLOCK_K", "ITERS", "LOOPS"), kernels.CONFIGS[0][:4]))
+    for use_keep, silu_gated, slot in ((True, False, 1), (False, False, 1), (False, True, 2)):
+        types = {**teal_types, "v_ptr": "*fp32"} if silu_gated else teal_types
+        flags = {"USE_KEEP": use_keep, "SILU_GATED": silu_gated, "COUNT_SLOT": slot, **tile}
+        assert "cubin" in _compile_for_hopper(kernels._sparse_rows, types, flags).asm
 
 
 @pytest.mark.parametrize("device", DEVICES)
