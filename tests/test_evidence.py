@@ -629,6 +629,26 @@ HEADLINES += [
 ]
 
 
+def masked_ops(d_ff: int, *ops: str) -> str:
+    """The summed time of `ops` in bench/masked_parts.py's bf16 run of one shape, as the docs write it."""
+    rows = load("masked_parts_zen5_cpu.json")["rows"]
+    return f"{sum(x['ms'] for x in rows if x['d_ff'] == d_ff and x['dtype'] == 'bfloat16' and x['op'] in ops):.2f} ms"
+
+
+TORCH_TOPK = ("topk inputs (torch)", "topk activations (torch)")
+MATMULS = ("gate|up matmul (unit-major)", "down matmul (unit-major)")
+COMPILED_TOPK = ("top_magnitudes inputs, zeroed", "top_magnitudes activations, zeroed")
+
+HEADLINES += [
+    ("bench/README.md", "activations took\n{} against", "masked_parts_zen5_cpu.json", lambda r: masked_ops(1536, *TORCH_TOPK)),
+    ("bench/README.md", "against {} for the two matmuls", "masked_parts_zen5_cpu.json", lambda r: masked_ops(1536, *MATMULS)),
+    ("bench/README.md", "for the large one {}\nagainst", "masked_parts_zen5_cpu.json", lambda r: masked_ops(11008, *TORCH_TOPK)),
+    ("bench/README.md", "against {}. Since `bb869f1`", "masked_parts_zen5_cpu.json", lambda r: masked_ops(11008, *MATMULS)),
+    ("bench/README.md", "pass:\n{} and", "masked_parts_zen5_cpu.json", lambda r: masked_ops(1536, *COMPILED_TOPK)),
+    ("bench/README.md", "and {} for those two, zeroing", "masked_parts_zen5_cpu.json", lambda r: masked_ops(11008, *COMPILED_TOPK)),
+]
+
+
 PREFILL_RUNS = ("ffn_teal_prefill_before1_zen5_cpu.json", "ffn_teal_prefill_before2_zen5_cpu.json",
                 "ffn_teal_prefill1_zen5_cpu.json", "ffn_teal_prefill2_zen5_cpu.json")
 

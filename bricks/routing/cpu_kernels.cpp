@@ -1394,7 +1394,7 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
 
 // Each row's k largest magnitudes of v [rows, n], as `kept` chooses them (NaN the largest, ties to the lower index):
 // a bool mask, or (zero_dropped) v with the other entries 0. The top-k of teal's `masked` path, which runs a
-// prefill's tokens: torch's topk took longer than the FFN's matmuls there (bench/README.md).
+// prefill's tokens: torch's topk took longer than the default model's FFN matmuls there (bench/README.md).
 at::Tensor top_magnitudes(const at::Tensor& v, int64_t k, bool zero_dropped) {
   TORCH_CHECK(v.dim() == 2 && v.is_contiguous(), "top_magnitudes: v must be contiguous [rows, n]");
   const int64_t rows = v.size(0), n = v.size(1);

@@ -213,7 +213,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
     @staticmethod
     def _top(v: torch.Tensor, n: int) -> torch.Tensor:
         """Bool mask of the n largest |v| per row (on the CPU as the kernel chooses them, ties to the lower index:
-        torch's topk took longer than the FFN's matmuls for a prefill's tokens, bench/README.md)."""
+        torch's topk took longer than the default model's FFN matmuls for a prefill's tokens, bench/README.md)."""
         if cpu_kernels.ranks(v):
             return cpu_kernels.top_magnitudes(v.detach().reshape(-1, v.shape[-1]).contiguous(), n).view(v.shape)
         idx = v.abs().topk(n, dim=-1, sorted=False).indices
