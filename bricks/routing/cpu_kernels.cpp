@@ -1356,6 +1356,36 @@ at::Tensor gated_silu(const at::Tensor& h, int64_t size) {
 
 // A float's bits as an unsigned key that orders as the float does: positives above negatives (their sign bit set),
 // negatives reversed, -0.0 equal to 0.0; NaN above everything, as torch.topk ranks it.
+// keep(i, kept) for i in [0, n): whether keys[i] is among the k largest (0 <= k <= n), ties to the lower index,
+// as `kept` chooses (top_bit: the keys' highest bit that can be set). One comparison per entry, which the compiler
+// vectorizes: all of the ties where all are kept (nearly always for fp32 values, the k-th alone), else none of
+// them, and then a walk to the first ones left (bf16's few mantissa bits make ties common). A walk over every
+// entry, a step each, made the ranking of 512 tokens several times slower (a probe whose output was not kept).
+template <typename Keep>
+void mark_largest(const uint32_t* keys, int64_t n, int64_t k, int top_bit, const Keep& keep) {
+  if (k == 0) {
+    for (int64_t i = 0; i < n; ++i) keep(i, false);
+    return;
+  }
+  const uint32_t kth = kth_largest_key(keys, n, k, top_bit);
+  int64_t above = 0, equal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    above += keys[i] > kth;
+    equal += keys[i] == kth;
+  }
+  int64_t ties = k - above;
+  if (ties == equal) {
+    for (int64_t i = 0; i < n; ++i) keep(i, keys[i] >= kth);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) keep(i, keys[i] > kth);
+  for (int64_t i = 0; ties > 0 && i < n; ++i) {
+    if (keys[i] != kth) continue;
+    --ties;
+    keep(i, true);
+  }
+}
+
 inline uint32_t order_key(float v) {
   if (v != v) return 0xFFFFFFFFu;
   if (v == 0.0f) v = 0.0f;
@@ -1379,14 +1409,8 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
     const scalar_t* v = scores.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < n; ++i) keys[i] = order_key(static_cast<float>(v[r * n + i]));
-      const uint32_t kth = kth_largest_key(keys.data(), n, k, 31);
-      int64_t ties = k;
-      for (int64_t i = 0; i < n; ++i) ties -= keys[i] > kth;
-      for (int64_t i = 0; i < n; ++i) {  // the ties in the places left, first come first kept
-        const bool tie = keys[i] == kth && ties > 0;
-        ties -= tie;
-        out[r * n + i] = keys[i] > kth || tie;
-      }
+      bool* row = out + r * n;
+      mark_largest(keys.data(), n, k, 31, [row](int64_t i, bool kept) { row[i] = kept; });
     }
   });
   return sel;
@@ -1407,49 +1431,23 @@ at::Tensor top_magnitudes(const at::Tensor& v, int64_t k, bool zero_dropped) {
     bool* mask = zero_dropped ? nullptr : out.data_ptr<bool>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> row_buffer, magnitude_buffer;
+      thread_local std::vector<uint32_t> key_buffer;
       float* row = scratch(row_buffer, n).data();
       float* m = scratch(magnitude_buffer, n).data();
+      uint32_t* keys = scratch(key_buffer, n).data();
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* in = src + r * n;
         to_float(in, row, n);
         magnitudes(row, n, m);
-        // Everything above kth is kept, then the first `ties` equal to it; k = n keeps all, k = 0 none.
-        const float kth = k == 0 ? std::numeric_limits<float>::infinity() : k == n ? -1.0f : kth_largest(m, n, k);
-        int64_t above = 0, equal = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          above += m[i] > kth;
-          equal += m[i] == kth;
-        }
-        int64_t ties = k - above;
-        // One comparison per entry, which the compiler vectorizes (on the values' bits: 0 is 0 in every float
-        // type): all of the ties where all are kept (nearly always in fp32, the k-th alone), else none of them,
-        // and then a walk to the first `ties` (bf16's few mantissa bits make ties common).
-        using Bits = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
-        const Bits* in_bits = reinterpret_cast<const Bits*>(in);
-        Bits* out_bits = zero_dropped ? reinterpret_cast<Bits*>(values) + r * n : nullptr;
-        bool* out_mask = zero_dropped ? nullptr : mask + r * n;
-        const auto keep_where = [&](auto kept) {
-          if (zero_dropped) {
-            for (int64_t i = 0; i < n; ++i) out_bits[i] = kept(m[i]) ? in_bits[i] : Bits(0);
-          } else {
-            for (int64_t i = 0; i < n; ++i) out_mask[i] = kept(m[i]);
-          }
-        };
-        if (k == 0) {
-          keep_where([](float) { return false; });
-        } else if (ties == equal) {
-          keep_where([kth](float x) { return x >= kth; });
+        std::memcpy(keys, m, n * sizeof(float));  // a non-negative float's bits order as it does (see `kth_largest`)
+        if (zero_dropped) {  // on the values' bits: 0 is 0 in every float type
+          using Bits = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+          const Bits* from = reinterpret_cast<const Bits*>(in);
+          Bits* to = reinterpret_cast<Bits*>(values) + r * n;
+          mark_largest(keys, n, k, 30, [from, to](int64_t i, bool kept) { to[i] = kept ? from[i] : Bits(0); });
         } else {
-          keep_where([kth](float x) { return x > kth; });
-        }
-        for (int64_t i = 0; ties != equal && ties > 0 && i < n; ++i) {
-          if (m[i] != kth) continue;
-          --ties;
-          if (zero_dropped) {
-            out_bits[i] = in_bits[i];
-          } else {
-            out_mask[i] = true;
-          }
+          bool* to = mask + r * n;
+          mark_largest(keys, n, k, 30, [to](int64_t i, bool kept) { to[i] = kept; });
         }
       }
     });
