@@ -34,7 +34,7 @@ if COMMIT is not None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and the widest vector instructions the kernels use ("AVX-512 BF16", "AVX-512", "AVX2"):
+    """The CPU's model name, the widest vector instructions the kernels use ("AVX-512 BF16", "AVX-512", "AVX2") and AMX:
     the same kernel ran several times faster or slower than dense on two CPUs of this workplace (bench/README.md)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -48,7 +48,9 @@ def cpu_model() -> str:
     flags = set(field("flags").split())
     isa = next((label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
                 if flag in flags), "no AVX2")
-    return f"{name}, {isa}"
+    # Not used by the kernels, but by torch's bf16 matrix products (oneDNN), the dense side of every bf16 batch.
+    amx = ", AMX BF16" if "amx_bf16" in flags else ""
+    return f"{name}, {isa}{amx}"
 
 
 def environment(model=None, device=None) -> dict:
