@@ -109,10 +109,12 @@ def test_bf16_pairs_count_the_dropped_rows_they_multiply(compute):
         sparse(torch.randn(32, 64).bfloat16())
     routed, executed = sparse.routed_fraction(), sparse.executed_fraction()
     assert routed == pytest.approx(compute, abs=0.03)
-    if cpu_kernels.isa() != "avx512-bf16":
+    if cpu_kernels.isa() not in ("avx512-bf16", "avx512-bf16+amx"):
         assert executed == routed
     elif compute > 0.9:  # every input kept, nearly every neuron pair touched: every block runs densely
         assert executed == 1.0
+    elif cpu_kernels.isa() == "avx512-bf16+amx":  # every pair any token keeps a row of, for every token
+        assert routed < executed <= 1.0
     else:  # at most both rows of every pair a token keeps a row of
         assert routed < executed <= 2 * routed
 
@@ -365,7 +367,7 @@ def test_a_cpu_target_that_is_not_a_name_is_refused_with_its_reason():
 
 
 @pytest.mark.skipif(not cpu_kernels.available() or cpu_kernels.march() != "native"
-                    or cpu_kernels.isa() not in ("avx512", "avx512-bf16"),
+                    or cpu_kernels.isa() not in ("avx512", "avx512-bf16", "avx512-bf16+amx"),
                     reason="the AVX2 build is the native one here, or this is that build's own run")
 def test_the_avx2_build_passes_these_tests_too():
     """The AVX2 paths (`AVX2_LANES` in cpu_kernels.cpp) are compiled only without AVX-512, and CI machines are often
@@ -377,3 +379,17 @@ def test_the_avx2_build_passes_these_tests_too():
     run = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build", BRICKS_CPU_MARCH="x86-64-v3")
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode == 0 and "passed" in summary and "skipped" not in summary, run.stdout[-3000:] + run.stderr[-1000:]
+
+
+@pytest.mark.skipif(not cpu_kernels.available() or cpu_kernels.isa() != "avx512-bf16+amx",
+                    reason="no AMX here, or this is the run without it")
+def test_the_kernel_without_amx_passes_these_tests_too():
+    """Where AMX runs, a bf16 batch's blocks go to its tiles and add_block and add_pairs do not run: with
+    BRICKS_CPU_AMX=0 they do, and this file's other tests run again in a process of their own."""
+    run = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build and not without_amx",
+                  BRICKS_CPU_AMX="0")
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0 and "passed" in summary, run.stdout[-3000:] + run.stderr[-1000:]
+    isa = _python("-c", "from bricks.routing import cpu_kernels; cpu_kernels.available(); print(cpu_kernels.isa())",
+                  BRICKS_CPU_AMX="0")
+    assert isa.stdout.strip() == "avx512-bf16", isa.stderr[-2000:]

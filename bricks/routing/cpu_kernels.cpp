@@ -8,9 +8,14 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -594,8 +599,9 @@ struct Pairs {
   int64_t multiplied = 0;  // rows multiplied by a token's value, summed over the tokens (0 for a row dropped too)
 };
 
-// Pairs::first, dense and multiplied, once per projection: every thread and tile goes over the same blocks.
-void plan_blocks(int64_t tokens, int64_t n_rows, Pairs& p) {
+// Pairs::first, dense and multiplied, once per projection: every thread and tile goes over the same blocks (all of
+// them densely with `all_dense`).
+void plan_blocks(int64_t tokens, int64_t n_rows, Pairs& p, bool all_dense) {
   const int64_t n_blocks = (p.n_active + BLOCK_PAIRS - 1) / BLOCK_PAIRS;
   int64_t* first = scratch(p.first, (n_blocks + 1) * tokens).data();
   uint8_t* dense = scratch(p.dense, n_blocks).data();
@@ -620,12 +626,12 @@ void plan_blocks(int64_t tokens, int64_t n_rows, Pairs& p) {
       touched += end - first[b * tokens + t];
       touch_lone += last && lone && end > first[b * tokens + t] && p.position[t][end - 1] == p.n_active - 1;
     }
-    dense[b] = touched * DENSE_OVER >= tokens * np * DENSE_UNDER;
+    dense[b] = all_dense || touched * DENSE_OVER >= tokens * np * DENSE_UNDER;
     p.multiplied += dense[b] ? tokens * (2 * np - (last && lone)) : 2 * touched - touch_lone;
   }
 }
 
-void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p, bool parallel) {
+void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pairs& p, bool parallel, bool all_dense) {
   const int64_t n_pairs = (n_rows + 1) / 2;
   int64_t* index = scratch(p.index, n_pairs).data();
   std::fill_n(index, n_pairs, -1);
@@ -668,7 +674,7 @@ void pairs_of(const std::vector<Kept>& kept, int64_t tokens, int64_t n_rows, Pai
     }
     p.count[t] = n;
   });
-  plan_blocks(tokens, n_rows, p);
+  plan_blocks(tokens, n_rows, p, all_dense);
 }
 
 // 16 bf16 weights of a row from column `from` of a chunk whose first `len` columns lie in the weight; 0 past them.
@@ -742,12 +748,94 @@ __attribute__((noinline)) void add_block(float* s, int64_t s_stride, const __m51
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(s + t * s_stride + 16 * v, acc[t][v]);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX, the tile unit of Intel's Xeons from Sapphire Rapids on: one tdpbf16ps multiplies 16 tokens' words of 16
+// pairs (a 16 x 32 tile of bf16) by the block's 16 pairs over 16 columns, in the layout pack_pairs copies them to,
+// into 16 x 16 fp32 sums: 8192 products, where vdpbf16ps makes 32. On such a Xeon (with vdpbf16ps at one a cycle,
+// half the rate of fp32 FMAs, and about a third of that in add_block: bench/README.md, "On an Intel Xeon with AMX")
+// add_block took half of a bf16 batch's time. Where AMX runs, every block of a batch runs densely on it: 16 rows
+// of tokens cost what one does, and a sparse block's own pairs (add_pairs) cost more than the whole block there.
+constexpr int64_t AMX_TOKENS = 16;  // rows of a tile: the tokens go in groups of 16, the last padded with 0 words
+
+// Linux gives a process AMX's tile registers only on request (arch_prctl, once; the first tile instruction without
+// it kills the process), and a kernel or a virtual machine can refuse. BRICKS_CPU_AMX=0 turns it off, to compare.
+bool amx_enabled() {
+  static const bool enabled = [] {
+    const char* setting = std::getenv("BRICKS_CPU_AMX");
+    if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+    constexpr long REQUEST_PERMISSION = 0x1023, TILE_DATA = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, REQUEST_PERMISSION, TILE_DATA) == 0;
+  }();
+  return enabled;
+}
+
+// Tiles 0-3: sums of 16 tokens over 16 columns each; 4: the tokens' words of 16 pairs; 5 and 6: 16 pairs of the
+// block over 16 columns. Every row is 64 bytes.
+void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int i = 0; i < 7; ++i) {
+    config.bytes_per_row[i] = 64;
+    config.rows[i] = AMX_TOKENS;
+  }
+  _tile_loadconfig(&config);
+}
+
+// s[t * s_stride + [0, 16 * vectors)) += the sum over the block's pairs j < np16 of words[t * BLOCK_PAIRS + j]
+// (token t's two values of pair j) times pair j's weights, for the AMX_TOKENS tokens t (add_block's function; the
+// pairs from the block's own count to np16, a multiple of 16, are 0 in the block and in the words).
+void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, const uint32_t* words,
+               int64_t vectors) {
+  const int s_bytes = static_cast<int>(s_stride * 4), pair_bytes = CHUNK / 16 * 64, word_bytes = BLOCK_PAIRS * 4;
+  for (int64_t v0 = 0; v0 < vectors; v0 += 4) {  // four tiles of sums at a time, over 64 columns
+    const int64_t n = std::min<int64_t>(4, vectors - v0);
+    float* c = s + 16 * v0;
+    // Tile numbers are immediates, hence one statement per tile.
+    _tile_loadd(0, c, s_bytes);
+    if (n > 1) _tile_loadd(1, c + 16, s_bytes);
+    if (n > 2) _tile_loadd(2, c + 32, s_bytes);
+    if (n > 3) _tile_loadd(3, c + 48, s_bytes);
+    for (int64_t j = 0; j < np16; j += 16) {
+      const __m512i* pairs = block + j * (CHUNK / 16) + v0;
+      _tile_loadd(4, words + j, word_bytes);
+      _tile_loadd(5, pairs, pair_bytes);
+      _tile_dpbf16ps(0, 4, 5);
+      if (n > 1) {
+        _tile_loadd(6, pairs + 1, pair_bytes);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (n > 2) {
+        _tile_loadd(5, pairs + 2, pair_bytes);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (n > 3) {
+        _tile_loadd(6, pairs + 3, pair_bytes);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    _tile_stored(0, c, s_bytes);
+    if (n > 1) _tile_stored(1, c + 16, s_bytes);
+    if (n > 2) _tile_stored(2, c + 32, s_bytes);
+    if (n > 3) _tile_stored(3, c + 48, s_bytes);
+  }
+}
+#else
+constexpr int64_t AMX_TOKENS = 1;
+bool amx_enabled() { return false; }
+#endif
+
 // tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks. Returns
 // the rows multiplied by the tokens' values (Pairs::multiplied).
 int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
                          int64_t tokens, float* out, bool parallel) {
   thread_local Pairs pairs;
-  pairs_of(kept, tokens, n_rows, pairs, parallel);
+  const bool amx = amx_enabled();
+  pairs_of(kept, tokens, n_rows, pairs, parallel, amx);
+  // Rows of sums and words: with AMX, the tokens and the 0 rows that pad their last group of AMX_TOKENS.
+  const int64_t rows = amx ? (tokens + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS : tokens;
   // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
   // than that cost, in a probe whose output was not kept), fewer for more tokens.
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK) * CHUNK;
@@ -759,17 +847,25 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
     const int64_t stride = std::min(tile, (end - begin + 15) / 16 * 16);
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<uint32_t> words_buffer;
-    float* sums = scratch(sums_buffer, tokens * stride).data();
-    uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * tokens).data();  // a dense block's: [pair][token]
+    float* sums = scratch(sums_buffer, rows * stride).data();
+    // a dense block's: [pair][token] for add_block, [token][pair] (a tile's rows) for AMX
+    uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * rows).data();
     alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) amx_configure();  // a thread's own tiles
+#endif
     for (int64_t c0 = begin; c0 < end; c0 += tile) {
       const int64_t c1 = std::min(end, c0 + tile);
-      std::fill_n(sums, tokens * stride, 0.0f);
+      std::fill_n(sums, rows * stride, 0.0f);
       for (int64_t j0 = 0, b = 0; j0 < p.n_active; j0 += BLOCK_PAIRS, ++b) {
         const int64_t np = std::min(BLOCK_PAIRS, p.n_active - j0);
         const int64_t* lo = p.first.data() + b * tokens;  // token t's pairs in the block: [lo[t], hi[t])
         const int64_t* hi = lo + tokens;
-        if (p.dense[b]) {
+        if (amx) {
+          std::fill_n(words, BLOCK_PAIRS * rows, 0u);
+          for (int64_t t = 0; t < tokens; ++t)
+            for (int64_t i = lo[t]; i < hi[t]; ++i) words[t * BLOCK_PAIRS + p.position[t][i] - j0] = p.values[t][i];
+        } else if (p.dense[b]) {
           std::fill_n(words, np * tokens, 0u);
           for (int64_t t = 0; t < tokens; ++t)
             for (int64_t i = lo[t]; i < hi[t]; ++i) words[(p.position[t][i] - j0) * tokens + t] = p.values[t][i];
@@ -781,6 +877,16 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
           pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block, p.active.data() + ja,
                      std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
           const int64_t vectors = (len + 15) / 16;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+          if (amx) {
+            const int64_t np16 = (np + 15) / 16 * 16;
+            // 0 past the block's own pairs: a 0 word times a NaN or an infinity left there would be NaN
+            std::fill(block + np * (CHUNK / 16), block + np16 * (CHUNK / 16), _mm512_setzero_si512());
+            for (int64_t t0 = 0; t0 < rows; t0 += AMX_TOKENS)
+              amx_block(sums + t0 * stride + (c - c0), stride, block, np16, words + t0 * BLOCK_PAIRS, vectors);
+            continue;
+          }
+#endif
           if (p.dense[b]) {
             for (int64_t g = 0, t0 = 0; g < groups; ++g) {
               const int64_t size = tokens / groups + (g < tokens % groups);
@@ -806,6 +912,9 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
     }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) _tile_release();  // the tile state would be saved and restored at every switch of this thread
+#endif
   });
   return p.multiplied;
 }
@@ -1458,7 +1567,7 @@ at::Tensor top_magnitudes(const at::Tensor& v, int64_t k, bool zero_dropped) {
 // The vector instructions this build's hot loops use: the build is for one CPU target (cpu_kernels.py).
 std::string isa() {
 #if defined(__AVX512BF16__)
-  return "avx512-bf16";
+  return amx_enabled() ? "avx512-bf16+amx" : "avx512-bf16";
 #elif defined(__AVX512F__)
   return "avx512";
 #elif AVX2_LANES
