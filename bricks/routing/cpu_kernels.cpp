@@ -684,14 +684,18 @@ inline __m256i load_bf16(const c10::BFloat16* row, int64_t from, int64_t len) {
   return _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (len - from)) - 1), row + from);
 }
 
+// 16 columns of two rows, each column's two weights side by side: word i takes bf16 i of `first`, then of `second`.
+inline __m512i side_by_side(__m256i first, __m256i second) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+}
+
 // block[j] = the active pairs [j0, j0 + np) over the columns [c, c + len) and on to a whole vector (0 past len),
 // each column's two weights side by side, as vdpbf16ps takes them; the pairs ahead[0, n_ahead) over the columns
 // from `ahead_c` are prefetched meanwhile (see prefetch_piece).
 void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np, int64_t c,
                 int64_t len, __m512i* block, const int64_t* ahead, int64_t n_ahead, int64_t ahead_c) {
-  // Word i of the result takes bf16 i of the first row (the low half of the source), then bf16 i of the second.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t j = 0; j < np; ++j) {
     const int64_t r = 2 * active[j];
     const c10::BFloat16* first = w + r * width + c;
@@ -704,8 +708,7 @@ void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int
     for (int64_t v = 0; v < (len + 15) / 16; ++v) {
       const __m256i a = load_bf16(first, 16 * v, len);
       const __m256i b = pair ? load_bf16(second, 16 * v, len) : _mm256_setzero_si256();
-      block[j * (CHUNK / 16) + v] =
-          _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+      block[j * (CHUNK / 16) + v] = side_by_side(a, b);
     }
   }
 }
@@ -751,11 +754,15 @@ __attribute__((noinline)) void add_block(float* s, int64_t s_stride, const __m51
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // AMX, the tile unit of Intel's Xeons from Sapphire Rapids on: one tdpbf16ps multiplies 16 tokens' words of 16
 // pairs (a 16 x 32 tile of bf16) by the block's 16 pairs over 16 columns, in the layout pack_pairs copies them to,
-// into 16 x 16 fp32 sums: 8192 products, where vdpbf16ps makes 32. On such a Xeon (with vdpbf16ps at one a cycle,
-// half the rate of fp32 FMAs, and about a third of that in add_block: bench/README.md, "On an Intel Xeon with AMX")
-// add_block took half of a bf16 batch's time. Where AMX runs, every block of a batch runs densely on it: 16 rows
-// of tokens cost what one does, and a sparse block's own pairs (add_pairs) cost more than the whole block there.
+// into 16 x 16 fp32 sums: 8192 products, where vdpbf16ps makes 32. On such a Xeon (bench/README.md, "On an Intel
+// Xeon with AMX") vdpbf16ps ran at one a cycle, half the rate of fp32 FMAs, and add_block at about a third of that,
+// half of a bf16 batch's time. Where AMX runs, every block of a batch runs densely on it: 16 rows of tokens cost
+// what one does, and a sparse block's own pairs (add_pairs) would cost more than the whole block there.
 constexpr int64_t AMX_TOKENS = 16;  // rows of a tile: the tokens go in groups of 16, the last padded with 0 words
+// A block of AMX_PAIRS pairs over a tile of AMX_TILE columns is copied (512 KB) and multiplied while in the thread's
+// L2 cache, each tile of sums held over all its pairs: per load and store of the sums, 8 tile products.
+constexpr int64_t AMX_PAIRS = 128;
+constexpr int64_t AMX_TILE = 1024;
 
 // Linux gives a process AMX's tile registers only on request (arch_prctl, once; the first tile instruction without
 // it kills the process), and a kernel or a virtual machine can refuse. BRICKS_CPU_AMX=0 turns it off, to compare.
@@ -784,12 +791,12 @@ void amx_configure() {
   _tile_loadconfig(&config);
 }
 
-// s[t * s_stride + [0, 16 * vectors)) += the sum over the block's pairs j < np16 of words[t * BLOCK_PAIRS + j]
+// s[t * s_stride + [0, 16 * vectors)) += the sum over the block's pairs j < np16 of words[t * AMX_PAIRS + j]
 // (token t's two values of pair j) times pair j's weights, for the AMX_TOKENS tokens t (add_block's function; the
 // pairs from the block's own count to np16, a multiple of 16, are 0 in the block and in the words).
 void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, const uint32_t* words,
                int64_t vectors) {
-  const int s_bytes = static_cast<int>(s_stride * 4), pair_bytes = CHUNK / 16 * 64, word_bytes = BLOCK_PAIRS * 4;
+  const int s_bytes = static_cast<int>(s_stride * 4), pair_bytes = CHUNK / 16 * 64, word_bytes = AMX_PAIRS * 4;
   for (int64_t v0 = 0; v0 < vectors; v0 += 4) {  // four tiles of sums at a time, over 64 columns
     const int64_t n = std::min<int64_t>(4, vectors - v0);
     float* c = s + 16 * v0;
@@ -822,9 +829,85 @@ void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, c
     if (n > 3) _tile_stored(3, c + 48, s_bytes);
   }
 }
+
+// The block's pairs over a whole tile of columns [c0, c1), a chunk after another: packed[(k * AMX_PAIRS + j) *
+// (CHUNK / 16) + v] is pair j's vector v of chunk k, as pack_pairs copies one chunk (0 for the pairs [np, np16)).
+// Each pair's two rows are read from c0 to c1 in one go. Chunk by chunk, as pack_pairs copies, the copy read a short
+// piece of each of the block's 64 rows in turn and a tile product waited on each chunk: on the Xeon of
+// bench/README.md's "On an Intel Xeon with AMX" the large bf16 batch of 32 at compute 0.5 took 61 ms that way and
+// 31 ms this way (the batch of 8: 27 ms and 22 ms; a probe whose output was not kept).
+void pack_pairs_tile(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np,
+                     int64_t np16, int64_t c0, int64_t c1, __m512i* packed) {
+  const int64_t chunks = (c1 - c0 + CHUNK - 1) / CHUNK;
+  for (int64_t j = 0; j < np16; ++j) {
+    const bool real = j < np;
+    const int64_t r = real ? 2 * active[j] : 0;
+    const c10::BFloat16* first = w + r * width;
+    const bool pair = real && r + 1 < n_rows;  // an odd row count leaves the last row alone
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t c = c0 + k * CHUNK, len = std::min(CHUNK, c1 - c);
+      __m512i* to = packed + (k * AMX_PAIRS + j) * (CHUNK / 16);
+      for (int64_t v = 0; v < (len + 15) / 16; ++v) {
+        const __m256i a = real ? load_bf16(first + c, 16 * v, len) : _mm256_setzero_si256();
+        const __m256i b = pair ? load_bf16(first + width + c, 16 * v, len) : _mm256_setzero_si256();
+        to[v] = side_by_side(a, b);
+      }
+    }
+  }
+}
+
+// tokens_pairs_sum on AMX's tiles: every block of pairs densely, AMX_TOKENS tokens to a tile, each block copied
+// over a whole tile of columns before its products (pack_pairs_tile).
+int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
+                             int64_t tokens, float* out, bool parallel) {
+  thread_local Pairs pairs;
+  pairs_of(kept, tokens, n_rows, pairs, parallel, true);
+  const Pairs& p = pairs;
+  const int64_t rows = (tokens + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS;  // the last group padded with 0 words
+  const int64_t tile = AMX_TILE;
+  columns_over_threads(width, parallel, [&](int64_t begin, int64_t end) {
+    // No wider than this thread's columns, with room for the last vector's columns past the width, and 16 more: a
+    // tile of sums is 16 rows a stride apart, which at a multiple of 4 KB all fall in one set of the L1 cache (the
+    // large bf16 batch of 32 took 24-27 ms with the 16, 30-31 ms without: a probe whose output was not kept).
+    const int64_t stride = std::min(tile, (end - begin + 15) / 16 * 16) + 16;
+    thread_local std::vector<float> sums_buffer;
+    thread_local std::vector<uint32_t> words_buffer;
+    thread_local std::vector<__m512i> packed_buffer;
+    float* sums = scratch(sums_buffer, rows * stride).data();
+    uint32_t* words = scratch(words_buffer, rows * AMX_PAIRS).data();  // [token][pair]: a tile's rows
+    __m512i* packed = scratch(packed_buffer, (tile / CHUNK + 1) * AMX_PAIRS * (CHUNK / 16)).data();
+    amx_configure();  // a thread's own tiles
+    for (int64_t c0 = begin; c0 < end; c0 += tile) {
+      const int64_t c1 = std::min(end, c0 + tile);
+      std::fill_n(sums, rows * stride, 0.0f);
+      for (int64_t j0 = 0; j0 < p.n_active; j0 += AMX_PAIRS) {
+        const int64_t np = std::min(AMX_PAIRS, p.n_active - j0), np16 = (np + 15) / 16 * 16;
+        // token t's pairs in the block: [lo[t], hi[t]), from the plan's blocks of BLOCK_PAIRS that it spans
+        const int64_t* lo = p.first.data() + j0 / BLOCK_PAIRS * tokens;
+        const int64_t* hi = p.first.data() + (j0 + np + BLOCK_PAIRS - 1) / BLOCK_PAIRS * tokens;
+        std::fill_n(words, rows * AMX_PAIRS, 0u);
+        for (int64_t t = 0; t < tokens; ++t)
+          for (int64_t i = lo[t]; i < hi[t]; ++i) words[t * AMX_PAIRS + p.position[t][i] - j0] = p.values[t][i];
+        pack_pairs_tile(w, width, n_rows, p.active.data() + j0, np, np16, c0, c1, packed);
+        for (int64_t c = c0, k = 0; c < c1; c += CHUNK, ++k) {
+          const int64_t vectors = (std::min(CHUNK, c1 - c) + 15) / 16;
+          for (int64_t t0 = 0; t0 < rows; t0 += AMX_TOKENS)
+            amx_block(sums + t0 * stride + (c - c0), stride, packed + k * AMX_PAIRS * (CHUNK / 16), np16,
+                      words + t0 * AMX_PAIRS, vectors);
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
+    }
+    _tile_release();  // the tile state would be saved and restored at every switch of this thread
+  });
+  return p.multiplied;
+}
 #else
 constexpr int64_t AMX_TOKENS = 1;
 bool amx_enabled() { return false; }
+int64_t tokens_pairs_sum_amx(const c10::BFloat16*, int64_t, int64_t, const std::vector<Kept>&, int64_t, float*, bool) {
+  return 0;  // not reached: amx_enabled() is false
+}
 #endif
 
 // tokens_rows_sum for bf16 weights by pairs of rows (see BLOCK_PAIRS): the same threads, tiles and chunks. Returns
@@ -832,10 +915,7 @@ bool amx_enabled() { return false; }
 int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
                          int64_t tokens, float* out, bool parallel) {
   thread_local Pairs pairs;
-  const bool amx = amx_enabled();
-  pairs_of(kept, tokens, n_rows, pairs, parallel, amx);
-  // Rows of sums and words: with AMX, the tokens and the 0 rows that pad their last group of AMX_TOKENS.
-  const int64_t rows = amx ? (tokens + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS : tokens;
+  pairs_of(kept, tokens, n_rows, pairs, parallel, false);
   // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
   // than that cost, in a probe whose output was not kept), fewer for more tokens.
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK) * CHUNK;
@@ -847,25 +927,17 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
     const int64_t stride = std::min(tile, (end - begin + 15) / 16 * 16);
     thread_local std::vector<float> sums_buffer;
     thread_local std::vector<uint32_t> words_buffer;
-    float* sums = scratch(sums_buffer, rows * stride).data();
-    // a dense block's: [pair][token] for add_block, [token][pair] (a tile's rows) for AMX
-    uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * rows).data();
+    float* sums = scratch(sums_buffer, tokens * stride).data();
+    uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * tokens).data();  // a dense block's: [pair][token]
     alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx) amx_configure();  // a thread's own tiles
-#endif
     for (int64_t c0 = begin; c0 < end; c0 += tile) {
       const int64_t c1 = std::min(end, c0 + tile);
-      std::fill_n(sums, rows * stride, 0.0f);
+      std::fill_n(sums, tokens * stride, 0.0f);
       for (int64_t j0 = 0, b = 0; j0 < p.n_active; j0 += BLOCK_PAIRS, ++b) {
         const int64_t np = std::min(BLOCK_PAIRS, p.n_active - j0);
         const int64_t* lo = p.first.data() + b * tokens;  // token t's pairs in the block: [lo[t], hi[t])
         const int64_t* hi = lo + tokens;
-        if (amx) {
-          std::fill_n(words, BLOCK_PAIRS * rows, 0u);
-          for (int64_t t = 0; t < tokens; ++t)
-            for (int64_t i = lo[t]; i < hi[t]; ++i) words[t * BLOCK_PAIRS + p.position[t][i] - j0] = p.values[t][i];
-        } else if (p.dense[b]) {
+        if (p.dense[b]) {
           std::fill_n(words, np * tokens, 0u);
           for (int64_t t = 0; t < tokens; ++t)
             for (int64_t i = lo[t]; i < hi[t]; ++i) words[(p.position[t][i] - j0) * tokens + t] = p.values[t][i];
@@ -877,16 +949,6 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
           pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block, p.active.data() + ja,
                      std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
           const int64_t vectors = (len + 15) / 16;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-          if (amx) {
-            const int64_t np16 = (np + 15) / 16 * 16;
-            // 0 past the block's own pairs: a 0 word times a NaN or an infinity left there would be NaN
-            std::fill(block + np * (CHUNK / 16), block + np16 * (CHUNK / 16), _mm512_setzero_si512());
-            for (int64_t t0 = 0; t0 < rows; t0 += AMX_TOKENS)
-              amx_block(sums + t0 * stride + (c - c0), stride, block, np16, words + t0 * BLOCK_PAIRS, vectors);
-            continue;
-          }
-#endif
           if (p.dense[b]) {
             for (int64_t g = 0, t0 = 0; g < groups; ++g) {
               const int64_t size = tokens / groups + (g < tokens % groups);
@@ -912,9 +974,6 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
       }
       for (int64_t t = 0; t < tokens; ++t) std::copy_n(sums + t * stride, c1 - c0, out + t * width + c0);
     }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx) _tile_release();  // the tile state would be saved and restored at every switch of this thread
-#endif
   });
   return p.multiplied;
 }
@@ -933,7 +992,10 @@ int64_t rows_sum(const T* w, int64_t width, int64_t n_rows, const std::vector<Ke
   }
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (tokens >= PACK_FROM) return tokens_pairs_sum(w, width, n_rows, kept, tokens, out, parallel);
+    if (tokens >= PACK_FROM) {
+      return amx_enabled() ? tokens_pairs_sum_amx(w, width, n_rows, kept, tokens, out, parallel)
+                           : tokens_pairs_sum(w, width, n_rows, kept, tokens, out, parallel);
+    }
   }
 #endif
   tokens_rows_sum(w, width, n_rows, kept, tokens, out, parallel);
