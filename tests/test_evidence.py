@@ -682,6 +682,60 @@ HEADLINES += [
 ]
 
 
+# The Intel Xeon with AMX: the teal grid before and after, and AMX off and on, alternating, two runs each.
+AMX_RUNS = tuple(f"ffn_teal_amx2_{state}{run}_xeon_cpu.json" for run in (1, 2) for state in ("off", "on"))
+AMX1_RUNS = tuple(f"ffn_teal_amx1_{state}{run}_xeon_cpu.json" for state in ("off", "on") for run in (1, 2, 3))
+
+
+def amx_row(shape: str, d_ff: int, batch: int, active: float, busy: int) -> str:
+    """A row of the AMX off / on table: each run's cell by the median / the mean, with its path."""
+    cells = [cell(load(name), d_ff, "bfloat16", batch, active, busy) for name in AMX_RUNS]
+    runs = " | ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x {x['path']}" for x in cells)
+    return f"| {shape} | {batch} | {active} | {'busy' if busy else 'idle'} | {runs} |"
+
+
+def amx_span(names, d_ffs, batch: int, actives=(0.5, 0.25)) -> str:
+    """The lowest and highest idle speedup by the median of one batch over the runs `names`, as "a-b"."""
+    return span([cell(load(n), d, "bfloat16", batch, a) for n in names for d in d_ffs for a in actives], "speedup")
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", name, lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for name in ("ffn_teal_grid_before_xeon_cpu.json", "ffn_teal_grid_xeon_cpu.json")
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *[("bench/README.md", "{}", AMX_RUNS[-1], lambda r, shape=shape, d=d, batch=batch, active=active, busy=busy:
+       amx_row(shape, d, batch, active, busy))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for busy in (0, 1)
+      for active in (0.5, 0.25)],
+    ("bench/README.md", "at 0.5 is 0.46x on `masked`, and {} by the median", "ffn_teal_grid_before_xeon_cpu.json",
+     lambda r: f"{below(r['rows'], 'speedup')} cells"),
+    ("bench/README.md", "by the median, {} by the mean,\nare below", "ffn_teal_grid_before_xeon_cpu.json",
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("bench/README.md", "FFN took {} ms in the first grid", "ffn_teal_grid_before_xeon_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float32', 1, 0.5)['dense_ms']:.2f}"),
+    ("bench/README.md", "below and {} ms in the second", "ffn_teal_grid_xeon_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float32', 1, 0.5)['dense_ms']:.2f}"),
+    ("bench/README.md", "the large batch of 8, idle, from {} (on", AMX_RUNS[-1], lambda r: amx_span(AMX_RUNS[0::2], (11008,), 8)),
+    ("bench/README.md", "`masked`) to {} (on the kernel)", AMX_RUNS[-1], lambda r: amx_span(AMX_RUNS[1::2], (11008,), 8)),
+    ("bench/README.md", "from {} to 0.90x and 0.93x", AMX_RUNS[-1], lambda r: runs_speedup(AMX_RUNS[0::2], 1536, 8, 0.5)),
+    ("bench/README.md", "0.84x to {}. The batches", AMX_RUNS[-1], lambda r: runs_speedup(AMX_RUNS[1::2], 1536, 8, 0.5)),
+    ("bench/README.md", "batch of 8 at 0.5 moved ({} to", AMX1_RUNS[-1], lambda r: amx_span(AMX1_RUNS[:3], (1536,), 8, (0.5,))),
+    ("bench/README.md", "to {}).\n\nThe grid with AMX", AMX1_RUNS[-1], lambda r: amx_span(AMX1_RUNS[3:], (1536,), 8, (0.5,))),
+    ("bench/README.md", "{} cells by the median and 6 by the mean are below", "ffn_teal_grid_xeon_cpu.json",
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "11 cells by the median and {} by the mean are below", "ffn_teal_grid_xeon_cpu.json",
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("README.md", "large batch of\n  8 went from {} dense", AMX_RUNS[-1], lambda r: amx_span(AMX_RUNS[0::2], (11008,), 8)),
+    ("README.md", "dense to {} and the small one", AMX_RUNS[-1], lambda r: amx_span(AMX_RUNS[1::2], (11008,), 8)),
+    ("README.md", "from 0.83x-0.84x to {}; the batches", AMX_RUNS[-1],
+     lambda r: runs_speedup(AMX_RUNS[1::2], 1536, 8, 0.5).replace(" and ", "-")),
+    ("README.md", "the batches of 32 stayed at\n  {} idle", AMX_RUNS[-1],
+     lambda r: amx_span(AMX_RUNS[1::2], (1536, 11008), 32)),
+    ("README.md", "(the large bf16 one {} / 6.37x", "ffn_teal_grid_xeon_cpu.json", lambda r: ffn_speedup(r, 11008, "bfloat16", 1, 0.5)),
+    ("README.md", "teal's bf16 batches were\n  {} dense idle", "ffn_teal_grid_before_xeon_cpu.json",
+     lambda r: span([x for x in grid(r, 0) if x["dtype"] == "bfloat16" and x["batch"] > 1], "speedup")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
