@@ -1,3 +1,6 @@
+// add_block's loop shape: per pair, 4 weight vectors loaded and 2 tokens' words (8 chains of sums). XEXPR / YEXPR (the
+// words: broadcast from words[], or a constant) and PEXPR (j * stride) are filled in with -D, as output.txt names the
+// two variants; run as ./a.out 8 32 (pairs 8 vectors apart, words 32 apart, as in the kernel).
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
