@@ -233,7 +233,14 @@ def test_brick_kernel_computes_the_bricks_path(dtype, shared):
             ffn.set_path("kernel")
             ffn.reset_counts()
             got = ffn(x)
-            assert ffn.executed_fraction() == pytest.approx(ffn._macs(ffn.k_active) / ffn.dense_macs_per_token())
+            chosen = ffn._macs(ffn.k_active) / ffn.dense_macs_per_token()
+            if dtype == torch.bfloat16 and tokens >= 4 and cpu_kernels.isa() in ("avx512-bf16", "avx512-bf16+amx"):
+                # down rows go by pairs, and a block run densely multiplies the rows of bricks a token did not
+                # select by 0: counted, up to every brick's down rows for every token
+                every_down = ffn._macs((2 * ffn.k_active + ffn.n_bricks) / 3) / ffn.dense_macs_per_token()
+                assert chosen <= ffn.executed_fraction() <= every_down + 1e-9, tokens
+            else:
+                assert ffn.executed_fraction() == pytest.approx(chosen), tokens
             sel = ffn.select(x)  # the kernel's own part: not the shared brick's matmul
             routed = ffn._kernel(x, sel)
             try:

@@ -59,12 +59,13 @@ class BrickKernel:
             return "its router computes the gate pre-activations, which the kernel does not take"
         return cpu_kernels.reason()
 
-    def _kernel(self, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias)."""
+    def _kernel(self, x: torch.Tensor, sel: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias); `counts[0]` gains the down
+        projection's rows multiplied (`cpu_kernels.brick_ffn`)."""
         why = self._kernel_refusal()  # bricks beside may have come since the path was fixed
         if why is not None:
             raise BricksError(f"the kernel path is not available here: {why}")
-        return cpu_kernels.brick_ffn(x.contiguous(), self.w_in, self.w_down, sel.contiguous())
+        return cpu_kernels.brick_ffn(x.contiguous(), self.w_in, self.w_down, sel.contiguous(), counts=counts)
 
     def triton_applies(self) -> bool:
         """Whether the triton path runs this FFN's routed function where its weights are."""

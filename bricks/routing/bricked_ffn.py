@@ -228,13 +228,21 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
         exact = self.router is not None and self.router.exact_k and self.k_active < n  # k per token, no sum needed
         chosen = tokens * n if sel is None else tokens * self.k_active if exact else sel.sum()
         ran = tokens * n if masked else chosen
-        self._count(tokens, chosen, ran)
+        if path != "kernel":  # the kernel's count comes after its call: what it multiplied
+            self._count(tokens, chosen, ran)
         reuse = self.router is not None and self.router.reuses_gate and self.router.gate is not None
         gate = self.router.gate if reuse else None  # gate pre-activations the router computed
         run = None if self.beside is None else BesideRun(self, x2)
         shared = self._shared(x2, run)
         if masked or path == "kernel":  # these return the routed output: no zeros to add it to
-            y = self._masked(x2, sel, run) if masked else self._kernel(x2, sel)
+            if masked:
+                y = self._masked(x2, sel, run)
+            else:
+                rows = torch.zeros(1, dtype=torch.int64)
+                y = self._kernel(x2, sel, rows)
+                # gate|up (two of a brick's three matrices) ran on the chosen bricks; the down projection on the rows
+                # the kernel multiplied, by 0 too where a block of bf16 row pairs ran densely
+                self._count(tokens, chosen, (2 * chosen + int(rows) / self.brick_size) / 3)
             y = y if shared is None else y + shared
         else:  # these add each brick's output into y
             y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared

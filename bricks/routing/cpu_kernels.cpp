@@ -1435,9 +1435,11 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
 
 // y [tokens, hidden] for several tokens, w_down [n_bricks, size, hidden]: each token's selected
 // bricks' rows summed with its activations, the rows read once for all the tokens (`rows_sum`, as teal sums them).
+// `multiplied` = the rows of w_down multiplied by a token's value, summed over the tokens: with bf16 pairs, a
+// block run densely multiplies the rows of bricks a token did not select by 0, and those count too.
 template <typename T>
 at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
-                         bool parallel) {
+                         bool parallel, int64_t& multiplied) {
   const int64_t tokens = x.size(0), hidden = x.size(1), n_bricks = w_in.size(0), size = w_in.size(1) / 2;
   thread_local std::vector<float> buffer;
   thread_local std::vector<Kept> kept_buffer;
@@ -1459,7 +1461,7 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
     }
     kept[t].count = n;
   });
-  rows_sum(w_down.data_ptr<T>(), hidden, n_bricks * size, kept, tokens, a, y, parallel);
+  multiplied = rows_sum(w_down.data_ptr<T>(), hidden, n_bricks * size, kept, tokens, a, y, parallel);
   at::Tensor out = at::empty({tokens, hidden}, x.options());
   from_float(y, out.data_ptr<T>(), tokens * hidden);
   return out;
@@ -1469,8 +1471,10 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
 // gated SiLU FFN stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows),
 // w_down [n_bricks, size, hidden] (each brick's rows of W_down^T). No bias, no shared brick (the caller adds it).
 // `parallel` as in teal_ffn.
+// counts[0] += the rows of w_down multiplied (see bricks_tokens), the executed fraction's share of the down
+// projection.
 at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
-                     bool parallel) {
+                     bool parallel, at::Tensor counts) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_ffn: x must be contiguous tokens [tokens, hidden]");
   TORCH_CHECK(w_in.dim() == 3 && w_in.is_contiguous() && w_in.size(2) == x.size(1) && w_in.size(1) % 2 == 0,
               "brick_ffn: w_in must be a contiguous [n_bricks, 2 * size, hidden] gate|up weight");
@@ -1482,11 +1486,20 @@ at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tens
               "brick_ffn: sel must be contiguous bools [tokens, n_bricks]");
   TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_down.scalar_type(),
               "brick_ffn: x and the weights must share one dtype");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() >= 1 && counts.is_contiguous() && counts.is_cpu(),
+              "brick_ffn: counts must be a contiguous int64 CPU tensor of at least 1 entry");
   at::Tensor out;
+  int64_t multiplied = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_ffn", [&] {
-    out = x.size(0) == 1 ? bricks_token<scalar_t>(x, w_in, w_down, sel, parallel)
-                         : bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel);
+    if (x.size(0) == 1) {
+      out = bricks_token<scalar_t>(x, w_in, w_down, sel, parallel);
+      const bool* selected = sel.data_ptr<bool>();  // one token reads the rows of the bricks it selected only
+      multiplied = std::count(selected, selected + n, true) * size;
+    } else {
+      out = bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel, multiplied);
+    }
   });
+  counts.data_ptr<int64_t>()[0] += multiplied;
   return out;
 }
 
@@ -1644,7 +1657,7 @@ std::string isa() {
 TORCH_LIBRARY(bricks, m) {
   m.def("teal_ffn(Tensor x, Tensor w_in_t, Tensor w_down_t, int keep_in, int keep_act, float t_in, float t_act, "
         "bool parallel, Tensor(a!) counts) -> Tensor");
-  m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool parallel) -> Tensor");
+  m.def("brick_ffn(Tensor x, Tensor w_in, Tensor w_down, Tensor sel, bool parallel, Tensor(a!) counts) -> Tensor");
   m.def("gated_silu(Tensor h, int size) -> Tensor");
   m.def("top_k_mask(Tensor scores, int k) -> Tensor");
   m.def("top_magnitudes(Tensor v, int k, bool zero_dropped) -> Tensor");

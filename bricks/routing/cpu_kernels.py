@@ -169,11 +169,14 @@ def teal_ffn(x: torch.Tensor, w_in_t: torch.Tensor, w_down_t: torch.Tensor, keep
 
 
 def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: torch.Tensor,
-              parallel: bool = True) -> torch.Tensor:
+              parallel: bool = True, counts: torch.Tensor | None = None) -> torch.Tensor:
     """y `[tokens, hidden]` of `x` `[tokens, hidden]` through the bricks `sel` (bool `[tokens, n_bricks]`) selects,
     of a gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`, `w_down`
-    `[n_bricks, size, hidden]`), in one call: no bias, no shared brick."""
-    return _ops().brick_ffn(x, w_in, w_down, sel, parallel)
+    `[n_bricks, size, hidden]`), in one call: no bias, no shared brick. `counts[0]` (int64) gains the rows of `w_down`
+    multiplied by a token's value, summed over the tokens: in bf16 from 4 tokens, blocks of row pairs that run
+    densely (every block, on AMX) multiply rows of bricks a token did not select by 0."""
+    counts = torch.zeros(1, dtype=torch.int64) if counts is None else counts
+    return _ops().brick_ffn(x, w_in, w_down, sel, parallel, counts)
 
 
 def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
