@@ -238,11 +238,13 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             if masked:
                 y = self._masked(x2, sel, run)
             else:
-                rows = torch.zeros(1, dtype=torch.int64)
+                rows = torch.zeros(1, dtype=torch.int64) if tokens > 1 else None  # a decode token: no tensor op
                 y = self._kernel(x2, sel, rows)
                 # gate|up (two of a brick's three matrices) ran on the chosen bricks; the down projection on the rows
-                # the kernel multiplied, by 0 too where a block of bf16 row pairs ran densely
-                self._count(tokens, chosen, (2 * chosen + int(rows) / self.brick_size) / 3)
+                # the kernel multiplied, by 0 too where a block of bf16 row pairs ran densely (a decode token: its
+                # chosen bricks' rows)
+                down = chosen if rows is None else int(rows) / self.brick_size
+                self._count(tokens, chosen, (2 * chosen + down) / 3)
             y = y if shared is None else y + shared
         else:  # these add each brick's output into y
             y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared

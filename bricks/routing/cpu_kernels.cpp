@@ -903,7 +903,6 @@ int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_ro
   return p.multiplied;
 }
 #else
-constexpr int64_t AMX_TOKENS = 1;
 bool amx_enabled() { return false; }
 int64_t tokens_pairs_sum_amx(const c10::BFloat16*, int64_t, int64_t, const std::vector<Kept>&, int64_t, float*, bool) {
   return 0;  // not reached: amx_enabled() is false

@@ -175,8 +175,11 @@ def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: to
     `[n_bricks, size, hidden]`), in one call: no bias, no shared brick. `counts[0]` (int64) gains the rows of `w_down`
     multiplied by a token's value, summed over the tokens: in bf16 from 4 tokens, blocks of row pairs that run
     densely (every block, on AMX) multiply rows of bricks a token did not select by 0."""
-    counts = torch.zeros(1, dtype=torch.int64) if counts is None else counts
-    return _ops().brick_ffn(x, w_in, w_down, sel, parallel, counts)
+    return _ops().brick_ffn(x, w_in, w_down, sel, parallel, _UNREAD_COUNTS if counts is None else counts)
+
+
+# Where a caller reads no counts: the kernel adds into it, nobody reads it, and no call allocates one.
+_UNREAD_COUNTS = torch.zeros(1, dtype=torch.int64)
 
 
 def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
