@@ -833,9 +833,8 @@ void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, c
 // The block's pairs over a whole tile of columns [c0, c1), a chunk after another: packed[(k * AMX_PAIRS + j) *
 // (CHUNK / 16) + v] is pair j's vector v of chunk k, as pack_pairs copies one chunk (0 for the pairs [np, np16)).
 // Each pair's two rows are read from c0 to c1 in one go. Chunk by chunk, as pack_pairs copies, the copy read a short
-// piece of each of the block's 64 rows in turn and a tile product waited on each chunk: on the Xeon of
-// bench/README.md's "On an Intel Xeon with AMX" the large bf16 batch of 32 at compute 0.5 took 61 ms that way and
-// 31 ms this way (the batch of 8: 27 ms and 22 ms; a probe whose output was not kept).
+// piece of each of the block's 64 rows in turn and a tile product waited on each chunk: slower on the Xeon of
+// bench/README.md's "On an Intel Xeon with AMX" (its figures and results files).
 void pack_pairs_tile(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t np,
                      int64_t np16, int64_t c0, int64_t c1, __m512i* packed) {
   const int64_t chunks = (c1 - c0 + CHUNK - 1) / CHUNK;
