@@ -60,8 +60,8 @@ class BrickKernel:
         return cpu_kernels.reason()
 
     def _kernel(self, x: torch.Tensor, sel: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias); `counts[0]` gains the down
-        projection's rows multiplied (`cpu_kernels.brick_ffn`)."""
+        """The routed bricks' output `[tokens, hidden]` (no shared brick, no output bias); `counts` gains the down
+        projection's rows multiplied and the (token, brick) pairs whose gate|up rows were (`cpu_kernels.brick_ffn`)."""
         why = self._kernel_refusal()  # bricks beside may have come since the path was fixed
         if why is not None:
             raise BricksError(f"the kernel path is not available here: {why}")

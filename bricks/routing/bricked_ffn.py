@@ -238,13 +238,13 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             if masked:
                 y = self._masked(x2, sel, run)
             else:
-                rows = torch.zeros(1, dtype=torch.int64) if tokens > 1 else None  # a decode token: no tensor op
-                y = self._kernel(x2, sel, rows)
-                # gate|up (two of a brick's three matrices) ran on the chosen bricks; the down projection on the rows
-                # the kernel multiplied, by 0 too where a block of bf16 row pairs ran densely (a decode token: its
-                # chosen bricks' rows)
-                down = chosen if rows is None else int(rows) / self.brick_size
-                self._count(tokens, chosen, (2 * chosen + down) / 3)
+                counts = torch.zeros(2, dtype=torch.int64) if tokens > 1 else None  # a decode token: no tensor op
+                y = self._kernel(x2, sel, counts)
+                # gate|up (two of a brick's three matrices) ran on the bricks the kernel counts, on AMX for every
+                # token of a group of 16 that has one; the down projection on the rows it multiplied, by 0 too where a
+                # block of bf16 row pairs ran densely (a decode token: its chosen bricks, both)
+                gate_up, down = (chosen, chosen) if counts is None else (int(counts[1]), int(counts[0]) / self.brick_size)
+                self._count(tokens, chosen, (2 * gate_up + down) / 3)
             y = y if shared is None else y + shared
         else:  # these add each brick's output into y
             y = x2.new_zeros(x2.shape[0], self.hidden) if shared is None else shared

@@ -14,6 +14,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -1341,11 +1342,158 @@ inline void tile_dots_for(int64_t q, const T* w, int64_t hidden, const X* const*
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// brick_activations for bf16 on AMX's tiles (see amx_block): a brick's gate|up rows are the tiles' A operand, 16 rows
+// of 32 weights read in place (a row's width apart), and the tokens are B, 16 words (pairs of inputs 2k, 2k + 1) of
+// 16 tokens, transposed once per call. A brick is multiplied by every token of a group of 16 in which any token
+// selected it: a tile product costs the same for 1 token as for 16, and the sums of the tokens that did not select
+// it are dropped. vdpbf16ps, one a cycle on the Xeon this was written on, made the small FFN's bf16 batches slower
+// than torch's dense matmuls, which run on AMX (bench/README.md, "On an Intel Xeon with AMX").
+// Returns the (token, brick) pairs multiplied: the selected ones and those of the other tokens of their groups.
+int64_t brick_activations_amx(const c10::BFloat16* x, const c10::BFloat16* w_in, const bool* sel, int64_t tokens,
+                              int64_t n_bricks, int64_t size, int64_t hidden, float* a, bool parallel) {
+  const int64_t words = (hidden + 31) / 32 * 16;  // a token's words, to whole tiles (0 past the input)
+  const int64_t groups = (tokens + AMX_TOKENS - 1) / AMX_TOKENS, rows16 = (2 * size + 15) / 16 * 16;
+  const int64_t last_row = n_bricks * 2 * size;  // rows of w_in: a tile read in place must end within them
+  const bool whole_words = hidden % 32 == 0;  // else every tile's last words are copied, with 0 past the input
+  // xt[(g * words + k) * 16 + i] = word k of token 16 g + i (its inputs 2k and 2k + 1): a group's B tiles in turn.
+  thread_local std::vector<uint32_t> xt_buffer;
+  uint32_t* xt = scratch(xt_buffer, groups * words * AMX_TOKENS).data();
+  std::fill_n(xt, groups * words * AMX_TOKENS, 0u);
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t t = 0; t < tokens; ++t) {
+    uint32_t* to = xt + t / AMX_TOKENS * words * AMX_TOKENS + t % AMX_TOKENS;
+    const uint16_t* row = bits + t * hidden;
+    for (int64_t k = 0; k < hidden / 2; ++k) to[k * AMX_TOKENS] = row[2 * k] | uint32_t{row[2 * k + 1]} << 16;
+    if (hidden % 2 == 1) to[hidden / 2 * AMX_TOKENS] = row[hidden - 1];
+  }
+  std::atomic<int64_t> multiplied{0};
+  auto bricks = [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> h_buffer;
+    thread_local std::vector<c10::BFloat16> copy_buffer;
+    thread_local std::vector<int64_t> group_buffer;
+    float* h = scratch(h_buffer, groups * rows16 * AMX_TOKENS).data();  // [group][row][token]: the C tiles
+    c10::BFloat16* copy = scratch(copy_buffer, 16 * 2 * words).data();  // a tile's 16 rows where not read in place
+    int64_t* touched = scratch(group_buffer, groups).data();
+    amx_configure();  // a thread's own tiles
+    int64_t own = 0;
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (!sel[t * n_bricks + b]) std::fill_n(a + (t * n_bricks + b) * size, size, 0.0f);
+      }
+      int64_t n_touched = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        bool any = false;
+        for (int64_t t = g * AMX_TOKENS; t < std::min(tokens, (g + 1) * AMX_TOKENS); ++t) any |= sel[t * n_bricks + b];
+        if (any) {
+          touched[n_touched++] = g;
+          own += std::min(tokens, (g + 1) * AMX_TOKENS) - g * AMX_TOKENS;
+        }
+      }
+      const c10::BFloat16* rows = w_in + b * 2 * size * hidden;
+      for (int64_t r0 = 0; r0 < rows16 && n_touched > 0; r0 += 64) {  // four tiles of sums: 64 rows at a time
+        const int64_t n = std::min<int64_t>(4, (rows16 - r0) / 16);
+        const c10::BFloat16* from[4];
+        int64_t stride[4];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t r = r0 + 16 * i;
+          if (whole_words && b * 2 * size + r + 16 <= last_row) {  // rows past the brick's are read, not kept
+            from[i] = rows + r * hidden;
+            stride[i] = hidden * 2;
+          } else {
+            // Only one tile's copy is kept: a brick whose last tiles need copies takes them one at a time.
+            from[i] = nullptr;
+            stride[i] = words * 4;
+          }
+        }
+        for (int64_t q = 0; q < n_touched; ++q) {
+          const uint32_t* xg = xt + touched[q] * words * AMX_TOKENS;
+          float* hg = h + touched[q] * rows16 * AMX_TOKENS + r0 * AMX_TOKENS;
+          for (int64_t i = 0; i < n; ++i) {
+            if (from[i] != nullptr) continue;
+            const int64_t r = r0 + 16 * i;
+            std::fill_n(copy, 16 * 2 * words, c10::BFloat16(0.0f));
+            for (int64_t j = 0; j < 16 && r + j < 2 * size; ++j)
+              std::copy_n(rows + (r + j) * hidden, hidden, copy + j * 2 * words);
+            // one tile of sums over every word, from the copy
+            _tile_zero(0);
+            for (int64_t k = 0; k < words; k += 16) {
+              _tile_loadd(4, xg + k * AMX_TOKENS, 64);
+              _tile_loadd(5, copy + 2 * k, static_cast<int>(stride[i]));
+              _tile_dpbf16ps(0, 5, 4);
+            }
+            _tile_stored(0, hg + 16 * i * AMX_TOKENS, 64);
+          }
+          // The tiles read in place, up to four at a time over every word.
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          const bool in_place[4] = {n > 0 && from[0] != nullptr, n > 1 && from[1] != nullptr,
+                                    n > 2 && from[2] != nullptr, n > 3 && from[3] != nullptr};
+          if (!(in_place[0] || in_place[1] || in_place[2] || in_place[3])) continue;
+          for (int64_t k = 0; k < words; k += 16) {
+            _tile_loadd(4, xg + k * AMX_TOKENS, 64);
+            // Tile numbers are immediates, hence one statement per tile.
+            if (in_place[0]) {
+              _tile_loadd(5, from[0] + 2 * k, static_cast<int>(stride[0]));
+              _tile_dpbf16ps(0, 5, 4);
+            }
+            if (in_place[1]) {
+              _tile_loadd(6, from[1] + 2 * k, static_cast<int>(stride[1]));
+              _tile_dpbf16ps(1, 6, 4);
+            }
+            if (in_place[2]) {
+              _tile_loadd(5, from[2] + 2 * k, static_cast<int>(stride[2]));
+              _tile_dpbf16ps(2, 5, 4);
+            }
+            if (in_place[3]) {
+              _tile_loadd(6, from[3] + 2 * k, static_cast<int>(stride[3]));
+              _tile_dpbf16ps(3, 6, 4);
+            }
+          }
+          if (in_place[0]) _tile_stored(0, hg, 64);
+          if (in_place[1]) _tile_stored(1, hg + 16 * AMX_TOKENS, 64);
+          if (in_place[2]) _tile_stored(2, hg + 32 * AMX_TOKENS, 64);
+          if (in_place[3]) _tile_stored(3, hg + 48 * AMX_TOKENS, 64);
+        }
+      }
+      for (int64_t q = 0; q < n_touched; ++q) {
+        const int64_t g = touched[q];
+        float* hg = h + g * rows16 * AMX_TOKENS;
+        // gate rows [0, size), up rows [size, 2 size), each row's 16 tokens side by side: one activation for all
+        silu_mul(hg, hg + size * AMX_TOKENS, hg, size * AMX_TOKENS);
+        for (int64_t t = g * AMX_TOKENS; t < std::min(tokens, (g + 1) * AMX_TOKENS); ++t) {
+          if (!sel[t * n_bricks + b]) continue;
+          float* to = a + (t * n_bricks + b) * size;
+          for (int64_t r = 0; r < size; ++r) to[r] = hg[r * AMX_TOKENS + t % AMX_TOKENS];
+        }
+      }
+    }
+    _tile_release();  // the tile state would be saved and restored at every switch of this thread
+    multiplied += own;
+  };
+  if (parallel) {
+    at::parallel_for(0, n_bricks, 1, bricks);
+  } else {
+    bricks(0, n_bricks);
+  }
+  return multiplied;
+}
+#endif
+
 // a [tokens, n_bricks, size] = each token's activations in the bricks sel [tokens, n_bricks] selects, 0 in the
-// others. bf16 tokens meet bf16 rows in vdpbf16ps where the CPU has it; other dtypes are summed in fp32.
+// others. bf16 tokens meet bf16 rows in vdpbf16ps where the CPU has it (on AMX's tiles from PACK_FROM tokens);
+// other dtypes are summed in fp32. Returns the (token, brick) pairs multiplied.
 template <typename T>
-void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t tokens, int64_t n_bricks, int64_t size,
-                       int64_t hidden, float* a, bool parallel) {
+int64_t brick_activations(const T* x, const T* w_in, const bool* sel, int64_t tokens, int64_t n_bricks, int64_t size,
+                          int64_t hidden, float* a, bool parallel) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tokens >= PACK_FROM && amx_enabled())
+      return brick_activations_amx(x, w_in, sel, tokens, n_bricks, size, hidden, a, parallel);
+  }
+#endif
 #ifdef __AVX512BF16__
   constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
 #else
@@ -1429,22 +1577,25 @@ void brick_activations(const T* x, const T* w_in, const bool* sel, int64_t token
   } else {
     bricks(0, n_bricks);
   }
+  return starts[n_bricks];
 }
 
 // y [tokens, hidden] for several tokens, w_down [n_bricks, size, hidden]: each token's selected
 // bricks' rows summed with its activations, the rows read once for all the tokens (`rows_sum`, as teal sums them).
 // `multiplied` = the rows of w_down multiplied by a token's value, summed over the tokens: with bf16 pairs, a
-// block run densely multiplies the rows of bricks a token did not select by 0, and those count too.
+// block run densely multiplies the rows of bricks a token did not select by 0, and those count too. `bricks_run` =
+// the (token, brick) pairs whose gate|up rows were multiplied (on AMX, every token of a group of 16 that has any).
 template <typename T>
 at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
-                         bool parallel, int64_t& multiplied) {
+                         bool parallel, int64_t& multiplied, int64_t& bricks_run) {
   const int64_t tokens = x.size(0), hidden = x.size(1), n_bricks = w_in.size(0), size = w_in.size(1) / 2;
   thread_local std::vector<float> buffer;
   thread_local std::vector<Kept> kept_buffer;
   float* a = scratch(buffer, tokens * (n_bricks * size + hidden)).data();
   float* y = a + tokens * n_bricks * size;
   const bool* selected = sel.data_ptr<bool>();
-  brick_activations(x.data_ptr<T>(), w_in.data_ptr<T>(), selected, tokens, n_bricks, size, hidden, a, parallel);
+  bricks_run = brick_activations(x.data_ptr<T>(), w_in.data_ptr<T>(), selected, tokens, n_bricks, size, hidden, a,
+                                 parallel);
   std::vector<Kept>& kept = scratch(kept_buffer, tokens);
   per_token(tokens, parallel, [&](int64_t t) {
     int64_t* rows = scratch(kept[t].rows, n_bricks * size).data();
@@ -1469,8 +1620,8 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
 // gated SiLU FFN stored brick-major: w_in [n_bricks, 2 * size, hidden] (each brick's gate rows, then its up rows),
 // w_down [n_bricks, size, hidden] (each brick's rows of W_down^T). No bias, no shared brick (the caller adds it).
 // `parallel` as in teal_ffn.
-// counts[0] += the rows of w_down multiplied (see bricks_tokens), the executed fraction's share of the down
-// projection.
+// counts[0] += the rows of w_down multiplied, counts[1] += the (token, brick) pairs whose gate|up rows were (see
+// bricks_tokens): the executed fraction's shares of the down projection and of gate|up.
 at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_down, const at::Tensor& sel,
                      bool parallel, at::Tensor counts) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "brick_ffn: x must be contiguous tokens [tokens, hidden]");
@@ -1484,20 +1635,22 @@ at::Tensor brick_ffn(const at::Tensor& x, const at::Tensor& w_in, const at::Tens
               "brick_ffn: sel must be contiguous bools [tokens, n_bricks]");
   TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_down.scalar_type(),
               "brick_ffn: x and the weights must share one dtype");
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() >= 1 && counts.is_contiguous() && counts.is_cpu(),
-              "brick_ffn: counts must be a contiguous int64 CPU tensor of at least 1 entry");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.numel() >= 2 && counts.is_contiguous() && counts.is_cpu(),
+              "brick_ffn: counts must be a contiguous int64 CPU tensor of at least 2 entries");
   at::Tensor out;
-  int64_t multiplied = 0;
+  int64_t multiplied = 0, bricks_run = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "brick_ffn", [&] {
     if (x.size(0) == 1) {
       out = bricks_token<scalar_t>(x, w_in, w_down, sel, parallel);
       const bool* selected = sel.data_ptr<bool>();  // one token reads the rows of the bricks it selected only
-      multiplied = std::count(selected, selected + n, true) * size;
+      bricks_run = std::count(selected, selected + n, true);
+      multiplied = bricks_run * size;
     } else {
-      out = bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel, multiplied);
+      out = bricks_tokens<scalar_t>(x, w_in, w_down, sel, parallel, multiplied, bricks_run);
     }
   });
   counts.data_ptr<int64_t>()[0] += multiplied;
+  counts.data_ptr<int64_t>()[1] += bricks_run;
   return out;
 }
 

@@ -174,12 +174,14 @@ def brick_ffn(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, sel: to
     of a gated SiLU FFN stored brick-major as `BrickedFFN` stores it (`w_in` `[n_bricks, 2*size, hidden]`, `w_down`
     `[n_bricks, size, hidden]`), in one call: no bias, no shared brick. `counts[0]` (int64) gains the rows of `w_down`
     multiplied by a token's value, summed over the tokens: in bf16 from 4 tokens, blocks of row pairs that run
-    densely (every block, on AMX) multiply rows of bricks a token did not select by 0."""
+    densely (every block, on AMX) multiply rows of bricks a token did not select by 0. `counts[1]` gains the (token,
+    brick) pairs whose gate|up rows were multiplied: on AMX, every token of a group of 16 in which one selected the
+    brick."""
     return _ops().brick_ffn(x, w_in, w_down, sel, parallel, _UNREAD_COUNTS if counts is None else counts)
 
 
 # Where a caller reads no counts: the kernel adds into it, nobody reads it, and no call allocates one.
-_UNREAD_COUNTS = torch.zeros(1, dtype=torch.int64)
+_UNREAD_COUNTS = torch.zeros(2, dtype=torch.int64)
 
 
 def gated_silu(h: torch.Tensor, size: int) -> torch.Tensor:
