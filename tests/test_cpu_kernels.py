@@ -347,6 +347,36 @@ def test_router_top_k_mask_is_torch_topk_with_ties_to_the_lower_index(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_top_k_ranks_fp32_scores_of_a_linear_router(dtype):
+    """The centroid router's scores and top-k in one call: the k largest of x @ w.T summed in fp32 (torch's topk of
+    float64 scores: no near-ties left to the summation order), for rows and bricks that are not multiples of the
+    kernel's tiles of 4, widths that end in a partial vector (and an odd one, for bf16's pairs), and ties to the
+    lower index among equal scores."""
+    from bricks.routing import BrickedFFN
+
+    g = torch.Generator().manual_seed(3)
+    for rows, n, hidden, k in ((1, 64, 576, 32), (7, 9, 66, 4), (33, 13, 41, 5)):
+        x, w = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(n, hidden, generator=g).to(dtype)
+        scores = x.double() @ w.double().T
+        got = cpu_kernels.linear_top_k(x, w, k)
+        want = torch.zeros(rows, n, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+        margin = scores.sort(dim=1, descending=True).values
+        clear = (margin[:, k - 1] - margin[:, k]).abs() > 1e-4 * margin.abs().max()  # rows with no near-tie at the k-th
+        assert clear.sum() >= rows // 2 and torch.equal(got[clear], want[clear]), (rows, n, hidden)
+        assert got.sum(1).eq(k).all()
+    w = torch.ones(6, 8).to(dtype)  # every score equal: the lowest indices
+    assert cpu_kernels.linear_top_k(torch.ones(2, 8).to(dtype), w, 3).nonzero()[:, 1].tolist() == [0, 1, 2] * 2
+    with pytest.raises(RuntimeError, match="k must be in"):
+        cpu_kernels.linear_top_k(x, torch.ones(3, x.shape[1]).to(dtype), 4)
+    # The router uses it on the CPU in bf16 and fp16 (in fp32 torch's matmul was as fast).
+    f = ffns(random_ffn_model(64, 96, dtype))[0]
+    ffn = BrickedFFN(f, torch.arange(96) % 8, router="centroid", active=0.5)
+    x = torch.randn(5, 64, generator=g).to(dtype)
+    if dtype != torch.float32:
+        assert torch.equal(ffn.select(x), cpu_kernels.linear_top_k(x, ffn.router.centroids, ffn.k_active))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_top_magnitudes_keeps_the_largest_magnitudes_with_ties_to_the_lower_index(dtype):
     """The masked path's top-k: each row's k largest |v|, as a mask or as v with the rest zeroed; bf16's ties
     (common with its 8 bits of mantissa) kept first come first, as the teal kernel keeps them."""

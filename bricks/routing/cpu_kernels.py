@@ -196,6 +196,13 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _ops().top_k_mask(scores, k)
 
 
+def linear_top_k(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask `[rows, n]` of each row's k largest scores `x @ w.T` (`x` `[rows, hidden]`, `w` `[n, hidden]`, one
+    dtype below float64), summed in fp32 and ranked as `top_k_mask` ranks them: a linear router's scores and top-k in
+    one call, where torch's small matmul alone costs tens of microseconds. No autograd."""
+    return _ops().linear_top_k(x, w, k)
+
+
 def ranks(v: torch.Tensor) -> bool:
     """Whether `top_magnitudes` can rank `v` (on the CPU, below float64, once the kernel is built)."""
     return v.device.type == "cpu" and v.dtype != torch.float64 and v.dim() >= 1 and available()

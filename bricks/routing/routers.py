@@ -34,6 +34,8 @@ from ..errors import BricksError
 from ..registry import Registry
 from . import cpu_kernels
 
+HALVES = (torch.bfloat16, torch.float16)  # where the centroid router scores in the compiled kernel on the CPU
+
 # name -> Router class; each is built on the `BrickedFFN` it routes for (`make_router`)
 ROUTERS: Registry = Registry("router")
 
@@ -118,6 +120,15 @@ class CentroidRouter(Router):
         # F.linear, not `x @ centroids.t()`: the transposed matmul took longer in a probe of a bf16 call on the
         # CPU (bench/README.md, "Bricks' calls"), mostly fixed cost, as the product is small
         return F.linear(x, self.centroids)
+
+    def select(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        c = self.centroids
+        if x.device.type == "cpu" and x.dtype == c.dtype and x.dtype in HALVES and cpu_kernels.available():
+            # The scores and their top-k in one compiled call, summed in fp32 and ranked unrounded: torch's small
+            # bf16 matmul alone cost about a tenth of the small FFN's routed call (bench/README.md, "On an Intel
+            # Xeon with AMX"), and its bf16 scores tie often at the k-th. In fp32 torch's was as fast.
+            return cpu_kernels.linear_top_k(x.detach().contiguous(), c, k)
+        return super().select(x, k)
 
     def macs_per_token(self) -> int:
         return self.centroids.numel()
