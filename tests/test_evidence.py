@@ -748,8 +748,6 @@ HEADLINES += [
      lambda r: f"{min(r['dense_runs']):.2f}-{max(r['dense_runs']):.2f}"),
     ("README.md", "greedy decoding of the default model is {} dense by the", "decode_teal_default_xeon_cpu.json",
      lambda r: f"{r['speedup']:.2f}x"),
-    ("README.md", "AMX path yet (its small ones {}\n  idle there)", "ffn_centroid_grid_xeon_cpu.json",
-     lambda r: span([x for x in grid(r, 0) if (x["d_ff"], x["dtype"]) == (1536, "bfloat16") and x["batch"] > 1], "speedup")),
     ("bench/README.md", "at 0.5 took {}\nand", "ffn_teal_amx_copy_chunk_xeon_cpu.json",
      lambda r: f"{cell(r, 11008, 'bfloat16', 8, 0.5)['bricked_ms']:.3f}"),
     ("bench/README.md", "\nand {} ms at `8b3cda4`", "ffn_teal_amx_copy_chunk_xeon_cpu.json",
@@ -761,6 +759,48 @@ HEADLINES += [
     ("README.md", "teal's bf16 batches were\n  {} dense idle", "ffn_teal_grid_before_xeon_cpu.json",
      lambda r: span([x for x in grid(r, 0) if x["dtype"] == "bfloat16" and x["batch"] > 1], "speedup")),
 ]
+
+# The brick kernel's gate|up on AMX (kernel path fixed, three runs each way) and the centroid router's compiled
+# scores (the small shape, the chooser's paths, two runs each way), alternating, on the Xeon with AMX.
+BRICK_AMX = {state: tuple(f"ffn_centroid_amx_{state}{run}_xeon_cpu.json" for run in (1, 2, 3)) for state in ("before", "after")}
+ROUTER_SELECT = {state: tuple(f"ffn_centroid_select_{state}{run}_xeon_cpu.json" for run in (1, 2))
+                 for state in ("before", "after")}
+
+
+def runs_cells(names, d_ff: int, dtype: str, batch: int, active: float) -> str:
+    """One idle cell's speedup by the median in each run, as "a / b / c"."""
+    return " / ".join(f"{cell(load(n), d_ff, dtype, batch, active)['speedup']:.2f}x" for n in names)
+
+
+def before_with_row(runs: dict, shape: str, d_ff: int, dtype: str, batch: int, active: float) -> str:
+    return (f"| {shape} | {batch} | {active} | {runs_cells(runs['before'], d_ff, dtype, batch, active)} | "
+            f"{runs_cells(runs['after'], d_ff, dtype, batch, active)} |")
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", BRICK_AMX["after"][2],
+       lambda r, shape=shape, d=d, batch=batch, active=active: before_with_row(BRICK_AMX, shape, d, "bfloat16", batch, active))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for active in (0.5, 0.25)],
+    *[("bench/README.md", "{}", ROUTER_SELECT["after"][1],
+       lambda r, batch=batch, active=active: before_with_row(ROUTER_SELECT, "576x1536", 1536, "bfloat16", batch, active))
+      for batch in (1, 8, 32) for active in (0.5, 0.25)],
+    ("bench/README.md", "the dense large batch of 32 took {} ms", BRICK_AMX["after"][2],
+     lambda r: span([cell(load(n), 11008, "bfloat16", 32, a) for n in BRICK_AMX["before"] + BRICK_AMX["after"]
+                     for a in (0.5, 0.25)], "dense_ms", "{:.1f}")),
+    ("README.md", "FFN's batches of 32 at 0.5 went from {} dense", BRICK_AMX["after"][2],
+     lambda r: span([cell(load(n), 1536, "bfloat16", 32, 0.5) for n in BRICK_AMX["before"]], "speedup")),
+    ("README.md", "dense to {}\n  (kernel path, three", BRICK_AMX["after"][2],
+     lambda r: span([cell(load(n), 1536, "bfloat16", 32, 0.5) for n in BRICK_AMX["after"]], "speedup")),
+    ("README.md", "its decode tokens at 0.5 from\n  {} to", ROUTER_SELECT["after"][1],
+     lambda r: span([cell(load(n), 1536, "bfloat16", 1, 0.5) for n in ROUTER_SELECT["before"]], "speedup")),
+    ("README.md", "to {} (two runs each way)", ROUTER_SELECT["after"][1],
+     lambda r: span([cell(load(n), 1536, "bfloat16", 1, 0.5) for n in ROUTER_SELECT["after"]], "speedup")),
+    ("bench/README.md", "fp32 rows of those runs ran it too, with no gain ({} at batch 1", ROUTER_SELECT["after"][1],
+     lambda r: span([cell(load(n), 1536, "float32", 1, 0.25) for n in ROUTER_SELECT["after"]], "speedup")),
+    ("bench/README.md", "at 0.25, against {} before)", ROUTER_SELECT["after"][1],
+     lambda r: span([cell(load(n), 1536, "float32", 1, 0.25) for n in ROUTER_SELECT["before"]], "speedup")),
+]
+
 
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
