@@ -263,6 +263,35 @@ def test_brick_kernel_computes_the_bricks_path(dtype, shared, hidden):
         assert torch.equal(one, routed), tokens  # the same sums in the same order on any number of threads
 
 
+@pytest.mark.parametrize("hidden", [65, 64, 96, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_brick_kernel_matches_its_definition_on_any_width(dtype, hidden):
+    """`brick_ffn` against its definition in float64, for widths whose bf16 inputs end in half a pair (65), fill
+    whole tiles (64, 96; 2048: rows of 4 KB, which AMX reads two tiles at a time rather than four), and bricks of 23
+    neurons (46 gate|up rows: tiles that reach into the next brick's rows, and past the weight's end for the last
+    brick); 5 and 40 tokens (one group of 16, three with a partial one). `counts[1]`, the gate|up (token, brick)
+    pairs run: the selected ones, and on AMX every token of each group of 16 that has one."""
+    g = torch.Generator().manual_seed(5)
+    w_in = (torch.randn(9, 46, hidden, generator=g) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(9, 23, hidden, generator=g) / 23**0.5).to(dtype)
+    for tokens in (5, 40):
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        sel = torch.rand(tokens, 9, generator=g) < 0.3
+        counts = torch.zeros(2, dtype=torch.int64)
+        y = cpu_kernels.brick_ffn(x, w_in, w_down, sel, counts=counts)
+        h = torch.einsum("th,brh->tbr", x.double(), w_in.double())
+        a = torch.nn.functional.silu(h[..., :23]) * h[..., 23:] * sel[..., None]
+        ref = torch.einsum("tbr,brh->th", a, w_down.double())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), tokens
+        groups = torch.zeros(-(-tokens // 16) * 16, 9, dtype=torch.bool)
+        groups[:tokens] = sel
+        touched = groups.reshape(-1, 16, 9).any(dim=1)
+        sizes = torch.tensor([min(16, tokens - 16 * i) for i in range(touched.shape[0])])
+        amx = dtype == torch.bfloat16 and cpu_kernels.isa() == "avx512-bf16+amx"
+        assert int(counts[1]) == int((touched * sizes[:, None]).sum() if amx else sel.sum()), tokens
+
+
 def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny_dirs, monkeypatch):
     from bricks.routing import BrickedFFN
 

@@ -1356,6 +1356,11 @@ int64_t brick_activations_amx(const c10::BFloat16* x, const c10::BFloat16* w_in,
   const int64_t groups = (tokens + AMX_TOKENS - 1) / AMX_TOKENS, rows16 = (2 * size + 15) / 16 * 16;
   const int64_t last_row = n_bricks * 2 * size;  // rows of w_in: a tile read in place must end within them
   const bool whole_words = hidden % 32 == 0;  // else every tile's last words are copied, with 0 past the input
+  // Tiles of sums in flight, each over 16 of the brick's rows, which every step of 32 inputs reads a line of: long
+  // rows (LONG_ROW) take a page each, and 64 of them at once (four tiles) left the hardware prefetcher behind.
+  // The large bf16 batch of 8 at 0.5 took 32-39 ms with four tiles, 16-19 with two or one (dense: 16-20; a probe's
+  // output in bench/results/xeon_probes/output_brick_tiles.txt). Short rows lie a few to a page.
+  const int64_t tiles = hidden * static_cast<int64_t>(sizeof(c10::BFloat16)) >= LONG_ROW ? 2 : 4;
   // xt[(g * words + k) * 16 + i] = word k of token 16 g + i (its inputs 2k and 2k + 1): a group's B tiles in turn.
   thread_local std::vector<uint32_t> xt_buffer;
   uint32_t* xt = scratch(xt_buffer, groups * words * AMX_TOKENS).data();
@@ -1391,8 +1396,8 @@ int64_t brick_activations_amx(const c10::BFloat16* x, const c10::BFloat16* w_in,
         }
       }
       const c10::BFloat16* rows = w_in + b * 2 * size * hidden;
-      for (int64_t r0 = 0; r0 < rows16 && n_touched > 0; r0 += 64) {  // four tiles of sums: 64 rows at a time
-        const int64_t n = std::min<int64_t>(4, (rows16 - r0) / 16);
+      for (int64_t r0 = 0; r0 < rows16 && n_touched > 0; r0 += 16 * tiles) {
+        const int64_t n = std::min<int64_t>(tiles, (rows16 - r0) / 16);
         const c10::BFloat16* from[4];
         int64_t stride[4];
         for (int64_t i = 0; i < n; ++i) {
