@@ -802,6 +802,45 @@ HEADLINES += [
 ]
 
 
+# The brick kernel's tiles in flight on AMX (four, then two where rows are long), alternating, three runs each; the
+# grid after it, and the bf16 decode of the default model with bricks before and after this session's changes.
+BRICK_TILES = {state: tuple(f"ffn_centroid_tiles_{state}{run}_xeon_cpu.json" for run in (1, 2, 3))
+               for state in ("before", "after")}
+
+HEADLINES += [
+    *[("bench/README.md", "{}", BRICK_TILES["after"][2],
+       lambda r, shape=shape, d=d, batch=batch, active=active: before_with_row(BRICK_TILES, shape, d, "bfloat16", batch, active))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for active in (0.5, 0.25)],
+    *[("bench/README.md", "{}", "ffn_centroid_grid_amx_xeon_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "{} cells by the median and", "ffn_centroid_grid_amx_xeon_cpu.json",
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "cells by the median and {} by the mean are below 0.9x dense in this grid",
+     "ffn_centroid_grid_amx_xeon_cpu.json", lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("bench/README.md", "| default model, bf16, 64 tokens, Intel Xeon with AMX, before | idle | {} |",
+     "decode_centroid_default_bf16_before_xeon_cpu.json", decode_row),
+    ("bench/README.md", "| default model, bf16, 64 tokens, Intel Xeon with AMX | idle | {} |",
+     "decode_centroid_default_bf16_xeon_cpu.json", decode_row),
+    ("bench/README.md", "bricked {} tokens/s against dense", "decode_centroid_default_bf16_before_xeon_cpu.json",
+     lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "tokens/s against dense {} before", "decode_centroid_default_bf16_before_xeon_cpu.json",
+     lambda r: run_range(r["dense_runs"])),
+    ("README.md", "bf16 batches on the kernel went from\n  {} to", BRICK_TILES["after"][2],
+     lambda r: span([cell(load(n), 11008, "bfloat16", b, a) for n in BRICK_TILES["before"] for b in (8, 32)
+                     for a in (0.5, 0.25)], "speedup")),
+    ("README.md", "to {} (three runs each way). The small", BRICK_TILES["after"][2],
+     lambda r: span([cell(load(n), 11008, "bfloat16", b, a) for n in BRICK_TILES["after"] for b in (8, 32)
+                     for a in (0.5, 0.25)], "speedup")),
+    ("README.md", "of 32 read every brick, as dense does, and stay at {} on the", BRICK_TILES["after"][2],
+     lambda r: span([cell(load(n), 1536, "bfloat16", 32, a) for n in BRICK_TILES["after"] for a in (0.5, 0.25)],
+                    "speedup")),
+    ("bench/README.md", "after, bricked {} against", "decode_centroid_default_bf16_xeon_cpu.json",
+     lambda r: run_range(r["bricked_runs"])),
+    ("bench/README.md", "against {} after", "decode_centroid_default_bf16_xeon_cpu.json", lambda r: run_range(r["dense_runs"])),
+]
+
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
