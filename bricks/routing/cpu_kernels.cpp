@@ -856,13 +856,13 @@ void pack_pairs_tile(const c10::BFloat16* w, int64_t width, int64_t n_rows, cons
   }
 }
 
-// tokens_pairs_sum on AMX's tiles: every block of pairs densely, AMX_TOKENS tokens to a tile, each block copied
-// over a whole tile of columns before its products (pack_pairs_tile).
-int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
-                             int64_t tokens, float* out, bool parallel) {
-  thread_local Pairs pairs;
-  pairs_of(kept, tokens, n_rows, pairs, parallel, true);
-  const Pairs& p = pairs;
+// out[t, :] = the sum over the active pairs of token t's words times their rows, on AMX's tiles: every block of
+// pairs densely, AMX_TOKENS tokens to a tile, each block copied over a whole tile of columns before its products
+// (pack_pairs_tile). fill(j0, np, words) writes the words of the active pairs [j0, j0 + np), words[t * AMX_PAIRS + j]
+// for token t (the words of the padding tokens stay 0).
+template <typename Fill>
+void pairs_tiles_amx(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int64_t* active, int64_t n_active,
+                     int64_t tokens, float* out, bool parallel, const Fill& fill) {
   const int64_t rows = (tokens + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS;  // the last group padded with 0 words
   const int64_t tile = AMX_TILE;
   columns_over_threads(width, parallel, [&](int64_t begin, int64_t end) {
@@ -880,15 +880,11 @@ int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_ro
     for (int64_t c0 = begin; c0 < end; c0 += tile) {
       const int64_t c1 = std::min(end, c0 + tile);
       std::fill_n(sums, rows * stride, 0.0f);
-      for (int64_t j0 = 0; j0 < p.n_active; j0 += AMX_PAIRS) {
-        const int64_t np = std::min(AMX_PAIRS, p.n_active - j0), np16 = (np + 15) / 16 * 16;
-        // token t's pairs in the block: [lo[t], hi[t]), from the plan's blocks of BLOCK_PAIRS that it spans
-        const int64_t* lo = p.first.data() + j0 / BLOCK_PAIRS * tokens;
-        const int64_t* hi = p.first.data() + (j0 + np + BLOCK_PAIRS - 1) / BLOCK_PAIRS * tokens;
+      for (int64_t j0 = 0; j0 < n_active; j0 += AMX_PAIRS) {
+        const int64_t np = std::min(AMX_PAIRS, n_active - j0), np16 = (np + 15) / 16 * 16;
         std::fill_n(words, rows * AMX_PAIRS, 0u);
-        for (int64_t t = 0; t < tokens; ++t)
-          for (int64_t i = lo[t]; i < hi[t]; ++i) words[t * AMX_PAIRS + p.position[t][i] - j0] = p.values[t][i];
-        pack_pairs_tile(w, width, n_rows, p.active.data() + j0, np, np16, c0, c1, packed);
+        fill(j0, np, words);
+        pack_pairs_tile(w, width, n_rows, active + j0, np, np16, c0, c1, packed);
         for (int64_t c = c0, k = 0; c < c1; c += CHUNK, ++k) {
           const int64_t vectors = (std::min(CHUNK, c1 - c) + 15) / 16;
           for (int64_t t0 = 0; t0 < rows; t0 += AMX_TOKENS)
@@ -900,7 +896,61 @@ int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_ro
     }
     _tile_release();  // the tile state would be saved and restored at every switch of this thread
   });
+}
+
+// tokens_pairs_sum on AMX's tiles (pairs_tiles_amx), the words from each token's kept rows (pairs_of).
+int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_rows, const std::vector<Kept>& kept,
+                             int64_t tokens, float* out, bool parallel) {
+  thread_local Pairs pairs;
+  pairs_of(kept, tokens, n_rows, pairs, parallel, true);
+  const Pairs& p = pairs;
+  pairs_tiles_amx(w, width, n_rows, p.active.data(), p.n_active, tokens, out, parallel,
+                  [&](int64_t j0, int64_t np, uint32_t* words) {
+                    // token t's pairs in the block: [lo[t], hi[t]), from the plan's blocks of BLOCK_PAIRS it spans
+                    const int64_t* lo = p.first.data() + j0 / BLOCK_PAIRS * tokens;
+                    const int64_t* hi = p.first.data() + (j0 + np + BLOCK_PAIRS - 1) / BLOCK_PAIRS * tokens;
+                    for (int64_t t = 0; t < tokens; ++t)
+                      for (int64_t i = lo[t]; i < hi[t]; ++i) words[t * AMX_PAIRS + p.position[t][i] - j0] = p.values[t][i];
+                  });
   return p.multiplied;
+}
+
+// The bricks' down projection on AMX's tiles: out[t, :] = the sum of a[t, r] * w[r, :] over the n_rows rows, a
+// [tokens, n_rows] 0 outside the bricks token t selected. The active pairs are those of the bricks any token
+// selected, their words token t's two activations as bf16: no lists of kept rows, which rows_sum builds for any
+// selection (their building and pairs_of: about 6% of a small bf16 batch of 32's samples under perf, against 33%
+// for the tile products; bench/results/xeon_probes/output_bricks_down.txt has the calls before and after). Returns the rows multiplied, every active pair's for every token (all blocks run densely on AMX).
+int64_t bricks_down_amx(const c10::BFloat16* w, int64_t width, int64_t n_bricks, int64_t size, const bool* sel,
+                        const float* a, int64_t tokens, float* out, bool parallel) {
+  const int64_t n_rows = n_bricks * size, n_pairs = (n_rows + 1) / 2;
+  thread_local std::vector<int64_t> active_buffer;
+  thread_local std::vector<uint8_t> on_buffer;
+  uint8_t* on = scratch(on_buffer, n_pairs).data();
+  std::fill_n(on, n_pairs, uint8_t{0});
+  for (int64_t b = 0; b < n_bricks; ++b) {
+    bool any = false;
+    for (int64_t t = 0; t < tokens; ++t) any |= sel[t * n_bricks + b];
+    if (any) std::fill(on + b * size / 2, on + ((b + 1) * size + 1) / 2, uint8_t{1});
+  }
+  int64_t* active = scratch(active_buffer, n_pairs).data();
+  int64_t n_active = 0;
+  for (int64_t q = 0; q < n_pairs; ++q) {  // branch-free (see `collect`)
+    active[n_active] = q;
+    n_active += on[q];
+  }
+  pairs_tiles_amx(w, width, n_rows, active, n_active, tokens, out, parallel,
+                  [&](int64_t j0, int64_t np, uint32_t* words) {
+                    for (int64_t t = 0; t < tokens; ++t) {
+                      const float* at = a + t * n_rows;
+                      for (int64_t j = 0; j < np; ++j) {
+                        const int64_t r = 2 * active[j0 + j];
+                        const uint32_t second = r + 1 < n_rows ? c10::BFloat16(at[r + 1]).x : 0;
+                        words[t * AMX_PAIRS + j] = c10::BFloat16(at[r]).x | second << 16;  // rounded as torch rounds
+                      }
+                    }
+                  });
+  const bool lone = n_rows % 2 && n_active > 0 && active[n_active - 1] == n_rows / 2;  // one row in the last pair
+  return tokens * (2 * n_active - lone);
 }
 #else
 bool amx_enabled() { return false; }
@@ -1601,6 +1651,16 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
   const bool* selected = sel.data_ptr<bool>();
   bricks_run = brick_activations(x.data_ptr<T>(), w_in.data_ptr<T>(), selected, tokens, n_bricks, size, hidden, a,
                                  parallel);
+  at::Tensor out = at::empty({tokens, hidden}, x.options());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tokens >= PACK_FROM && amx_enabled()) {
+      multiplied = bricks_down_amx(w_down.data_ptr<T>(), hidden, n_bricks, size, selected, a, tokens, y, parallel);
+      from_float(y, out.data_ptr<T>(), tokens * hidden);
+      return out;
+    }
+  }
+#endif
   std::vector<Kept>& kept = scratch(kept_buffer, tokens);
   per_token(tokens, parallel, [&](int64_t t) {
     int64_t* rows = scratch(kept[t].rows, n_bricks * size).data();
@@ -1616,7 +1676,6 @@ at::Tensor bricks_tokens(const at::Tensor& x, const at::Tensor& w_in, const at::
     kept[t].count = n;
   });
   multiplied = rows_sum(w_down.data_ptr<T>(), hidden, n_bricks * size, kept, tokens, a, y, parallel);
-  at::Tensor out = at::empty({tokens, hidden}, x.options());
   from_float(y, out.data_ptr<T>(), tokens * hidden);
   return out;
 }
