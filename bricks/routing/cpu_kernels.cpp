@@ -1489,7 +1489,8 @@ int64_t brick_activations_amx(const c10::BFloat16* x, const c10::BFloat16* w_in,
           if (!(in_place[0] || in_place[1] || in_place[2] || in_place[3])) continue;
           for (int64_t k = 0; k < words; k += 16) {
             _tile_loadd(4, xg + k * AMX_TOKENS, 64);
-            // Tile numbers are immediates, hence one statement per tile.
+            // Tile numbers are immediates (the intrinsics paste them into the instruction's text, so not even a
+            // template parameter will do), hence one statement per tile.
             if (in_place[0]) {
               _tile_loadd(5, from[0] + 2 * k, static_cast<int>(stride[0]));
               _tile_dpbf16ps(0, 5, 4);
