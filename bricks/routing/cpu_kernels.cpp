@@ -919,7 +919,8 @@ int64_t tokens_pairs_sum_amx(const c10::BFloat16* w, int64_t width, int64_t n_ro
 // [tokens, n_rows] 0 outside the bricks token t selected. The active pairs are those of the bricks any token
 // selected, their words token t's two activations as bf16: no lists of kept rows, which rows_sum builds for any
 // selection (their building and pairs_of: about 6% of a small bf16 batch of 32's samples under perf, against 33%
-// for the tile products; bench/results/xeon_probes/output_bricks_down.txt has the calls before and after). Returns the rows multiplied, every active pair's for every token (all blocks run densely on AMX).
+// for the tile products; bench/results/xeon_probes/output_bricks_down.txt has the calls before and after). Returns
+// the rows multiplied, every active pair's for every token (all blocks run densely on AMX).
 int64_t bricks_down_amx(const c10::BFloat16* w, int64_t width, int64_t n_bricks, int64_t size, const bool* sel,
                         const float* a, int64_t tokens, float* out, bool parallel) {
   const int64_t n_rows = n_bricks * size, n_pairs = (n_rows + 1) / 2;
@@ -1818,9 +1819,9 @@ at::Tensor top_k_mask(const at::Tensor& scores, int64_t k) {
 
 // sel [rows, n] (bool): each row's k largest of x [rows, hidden] . w [n, hidden]^T, the scores summed in fp32 (bf16
 // tokens meet bf16 rows in vdpbf16ps where the CPU has it) and ranked as top_k_mask ranks them. A linear router's
-// scores and top-k in one call: torch's small matmul alone, 8 bf16 tokens by 64 centroids of 576, took about 40
-// microseconds on the Xeon of bench/README.md's "On an Intel Xeon with AMX" (fp32: 15-25), a tenth of the small
-// FFN's whole routed call.
+// scores and top-k in one call: torch's small bf16 matmul alone, 1-32 tokens by 64 centroids of 576, took 28-32
+// microseconds on the Xeon of bench/README.md's "On an Intel Xeon with AMX", a fifth of the small FFN's whole routed
+// call at one token (bench/results/xeon_probes/output_router_select.txt).
 template <typename T>
 void linear_top_k_rows(const T* x, const T* w, int64_t rows, int64_t n, int64_t hidden, int64_t k, bool* out) {
 #ifdef __AVX512BF16__
@@ -1829,32 +1830,35 @@ void linear_top_k_rows(const T* x, const T* w, int64_t rows, int64_t n, int64_t 
   constexpr bool pairs = false;
 #endif
   using X = std::conditional_t<pairs, T, float>;  // what the dot products take of the tokens
-  std::vector<float> xf(pairs ? 0 : rows * hidden), scores(rows * n);
-  std::vector<const X*> xs(rows);
-  if constexpr (!pairs) to_float(x, xf.data(), rows * hidden);
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (pairs) {
-      xs[r] = x + r * hidden;
-    } else {
-      xs[r] = xf.data() + r * hidden;
-    }
+  // Scratch that lives as long as the thread (see `scratch`): a router runs once per layer of every decode step.
+  thread_local std::vector<float> xf_buffer, scores_buffer;
+  thread_local std::vector<const X*> xs_buffer;
+  thread_local std::vector<uint32_t> keys_buffer;
+  float* scores = scratch(scores_buffer, rows * n).data();
+  const X** xs = scratch(xs_buffer, rows).data();
+  if constexpr (pairs) {
+    for (int64_t r = 0; r < rows; ++r) xs[r] = x + r * hidden;
+  } else {
+    float* xf = scratch(xf_buffer, rows * hidden).data();
+    to_float(x, xf, rows * hidden);
+    for (int64_t r = 0; r < rows; ++r) xs[r] = xf + r * hidden;
   }
   for (int64_t b = 0; b < n; b += 4) {  // four of w's rows in L1 while the tokens pass, as brick_activations does
     for (int64_t q = 0; q < rows; q += 4) {
       const int64_t m = std::min<int64_t>(4, rows - q);
       if (b + 4 <= n) {
-        tile_dots_for<4>(m, w + b * hidden, hidden, xs.data() + q, scores.data() + q * n + b, n);
+        tile_dots_for<4>(m, w + b * hidden, hidden, xs + q, scores + q * n + b, n);
       } else {
         for (int64_t i = b; i < n; ++i)
-          tile_dots_for<1>(m, w + i * hidden, hidden, xs.data() + q, scores.data() + q * n + i, n);
+          tile_dots_for<1>(m, w + i * hidden, hidden, xs + q, scores + q * n + i, n);
       }
     }
   }
-  std::vector<uint32_t> keys(n);
+  uint32_t* keys = scratch(keys_buffer, n).data();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < n; ++i) keys[i] = order_key(scores[r * n + i]);
     bool* row = out + r * n;
-    mark_largest(keys.data(), n, k, 31, [row](int64_t i, bool kept) { row[i] = kept; });
+    mark_largest(keys, n, k, 31, [row](int64_t i, bool kept) { row[i] = kept; });
   }
 }
 

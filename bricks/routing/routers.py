@@ -125,8 +125,8 @@ class CentroidRouter(Router):
         c = self.centroids
         if x.device.type == "cpu" and x.dtype == c.dtype and x.dtype in HALVES and cpu_kernels.available():
             # The scores and their top-k in one compiled call, summed in fp32 and ranked unrounded: torch's small
-            # bf16 matmul alone cost about a tenth of the small FFN's routed call (bench/README.md, "On an Intel
-            # Xeon with AMX"), and its bf16 scores tie often at the k-th. In fp32 torch's was as fast.
+            # bf16 matmul alone cost a fifth of the small FFN's routed call at one token (bench/README.md, "On an
+            # Intel Xeon with AMX"), and its bf16 scores tie often at the k-th. In fp32 torch's was as fast.
             return cpu_kernels.linear_top_k(x.detach().contiguous(), c, k)
         return super().select(x, k)
 
