@@ -71,6 +71,7 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +106,32 @@ def build_directory() -> Path:
     return root / "kernels" / key[:16]
 
 
+# torch's build holds a `lock` file in the build directory while it compiles, and waits, with no time limit, while
+# one is there. A process killed during its build (Ctrl-C, a timeout) leaves it: every later process then waited
+# forever. A build takes about a minute; a lock this old has no build behind it.
+STALE_LOCK_SECONDS = 600
+
+
+def wait_for_build_lock(directory: Path) -> None:
+    """Wait while another process builds into `directory`; remove its lock once STALE_LOCK_SECONDS old."""
+    lock, said = directory / "lock", False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            print(f"bricks: removing {lock}, left {age / 60:.0f} minutes ago by a kernel build that did not finish",
+                  file=sys.stderr, flush=True)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            print(f"bricks: waiting for another process's kernel build ({lock}; removed if it is still there "
+                  f"{STALE_LOCK_SECONDS // 60} minutes after it was made)", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(1.0)
+
+
 @functools.lru_cache(maxsize=None)
 def reason() -> str | None:
     """None when `torch.ops.bricks.teal_ffn` is loaded (built first if needed), else why it is not."""
@@ -119,6 +146,7 @@ def reason() -> str | None:
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
+        wait_for_build_lock(directory)
         if not any(directory.glob("*.so")):
             print(f"bricks: building the CPU sparse-decode kernel for -march={march()} (once, about a minute)...",
                   file=sys.stderr, flush=True)
