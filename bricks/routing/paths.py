@@ -17,7 +17,10 @@ time per call from its recent timings, and the others are re-measured now
 and then (a few calls in a row, replacing their old timings), less often
 while they keep losing or win by a hair (MARGIN), and a slow one less often
 than a close one, so that a path that becomes the fastest again (the machine
-went quiet) is found without much time spent on paths that will not be.
+went quiet) is found without much time spent on paths that will not be. A
+path timed while it stalled looks slow until it is re-measured, so one whose
+timings are old is re-measured too, if it came close to the best path or
+stalled (STALE_SECONDS).
 
 The expected time is the mean of the recent timings. A decode waits for
 the sum of its calls, so a path that stalls for a scheduler tick on a third
@@ -60,6 +63,16 @@ FIRST_INTERVAL, MAX_INTERVAL = 8, 256
 # bf16 tokens) would otherwise trade the lead on noise, and each trade brought the re-measurements of every
 # runner-up, the slow ones too, back to every FIRST_INTERVAL calls.
 MARGIN = 0.1
+# A runner-up whose timings are older than this many seconds of the key's calls is re-measured (looked for every
+# FIRST_INTERVAL calls, beside the schedule of `choose`), whatever it cost lately, if it could win once a load has
+# gone: its fastest call ever took less than STALL times the best path's expected time, or it stalled (its expected
+# time is over STALL times its fastest call; a path first timed under a load may have no fast call yet). Timed with
+# another process busy, a call on two threads waits for a descheduled one (ten times its median, and more), and the
+# cost weighting in `choose` had such a path re-measured once in thousands of calls after the load ended, while a
+# one-thread path 1.7x slower ran (bench/chooser_recovery.py). The one with the fastest call goes first, and after
+# each re-measurement none for STALE_COST times what it took: under a load that stays, they take about a thirtieth
+# of the time.
+STALE_SECONDS, STALE_COST = 0.25, 30
 # A timing over this many times its window's median is a stall (a thread descheduled, a scheduler tick waited).
 STALL = 2.0
 # Suffix of a path run on one thread: slower on an idle machine, but with no other thread to wait for.
@@ -88,10 +101,14 @@ class _Timings:
     recent: dict[str, deque] = field(default_factory=dict)  # last WINDOW timings per path
     seconds: dict[str, float] = field(default_factory=dict)  # their expected time (`expected_seconds`), per path
     samples: dict[str, int] = field(default_factory=dict)  # calls timed, per path
+    elapsed: float = 0.0  # seconds of every call timed, in all
+    measured: dict[str, float] = field(default_factory=dict)  # `elapsed` at each path's last timing
+    fastest: dict[str, float] = field(default_factory=dict)  # each path's fastest call (the cold first left out)
+    refresh_at: float = 0.0  # `elapsed` before which no stale runner-up is re-measured (STALE_COST)
     calls: int = 0
     interval: int = FIRST_INTERVAL
     next_check: int = FIRST_INTERVAL
-    checks: dict[str, int] = field(default_factory=dict)  # re-measurements, per runner-up
+    spent: dict[str, float] = field(default_factory=dict)  # seconds of re-measurement calls, per runner-up
     checking: str | None = None  # the runner-up being re-measured, if any
     left: int = 0  # its calls still to run
 
@@ -119,22 +136,40 @@ class PathChooser:
         t.calls += 1
         seconds = t.seconds
         best = min(paths, key=seconds.__getitem__)
-        if len(paths) > 1 and t.calls >= t.next_check:
+        if len(paths) < 2:
+            return best
+        # Every FIRST_INTERVAL calls, whether a runner-up's timings have gone stale (`_stale`): it is re-measured
+        # then, beside the schedule below, which it leaves as it was.
+        check = self._stale(t, paths, best) if t.calls % FIRST_INTERVAL == 0 else None
+        if check is None and t.calls >= t.next_check:
             # Re-measure a runner-up, at an interval that doubles while the best stays best: the one whose
-            # re-measurements have cost least so far, counting this one, so that each runner-up takes about the same
-            # time in all and a slow one is re-measured less often. In turn, the bricks' eager brick-by-brick path,
-            # many times the best at 32 small bf16 tokens, was re-measured as often as the close paths
-            # (bench/README.md, the centroid `--dense-fallback` grid).
-            t.checking = min((p for p in paths if p != best), key=lambda p: (t.checks.get(p, 0) + 1) * seconds[p])
-            t.checks[t.checking] = t.checks.get(t.checking, 0) + 1
-            t.recent[t.checking].clear()  # its old timings may date from a stall that has passed
-            t.left = CHECK_CALLS
+            # re-measurements have cost least so far (their seconds, and this one's CHECK_CALLS calls at its expected
+            # time), so that each runner-up takes about the same time in all and a slow one is re-measured less
+            # often. In turn, the bricks' eager brick-by-brick path, many times the best at 32 small bf16 tokens,
+            # was re-measured as often as the close paths (bench/README.md, the centroid `--dense-fallback` grid).
+            check = min((p for p in paths if p != best), key=lambda p: t.spent.get(p, 0.0) + CHECK_CALLS * seconds[p])
             t.next_check = t.calls + t.interval
-            return t.checking
+        if check is not None:
+            t.checking = check
+            t.recent[check].clear()  # its old timings may date from a stall that has passed
+            t.left = CHECK_CALLS
+            return check
         return best
+
+    @staticmethod
+    def _stale(t: _Timings, paths: tuple[str, ...], best: str) -> str | None:
+        """Of the runner-ups measured over STALE_SECONDS ago that could win once a load has gone, the one with the
+        fastest call; None while the last re-measurement's STALE_COST lasts."""
+        if t.elapsed < t.refresh_at:
+            return None
+        stale = [p for p in paths if p != best and p in t.fastest and t.elapsed - t.measured[p] > STALE_SECONDS
+                 and (t.fastest[p] < STALL * t.seconds[best] or t.seconds[p] > STALL * t.fastest[p])]
+        return min(stale, key=t.fastest.__getitem__, default=None)
 
     def record(self, key: tuple, path: str, seconds: float) -> None:
         t = self.timings[key]
+        t.elapsed += seconds
+        t.measured[path] = t.elapsed
         n = t.samples.get(path, 0)
         t.samples[path] = n + 1
         if n == 0:
@@ -142,12 +177,17 @@ class PathChooser:
             return  # the cold first call
         recent = t.recent[path]
         recent.append(seconds)
+        t.fastest[path] = min(seconds, t.fastest.get(path, seconds))
         t.seconds[path] = expected_seconds(recent)
         if path == t.checking:
+            t.spent[path] = t.spent.get(path, 0.0) + seconds
             t.left -= 1
-            if t.left <= 0:
+            rival = min((s for p, s in t.seconds.items() if p != path), default=float("inf"))
+            # Its calls so far already take more than CHECK_CALLS of the best's: it cannot win; no more of them (a
+            # path that stalls for a scheduler tick, or ten, costs one stalled call per re-measurement).
+            if t.left <= 0 or sum(recent) > CHECK_CALLS * rival:
                 t.checking = None
-                rival = min((s for p, s in t.seconds.items() if p != path), default=float("inf"))
+                t.refresh_at = max(t.refresh_at, t.elapsed + STALE_COST * sum(recent))
                 # The re-measured path won clearly: check often again (the load changed); else less often.
                 won = t.seconds[path] < (1 - MARGIN) * rival
                 t.interval = FIRST_INTERVAL if won else min(MAX_INTERVAL, 2 * t.interval)
