@@ -69,7 +69,7 @@ MARGIN = 0.1
 # time is over STALL times its fastest call; a path first timed under a load may have no fast call yet). Timed with
 # another process busy, a call on two threads waits for a descheduled one (ten times its median, and more), and the
 # cost weighting in `choose` had such a path re-measured once in thousands of calls after the load ended, while a
-# one-thread path 1.7x slower ran (bench/chooser_recovery.py). The one with the fastest call goes first, and after
+# slower one-thread path ran (bench/chooser_recovery.py). The one with the fastest call goes first, and after
 # each re-measurement none for STALE_COST times what it took: under a load that stays, they take about a thirtieth
 # of the time.
 STALE_SECONDS, STALE_COST = 0.25, 30
