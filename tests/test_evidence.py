@@ -862,12 +862,135 @@ HEADLINES += [
 ]
 
 
+
+def recovery_row(router: str, run: int) -> str:
+    """A row of bench/README.md's table of the chooser after a load (bench/chooser_recovery.py), before and after."""
+    cells = []
+    for side in ("before", "after"):
+        r = load(f"chooser_recovery_{router}_{side}{run}_zen4_cpu.json")
+        idle, busy = r["idle"], r["busy"]
+        on_one = sum(p.endswith("@1") for p in r["paths_taken_idle"]) / len(r["paths_taken_idle"])
+        cells += [f"`{idle['best_at_end']}`, {idle['routed_mean_last_half_ms']:.3f} / {idle['dense_mean_ms']:.3f} ms",
+                  f"{on_one:.2f}", f"{busy['routed_mean_ms']:.3f} / {busy['dense_mean_ms']:.3f} ms"]
+    return f"| {router} | {run} | " + " | ".join(cells) + " |"
+
+
+def recovery_span(side: str, phase: str, key: str, serial: bool | None = None, path: str | None = None,
+                  digits: int = 3) -> str:
+    """The range of one figure over the six runs of one side (`serial`: only runs that ended on a one-thread path
+    (True) or on a multi-thread one (False); `path`: the chooser's expected time of that path)."""
+    values = []
+    for router in ("teal", "centroid"):
+        for run in (1, 2, 3):
+            r = load(f"chooser_recovery_{router}_{side}{run}_zen4_cpu.json")
+            if serial is None or r["idle"]["best_at_end"].endswith("@1") == serial:
+                values.append(r[phase][key] if path is None else r[phase][key][path])
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", f"ffn_{router}_grid_zen4_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
+      for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "By the median {} of the 48 cells are below 0.9x\ndense, by the mean 2, all bf16", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "dense, by the mean {}, all bf16 batches of 32, as on", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("bench/README.md", "batches of 32 at 0.5 ({}x small, 0.895x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['speedup']:.3f}"),
+    ("bench/README.md", "small, {}x large; by the mean 0.834x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'bfloat16', 32, 0.5)['speedup']:.3f}"),
+    ("bench/README.md", "by the mean {}x and\n0.892x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['speedup_mean']:.3f}"),
+    ("bench/README.md", "and\n{}x), with the busy", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'bfloat16', 32, 0.5)['speedup_mean']:.3f}"),
+    ("bench/README.md", "the large fp32 one is\n{} / 6.06x dense", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("bench/README.md", "2.81x / {} dense at 0.5 / 0.25 idle and 2.33x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.25)),
+    ("bench/README.md", "idle and {} at 0.5 busy, the small\nfp32 one 3.06x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5, 1)),
+    ("bench/README.md", "busy, the small\nfp32 one {} at 0.5. By", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "float32", 1, 0.5)),
+    ("bench/README.md", "(0.63x and {} by the median, on `kernel@1`; 2.15x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.25, 1)),
+    ("bench/README.md", "(0.63x and 0.82x by the median, on `kernel@1`; {} and 2.14x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5, 1)['speedup_mean']:.2f}x"),
+    ("bench/README.md", "(then `..._rerun2_...`): {} small, 0.98x and 1.00x large.", "ffn_teal_b32_rerun1_zen4_cpu.json",
+     lambda r: " and ".join(ffn_speedup(load(f"ffn_teal_b32_rerun{n}_zen4_cpu.json"), 1536, "bfloat16", 32, 0.5) for n in (1, 2))),
+    ("bench/README.md", "0.95x small, {} large.", "ffn_teal_b32_rerun1_zen4_cpu.json",
+     lambda r: " and ".join(ffn_speedup(load(f"ffn_teal_b32_rerun{n}_zen4_cpu.json"), 11008, "bfloat16", 32, 0.5) for n in (1, 2))),
+    ("bench/README.md", "By the median {} of the 48 cells is below 0.9x dense, by the mean none", "ffn_centroid_grid_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "of 32 at 0.5 ({}, on `kernel@1`; 4.71x by the mean)", "ffn_centroid_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5, 1)),
+    ("bench/README.md", "Idle, the lowest\ncell is {} by the mean", "ffn_centroid_grid_zen4_cpu.json",
+     lambda r: lowest(grid(r, 0), "speedup_mean")),
+    ("bench/README.md", "teal's has {} cells below\n0.9x by the median and 1 by the mean", "ffn_teal_grid_stale_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "0.9x by the median and {} by the mean, the bricks'", "ffn_teal_grid_stale_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("bench/README.md", "the bricks' {} and none; the same", "ffn_centroid_grid_stale_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "now on `masked`:\n{}; 0.84x on the kernel before", "ffn_teal_grid_stale_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5) if cell(r, 1536, "bfloat16", 32, 0.5)["path"] == "masked" else "?"),
+    *[("bench/README.md", "{}", f"chooser_recovery_{router}_after{run}_zen4_cpu.json",
+       lambda r, router=router, run=run: recovery_row(router, run)) for router in ("teal", "centroid") for run in (1, 2, 3)],
+    ("bench/README.md", "expected time had risen to {} ms a call", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "busy", "expected_ms", path="kernel", digits=1)),
+    ("bench/README.md", "`kernel@1` ran at {} ms a call where", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "idle", "expected_ms", path="kernel@1", digits=2)),
+    ("bench/README.md", "the two-thread kernel takes\n{} (their expected", "chooser_recovery_teal_after1_zen4_cpu.json",
+     lambda r: recovery_span("after", "idle", "expected_ms", path="kernel", digits=2)),
+    ("bench/README.md", "ended on `kernel@1` at {} ms a call", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "idle", "routed_mean_last_half_ms", serial=True)),
+    ("README.md", "one-thread path\n  ({} ms a call); after", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "idle", "routed_mean_last_half_ms", serial=True)),
+    ("README.md", "all six went back to it ({} ms;", "chooser_recovery_teal_after1_zen4_cpu.json",
+     lambda r: recovery_span("after", "idle", "routed_mean_last_half_ms")),
+    ("README.md", "one {} / 6.06x at 0.5 / 0.25 idle, 2.33x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 11008, "float32", 1, 0.5)),
+    ("README.md", "median {} of teal's 48 cells and 1 of the brick router's are below 0.9x,\n  all bf16",
+     "ffn_teal_grid_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("README.md", "was {} in the grid and 0.95x-1.02x", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5)),
+    ("README.md", "in the grid and {} in two runs after it", "ffn_teal_b32_rerun1_zen4_cpu.json",
+     lambda r: span([cell(load(f"ffn_teal_b32_rerun{n}_zen4_cpu.json"), 1536, "bfloat16", 32, 0.5) for n in (1, 2)],
+                    "speedup")),
+    ("bench/README.md", "ended on the kernel, at {} ms.", "chooser_recovery_teal_after1_zen4_cpu.json",
+     lambda r: recovery_span("after", "idle", "routed_mean_last_half_ms")),
+    ("bench/README.md", "the\nrouted mean went from {} ms to", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "busy", "routed_mean_ms")),
+    ("bench/README.md", "ms to {} ms (the dense FFN's", "chooser_recovery_teal_after1_zen4_cpu.json",
+     lambda r: recovery_span("after", "busy", "routed_mean_ms")),
+    ("bench/README.md", "(the dense FFN's\n{} ms before", "chooser_recovery_teal_before1_zen4_cpu.json",
+     lambda r: recovery_span("before", "busy", "dense_mean_ms")),
+    ("bench/README.md", "ms before and {} ms after)", "chooser_recovery_teal_after1_zen4_cpu.json",
+     lambda r: recovery_span("after", "busy", "dense_mean_ms")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
                           "notebook:merging_adapters", "notebook:compressed_bricks", "notebook:fusing_specialists")]
 HEADLINES.append(("README.md", "gate`, with the gate's weights per domain and per token ({} s top to", "durations_cpu.json",
                   lambda r: f"{r['seconds']['notebook:fusing_specialists']:.0f}"))
+
+
+# Figures a document quotes from a probe's kept output (a text file, not a results file).
+PROBE_OUTPUTS = [
+    ("bench/README.md", "zen4_probes/output_teal_batch_parts.txt",
+     ("0.884", "0.857", "0.599", "0.544", "0.384", "0.288", "0.122", "36.763", "33.188", "26.425", "21.544", "11.761",
+      "11.712")),
+]
+
+
+@pytest.mark.parametrize("doc, output, figures", PROBE_OUTPUTS, ids=[o[1] for o in PROBE_OUTPUTS])
+def test_probe_figures_are_in_their_output(doc, output, figures):
+    text, kept = (ROOT / doc).read_text(), (RESULTS / output).read_text()
+    for figure in figures:
+        assert f"median {figure} ms" in kept, f"{output} has no median of {figure} ms"
+        assert figure in text, f"{doc} should quote {figure} from {output}"
 
 
 @pytest.mark.parametrize("doc, pattern, name, compute", HEADLINES, ids=[f"{h[0]}:{h[2]}:{i}" for i, h in enumerate(HEADLINES)])
