@@ -37,3 +37,13 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_
     cpu_kernels.wait_for_build_lock(tmp_path)
     assert time.perf_counter() - start >= 1.4 and "waiting for another process" in capsys.readouterr().err
     cpu_kernels.wait_for_build_lock(tmp_path)  # no lock: returns at once
+
+
+def test_each_checkout_of_the_source_builds_into_its_own_directory(tmp_path, monkeypatch):
+    """torch's build records the source's path: two checkouts sharing one directory rebuilt it in turn."""
+    here = cpu_kernels.build_directory()
+    copy = tmp_path / "cpu_kernels.cpp"
+    copy.write_text(cpu_kernels.SOURCE.read_text())
+    monkeypatch.setattr(cpu_kernels, "SOURCE", copy)
+    assert cpu_kernels.build_directory() != here
+    assert cpu_kernels.build_directory().parent == here.parent

@@ -100,8 +100,11 @@ def _machine() -> str:
 
 
 def build_directory() -> Path:
-    """One build per source, flags, torch version and CPU: a shared home never loads a build for another CPU."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags(), torch.__version__, _machine()]).encode()).hexdigest()
+    """One build per source, flags, torch version and CPU: a shared home never loads a build for another CPU. And
+    per checkout: torch's build records the source's path, and two checkouts of one source (a before/after
+    comparison) sharing a directory rebuilt it each time the other ran."""
+    parts = [SOURCE.read_text(), str(SOURCE.resolve()), *flags(), torch.__version__, _machine()]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     root = Path(os.environ.get("BRICKS_CACHE", Path.home() / ".cache" / "bricks"))
     return root / "kernels" / key[:16]
 
