@@ -88,8 +88,9 @@ def main():
     for name, ph in (("busy", busy), ("idle", idle)):
         print(f"{name}: best {ph['best_at_end']}, routed mean {ph['routed_mean_ms']} ms, dense mean "
               f"{ph['dense_mean_ms']} ms, expected {ph['expected_ms']}")
-    print(f"idle: {back} of {len(idle_calls)} routed calls before the best path ran on all threads; "
-          f"routed mean of the last half {idle['routed_mean_last_half_ms']} ms")
+    on_one = sum(c["path"].endswith(SERIAL) for c in idle_calls) / len(idle_calls)
+    print(f"idle: {back} of {len(idle_calls)} routed calls before the best path ran on all threads, {on_one:.2f} of "
+          f"them on one thread; routed mean of the last half {idle['routed_mean_last_half_ms']} ms")
     save(a.json, {"args": vars(a), "torch_threads": torch.get_num_threads(), "busy": busy, "idle": idle,
                   "paths_taken_idle": [c["path"] for c in idle_calls]})
 
