@@ -9,8 +9,7 @@ of each phase, how many routed calls of the idle phase ran before the chooser's 
 and the mean time per routed and dense call in each phase (the busy phase's routed mean pays the re-measurements
 of stalling paths; the idle phase's pays the calls spent on the one-thread path).
 
-    python bench/chooser_recovery.py --router teal --shape 576x1536 --dtype bfloat16 --batch 8 \\
-        --json bench/results/chooser_recovery_teal_cpu.json
+    python bench/chooser_recovery.py --router teal --json bench/results/chooser_recovery_teal_after1_zen4_cpu.json
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ import torch
 
 from bricks.arch import ffns
 from bricks.loading import parse_dtype
-from bricks.routing.bench import BLOCK, INPUTS, competing_processes, layers_for, random_ffn_model
-from bricks.routing.bricked_ffn import BrickedFFN
+from bricks.routing.bench import BLOCK, INPUTS, competing_processes, layers_for, random_ffn_model, routed_ffn
 from bricks.routing.paths import CHOOSER, SERIAL
-from bricks.routing.sparse_ffn import SparseFFN
 from record import save
 
 
@@ -45,8 +42,7 @@ def main():
     layers = ffns(random_ffn_model(hidden, d_ff, dtype, "cpu", layers_for(hidden, d_ff, dtype, "cpu")))
     g = torch.Generator().manual_seed(0)
     assignment = torch.randperm(d_ff, generator=g) % 64
-    routed = [SparseFFN(f, compute=a.active) if a.router == "teal" else
-              BrickedFFN(f, assignment, router=a.router, active=a.active) for f in layers]
+    routed = [routed_ffn(f, a.router, a.active, assignment) for f in layers]
     dense = [f.module for f in layers]
     xs = [torch.randn(a.batch, 1, hidden, generator=g).to(dtype) for _ in range(INPUTS)]
     key = routed[0].timing_key(xs[0].reshape(-1, hidden))

@@ -43,6 +43,14 @@ CACHE_BYTES = 128 << 20
 MAX_LAYERS = 32
 
 
+def routed_ffn(ffn, router: str, active: float, assignment: torch.Tensor, selection: str = "topk"):
+    """The routed FFN a bench times: teal's `SparseFFN` at compute `active` for `router="teal"`, else a
+    `BrickedFFN` of `assignment`'s bricks with that router."""
+    if router == "teal":
+        return SparseFFN(ffn, compute=active, selection=selection)
+    return BrickedFFN(ffn, assignment, router=router, active=active)
+
+
 def layers_for(hidden: int, d_ff: int, dtype: torch.dtype, device) -> int:
     """How many copies of a hidden x d_ff FFN the bench cycles through (one on accelerators, see `_graph_times`)."""
     if str(device).startswith("cuda"):
@@ -179,8 +187,7 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                 x = xs[0]
                 for active in actives:
                     # teal: `active` is the FFN compute fraction (single neurons and inputs, no BrickSet)
-                    copies = [SparseFFN(f, compute=active, selection=selection) if router == "teal" else
-                              BrickedFFN(f, assignment, router=router, active=active) for f in layers]
+                    copies = [routed_ffn(f, router, active, assignment, selection) for f in layers]
                     if router == "teal" and selection == "threshold":
                         calibration = torch.randn(4096, hidden, generator=g).to(device, dtype)
                         for c in copies:
