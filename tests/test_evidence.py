@@ -894,6 +894,53 @@ def recovery_span(side: str, phase: str, key: str, serial: bool | None = None, p
     return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
+def large_recovery(side: str, run: int) -> dict:
+    return load(f"chooser_recovery_teal_large_{side}{run}_zen4_cpu.json")
+
+
+def large_recovery_row(run: int) -> str:
+    """A row of bench/README.md's table of the chooser after a load on the large fp32 FFN at one token."""
+    cells = []
+    for side in ("before", "after"):
+        r = large_recovery(side, run)
+        idle, busy = r["idle"], r["busy"]
+        on_one = sum(p.endswith("@1") for p in r["paths_taken_idle"]) / len(r["paths_taken_idle"])
+        cells += [f"`{idle['best_at_end']}`, {idle['routed_mean_last_half_ms']:.3f} / {idle['dense_mean_ms']:.3f} ms",
+                  f"{on_one:.2f}", f"{busy['routed_mean_ms']:.3f} / {busy['dense_mean_ms']:.3f} ms",
+                  str(idle["routed_calls_until_all_threads"])]
+    return f"| {run} | " + " | ".join(cells) + " |"
+
+
+def large_recovery_span(sides: tuple[str, ...], get, runs=(1, 2, 3), digits: int = 3) -> str:
+    values = [get(large_recovery(side, run)) for side in sides for run in runs]
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", f"chooser_recovery_teal_large_after{run}_zen4_cpu.json",
+       lambda r, run=run: large_recovery_row(run)) for run in (1, 2, 3)],
+    ("bench/README.md", "busy phase {} ms\nagainst", "chooser_recovery_teal_large_before1_zen4_cpu.json",
+     lambda r: large_recovery_span(("before", "after"), lambda x: x["busy"]["expected_ms"]["kernel"], digits=1)),
+    ("bench/README.md", "against `kernel@1`'s {})", "chooser_recovery_teal_large_before1_zen4_cpu.json",
+     lambda r: large_recovery_span(("before", "after"), lambda x: x["busy"]["expected_ms"]["kernel@1"], digits=1)),
+    ("bench/README.md", "the last half at {}\nms a call against", "chooser_recovery_teal_large_before1_zen4_cpu.json",
+     lambda r: f"{r['idle']['routed_mean_last_half_ms']:.3f}" if r["idle"]["best_at_end"] == "kernel@1" else "?"),
+    ("bench/README.md", "ms a call against {}); whether", "chooser_recovery_teal_large_before2_zen4_cpu.json",
+     lambda r: large_recovery_span(("before",), lambda x: x["idle"]["routed_mean_last_half_ms"], runs=(2, 3))),
+    ("bench/README.md", "(its dense mean, {} ms, is the highest)", "chooser_recovery_teal_large_before1_zen4_cpu.json",
+     lambda r: f"{r['idle']['dense_mean_ms']:.3f}"
+     if r["idle"]["dense_mean_ms"] == max(large_recovery(s, n)["idle"]["dense_mean_ms"] for s in ("before", "after")
+                                          for n in (1, 2, 3)) else "?"),
+    ("bench/README.md", "all three went back within {} calls", "chooser_recovery_teal_large_after1_zen4_cpu.json",
+     lambda r: large_recovery_span(("after",), lambda x: x["idle"]["routed_calls_until_all_threads"], digits=0)),
+    ("bench/README.md", "the last half at {} ms), and", "chooser_recovery_teal_large_after1_zen4_cpu.json",
+     lambda r: large_recovery_span(("after",), lambda x: x["idle"]["routed_mean_last_half_ms"])),
+    ("bench/README.md", "routed mean was {} ms against", "chooser_recovery_teal_large_after1_zen4_cpu.json",
+     lambda r: large_recovery_span(("after",), lambda x: x["busy"]["routed_mean_ms"])),
+    ("bench/README.md", "ms against {}\nbefore: the rule", "chooser_recovery_teal_large_before1_zen4_cpu.json",
+     lambda r: large_recovery_span(("before",), lambda x: x["busy"]["routed_mean_ms"])),
+]
+
 HEADLINES += [
     *[("bench/README.md", "{}", f"ffn_{router}_grid_zen4_cpu.json",
        lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
