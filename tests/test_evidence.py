@@ -916,6 +916,44 @@ def large_recovery_span(sides: tuple[str, ...], get, runs=(1, 2, 3), digits: int
     return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
+def decode_recovery_row(run: int) -> str:
+    """A row of bench/README.md's table of a decode after a load (bench/decode_recovery.py), before and after."""
+    cells = []
+    for side in ("before", "after"):
+        r = load(f"decode_recovery_{side}{run}_zen4_cpu.json")
+        idle, busy = r["idle_last_half"], r["busy"]
+        cells += [f"`{r['best_at_end']}`", str(r["idle_rounds_until_all_threads"]),
+                  f"{idle['routed_tokens_per_s']:.2f} / {idle['dense_tokens_per_s']:.2f}", f"{idle['on_one_thread']:.3f}",
+                  f"{busy['routed_tokens_per_s']:.2f} / {busy['dense_tokens_per_s']:.2f}", f"{busy['on_one_thread']:.3f}"]
+    return f"| {run} | " + " | ".join(cells) + " |"
+
+
+def decode_recovery_span(side: str, get, fmt: str) -> str:
+    values = [get(load(f"decode_recovery_{side}{run}_zen4_cpu.json")) for run in (1, 2, 3)]
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+
+def speed_ratio(phase: str):
+    return lambda r: r[phase]["routed_tokens_per_s"] / r[phase]["dense_tokens_per_s"]
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", f"decode_recovery_after{run}_zen4_cpu.json", lambda r, run=run: decode_recovery_row(run))
+      for run in (1, 2, 3)],
+    ("bench/README.md", "the dense one before and\n{} after", "decode_recovery_after1_zen4_cpu.json",
+     lambda r: decode_recovery_span("after", speed_ratio("idle_last_half"), "{:.3f}x")),
+    ("bench/README.md", "ran at {} the dense one before", "decode_recovery_before1_zen4_cpu.json",
+     lambda r: decode_recovery_span("before", speed_ratio("idle_last_half"), "{:.3f}x")),
+    ("bench/README.md", "decoded {} faster than dense", "decode_recovery_after1_zen4_cpu.json",
+     lambda r: f"{min(decode_recovery_span(s, speed_ratio('busy'), '{:.2f}x').split('-')[0] for s in ('before', 'after'))}-"
+               f"{max(decode_recovery_span(s, speed_ratio('busy'), '{:.2f}x').split('-')[1] for s in ('before', 'after'))}"),
+    ("bench/README.md", "both moved {} of the FFN calls", "decode_recovery_after1_zen4_cpu.json",
+     lambda r: "{:.0f}-{:.0f}%".format(*(f(100 * load(f"decode_recovery_{s}{n}_zen4_cpu.json")["busy"]["on_one_thread"]
+                                         for s in ("before", "after") for n in (1, 2, 3)) for f in (min, max)))),
+    ("bench/README.md", "ahead again, {} of the calls on it", "decode_recovery_before1_zen4_cpu.json",
+     lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}" if r["best_at_end"].endswith("@1") else "?"),
+]
+
 HEADLINES += [
     *[("bench/README.md", "{}", f"chooser_recovery_teal_large_after{run}_zen4_cpu.json",
        lambda r, run=run: large_recovery_row(run)) for run in (1, 2, 3)],
