@@ -916,11 +916,12 @@ def large_recovery_span(sides: tuple[str, ...], get, runs=(1, 2, 3), digits: int
     return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
-def decode_recovery_row(run: int) -> str:
-    """A row of bench/README.md's table of a decode after a load (bench/decode_recovery.py), before and after."""
+def decode_recovery_row(run: int, kind: str = "") -> str:
+    """A row of bench/README.md's table of a decode after a load (bench/decode_recovery.py), before and after
+    (`kind`: "bf16_" for the bf16 runs)."""
     cells = []
     for side in ("before", "after"):
-        r = load(f"decode_recovery_{side}{run}_zen4_cpu.json")
+        r = load(f"decode_recovery_{kind}{side}{run}_zen4_cpu.json")
         idle, busy = r["idle_last_half"], r["busy"]
         cells += [f"`{r['best_at_end']}`", str(r["idle_rounds_until_all_threads"]),
                   f"{idle['routed_tokens_per_s']:.2f} / {idle['dense_tokens_per_s']:.2f}", f"{idle['on_one_thread']:.3f}",
@@ -928,8 +929,8 @@ def decode_recovery_row(run: int) -> str:
     return f"| {run} | " + " | ".join(cells) + " |"
 
 
-def decode_recovery_span(side: str, get, fmt: str) -> str:
-    values = [get(load(f"decode_recovery_{side}{run}_zen4_cpu.json")) for run in (1, 2, 3)]
+def decode_recovery_span(side: str, get, fmt: str, kind: str = "", runs=(1, 2, 3)) -> str:
+    values = [get(load(f"decode_recovery_{kind}{side}{run}_zen4_cpu.json")) for run in runs]
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
@@ -952,6 +953,16 @@ HEADLINES += [
                                          for s in ("before", "after") for n in (1, 2, 3)) for f in (min, max)))),
     ("bench/README.md", "ahead again, {} of the calls on it", "decode_recovery_before1_zen4_cpu.json",
      lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}" if r["best_at_end"].endswith("@1") else "?"),
+    *[("bench/README.md", "{}", f"decode_recovery_bf16_after{run}_zen4_cpu.json",
+       lambda r, run=run: decode_recovery_row(run, "bf16_")) for run in (1, 2)],
+    ("bench/README.md", "(0.133 of the last\nhalf's calls on it", "decode_recovery_bf16_before1_zen4_cpu.json",
+     lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}" if r["best_at_end"].endswith("@1") else "?"),
+    ("bench/README.md", "at the end), after, {}.", "decode_recovery_bf16_after1_zen4_cpu.json",
+     lambda r: decode_recovery_span("after", lambda x: x["idle_last_half"]["on_one_thread"], "{:.3f}", "bf16_", (1, 2))),
+    ("bench/README.md", "routed over dense was {} before", "decode_recovery_bf16_before1_zen4_cpu.json",
+     lambda r: decode_recovery_span("before", speed_ratio("idle_last_half"), "{:.3f}x", "bf16_", (1, 2))),
+    ("bench/README.md", "before and {} after:\ntwo runs", "decode_recovery_bf16_after1_zen4_cpu.json",
+     lambda r: decode_recovery_span("after", speed_ratio("idle_last_half"), "{:.3f}x", "bf16_", (1, 2))),
 ]
 
 HEADLINES += [
