@@ -4,9 +4,8 @@ multiply (output beside it).
 
     python bench/results/zen4_probes/unit_major_gemm.py HIDDEN D_FF [DTYPE, bfloat16 by default]
 
-In bf16 both run through oneDNN (torch's bf16 matmul on an AVX-512 bf16 CPU; without it, `torch.backends.mkldnn`
-off, they took 3.6-6.6x longer in the model's layout and 140-380x in the unit-major one at 8 and 32 tokens
-of the large FFN here). Medians of 8 calls (100 for a small FFN) after 2 untimed ones; each
+In bf16 both run through oneDNN (torch's bf16 matmul on a CPU with AVX-512 bf16; with `torch.backends.mkldnn`
+off, a one-off check, not kept, found both far slower). Medians of 8 calls (100 for a small FFN) after 2 untimed ones; each
 token count also with the unit-major product cut into column chunks of 1024, which did not help.
 """
 
