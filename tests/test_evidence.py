@@ -929,8 +929,9 @@ def decode_recovery_row(run: int, kind: str = "") -> str:
     return f"| {run} | " + " | ".join(cells) + " |"
 
 
-def decode_recovery_span(side: str, get, fmt: str, kind: str = "", runs=(1, 2, 3)) -> str:
-    values = [get(load(f"decode_recovery_{kind}{side}{run}_zen4_cpu.json")) for run in runs]
+def decode_recovery_span(get, fmt: str, sides=("before", "after"), kind: str = "", runs=(1, 2, 3)) -> str:
+    """The lowest and highest of `get(run)` over decode_recovery.py's runs of `sides` (`kind`: "bf16_")."""
+    values = [get(load(f"decode_recovery_{kind}{side}{run}_zen4_cpu.json")) for side in sides for run in runs]
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
@@ -942,15 +943,13 @@ HEADLINES += [
     *[("bench/README.md", "{}", f"decode_recovery_after{run}_zen4_cpu.json", lambda r, run=run: decode_recovery_row(run))
       for run in (1, 2, 3)],
     ("bench/README.md", "the dense one before and\n{} after", "decode_recovery_after1_zen4_cpu.json",
-     lambda r: decode_recovery_span("after", speed_ratio("idle_last_half"), "{:.3f}x")),
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("after",))),
     ("bench/README.md", "ran at {} the dense one before", "decode_recovery_before1_zen4_cpu.json",
-     lambda r: decode_recovery_span("before", speed_ratio("idle_last_half"), "{:.3f}x")),
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("before",))),
     ("bench/README.md", "decoded {} faster than dense", "decode_recovery_after1_zen4_cpu.json",
-     lambda r: f"{min(decode_recovery_span(s, speed_ratio('busy'), '{:.2f}x').split('-')[0] for s in ('before', 'after'))}-"
-               f"{max(decode_recovery_span(s, speed_ratio('busy'), '{:.2f}x').split('-')[1] for s in ('before', 'after'))}"),
+     lambda r: decode_recovery_span(speed_ratio("busy"), "{:.2f}x")),
     ("bench/README.md", "both moved {} of the FFN calls", "decode_recovery_after1_zen4_cpu.json",
-     lambda r: "{:.0f}-{:.0f}%".format(*(f(100 * load(f"decode_recovery_{s}{n}_zen4_cpu.json")["busy"]["on_one_thread"]
-                                         for s in ("before", "after") for n in (1, 2, 3)) for f in (min, max)))),
+     lambda r: decode_recovery_span(lambda x: 100 * x["busy"]["on_one_thread"], "{:.0f}") + "%"),
     ("bench/README.md", "ahead again, {} of the calls on it", "decode_recovery_before1_zen4_cpu.json",
      lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}" if r["best_at_end"].endswith("@1") else "?"),
     *[("bench/README.md", "{}", f"decode_recovery_bf16_after{run}_zen4_cpu.json",
@@ -958,11 +957,11 @@ HEADLINES += [
     ("bench/README.md", "(0.133 of the last\nhalf's calls on it", "decode_recovery_bf16_before1_zen4_cpu.json",
      lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}" if r["best_at_end"].endswith("@1") else "?"),
     ("bench/README.md", "at the end), after, {}.", "decode_recovery_bf16_after1_zen4_cpu.json",
-     lambda r: decode_recovery_span("after", lambda x: x["idle_last_half"]["on_one_thread"], "{:.3f}", "bf16_", (1, 2))),
+     lambda r: decode_recovery_span(lambda x: x["idle_last_half"]["on_one_thread"], "{:.3f}", ("after",), "bf16_", (1, 2))),
     ("bench/README.md", "routed over dense was {} before", "decode_recovery_bf16_before1_zen4_cpu.json",
-     lambda r: decode_recovery_span("before", speed_ratio("idle_last_half"), "{:.3f}x", "bf16_", (1, 2))),
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("before",), "bf16_", (1, 2))),
     ("bench/README.md", "before and {} after:\ntwo runs", "decode_recovery_bf16_after1_zen4_cpu.json",
-     lambda r: decode_recovery_span("after", speed_ratio("idle_last_half"), "{:.3f}x", "bf16_", (1, 2))),
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("after",), "bf16_", (1, 2))),
 ]
 
 HEADLINES += [
