@@ -36,6 +36,14 @@ from bricks.routing.bench import competing_processes
 from record import save
 
 
+def random_llama(layers=22, hidden=2048, d_ff=5632, heads=32, kv_heads=4, dtype=torch.float32, device="cpu"):
+    """A Llama of this shape with random weights (TinyLlama's by default): decode speed does not depend on them."""
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device(device):  # initialised where it runs: a 7B shape would take minutes on the CPU
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--active", type=float, default=0.5)
@@ -67,11 +75,7 @@ def main():
         model, _ = load_model(a.model, dtype=a.dtype, device=a.device)
         model.eval()
     else:
-        config = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
-                             num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=32000,
-                             max_position_embeddings=4096)
-        with torch.device(a.device):  # initialised where it runs: a 7B shape would take minutes on the CPU
-            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype)).eval()
+        model = random_llama(a.layers, a.hidden, a.d_ff, a.heads, a.kv_heads, parse_dtype(a.dtype), a.device)
     cuda = a.device.startswith("cuda")
     decoder = GreedyDecoder(model, max_len=16 + a.tokens, graphs=not a.no_graphs) if cuda else None
     c = model.config

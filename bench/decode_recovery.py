@@ -19,7 +19,9 @@ import time
 
 import torch
 
+from bench_decode import random_llama
 from bricks import load_model
+from bricks.loading import parse_dtype
 from bricks.routing import sparsified
 from bricks.routing.bench import competing_processes
 from bricks.routing.paths import CHOOSER, SERIAL
@@ -29,7 +31,7 @@ from record import save
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="a model spec, or `random`: bench_decode.py's 22-layer Llama shape")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--active", type=float, default=0.5)
     p.add_argument("--tokens", type=int, default=32, help="new tokens per decode")
@@ -38,8 +40,11 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.manual_seed(0)
-    dense, _ = load_model(a.model, dtype=a.dtype)
-    dense.eval()
+    if a.model == "random":
+        dense = random_llama(dtype=parse_dtype(a.dtype))
+    else:
+        dense, _ = load_model(a.model, dtype=a.dtype)
+        dense.eval()
     routed = copy.deepcopy(dense)
     ids = torch.randint(0, dense.config.vocab_size, (1, 16))
     calls = []  # (path, seconds) of each decode-step FFN call
