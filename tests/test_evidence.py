@@ -932,7 +932,7 @@ def large_recovery_span(sides: tuple[str, ...], get, runs=(1, 2, 3), digits: int
 
 def decode_recovery_row(run: int, kind: str = "") -> str:
     """A row of bench/README.md's table of a decode after a load (bench/decode_recovery.py), before and after
-    (`kind`: "bf16_" for the bf16 runs)."""
+    (`kind`: "bf16_" for the bf16 runs, "llama_" for the 22-layer Llama's)."""
     cells = []
     for side in ("before", "after"):
         r = load(f"decode_recovery_{kind}{side}{run}_zen4_cpu.json")
@@ -976,6 +976,19 @@ HEADLINES += [
      lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("before",), "bf16_", (1, 2))),
     ("bench/README.md", "before and {} after:\ntwo runs", "decode_recovery_bf16_after1_zen4_cpu.json",
      lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("after",), "bf16_", (1, 2))),
+    *[("bench/README.md", "{}", f"decode_recovery_llama_after{run}_zen4_cpu.json",
+       lambda r, run=run: decode_recovery_row(run, "llama_")) for run in (1, 2)],
+    ("bench/README.md", "Idle,\nrouted over dense was {} before", "decode_recovery_llama_before1_zen4_cpu.json",
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("before",), "llama_", (1, 2))),
+    ("bench/README.md", "before and {} after (the\nfirst run after", "decode_recovery_llama_after1_zen4_cpu.json",
+     lambda r: decode_recovery_span(speed_ratio("idle_last_half"), "{:.3f}x", ("after",), "llama_", (1, 2))),
+    ("bench/README.md", "dense at {}\ntokens/s, and", "decode_recovery_llama_after1_zen4_cpu.json",
+     lambda r: f"{r['idle_last_half']['dense_tokens_per_s']:.2f}"
+     if r["idle_last_half"]["dense_tokens_per_s"] == min(load(f"decode_recovery_llama_{s}{n}_zen4_cpu.json")["idle_last_half"]
+                                                        ["dense_tokens_per_s"] for s in ("before", "after") for n in (1, 2))
+     else "?"),
+    ("bench/README.md", "tokens/s, and {} of its last half's", "decode_recovery_llama_after1_zen4_cpu.json",
+     lambda r: f"{r['idle_last_half']['on_one_thread']:.3f}"),
 ]
 
 HEADLINES += [
