@@ -47,7 +47,7 @@ def main():
         dense.eval()
     routed = copy.deepcopy(dense)
     ids = torch.randint(0, dense.config.vocab_size, (1, 16))
-    calls = []  # (path, seconds) of each decode-step FFN call
+    calls = []  # the path of each decode-step FFN call
 
     def decode(model) -> float:
         t = time.perf_counter()
