@@ -7,6 +7,7 @@ are summed across processes), CPU or accelerators, no KV cache.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -35,6 +36,16 @@ def init_distributed() -> None:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Left to the interpreter's own teardown, gloo's worker threads could outlive it and abort the process
+        # (SIGABRT, "terminate called without an active exception") after its work was done: one CI run lost
+        # test_distributed that way. atexit handlers run while the interpreter is still whole.
+        atexit.register(leave_distributed)
+
+
+def leave_distributed() -> None:
+    """Leave the process group joined by `init_distributed` (registered to run at exit; safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str | None) -> str | None:

@@ -57,3 +57,27 @@ def test_two_processes_train_the_weights_one_process_trains(llama_dir, tmp_path)
     for key in a:
         if key != "world" and a[key].norm() > 0:
             assert (a[key] - b[key]).norm() / a[key].norm() < 1e-4, key
+
+
+def test_the_process_group_is_left_before_the_interpreter_ends(monkeypatch):
+    """`init_distributed` registers the group's destruction to run at exit: left to the interpreter's teardown, gloo
+    aborted a process of the test above after its work was done (one CI run)."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from bricks.runtime import init_distributed, leave_distributed
+
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", at_exit.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    join = dist.init_process_group  # a real gloo group, of this process alone
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: join(backend, store=dist.HashStore(), rank=0, world_size=1))
+    init_distributed()
+    try:
+        assert dist.is_initialized() and at_exit == [leave_distributed]
+        for handler in at_exit:
+            handler()
+        assert not dist.is_initialized()
+    finally:
+        leave_distributed()
