@@ -206,6 +206,61 @@ def test_dense_fallback_is_opt_in_and_counted(llama, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["teal", "bricks"])
+def test_the_dense_path_runs_a_copy_in_the_dense_layout_kept_only_while_it_may_run(llama, kind, monkeypatch):
+    """`dense` multiplies the weights as the dense model lays them out (`[out, in]`: torch's bf16 products were slower
+    on the routed storage), made once and kept while `dense_fallback` is on, made again when the weights change."""
+    import copy as copies
+
+    from bricks.routing import base, paths
+
+    model = copies.deepcopy(llama[0])  # its weights change below
+    f = ffns(model)[0]
+    routed = SparseFFN(f, 0.5) if kind == "teal" else \
+        BrickedFFN(f, bricks.partition(model, "random", 8).assignments[0], router="centroid", active=0.5)
+    take = {"path": "dense"}
+
+    class Fixed(PathChooser):
+        def choose(self, key, offered):
+            return take["path"] if take["path"] in offered else offered[0]
+
+        def record(self, key, path, seconds):
+            pass
+
+    monkeypatch.setattr(base, "CHOOSER", Fixed())
+    monkeypatch.setattr(paths, "CHOOSER", Fixed())
+
+    def copy():
+        if kind == "teal":
+            return routed._model_layout and routed._model_layout[1]
+        return routed._dense_cache and (routed._dense_cache["gate"], routed._dense_cache["down"])
+
+    x = torch.randn(4, 32)
+    routed.dense_fallback = True
+    with torch.no_grad():
+        routed(x)
+        first = copy()
+        assert first[0].shape[0] > first[0].shape[1] == 32 and first[0].is_contiguous()  # [out, in]
+        assert first[1].shape == (32, f.d_ff) and first[1].is_contiguous()
+        take["path"] = "kernel" if kind == "teal" and "kernel" in routed.paths_for(4) else "masked"
+        routed(x)  # a routed call between two dense ones keeps the copy
+        take["path"] = "dense"
+        routed(x)
+        assert copy()[0] is first[0]
+        f.gate_weight().mul_(2), f.up_weight().mul_(2)  # weights changed in place: a new copy
+        if kind == "teal":
+            routed.w_in_t.mul_(2)
+        else:
+            routed.w_in.mul_(2)
+            routed.refresh()  # as recovery training does after changing them
+        torch.testing.assert_close(routed(x), f.module(x), rtol=1e-5, atol=1e-6)
+        assert copy()[0] is not first[0]
+        routed.dense_fallback = False
+        take["path"] = "masked"
+        routed(x)
+        assert not copy()
+
+
+@pytest.mark.parametrize("kind", ["teal", "bricks"])
 def test_off_the_cpu_only_a_batch_falls_back_to_dense(llama, kind):
     """Off the CPU calls are not timed: with `dense_fallback` a batch takes `dense` there (the routed batch paths
     lost to it on a GPU), a decode token keeps its sparse path; without it nothing leaves the routed function. A

@@ -229,7 +229,7 @@ def test_half_precision_layout(llama_dir):
     with torch.no_grad():
         torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)
         torch.testing.assert_close(ffn(x[:1]).float(), f.module(x[:1]).float(), rtol=2e-2, atol=2e-3)
-        ffn.set_path("dense")  # every brick, brick-major: the dense function again
+        ffn.set_path("dense")  # every brick: the dense function again
         ffn.active = 0.5
         torch.testing.assert_close(ffn(x).float(), f.module(x).float(), rtol=2e-2, atol=2e-3)
         sel = ffn.select(x)

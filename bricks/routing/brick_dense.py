@@ -52,11 +52,19 @@ class DenseView:
             h = h + self.b_in
         return (self._act(h, self.brick_size).abs() * self.down_norms).sum(-1)
 
+    def _dense_weights(self) -> dict[str, torch.Tensor]:
+        """`neuron_order`, kept (`_dense_cache`) while the FFN runs at full activity or may take the `dense` path
+        (`dense_fallback`): the FFN's weights twice meanwhile. On the brick-major storage every brick ran slower
+        than the dense FFN it stands for (bench/README.md, the Zen 5's `--dense-fallback` grids)."""
+        cache = self._dense_cache
+        if cache is None or cache["down"].device != self.w_in.device or cache["down"].dtype != self.w_in.dtype:
+            self._dense_cache = None  # the old copy goes before the new one is made
+            self._dense_cache = self.neuron_order()
+        return self._dense_cache
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every brick: the dense FFN with the original neuron order (the same kernels as the model's own FFN)."""
-        if self._dense_cache is None:
-            self._dense_cache = self.neuron_order()
-        w = self._dense_cache
+        w = self._dense_weights()
         # Bricks beside the FFN (`bricks.routing.beside`) add to the pre-activations and the output.
         delta = None if self.beside is None else self.beside.inputs(x).to(x.dtype)
         up = F.linear(x, w["up"], w.get("up_bias"))

@@ -189,14 +189,21 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             n = x2.shape[0] * self.n_bricks
             self._count(x2.shape[0], n, n)
             return y.reshape(*shape[:-1], self.hidden)
-        self._dense_cache = None  # routing again: drop the full-activity copy
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
+        if path.startswith("dense"):
+            self._dense_weights()  # a copy made now, if needed, is not timed as the path's cost
+        elif not self.dense_fallback:
+            self._dense_cache = None  # routing again: drop the full-activity copy
         with running(key, path) as path:
-            # `dense` (`dense_fallback`): every brick, no router, the dense model's function
-            sel = None if path == "dense" else self.select(x2)
-            if sel is None and path != "dense":
-                sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
-            y = self._run(x2, sel, path)
+            if path == "dense":  # `dense_fallback`: the dense model's function on its own layout, the whole FFN
+                y = self._dense(x2)
+                n = x2.shape[0] * self.n_bricks
+                self._count(x2.shape[0], n, n)
+            else:
+                sel = self.select(x2)
+                if sel is None:
+                    sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
+                y = self._run(x2, sel, path)
         return y.reshape(*shape[:-1], self.hidden)
 
     def paths_for(self, tokens: int) -> tuple[str, ...]:
@@ -223,7 +230,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
                 None if self.router is None else type(self.router).__name__)
 
     def _run(self, x2: torch.Tensor, sel: torch.Tensor | None, path: str) -> torch.Tensor:
-        masked = path in ("masked", "dense")  # every brick is computed there: executed, all of them
+        masked = path == "masked"  # every brick is computed there: executed, all of them
         tokens, n = x2.shape[0], self.n_bricks
         exact = self.router is not None and self.router.exact_k and self.k_active < n  # k per token, no sum needed
         chosen = tokens * n if sel is None else tokens * self.k_active if exact else sel.sum()

@@ -110,6 +110,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
         self.counts = [0, 0, 0, 0, 0]
         # The triton path counts on the device (tokens, inputs, neurons read): no host sync, graph replays counted.
         self._kernel_counts: torch.Tensor | None = None
+        self._model_layout: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # see `model_layout`
         self._offsets: dict[tuple, torch.Tensor] = {}
         self.keep_in = self.keep_act = 1.0
         self.set_compute(compute)
@@ -240,6 +241,8 @@ class SparseFFN(SparsePaths, RoutedFFN):
         super().__setattr__(name, value)
         if name in self.PLAN_SETTINGS:
             self.__dict__["_plans"] = {}
+        if name == "dense_fallback" and not value:
+            self.__dict__["_model_layout"] = None  # the `dense` path's copy of the weights
 
     def choose_path(self, x: torch.Tensor) -> tuple[str, tuple | None]:
         """`RoutedFFN.choose_path`, with the timing key and the paths of each call shape kept: worked out on every
@@ -300,12 +303,16 @@ class SparseFFN(SparsePaths, RoutedFFN):
             y = self._masked(x2)
         else:
             chosen, key = self.choose_path(x2)
+            if chosen.startswith("dense"):
+                self.model_layout()  # a copy made now, if needed, is not timed as the path's cost
             # The kernel runs on one thread by its own argument: changing torch's thread count around each call
             # costs the other operations of a decode step.
             kernel = chosen.startswith("kernel")
             with running(key, chosen, set_threads=not kernel) as path:
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
-                    y = self._dense(x2)
+                    w_in, w_down = self.model_layout()
+                    a = self._activation(self._pre(F.linear(x2, w_in), x2))
+                    y = self._post(F.linear(a, w_down), a)
                     self._count(n, n * self.hidden, n * self.d_ff)
                 elif path == "triton":
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
@@ -317,8 +324,23 @@ class SparseFFN(SparsePaths, RoutedFFN):
         return y.reshape(*shape[:-1], self.hidden)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole FFN on the unit-major weights (at full compute: the distillation teacher's)."""
         a = self._activation(self._pre(x @ self.w_in_t, x))
         return self._post(a @ self.w_down_t, a)
+
+    def model_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path: a copy, so that
+        while that path is in use the FFN's weights take twice their memory. The dense FFN's calls run on that
+        layout, and torch's bf16 products on a CPU without AMX were up to 1.5x slower on the unit-major one
+        (bench/README.md, the Zen 4's "Nor can `masked` be made as fast"): on the kernels' rows, `dense` was
+        slower than the dense FFN it stands for. Made again when the weights change or move; dropped with
+        `dense_fallback`."""
+        w_in_t, w_down_t = self.w_in_t, self.w_down_t
+        key = (w_in_t.data_ptr(), w_in_t._version, w_down_t.data_ptr(), w_down_t._version, w_in_t.dtype)
+        if self._model_layout is None or self._model_layout[0] != key:
+            self._model_layout = None  # the old copy goes before the new one is made
+            self._model_layout = key, (w_in_t.detach().t().contiguous(), w_down_t.detach().t().contiguous())
+        return self._model_layout[1]
 
     def _pre(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gate|up pre-activations `h` of inputs `x` plus the input bias and the bricks beside."""

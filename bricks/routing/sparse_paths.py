@@ -152,6 +152,8 @@ class SparsePaths:
         if path is not None and path.removesuffix(SERIAL) == "kernel":
             self._kernel_available()
         super().set_path(path)
+        if not self.dense_fallback and not (path or "").startswith("dense"):
+            self._model_layout = None  # the `dense` path's copy of the weights (`SparseFFN.model_layout`)
 
     def _kernel_available(self) -> None:
         if "kernel" not in self.paths:
