@@ -1109,6 +1109,48 @@ HEADLINES += [
      lambda r: recovery_span("after", "busy", "dense_mean_ms")),
 ]
 
+def layout_runs(router: str, side: str, d_ff: int, dtype: str, batch: int) -> list[dict]:
+    """One cell of bench_ffn.py's --dense-fallback runs before/after the dense path's copy in the model's layout."""
+    return [cell(load(f"ffn_{router}_fallback_layout_{side}{run}_zen4_cpu.json"), d_ff, dtype, batch, 0.5)
+            for run in (1, 2, 3)]
+
+
+def layout_row(router: str, shape: str, d_ff: int, batch: int) -> str:
+    """A row of bench/README.md's table of those runs (bf16): speedup and path of each run, before and after."""
+    sides = [", ".join(f"{x['speedup']:.2f}x {x['path']}" for x in layout_runs(router, side, d_ff, "bfloat16", batch))
+             for side in ("before", "after")]
+    return f"| {router} | {shape} | bf16 | {batch} | " + " | ".join(sides) + " |"
+
+
+def layout_fp32_span(router: str) -> str:
+    rows = [x for side in ("before", "after") for d in (1536, 11008) for b in (8, 32)
+            for x in layout_runs(router, side, d, "float32", b)]
+    assert sorted(x["path"] for x in rows if x["path"] != "kernel") == (["kernel@1"] if router == "centroid" else [])
+    return span(rows, "speedup")
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
+       lambda r, router=router, shape=shape, d=d, batch=batch: layout_row(router, shape, d, batch))
+      for router in ("teal", "centroid") for shape, d in (("576x1536", 1536), ("4096x11008", 11008)) for batch in (8, 32)],
+    ("bench/README.md", "now takes `dense` in every run at {} (its one", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
+     lambda r: "/".join(sorted({f"{x['speedup']:.2f}x" for x in layout_runs("teal", "after", 11008, "bfloat16", 32)
+                                if x["path"] == "dense"}))),
+    ("bench/README.md", "where the kernel gave {}. The small", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
+     lambda r: span(layout_runs("teal", "before", 11008, "bfloat16", 32), "speedup")),
+    ("bench/README.md", "so its batch of 32 is where it was ({}, kernel or", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
+     lambda r: span(layout_runs("teal", "before", 1536, "bfloat16", 32) + layout_runs("teal", "after", 1536, "bfloat16", 32),
+                    "speedup")),
+    ("bench/README.md", "(once on one thread), {} (teal)", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
+     lambda r: layout_fp32_span("teal")),
+    ("bench/README.md", "(teal) and {} (bricks) both\nways", "ffn_centroid_fallback_layout_after1_zen4_cpu.json",
+     lambda r: layout_fp32_span("centroid")),
+    ("README.md", "large bf16 batch of 32 at 0.5 went from {} (the kernel)", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
+     lambda r: span(layout_runs("teal", "before", 11008, "bfloat16", 32), "speedup")),
+    ("README.md", "(the kernel) to\n  {} in three runs of three", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
+     lambda r: "/".join(sorted({f"{x['speedup']:.2f}x" for x in layout_runs("teal", "after", 11008, "bfloat16", 32)}))),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",

@@ -331,7 +331,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
     def model_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path: a copy, so that
         while that path is in use the FFN's weights take twice their memory. The dense FFN's calls run on that
-        layout, and torch's bf16 products on a CPU without AMX were up to 1.5x slower on the unit-major one
+        layout, and torch's bf16 products on a CPU without AMX were slower on the unit-major one
         (bench/README.md, the Zen 4's "Nor can `masked` be made as fast"): on the kernels' rows, `dense` was
         slower than the dense FFN it stands for. Made again when the weights change or move; dropped with
         `dense_fallback`."""
