@@ -1151,6 +1151,34 @@ HEADLINES += [
      lambda r: "/".join(sorted({f"{x['speedup']:.2f}x" for x in layout_runs("teal", "after", 11008, "bfloat16", 32)}))),
 ]
 
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_teal_fallback_zen4_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean 1, all on the",
+     "ffn_teal_fallback_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "are below 0.9x, by the mean {}, all on the\nsmall", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("bench/README.md", "small bf16 shape: idle its batch of 32 at 0.5 ({}, on the", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['speedup']:.2f}x / {cell(r, 1536, 'bfloat16', 32, 0.5)['speedup_mean']:.2f}x"),
+    ("bench/README.md", "kernel: {} ms against 1.148 ms for dense", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['bricked_ms']:.3f}"),
+    ("bench/README.md", "ms against {} ms for dense, where the six", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5)['dense_ms']:.3f}"),
+    ("bench/README.md", "median ({}; by the mean 2.60x-4.29x", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: span([x for x in grid(r, 1) if x["d_ff"] == 1536 and x["dtype"] == "bfloat16" and x["batch"] > 1
+                     and x["speedup"] < 0.9], "speedup")),
+    ("bench/README.md", "by the mean {}, the dense FFN's stalled", "ffn_teal_fallback_zen4_cpu.json",
+     lambda r: span([x for x in grid(r, 1) if x["d_ff"] == 1536 and x["dtype"] == "bfloat16" and x["batch"] > 1
+                     and x["speedup"] < 0.9], "speedup_mean")),
+    ("bench/README.md", "kernel at {} ms a call by the median", "chooser_trace_teal_fallback_small_bf16_zen4_cpu.json",
+     lambda r: f"{r['paths']['kernel']['median_ms']:.3f}"),
+    ("bench/README.md", "and `dense` at {} ms, against", "chooser_trace_teal_fallback_small_bf16_zen4_cpu.json",
+     lambda r: f"{r['paths']['dense']['median_ms']:.3f}"),
+    ("bench/README.md", "against\n{} ms for the dense FFN timed apart", "chooser_trace_teal_fallback_small_bf16_zen4_cpu.json",
+     lambda r: f"{r['row']['dense_ms']:.3f}"),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
