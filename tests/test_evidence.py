@@ -1179,6 +1179,18 @@ HEADLINES += [
      lambda r: f"{r['row']['dense_ms']:.3f}"),
 ]
 
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_centroid_fallback_zen4_cpu.json",
+       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean none; idle",
+     "ffn_centroid_fallback_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "are below 0.9x, by the mean {}; idle", "ffn_centroid_fallback_zen4_cpu.json",
+     lambda r: "none" if below(r["rows"], "speedup_mean") == 0 else "?"),
+    ("bench/README.md", "the lowest is {} (the small bf16 batch", "ffn_centroid_fallback_zen4_cpu.json",
+     lambda r: f"{lowest(grid(r, 0), 'speedup')} / {lowest(grid(r, 0), 'speedup_mean')}"),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
