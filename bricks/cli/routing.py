@@ -244,7 +244,7 @@ def bench():
               help="other processes kept busy on the CPU meanwhile (a loaded machine)")
 @click.option("--path", default=None, help="run the routed FFN on this execution path (default: the fastest by timing)")
 @click.option("--dense-fallback", is_flag=True,
-              help="let the routed FFN run densely where that is faster (serving; the dense calls run a copy of its weights)")
+              help="let the routed FFN run densely where that is faster (serving; on the CPU the dense calls run a copy of its weights)")
 @click.option("--selection", type=click.Choice(["topk", "threshold"]), default="topk", show_default=True,
               help="teal: top-k per token, or thresholds calibrated on inputs drawn like the timed ones")
 @json_option

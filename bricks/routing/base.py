@@ -30,9 +30,9 @@ class RoutedFFN(nn.Module):
     `dense_fallback` adds one more path, `dense`: the whole FFN, the dense model's function, taken where it is
     the fastest (a prefill, a batch) and counted as the whole FFN. That is how TEAL and CATS serve (sparse
     decoding, dense prefill), and it is off by default: with it, what a batch computes is not the routed
-    function any more, so quality measured on batches would be the dense model's. `dense` multiplies a copy of
-    the weights in the dense model's own layout, made at its first call and kept while the fallback is on: the
-    FFN's weights take twice their memory meanwhile.
+    function any more, so quality measured on batches would be the dense model's. On the CPU `dense` multiplies
+    a copy of the weights in the dense model's own layout, made at its first call and kept while the fallback is
+    on: the FFN's weights take twice their memory meanwhile.
     """
 
     # Subclasses set `projections` (the dense FFN's projection names by role) and `beside` (customized bricks
@@ -201,7 +201,7 @@ def set_path(model: nn.Module, path: str | None) -> None:
 
 def set_dense_fallback(model: nn.Module, on: bool = True) -> None:
     """Let every routed FFN of `model` run densely where that is faster (see `RoutedFFN`): for serving, not for
-    measuring a routed model's quality. The dense calls run a copy of the FFN weights (twice their memory)."""
+    measuring a routed model's quality. On the CPU the dense calls run a copy of the FFN weights (twice their memory)."""
     for m in routed_layers(model):
         m.dense_fallback = on
 

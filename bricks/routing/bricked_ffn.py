@@ -190,18 +190,22 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             self._count(x2.shape[0], n, n)
             return y.reshape(*shape[:-1], self.hidden)
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
-        if path.startswith("dense"):
+        # `dense` (`dense_fallback`): the dense model's function, the whole FFN. On the CPU on the dense model's
+        # layout (`_dense_weights`); elsewhere every brick on the brick-major storage, as a copy was not measured
+        # to pay there and memory is scarcer.
+        on_copy = path.startswith("dense") and x2.device.type == "cpu"
+        if on_copy:
             self._dense_weights()  # a copy made now, if needed, is not timed as the path's cost
         elif not self.dense_fallback:
             self._dense_cache = None  # routing again: drop the full-activity copy
         with running(key, path) as path:
-            if path == "dense":  # `dense_fallback`: the dense model's function on its own layout, the whole FFN
+            if on_copy:
                 y = self._dense(x2)
                 n = x2.shape[0] * self.n_bricks
                 self._count(x2.shape[0], n, n)
             else:
-                sel = self.select(x2)
-                if sel is None:
+                sel = None if path == "dense" else self.select(x2)
+                if sel is None and path != "dense":
                     sel = torch.ones(x2.shape[0], self.n_bricks, dtype=torch.bool, device=x2.device)
                 y = self._run(x2, sel, path)
         return y.reshape(*shape[:-1], self.hidden)
@@ -230,7 +234,7 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
                 None if self.router is None else type(self.router).__name__)
 
     def _run(self, x2: torch.Tensor, sel: torch.Tensor | None, path: str) -> torch.Tensor:
-        masked = path == "masked"  # every brick is computed there: executed, all of them
+        masked = path in ("masked", "dense")  # every brick is computed there: executed, all of them
         tokens, n = x2.shape[0], self.n_bricks
         exact = self.router is not None and self.router.exact_k and self.k_active < n  # k per token, no sum needed
         chosen = tokens * n if sel is None else tokens * self.k_active if exact else sel.sum()

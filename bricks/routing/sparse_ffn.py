@@ -303,16 +303,14 @@ class SparseFFN(SparsePaths, RoutedFFN):
             y = self._masked(x2)
         else:
             chosen, key = self.choose_path(x2)
-            if chosen.startswith("dense"):
+            if chosen.startswith("dense") and x2.device.type == "cpu":
                 self.model_layout()  # a copy made now, if needed, is not timed as the path's cost
             # The kernel runs on one thread by its own argument: changing torch's thread count around each call
             # costs the other operations of a decode step.
             kernel = chosen.startswith("kernel")
             with running(key, chosen, set_threads=not kernel) as path:
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
-                    w_in, w_down = self.model_layout()
-                    a = self._activation(self._pre(F.linear(x2, w_in), x2))
-                    y = self._post(F.linear(a, w_down), a)
+                    y = self._dense_fallback(x2)
                     self._count(n, n * self.hidden, n * self.d_ff)
                 elif path == "triton":
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
@@ -327,6 +325,15 @@ class SparseFFN(SparsePaths, RoutedFFN):
         """The whole FFN on the unit-major weights (at full compute: the distillation teacher's)."""
         a = self._activation(self._pre(x @ self.w_in_t, x))
         return self._post(a @ self.w_down_t, a)
+
+    def _dense_fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """The `dense` path: on the CPU on `model_layout`'s copy; elsewhere on the unit-major weights, where no layout
+        was measured to cost and memory is scarcer."""
+        if x.device.type != "cpu":
+            return self._dense(x)
+        w_in, w_down = self.model_layout()
+        a = self._activation(self._pre(F.linear(x, w_in), x))
+        return self._post(F.linear(a, w_down), a)
 
     def model_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path: a copy, so that
