@@ -261,6 +261,21 @@ def test_the_dense_path_runs_a_copy_in_the_dense_layout_kept_only_while_it_may_r
 
 
 @pytest.mark.parametrize("kind", ["teal", "bricks"])
+def test_off_the_cpu_the_dense_path_makes_no_copy(llama, kind):
+    """Off the CPU `dense` runs on the routed storage: the copy's layout was measured to pay only on CPUs, and a
+    GPU's memory is scarcer. The meta device stands for a GPU (the rule looks only at the device's type)."""
+    model, _ = llama
+    f = ffns(model)[0]
+    routed = SparseFFN(f, 0.5) if kind == "teal" else \
+        BrickedFFN(f, bricks.partition(model, "random", 8).assignments[0], router="centroid", active=0.5)
+    routed.to("meta")
+    routed.dense_fallback = True
+    with torch.no_grad():
+        assert routed(torch.empty(8, 32, device="meta")).shape == (8, 32)
+    assert (routed._model_layout if kind == "teal" else routed._dense_cache) is None
+
+
+@pytest.mark.parametrize("kind", ["teal", "bricks"])
 def test_off_the_cpu_only_a_batch_falls_back_to_dense(llama, kind):
     """Off the CPU calls are not timed: with `dense_fallback` a batch takes `dense` there (the routed batch paths
     lost to it on a GPU), a decode token keeps its sparse path; without it nothing leaves the routed function. A
