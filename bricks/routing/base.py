@@ -48,6 +48,13 @@ class RoutedFFN(nn.Module):
         """The path off the CPU, where calls are not timed."""
         raise NotImplementedError
 
+    @staticmethod
+    def dense_on_copy(x: torch.Tensor) -> bool:
+        """Whether `dense` runs on the copy of the weights in the dense model's layout, for inputs `x`: on the CPU,
+        where torch's bf16 products were slower on the routed storage (bench/README.md, "On an AMD Zen 4 CPU");
+        elsewhere no layout was measured to cost, and memory is scarcer, so it runs on the routed storage."""
+        return x.device.type == "cpu"
+
     def untimed_path(self, tokens: int) -> str:
         """The path off the CPU, where calls are not timed (a timing needs the host to wait, which a CUDA graph cannot
         capture): `static_path`, or `dense` for several tokens under `dense_fallback`. The routed batch paths there

@@ -190,10 +190,9 @@ class BrickedFFN(BrickKernel, BrickCounts, DenseView, RoutedFFN):
             self._count(x2.shape[0], n, n)
             return y.reshape(*shape[:-1], self.hidden)
         path, key = ("masked", None) if self.training and torch.is_grad_enabled() else self.choose_path(x2)
-        # `dense` (`dense_fallback`): the dense model's function, the whole FFN. On the CPU on the dense model's
-        # layout (`_dense_weights`); elsewhere every brick on the brick-major storage, as a copy was not measured
-        # to pay there and memory is scarcer.
-        on_copy = path.startswith("dense") and x2.device.type == "cpu"
+        # `dense` (`dense_fallback`): the dense model's function, the whole FFN, on the dense model's layout
+        # (`_dense_weights`) or every brick on the brick-major storage (`RoutedFFN.dense_on_copy`).
+        on_copy = path.startswith("dense") and self.dense_on_copy(x2)
         if on_copy:
             self._dense_weights()  # a copy made now, if needed, is not timed as the path's cost
         elif not self.dense_fallback:

@@ -303,7 +303,7 @@ class SparseFFN(SparsePaths, RoutedFFN):
             y = self._masked(x2)
         else:
             chosen, key = self.choose_path(x2)
-            if chosen.startswith("dense") and x2.device.type == "cpu":
+            if chosen.startswith("dense") and self.dense_on_copy(x2):
                 self.model_layout()  # a copy made now, if needed, is not timed as the path's cost
             # The kernel runs on one thread by its own argument: changing torch's thread count around each call
             # costs the other operations of a decode step.
@@ -327,21 +327,17 @@ class SparseFFN(SparsePaths, RoutedFFN):
         return self._post(a @ self.w_down_t, a)
 
     def _dense_fallback(self, x: torch.Tensor) -> torch.Tensor:
-        """The `dense` path: on the CPU on `model_layout`'s copy; elsewhere on the unit-major weights, where no layout
-        was measured to cost and memory is scarcer."""
-        if x.device.type != "cpu":
+        """The `dense` path: on `model_layout`'s copy (see `RoutedFFN.dense_on_copy`), or on the unit-major weights."""
+        if not self.dense_on_copy(x):
             return self._dense(x)
         w_in, w_down = self.model_layout()
         a = self._activation(self._pre(F.linear(x, w_in), x))
         return self._post(F.linear(a, w_down), a)
 
     def model_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path: a copy, so that
-        while that path is in use the FFN's weights take twice their memory. The dense FFN's calls run on that
-        layout, and torch's bf16 products on a CPU without AMX were slower on the unit-major one
-        (bench/README.md, the Zen 4's "Nor can `masked` be made as fast"): on the kernels' rows, `dense` was
-        slower than the dense FFN it stands for. Made again when the weights change or move; dropped with
-        `dense_fallback`."""
+        """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path on the CPU
+        (`RoutedFFN.dense_on_copy` says why): a copy, so that while that path is in use the FFN's weights take twice
+        their memory. Made again when the weights change or move; dropped with `dense_fallback`."""
         w_in_t, w_down_t = self.w_in_t, self.w_down_t
         key = (w_in_t.data_ptr(), w_in_t._version, w_down_t.data_ptr(), w_down_t._version, w_in_t.dtype)
         if self._model_layout is None or self._model_layout[0] != key:
