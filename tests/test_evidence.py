@@ -1133,7 +1133,7 @@ HEADLINES += [
     *[("bench/README.md", "{}", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
        lambda r, router=router, shape=shape, d=d, batch=batch: layout_row(router, shape, d, batch))
       for router in ("teal", "centroid") for shape, d in (("576x1536", 1536), ("4096x11008", 11008)) for batch in (8, 32)],
-    ("bench/README.md", "now takes `dense` in every run at {} (its one", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
+    ("bench/README.md", "now takes `dense` in every run at {} (it", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
      lambda r: "/".join(sorted({f"{x['speedup']:.2f}x" for x in layout_runs("teal", "after", 11008, "bfloat16", 32)
                                 if x["path"] == "dense"}))),
     ("bench/README.md", "where the kernel gave {}. The small", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
