@@ -1136,7 +1136,7 @@ HEADLINES += [
     ("bench/README.md", "now takes `dense` in every run at {} (it", "ffn_teal_fallback_layout_after1_zen4_cpu.json",
      lambda r: "/".join(sorted({f"{x['speedup']:.2f}x" for x in layout_runs("teal", "after", 11008, "bfloat16", 32)
                                 if x["path"] == "dense"}))),
-    ("bench/README.md", "where the kernel gave {}. The small", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
+    ("bench/README.md", "kernel gave {}. The small", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
      lambda r: span(layout_runs("teal", "before", 11008, "bfloat16", 32), "speedup")),
     ("bench/README.md", "so its batch of 32 is where it was ({}, kernel or", "ffn_teal_fallback_layout_before1_zen4_cpu.json",
      lambda r: span(layout_runs("teal", "before", 1536, "bfloat16", 32) + layout_runs("teal", "after", 1536, "bfloat16", 32),
