@@ -1191,6 +1191,38 @@ HEADLINES += [
      lambda r: f"{lowest(grid(r, 0), 'speedup')} / {lowest(grid(r, 0), 'speedup_mean')}"),
 ]
 
+def busy_layout_row(shape: str, d_ff: int, batch: int) -> str:
+    """A row of bench/README.md's table of the busy --dense-fallback runs before/after the copy (teal, bf16)."""
+    sides = []
+    for side in ("before", "after"):
+        runs = [cell(load(f"ffn_teal_fallback_layout_busy_{side}{run}_zen4_cpu.json"), d_ff, "bfloat16", batch, 0.5, 1)
+                for run in (1, 2, 3)]
+        sides.append(", ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x {x['path']}" for x in runs))
+    return f"| {shape} | {batch} | " + " | ".join(sides) + " |"
+
+
+def busy_layout_runs(sides, d_ff: int, batch: int) -> list[dict]:
+    return [cell(load(f"ffn_teal_fallback_layout_busy_{side}{run}_zen4_cpu.json"), d_ff, "bfloat16", batch, 0.5, 1)
+            for side in sides for run in (1, 2, 3)]
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_teal_fallback_layout_busy_after1_zen4_cpu.json",
+       lambda r, shape=shape, d=d, batch=batch: busy_layout_row(shape, d, batch))
+      for shape, d in (("576x1536", 1536), ("4096x11008", 11008)) for batch in (8, 32)],
+    ("bench/README.md", "The large batch of 32 went from `kernel@1` ({} by the median)",
+     "ffn_teal_fallback_layout_busy_before1_zen4_cpu.json", lambda r: span(busy_layout_runs(("before",), 11008, 32), "speedup")),
+    ("bench/README.md", "to the copy's `dense@1` ({}); the large batch of 8", "ffn_teal_fallback_layout_busy_after1_zen4_cpu.json",
+     lambda r: span(busy_layout_runs(("after",), 11008, 32), "speedup")),
+    ("bench/README.md", "({} by the median, both ways)", "ffn_teal_fallback_layout_busy_after1_zen4_cpu.json",
+     lambda r: span(busy_layout_runs(("before", "after"), 1536, 8) + busy_layout_runs(("before", "after"), 1536, 32),
+                    "speedup")),
+    ("bench/README.md", "32 was {} by the mean, where the before", "ffn_teal_fallback_layout_busy_after1_zen4_cpu.json",
+     lambda r: lowest(busy_layout_runs(("after",), 1536, 32), "speedup_mean")),
+    ("bench/README.md", "the before runs' lowest mean was {}.", "ffn_teal_fallback_layout_busy_before1_zen4_cpu.json",
+     lambda r: lowest(busy_layout_runs(("before",), 1536, 32), "speedup_mean")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
