@@ -1109,9 +1109,11 @@ HEADLINES += [
      lambda r: recovery_span("after", "busy", "dense_mean_ms")),
 ]
 
-def layout_runs(router: str, side: str, d_ff: int, dtype: str, batch: int) -> list[dict]:
-    """One cell of bench_ffn.py's --dense-fallback runs before/after the dense path's copy in the model's layout."""
-    return [cell(load(f"ffn_{router}_fallback_layout_{side}{run}_zen4_cpu.json"), d_ff, dtype, batch, 0.5)
+def layout_runs(router: str, side: str, d_ff: int, dtype: str, batch: int, busy: int = 0) -> list[dict]:
+    """One cell of bench_ffn.py's --dense-fallback runs before/after the dense path's copy in the model's layout, in
+    its three runs (`busy`: the runs with one busy process)."""
+    kind = "busy_" if busy else ""
+    return [cell(load(f"ffn_{router}_fallback_layout_{kind}{side}{run}_zen4_cpu.json"), d_ff, dtype, batch, 0.5, busy)
             for run in (1, 2, 3)]
 
 
@@ -1191,19 +1193,16 @@ HEADLINES += [
      lambda r: f"{lowest(grid(r, 0), 'speedup')} / {lowest(grid(r, 0), 'speedup_mean')}"),
 ]
 
-def busy_layout_row(shape: str, d_ff: int, batch: int) -> str:
-    """A row of bench/README.md's table of the busy --dense-fallback runs before/after the copy (teal, bf16)."""
-    sides = []
-    for side in ("before", "after"):
-        runs = [cell(load(f"ffn_teal_fallback_layout_busy_{side}{run}_zen4_cpu.json"), d_ff, "bfloat16", batch, 0.5, 1)
-                for run in (1, 2, 3)]
-        sides.append(", ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x {x['path']}" for x in runs))
-    return f"| {shape} | {batch} | " + " | ".join(sides) + " |"
-
-
 def busy_layout_runs(sides, d_ff: int, batch: int) -> list[dict]:
-    return [cell(load(f"ffn_teal_fallback_layout_busy_{side}{run}_zen4_cpu.json"), d_ff, "bfloat16", batch, 0.5, 1)
-            for side in sides for run in (1, 2, 3)]
+    """teal's bf16 cell in the busy --dense-fallback runs of `sides` (before, after)."""
+    return [x for side in sides for x in layout_runs("teal", side, d_ff, "bfloat16", batch, busy=1)]
+
+
+def busy_layout_row(shape: str, d_ff: int, batch: int) -> str:
+    """A row of bench/README.md's table of those runs: median / mean and path of each run, before and after."""
+    sides = [", ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x {x['path']}" for x in busy_layout_runs((side,), d_ff, batch))
+             for side in ("before", "after")]
+    return f"| {shape} | {batch} | " + " | ".join(sides) + " |"
 
 
 HEADLINES += [
