@@ -1222,6 +1222,39 @@ HEADLINES += [
      lambda r: lowest(busy_layout_runs(("before",), 1536, 32), "speedup_mean")),
 ]
 
+def fp16_row(shape: str, d_ff: int, batch: int) -> str:
+    """A row of bench/README.md's fp16 table (Zen 4): the dense FFN's ms (teal's run, 0.5), then teal's and the
+    bricks' speedups at 0.5 and 0.25 with their paths."""
+    teal, bricks = load("ffn_teal_fp16_zen4_cpu.json"), load("ffn_centroid_fp16_zen4_cpu.json")
+    cells = [cell(r, d_ff, "float16", batch, active) for r in (teal, bricks) for active in (0.5, 0.25)]
+    return (f"| {shape} | {batch} | {cells[0]['dense_ms']:.3f} | "
+            + " | ".join(f"{x['speedup']:.2f}x {x['path']}" for x in cells) + " |")
+
+
+def fp16_batches_span() -> str:
+    rows = [x for name in ("ffn_teal_fp16_zen4_cpu.json", "ffn_centroid_fp16_zen4_cpu.json") for x in load(name)["rows"]
+            if x["batch"] > 1]
+    return span(rows, "speedup")
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", "ffn_teal_fp16_zen4_cpu.json", lambda r, shape=shape, d=d, batch=batch: fp16_row(shape, d, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (1, 8, 32)],
+    ("README.md", "is what the bytes skipped allow: {} (teal at 0.5 / 0.25)", "ffn_teal_fp16_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float16', 1, 0.5)['speedup']:.2f}x / {cell(r, 11008, 'float16', 1, 0.25)['speedup']:.2f}x"),
+    ("bench/README.md", "FFN's 270 MB in {} ms (about 24 GB/s)", "ffn_teal_fp16_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float16', 1, 0.5)['dense_ms']:.3f}"),
+    ("bench/README.md", "where its bf16 one took\n{} ms in the grid above", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: span([x for x in grid(r, 0) if (x["d_ff"], x["dtype"], x["batch"]) == (11008, "bfloat16", 1)],
+                    "dense_ms", "{:.3f}")),
+    ("bench/README.md", "0.5 / 0.25; its kernel at 0.5 took {} ms", "ffn_teal_fp16_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'float16', 1, 0.5)['bricked_ms']:.3f}"),
+    ("bench/README.md", "bf16's {} ms in the grid\nabove", "ffn_teal_grid_zen4_cpu.json",
+     lambda r: f"{cell(r, 11008, 'bfloat16', 1, 0.5)['bricked_ms']:.3f}"),
+    ("bench/README.md", "11.404 at one, and the kernels' fp32 sums beat them {}; a user", "ffn_teal_fp16_zen4_cpu.json",
+     lambda r: fp16_batches_span()),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
