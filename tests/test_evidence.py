@@ -1255,6 +1255,31 @@ HEADLINES += [
      lambda r: fp16_batches_span()),
 ]
 
+def fp16_busy(name: str, batch: int = 1, active: float = 0.5) -> dict:
+    return cell(load(name), 1536, "float16", batch, active, 1)
+
+
+HEADLINES += [
+    ("bench/README.md", "teal's cells are\n{} by the median", "ffn_teal_fp16_busy_small_zen4_cpu.json",
+     lambda r: span(grid(r, 1), "speedup")),
+    ("bench/README.md", "its decode token at 0.5; {} by\nthe mean", "ffn_teal_fp16_busy_small_zen4_cpu.json",
+     lambda r: f"{fp16_busy('ffn_teal_fp16_busy_small_zen4_cpu.json')['speedup_mean']:.2f}x"
+     if fp16_busy("ffn_teal_fp16_busy_small_zen4_cpu.json")["speedup"] == min(x["speedup"] for x in grid(r, 1)) else "?"),
+    ("bench/README.md", "decode token at 0.5 was {} by the median on\n`grouped@1`", "ffn_centroid_fp16_busy_small_zen4_cpu.json",
+     lambda r: f"{fp16_busy('ffn_centroid_fp16_busy_small_zen4_cpu.json')['speedup']:.2f}x"
+     if fp16_busy("ffn_centroid_fp16_busy_small_zen4_cpu.json")["path"] == "grouped@1" else "?"),
+    ("bench/README.md", "`grouped@1` ({} by the mean)", "ffn_centroid_fp16_busy_small_zen4_cpu.json",
+     lambda r: f"{fp16_busy('ffn_centroid_fp16_busy_small_zen4_cpu.json')['speedup_mean']:.2f}x"),
+    ("bench/README.md", "then `rerun2`) {} on `kernel@1`", "ffn_centroid_fp16_busy_b1_rerun1_zen4_cpu.json",
+     lambda r: " and ".join(f"{fp16_busy(f'ffn_centroid_fp16_busy_b1_rerun{n}_zen4_cpu.json')['speedup']:.2f}x" for n in (1, 2))),
+    ("bench/README.md", "on `kernel@1`, {} by the\nmean", "ffn_centroid_fp16_busy_b1_rerun1_zen4_cpu.json",
+     lambda r: " and ".join(f"{fp16_busy(f'ffn_centroid_fp16_busy_b1_rerun{n}_zen4_cpu.json')['speedup_mean']:.2f}x" for n in (1, 2))),
+    ("bench/README.md", "`grouped@1` for one token, {} ms a call", "ffn_centroid_fp16_busy_small_zen4_cpu.json",
+     lambda r: f"{fp16_busy('ffn_centroid_fp16_busy_small_zen4_cpu.json')['bricked_ms']:.3f}"),
+    ("bench/README.md", "1.148 ms a call against the kernel's {}\nms in the reruns", "ffn_centroid_fp16_busy_b1_rerun1_zen4_cpu.json",
+     lambda r: "-".join(f"{fp16_busy(f'ffn_centroid_fp16_busy_b1_rerun{n}_zen4_cpu.json')['bricked_ms']:.2f}" for n in (1, 2))),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
