@@ -303,14 +303,14 @@ class SparseFFN(SparsePaths, RoutedFFN):
             y = self._masked(x2)
         else:
             chosen, key = self.choose_path(x2)
-            if chosen.startswith("dense") and self.dense_on_copy(x2):
-                self.model_layout()  # a copy made now, if needed, is not timed as the path's cost
+            # `dense` on the CPU runs `model_layout`'s copy, made here if needed: not timed as the path's cost.
+            copy = self.model_layout() if chosen.startswith("dense") and self.dense_on_copy(x2) else None
             # The kernel runs on one thread by its own argument: changing torch's thread count around each call
             # costs the other operations of a decode step.
             kernel = chosen.startswith("kernel")
             with running(key, chosen, set_threads=not kernel) as path:
                 if path == "dense":  # `dense_fallback`: the dense model's function, counted as the whole FFN
-                    y = self._dense_fallback(x2)
+                    y = self._dense(x2, copy)
                     self._count(n, n * self.hidden, n * self.d_ff)
                 elif path == "triton":
                     y = torch.cat([self._triton(row) for row in x2.split(1)])
@@ -321,18 +321,11 @@ class SparseFFN(SparsePaths, RoutedFFN):
                     y = self._masked(x2) if path == "masked" else self._sparse(x2, split=path == "split")
         return y.reshape(*shape[:-1], self.hidden)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole FFN on the unit-major weights (at full compute: the distillation teacher's)."""
-        a = self._activation(self._pre(x @ self.w_in_t, x))
-        return self._post(a @ self.w_down_t, a)
-
-    def _dense_fallback(self, x: torch.Tensor) -> torch.Tensor:
-        """The `dense` path: on `model_layout`'s copy (see `RoutedFFN.dense_on_copy`), or on the unit-major weights."""
-        if not self.dense_on_copy(x):
-            return self._dense(x)
-        w_in, w_down = self.model_layout()
-        a = self._activation(self._pre(F.linear(x, w_in), x))
-        return self._post(F.linear(a, w_down), a)
+    def _dense(self, x: torch.Tensor, copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole FFN, on the unit-major weights (at full compute: the distillation teacher's) or on `copy`, the
+        dense model's layout (`model_layout`)."""
+        a = self._activation(self._pre(x @ self.w_in_t if copy is None else F.linear(x, copy[0]), x))
+        return self._post(a @ self.w_down_t if copy is None else F.linear(a, copy[1]), a)
 
     def model_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`w_in_t` and `w_down_t` as the dense model stores them (`[out, in]`), for the `dense` path on the CPU
