@@ -1280,6 +1280,34 @@ HEADLINES += [
      lambda r: "-".join(f"{fp16_busy(f'ffn_centroid_fp16_busy_b1_rerun{n}_zen4_cpu.json')['bricked_ms']:.2f}" for n in (1, 2))),
 ]
 
+FP16_BUSY_LARGE = ("ffn_teal_fp16_busy_large_zen4_cpu.json", "ffn_centroid_fp16_busy_large_zen4_cpu.json")
+
+
+def fp16_busy_large_row(batch: int) -> str:
+    """A row of bench/README.md's busy large fp16 table (Zen 4): the dense FFN's ms (teal's run, 0.5), then teal's
+    and the bricks' speedups by the median / the mean at 0.5 and 0.25."""
+    cells = [cell(load(name), 11008, "float16", batch, active, 1) for name in FP16_BUSY_LARGE for active in (0.5, 0.25)]
+    return (f"| {batch} | {cells[0]['dense_ms']:.3f} | "
+            + " | ".join(f"{x['speedup']:.2f}x / {x['speedup_mean']:.2f}x" for x in cells) + " |")
+
+
+def fp16_busy_large_rows(batch: int | None = None) -> list[dict]:
+    return [x for name in FP16_BUSY_LARGE for x in load(name)["rows"] if batch is None or x["batch"] == batch]
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", FP16_BUSY_LARGE[0], lambda r, batch=batch: fp16_busy_large_row(batch))
+      for batch in (1, 8, 32)],
+    ("bench/README.md", "mean, every cell on {}; the dense FFN's median", FP16_BUSY_LARGE[1],
+     lambda r: "`kernel@1`" if {x["path"] for x in fp16_busy_large_rows()} == {"kernel@1"} else "?"),
+    ("bench/README.md", "Every cell is above {}, against a baseline", FP16_BUSY_LARGE[0],
+     lambda r: f"{int(min(x[k] for x in fp16_busy_large_rows() for k in ('speedup', 'speedup_mean')))}x"),
+    ("bench/README.md", "two threads took\n{} ms a token here", FP16_BUSY_LARGE[0],
+     lambda r: span(fp16_busy_large_rows(1), "dense_ms", "{:.3f}")),
+    ("bench/README.md", "the kernel on one thread\n{} ms.", FP16_BUSY_LARGE[0],
+     lambda r: span(fp16_busy_large_rows(1), "bricked_ms", "{:.3f}")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
