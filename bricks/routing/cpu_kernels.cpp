@@ -375,15 +375,15 @@ void token_rows_sum(const T* w, int64_t width, const int64_t* idx, int64_t n, co
   }
 }
 
-// Into L2 (prefetcht1), the CHUNK columns from c of w's row r, that a copy (`pack`, `pack_pairs`) will read
+// Into L2 (prefetcht1), the `columns` from c of w's row r (a chunk), that a copy (`pack`, `pack_pairs`) will read
 // PACK_AHEAD chunks on. Each row's piece is short, and the hardware prefetcher follows none of a block's rows far
 // enough by itself. Not into L1: the lines of two chunks ahead of every row of a block outnumber L1's buffers for
 // misses, and requests for L1 stalled the copy (a probe whose output was not kept: about 1.5x slower). Each copy
 // prefetches as it goes, a row per row it copies: all of a block's rows in a burst before the copy made it slower.
 template <typename T>
-inline void prefetch_piece(const T* w, int64_t width, int64_t r, int64_t c) {
+inline void prefetch_piece(const T* w, int64_t width, int64_t r, int64_t c, int64_t columns = CHUNK) {
   const char* piece = reinterpret_cast<const char*>(w + r * width + c);
-  const int64_t bytes = std::min(CHUNK, width - c) * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = std::min(columns, width - c) * static_cast<int64_t>(sizeof(T));
   for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(piece + line, 0, 2);
 }
 
@@ -414,9 +414,9 @@ void pack(const T* w, int64_t width, int64_t r0, int64_t r1, int64_t c, int64_t 
 struct Ahead {
   int64_t block, column;
 };
-inline Ahead ahead_of(int64_t c0, int64_t c1, int64_t c) {
-  const int64_t chunks = (c1 - c0 + CHUNK - 1) / CHUNK, step = (c - c0) / CHUNK + PACK_AHEAD;
-  return {step / chunks, c0 + step % chunks * CHUNK};
+inline Ahead ahead_of(int64_t c0, int64_t c1, int64_t c, int64_t chunk = CHUNK) {
+  const int64_t chunks = (c1 - c0 + chunk - 1) / chunk, step = (c - c0) / chunk + PACK_AHEAD;
+  return {step / chunks, c0 + step % chunks * chunk};
 }
 
 // s[0, 16 * N) += values[j] * row rows[j] of `from` (rows `row_width` apart, the first being `first_row`), for j in
@@ -571,7 +571,12 @@ void per_token(int64_t tokens, bool parallel, const F& f) {
 // one instruction per 16 columns, and the block is copied as bf16 (half the bytes of fp32). A token that keeps
 // one row of a pair multiplies the other by 0. Per token, that is one instruction per pair it touches (0.75 of
 // the pairs with half the rows kept at random) where fp32 sums take one per row it keeps (0.5 of the rows).
-constexpr int64_t BLOCK_PAIRS = 32;  // a block of 32 pairs over CHUNK columns: 16 KB of bf16, in L1
+// A block is 64 pairs over PAIR_CHUNK = 64 columns (16 KB of bf16, in L1), one add_block call's columns (4
+// vectors): each call loads and stores its sums once, so that the more pairs it runs the less that costs. As 32
+// pairs over 128 columns (the same bytes, two calls of half the pairs) the bf16 batches took about a tenth longer
+// on a Zen 4 (bench/README.md, "On an AMD Zen 4 CPU": the batches before and after).
+constexpr int64_t BLOCK_PAIRS = 64;
+constexpr int64_t PAIR_CHUNK = 64;
 constexpr int64_t PAIR_TILE_SUMS = 65536;  // the most fp32 sums of all the tokens in a tile: 256 KB, in L2
 // A block that most of the tokens touch is run densely (`add_block`): every pair for every token, a 0 word where
 // a token keeps neither row. BLOCK_TOKENS tokens at once, each of the block's vectors is loaded once for all of them
@@ -703,13 +708,13 @@ void pack_pairs(const c10::BFloat16* w, int64_t width, int64_t n_rows, const int
     const c10::BFloat16* second = first + width;
     const bool pair = r + 1 < n_rows;  // an odd row count leaves the last row alone
     if (j < n_ahead) {
-      prefetch_piece(w, width, 2 * ahead[j], ahead_c);
-      if (2 * ahead[j] + 1 < n_rows) prefetch_piece(w, width, 2 * ahead[j] + 1, ahead_c);
+      prefetch_piece(w, width, 2 * ahead[j], ahead_c, PAIR_CHUNK);
+      if (2 * ahead[j] + 1 < n_rows) prefetch_piece(w, width, 2 * ahead[j] + 1, ahead_c, PAIR_CHUNK);
     }
     for (int64_t v = 0; v < (len + 15) / 16; ++v) {
       const __m256i a = load_bf16(first, 16 * v, len);
       const __m256i b = pair ? load_bf16(second, 16 * v, len) : _mm256_setzero_si256();
-      block[j * (CHUNK / 16) + v] = side_by_side(a, b);
+      block[j * (PAIR_CHUNK / 16) + v] = side_by_side(a, b);
     }
   }
 }
@@ -724,7 +729,7 @@ __attribute__((noinline)) void add_pairs(float* s, const __m512i* block, int64_t
   __m512 acc[N];
   for (int v = 0; v < N; ++v) acc[v] = _mm512_loadu_ps(s + 16 * v);
   for (int64_t i = lo; i < hi; ++i) {
-    const __m512i* pair = block + (position[i] - j0) * (CHUNK / 16);
+    const __m512i* pair = block + (position[i] - j0) * (PAIR_CHUNK / 16);
     const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(values[i])));
     for (int v = 0; v < N; ++v) acc[v] = _mm512_dpbf16_ps(acc[v], x, reinterpret_cast<__m512bh>(pair[v]));
   }
@@ -742,7 +747,7 @@ __attribute__((noinline)) void add_block(float* s, int64_t s_stride, const __m51
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_loadu_ps(s + t * s_stride + 16 * v);
   for (int64_t j = 0; j < np; ++j) {
     __m512bh w[V];
-    for (int v = 0; v < V; ++v) w[v] = reinterpret_cast<__m512bh>(block[j * (CHUNK / 16) + v]);
+    for (int v = 0; v < V; ++v) w[v] = reinterpret_cast<__m512bh>(block[j * (PAIR_CHUNK / 16) + v]);
     for (int t = 0; t < T; ++t) {
       const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(words[j * w_stride + t])));
       for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], x, w[v]);
@@ -763,6 +768,7 @@ constexpr int64_t AMX_TOKENS = 16;  // rows of a tile: the tokens go in groups o
 // A block of AMX_PAIRS pairs over a tile of AMX_TILE columns is copied (512 KB) and multiplied while in the thread's
 // L2 cache, each tile of sums held over all its pairs: per load and store of the sums, 8 tile products.
 constexpr int64_t AMX_PAIRS = 128;
+static_assert(AMX_PAIRS % BLOCK_PAIRS == 0, "an AMX block of pairs spans whole blocks of the plan");
 constexpr int64_t AMX_TILE = 1024;
 
 // Linux gives a process AMX's tile registers only on request (arch_prctl, once; the first tile instruction without
@@ -832,7 +838,8 @@ void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, c
 }
 
 // The block's pairs over a whole tile of columns [c0, c1), a chunk after another: packed[(k * AMX_PAIRS + j) *
-// (CHUNK / 16) + v] is pair j's vector v of chunk k, as pack_pairs copies one chunk (0 for the pairs [np, np16)).
+// (CHUNK / 16) + v] is pair j's vector v of chunk k, pair by pair as pack_pairs lays out its chunk (0 for the pairs
+// [np, np16)).
 // Each pair's two rows are read from c0 to c1 in one go. Chunk by chunk, as pack_pairs copies, the copy read a short
 // piece of each of the block's 64 rows in turn and a tile product waited on each chunk: slower on the Xeon of
 // bench/README.md's "On an Intel Xeon with AMX" (its figures and results files).
@@ -968,7 +975,7 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
   pairs_of(kept, tokens, n_rows, pairs, parallel, false);
   // TILE columns up to 32 tokens, whose sums take 256 KB of L2 (shorter pieces of the rows slowed the copy more
   // than that cost, in a probe whose output was not kept), fewer for more tokens.
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / CHUNK) * CHUNK;
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(TILE, PAIR_TILE_SUMS / tokens) / PAIR_CHUNK) * PAIR_CHUNK;
   const Pairs& p = pairs;
   // Tokens in groups as even as BLOCK_TOKENS allows (8 tokens as 4 + 4, not 6 + 2).
   const int64_t groups = (tokens + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
@@ -979,7 +986,7 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
     thread_local std::vector<uint32_t> words_buffer;
     float* sums = scratch(sums_buffer, tokens * stride).data();
     uint32_t* words = scratch(words_buffer, BLOCK_PAIRS * tokens).data();  // a dense block's: [pair][token]
-    alignas(64) __m512i block[BLOCK_PAIRS * (CHUNK / 16)];
+    alignas(64) __m512i block[BLOCK_PAIRS * (PAIR_CHUNK / 16)];
     for (int64_t c0 = begin; c0 < end; c0 += tile) {
       const int64_t c1 = std::min(end, c0 + tile);
       std::fill_n(sums, tokens * stride, 0.0f);
@@ -992,9 +999,9 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
           for (int64_t t = 0; t < tokens; ++t)
             for (int64_t i = lo[t]; i < hi[t]; ++i) words[(p.position[t][i] - j0) * tokens + t] = p.values[t][i];
         }
-        for (int64_t c = c0; c < c1; c += CHUNK) {
-          const int64_t len = std::min(CHUNK, c1 - c);
-          const Ahead a = ahead_of(c0, c1, c);
+        for (int64_t c = c0; c < c1; c += PAIR_CHUNK) {
+          const int64_t len = std::min(PAIR_CHUNK, c1 - c);
+          const Ahead a = ahead_of(c0, c1, c, PAIR_CHUNK);
           const int64_t ja = std::min(p.n_active, j0 + a.block * BLOCK_PAIRS);
           pack_pairs(w, width, n_rows, p.active.data() + j0, np, c, len, block, p.active.data() + ja,
                      std::min(BLOCK_PAIRS, p.n_active - ja), a.column);
@@ -1013,7 +1020,7 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
               t0 += size;
             }
           } else {
-            with_count<CHUNK / 16>(vectors, [&](auto n) {
+            with_count<PAIR_CHUNK / 16>(vectors, [&](auto n) {
               for (int64_t t = 0; t < tokens; ++t) {
                 add_pairs<n>(sums + t * stride + (c - c0), block, j0, p.position[t].data(), p.values[t].data(), lo[t],
                              hi[t]);
