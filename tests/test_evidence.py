@@ -1308,6 +1308,41 @@ HEADLINES += [
      lambda r: span(fp16_busy_large_rows(1), "bricked_ms", "{:.3f}")),
 ]
 
+PAIR_BLOCKS = {router: {side: [f"ffn_{router}_pair_blocks_{side}{n}_zen4_cpu.json" for n in (1, 2, 3)]
+                         for side in ("before", "after")} for router in ("teal", "centroid")}
+
+
+def pair_blocks_row(router: str, shape: str, d_ff: int, batch: int, active: float) -> str:
+    """A row of bench/README.md's table of bf16 batches before and after blocks of 64 pairs (Zen 4)."""
+    runs = PAIR_BLOCKS[router]
+    return (f"| {router} | {shape} | {batch} | {active} | {runs_cells(runs['before'], d_ff, 'bfloat16', batch, active)} | "
+            f"{runs_cells(runs['after'], d_ff, 'bfloat16', batch, active)} |")
+
+
+def pair_blocks_span(router: str, side: str, batch: int | None = None, active: float | None = None) -> str:
+    rows = [x for name in PAIR_BLOCKS[router][side] for x in load(name)["rows"]
+            if batch in (None, x["batch"]) and active in (None, x["active"])]
+    return span(rows, "speedup")
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", PAIR_BLOCKS[router]["after"][0],
+       lambda r, router=router, shape=shape, d=d, batch=batch, active=active: pair_blocks_row(router, shape, d, batch, active))
+      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
+      for batch in (8, 32) for active in (0.5, 0.25)],
+    ("bench/README.md", "in without the fallback's copy, went from {} to", PAIR_BLOCKS["teal"]["before"][0],
+     lambda r: pair_blocks_span("teal", "before", 32, 0.5)),
+    ("bench/README.md", "the fallback's copy, went from 0.84x-1.05x to {}, and", PAIR_BLOCKS["teal"]["after"][0],
+     lambda r: pair_blocks_span("teal", "after", 32, 0.5)),
+    ("bench/README.md", "every teal cell is {} in every after run", PAIR_BLOCKS["teal"]["after"][0],
+     lambda r: "above 1x" if min(x["speedup"] for n in PAIR_BLOCKS["teal"]["after"] for x in load(n)["rows"]) > 1
+     else "?"),
+    ("README.md", "teal's kernel alone took those batches of 32 from {} to", PAIR_BLOCKS["teal"]["before"][0],
+     lambda r: pair_blocks_span("teal", "before", 32, 0.5)),
+    ("README.md", "batches of 32 from 0.84x-1.05x to\n  {} (0.5, both", PAIR_BLOCKS["teal"]["after"][0],
+     lambda r: pair_blocks_span("teal", "after", 32, 0.5)),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
@@ -1321,6 +1356,8 @@ PROBE_OUTPUTS = [
     ("bench/README.md", "zen4_probes/output_teal_batch_parts.txt",
      ("0.884", "0.857", "0.599", "0.544", "0.384", "0.288", "0.122", "36.763", "33.188", "26.425", "21.544", "11.761",
       "11.712")),
+    ("bench/README.md", "zen4_probes/output_pair_blocks.txt",
+     ("0.305", "0.359", "35.214", "37.515", "37.734", "44.163", "45.438", "46.570")),
     ("bench/README.md", "zen4_probes/output_unit_major_gemm.txt",
      ("26.85", "19.54", "14.33", "10.49", "17.83", "12.35", "223.01", "214.13", "114.33", "107.74", "26.20", "0.37",
       "81.92", "109.34", "672.57", "615.49")),
