@@ -1343,6 +1343,44 @@ HEADLINES += [
      lambda r: pair_blocks_span("teal", "after", 32, 0.5)),
 ]
 
+GRID_PAIR_BLOCKS = "ffn_teal_grid_pair_blocks_zen4_cpu.json"
+ZEN4_BUSY_GRIDS = ("ffn_teal_grid_zen4_cpu.json", "ffn_teal_grid_stale_zen4_cpu.json", "ffn_teal_fallback_zen4_cpu.json")
+
+
+def busy_token(name: str, active: float) -> dict:
+    return cell(load(name), 11008, "bfloat16", 1, active, 1)
+
+
+HEADLINES += [
+    *[("bench/README.md", "{}", GRID_PAIR_BLOCKS, lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    ("bench/README.md", "By the median {} of the 48 cells is below 0.9x, by the mean", GRID_PAIR_BLOCKS,
+     lambda r: str(below(r["rows"], "speedup"))),
+    ("bench/README.md", "below 0.9x, by the mean\n{} (the grid at `a8bf438`", GRID_PAIR_BLOCKS,
+     lambda r: str(below(r["rows"], "speedup_mean"))),
+    ("README.md", "grid then had {} cell below 0.9x by the median", GRID_PAIR_BLOCKS, lambda r: str(below(r["rows"], "speedup"))),
+    ("README.md", "beside a busy process) and {} by the mean.", GRID_PAIR_BLOCKS,
+     lambda r: "none" if below(r["rows"], "speedup_mean") == 0 else "?"),
+    ("bench/README.md", "the first of this section: {}): the small bf16", ZEN4_BUSY_GRIDS[0],
+     lambda r: f"{below(r['rows'], 'speedup')} and\n{below(r['rows'], 'speedup_mean')}"),
+    ("bench/README.md", "with a busy process,\n{} by the mean on one thread", GRID_PAIR_BLOCKS,
+     lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5, 1)['speedup']:.2f}x by the median and "
+               f"{cell(r, 1536, 'bfloat16', 32, 0.5, 1)['speedup_mean']:.2f}x"),
+    ("bench/README.md", "Idle\nthe lowest is {} (the large bf16 batch of 32 at 0.5, on the kernel)", GRID_PAIR_BLOCKS,
+     lambda r: lowest(grid(r, 0), "speedup") if lowest(grid(r, 0), "speedup") == ffn_speedup(r, 11008, "bfloat16", 32, 0.5)
+     else "?"),
+    ("bench/README.md", "than in that grid\n({} at 0.5 / 0.25, against", GRID_PAIR_BLOCKS,
+     lambda r: f"{busy_token(GRID_PAIR_BLOCKS, 0.5)['speedup']:.2f}x / {busy_token(GRID_PAIR_BLOCKS, 0.25)['speedup']:.2f}x"),
+    ("bench/README.md", "at 0.5 / 0.25, against {}) on one-token code", ZEN4_BUSY_GRIDS[0],
+     lambda r: f"{busy_token(ZEN4_BUSY_GRIDS[0], 0.5)['speedup']:.2f}x / {busy_token(ZEN4_BUSY_GRIDS[0], 0.25)['speedup']:.2f}x"),
+    ("bench/README.md", "its call took {}, against", GRID_PAIR_BLOCKS,
+     lambda r: f"{busy_token(GRID_PAIR_BLOCKS, 0.5)['bricked_ms']:.3f} / {busy_token(GRID_PAIR_BLOCKS, 0.25)['bricked_ms']:.3f} ms"),
+    ("bench/README.md", "against\n{} then, for the same rows", ZEN4_BUSY_GRIDS[0],
+     lambda r: f"{busy_token(ZEN4_BUSY_GRIDS[0], 0.5)['bricked_ms']:.3f} / {busy_token(ZEN4_BUSY_GRIDS[0], 0.25)['bricked_ms']:.3f} ms"),
+    ("bench/README.md", "with a busy process: {} at 0.5)", ZEN4_BUSY_GRIDS[0],
+     lambda r: span([busy_token(n, 0.5) for n in ZEN4_BUSY_GRIDS], "bricked_ms", "{:.3f} ms").replace(" ms-", "-")),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
