@@ -1381,6 +1381,44 @@ HEADLINES += [
      lambda r: span([busy_token(n, 0.5) for n in ZEN4_BUSY_GRIDS], "bricked_ms", "{:.3f} ms").replace(" ms-", "-")),
 ]
 
+TRACE_FP16 = "chooser_trace_centroid_fp16_busy_b1_run{}_zen4_cpu.json"
+
+
+def traced(run: int, path: str, key: str) -> float:
+    return load(TRACE_FP16.format(run))["paths"][path][key]
+
+
+def trace_stalls(run: int, path: str, over_ms: float) -> list[float]:
+    return [x["ms"] for x in load(TRACE_FP16.format(run))["calls"] if x["path"] == path and x["ms"] > over_ms]
+
+
+HEADLINES += [
+    ("bench/README.md", "led for most of the {} calls (248 calls", TRACE_FP16.format(1),
+     lambda r: str(len(r["calls"]))),
+    ("bench/README.md", "most of the 306 calls ({} calls, median 0.249 ms)", TRACE_FP16.format(1),
+     lambda r: str(traced(1, "kernel", "calls"))),
+    ("bench/README.md", "(248 calls, median {} ms) with a 4.4 ms", TRACE_FP16.format(1),
+     lambda r: f"{traced(1, 'kernel', 'median_ms'):.3f}"),
+    ("bench/README.md", "until two stalls of {} ms took its", TRACE_FP16.format(1),
+     lambda r: " and ".join(f"{v:.1f}" for v in trace_stalls(1, "kernel", 10))),
+    ("bench/README.md", "expected time up to {} ms, and the lead", TRACE_FP16.format(1),
+     lambda r: f"{traced(1, 'kernel', 'expected_ms'):.3f}"),
+    ("bench/README.md", "`kernel@1` ({} ms median over 9 calls)", TRACE_FP16.format(1),
+     lambda r: f"{traced(1, 'kernel@1', 'median_ms'):.3f}" if traced(1, "kernel@1", "calls") == 9 else "?"),
+    ("bench/README.md", "stood at\n{} ms, the one call of its last", TRACE_FP16.format(1),
+     lambda r: f"{traced(1, 'kernel@1', 'expected_ms'):.2f}"),
+    ("bench/README.md", "where the rest of the run took {} s.", TRACE_FP16.format(1),
+     lambda r: f"{sum(x['ms'] for x in r['calls'][-248:]) / 1e3:.3f}"
+     if [x["path"] for x in r["calls"][-249:-248]] == ["kernel@1"] else "?"),
+    ("bench/README.md", "led (152 calls, median {} ms; the cell", TRACE_FP16.format(2),
+     lambda r: f"{traced(2, 'kernel@1', 'median_ms'):.3f}" if traced(2, "kernel@1", "calls") == 152 else "?"),
+    ("bench/README.md", "the cell {} by the median,", TRACE_FP16.format(2), lambda r: f"{r['row']['speedup']:.2f}x"),
+    ("bench/README.md", "by the median,\n{} by the mean), with `kernel`", TRACE_FP16.format(2),
+     lambda r: f"{r['row']['speedup_mean']:.2f}x"),
+    ("bench/README.md", "one stalled call of\n{} ms. In a", TRACE_FP16.format(2),
+     lambda r: f"{traced(2, 'kernel', 'expected_ms'):.3f}"),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
