@@ -415,10 +415,15 @@ def grid_row(r: dict, shape: str, d_ff: int, dt: str, batch: int) -> str:
     return f"| {shape} | {dt} | {batch} | " + " | ".join(cells) + " |"
 
 
+
+def grid_table(name: str) -> list[tuple]:
+    """HEADLINES for every row of a whole FFN grid's table (both shapes, fp32 and bf16, batches of 1, 8 and 32)."""
+    return [("bench/README.md", "{}", name, lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
+            for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)]
+
+
 HEADLINES += [
-    *[("bench/README.md", "{}", "ffn_teal_grid_avx2_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_teal_grid_avx2_cpu.json"),
     ("bench/README.md", "{} cell is below 0.9x dense, by the median or the mean. Idle", "ffn_teal_grid_avx2_cpu.json",
      lambda r: str(below(r["rows"], "speedup") + below(r["rows"], "speedup_mean") or "No")),
     ("bench/README.md", "fp32 batch of 32 at 0.5 ({} / 1.03x); with", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 0), "speedup")),
@@ -426,9 +431,7 @@ HEADLINES += [
     ("bench/README.md", "busy, {} by the median (the same cell)", "ffn_teal_grid_avx2_cpu.json", lambda r: lowest(grid(r, 1), "speedup")),
     ("bench/README.md", "and {} by the mean (the small\nfp32 decode token", "ffn_teal_grid_avx2_cpu.json",
      lambda r: lowest(grid(r, 1), "speedup_mean")),
-    *[("bench/README.md", "{}", "ffn_centroid_grid_avx2_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_centroid_grid_avx2_cpu.json"),
     ("README.md", "The brick router's grid\n  there has {} cell below 0.9x either", "ffn_centroid_grid_avx2_cpu.json",
      lambda r: str(below(r["rows"], "speedup") + below(r["rows"], "speedup_mean") or "no")),
     ("bench/README.md", "{} cell is below 0.9x dense here either.", "ffn_centroid_grid_avx2_cpu.json",
@@ -450,10 +453,8 @@ def below_both(r: dict) -> str:
 
 
 HEADLINES += [
-    *[("bench/README.md", "{}", f"ffn_{router}_grid_zen5_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
-      for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_teal_grid_zen5_cpu.json"),
+    *grid_table("ffn_centroid_grid_zen5_cpu.json"),
     ("bench/README.md", "at 32 tokens in {} ms (1.248", "ffn_teal_grid_zen5_cpu.json",
      lambda r: f"{cell(r, 1536, 'bfloat16', 32, 0.5, 0)['dense_ms']:.3f}"),
     ("bench/README.md", "ms ({}\nms in `results/ffn_teal_cpu.json`)", "ffn_teal_cpu.json",
@@ -700,9 +701,8 @@ def amx_span(names, d_ffs, batch: int, actives=(0.5, 0.25)) -> str:
 
 
 HEADLINES += [
-    *[("bench/README.md", "{}", name, lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for name in ("ffn_teal_grid_before_xeon_cpu.json", "ffn_teal_grid_xeon_cpu.json")
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_teal_grid_before_xeon_cpu.json"),
+    *grid_table("ffn_teal_grid_xeon_cpu.json"),
     *[("bench/README.md", "{}", AMX_RUNS[-1], lambda r, shape=shape, d=d, batch=batch, active=active, busy=busy:
        amx_row(shape, d, batch, active, busy))
       for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for busy in (0, 1)
@@ -732,9 +732,7 @@ HEADLINES += [
     ("README.md", "the batches of 32 stayed at\n  {} idle", AMX_RUNS[-1],
      lambda r: amx_span(AMX_RUNS[1::2], (1536, 11008), 32)),
     ("README.md", "(the large bf16 one {} / 6.37x", "ffn_teal_grid_xeon_cpu.json", lambda r: ffn_speedup(r, 11008, "bfloat16", 1, 0.5)),
-    *[("bench/README.md", "{}", "ffn_centroid_grid_xeon_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_centroid_grid_xeon_cpu.json"),
     ("bench/README.md", "{} cells by the median and 6 by the mean are below 0.9x dense, 7", "ffn_centroid_grid_xeon_cpu.json",
      lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "10 cells by the median and {} by the mean are below 0.9x dense, 7", "ffn_centroid_grid_xeon_cpu.json",
@@ -831,9 +829,7 @@ HEADLINES += [
     *[("bench/README.md", "{}", BRICK_TILES["after"][2],
        lambda r, shape=shape, d=d, batch=batch, active=active: before_with_row(BRICK_TILES, shape, d, "bfloat16", batch, active))
       for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for batch in (8, 32) for active in (0.5, 0.25)],
-    *[("bench/README.md", "{}", "ffn_centroid_grid_amx_xeon_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_centroid_grid_amx_xeon_cpu.json"),
     ("bench/README.md", "{} cells by the median and 2 by the mean are below 0.9x dense in this grid", "ffn_centroid_grid_amx_xeon_cpu.json",
      lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "6 cells by the median and {} by the mean are below 0.9x dense in this grid",
@@ -1017,10 +1013,8 @@ HEADLINES += [
 ]
 
 HEADLINES += [
-    *[("bench/README.md", "{}", f"ffn_{router}_grid_zen4_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for router in ("teal", "centroid") for shape, d in (("4096x11008", 11008), ("576x1536", 1536))
-      for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_teal_grid_zen4_cpu.json"),
+    *grid_table("ffn_centroid_grid_zen4_cpu.json"),
     ("bench/README.md", "By the median {} of the 48 cells are below 0.9x\ndense, by the mean 2, all bf16", "ffn_teal_grid_zen4_cpu.json",
      lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "dense, by the mean {}, all bf16 batches of 32, as on", "ffn_teal_grid_zen4_cpu.json",
@@ -1154,9 +1148,7 @@ HEADLINES += [
 ]
 
 HEADLINES += [
-    *[("bench/README.md", "{}", "ffn_teal_fallback_zen4_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_teal_fallback_zen4_cpu.json"),
     ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean 1, all on the",
      "ffn_teal_fallback_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "are below 0.9x, by the mean {}, all on the\nsmall", "ffn_teal_fallback_zen4_cpu.json",
@@ -1182,9 +1174,7 @@ HEADLINES += [
 ]
 
 HEADLINES += [
-    *[("bench/README.md", "{}", "ffn_centroid_fallback_zen4_cpu.json",
-       lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table("ffn_centroid_fallback_zen4_cpu.json"),
     ("bench/README.md", "By the median {} of the 48 cells are below 0.9x, by the mean none; idle",
      "ffn_centroid_fallback_zen4_cpu.json", lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "are below 0.9x, by the mean {}; idle", "ffn_centroid_fallback_zen4_cpu.json",
@@ -1352,8 +1342,7 @@ def busy_token(name: str, active: float) -> dict:
 
 
 HEADLINES += [
-    *[("bench/README.md", "{}", GRID_PAIR_BLOCKS, lambda r, shape=shape, d=d, dt=dt, batch=batch: grid_row(r, shape, d, dt, batch))
-      for shape, d in (("4096x11008", 11008), ("576x1536", 1536)) for dt in ("fp32", "bf16") for batch in (1, 8, 32)],
+    *grid_table(GRID_PAIR_BLOCKS),
     ("bench/README.md", "By the median {} of the 48 cells is below 0.9x, by the mean", GRID_PAIR_BLOCKS,
      lambda r: str(below(r["rows"], "speedup"))),
     ("bench/README.md", "below 0.9x, by the mean\n{} (the grid at `a8bf438`", GRID_PAIR_BLOCKS,
