@@ -1408,6 +1408,21 @@ HEADLINES += [
      lambda r: f"{traced(2, 'kernel', 'expected_ms'):.3f}"),
 ]
 
+HEADLINES += [
+    *grid_table("ffn_centroid_grid_pair_blocks_zen4_cpu.json"),
+    ("README.md", "the brick router's none\n  (its lowest {}).", "ffn_centroid_grid_pair_blocks_zen4_cpu.json",
+     lambda r: lowest(r["rows"], "speedup") if below(r["rows"], "speedup") + below(r["rows"], "speedup_mean") == 0 else "?"),
+    ("bench/README.md", "No cell is below {} by the median or", "ffn_centroid_grid_pair_blocks_zen4_cpu.json",
+     lambda r: lowest(r["rows"], "speedup") if min(r["rows"], key=lambda x: x["speedup"]) is cell(r, 1536, "bfloat16", 32, 0.5)
+     else "?"),
+    ("bench/README.md", "by the median or {} by the mean (the first grid", "ffn_centroid_grid_pair_blocks_zen4_cpu.json",
+     lambda r: lowest(r["rows"], "speedup_mean")),
+    ("bench/README.md", "this section: {} below 0.9x by the median, the busy", "ffn_centroid_grid_zen4_cpu.json",
+     lambda r: "one" if below(r["rows"], "speedup") == 1 else "?"),
+    ("bench/README.md", "at 0.5, {}); the lowest is the small", "ffn_centroid_grid_zen4_cpu.json",
+     lambda r: ffn_speedup(r, 1536, "bfloat16", 32, 0.5, 1)),
+]
+
 # bench/README.md's durations table: one row per job of the file.
 HEADLINES += [("bench/README.md", " | {} | ", "durations_cpu.json", lambda r, j=job: f"{r['seconds'][j]}")
               for job in ("gguf", "analyze", "notebook:neuron_specialization", "notebook:routing_tradeoffs",
