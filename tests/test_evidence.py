@@ -1348,7 +1348,7 @@ HEADLINES += [
     ("bench/README.md", "below 0.9x, by the mean\n{} (the grid at `a8bf438`", GRID_PAIR_BLOCKS,
      lambda r: str(below(r["rows"], "speedup_mean"))),
     ("README.md", "grid then had {} cell below 0.9x by the median", GRID_PAIR_BLOCKS, lambda r: str(below(r["rows"], "speedup"))),
-    ("README.md", "beside a busy process) and {} by the mean.", GRID_PAIR_BLOCKS,
+    ("README.md", "beside a busy process) and {} by the mean, the brick", GRID_PAIR_BLOCKS,
      lambda r: "none" if below(r["rows"], "speedup_mean") == 0 else "?"),
     ("bench/README.md", "the first of this section: {}): the small bf16", ZEN4_BUSY_GRIDS[0],
      lambda r: f"{below(r['rows'], 'speedup')} and\n{below(r['rows'], 'speedup_mean')}"),
