@@ -586,6 +586,7 @@ constexpr int64_t PAIR_TILE_SUMS = 65536;  // the most fp32 sums of all the toke
 // CPU", has the batches before and after.
 constexpr int BLOCK_TOKENS = 6;  // 6 x 4 sums, 4 vectors of the block and a token's word: 29 of 32 registers
 constexpr int BLOCK_VECTORS = 4;
+static_assert(PAIR_CHUNK / 16 == BLOCK_VECTORS, "a chunk of a block is one add_block call's columns");
 constexpr int64_t DENSE_OVER = 5, DENSE_UNDER = 3;  // dense when touched * 5 >= tokens * pairs * 3
 
 // What the tokens keep of a projection's input, by pairs of rows (2p, 2p + 1): the pairs any token keeps
@@ -1009,14 +1010,11 @@ int64_t tokens_pairs_sum(const c10::BFloat16* w, int64_t width, int64_t n_rows, 
           if (p.dense[b]) {
             for (int64_t g = 0, t0 = 0; g < groups; ++g) {
               const int64_t size = tokens / groups + (g < tokens % groups);
-              for (int64_t v0 = 0; v0 < vectors; v0 += BLOCK_VECTORS) {
-                with_count<BLOCK_TOKENS>(size, [&](auto nt) {
-                  with_count<BLOCK_VECTORS>(vectors - v0, [&](auto nv) {
-                    add_block<nt, nv>(sums + t0 * stride + (c - c0) + 16 * v0, stride, block + v0, np, words + t0,
-                                      tokens);
-                  });
+              with_count<BLOCK_TOKENS>(size, [&](auto nt) {
+                with_count<BLOCK_VECTORS>(vectors, [&](auto nv) {
+                  add_block<nt, nv>(sums + t0 * stride + (c - c0), stride, block, np, words + t0, tokens);
                 });
-              }
+              });
               t0 += size;
             }
           } else {
