@@ -125,6 +125,10 @@ def main():
               "dense_tokens_per_s": round(max(dense), 3), "bricked_tokens_per_s": round(max(routed), 3),
               "speedup": round(max(routed) / max(dense), 3),
               "dense_runs": [round(v, 3) for v in dense], "bricked_runs": [round(v, 3) for v in routed]}
+    if cuda and a.router == "teal":  # which design of teal's GPU kernel each projection took (timed at its first call)
+        from bricks.routing import kernels
+
+        result["kernel_designs"] = kernels.designs_for()
     print(json.dumps(result, indent=1))
     save(a.json, {"args": vars(a), **result}, model)
 

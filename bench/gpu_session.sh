@@ -15,12 +15,17 @@ step() { echo "=== $1"; shift; local t=$SECONDS; "$@"; echo "=== rc $? in $((SEC
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step tests timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+# teal's kernel, each design (predicated, gathered) alone, per projection of the 7B shape, at kept shares 0-1.
+step kernel-probe sh -c "timeout 150 python3 bench/kernel_probe.py | tee $OUTDIR/kernel_probe_designs_$TAG.txt"
 FFN="timeout 150 python3 bench/bench_ffn.py --device cuda --busy 0 --batch 1 --batch 32 --active 0.5 --active 0.25"
 step ffn-teal-threshold $FFN --router teal --selection threshold --shape 4096x11008 --shape 576x1536 \
   --dtype bfloat16 --dtype float16 --json $OUTDIR/ffn_teal_threshold_$TAG.json
 DEC="timeout 240 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --layers 32 --hidden 4096 --d-ff 11008 \
   --heads 32 --kv-heads 32 --tokens 128 --active 0.5"
 step decode-teal-threshold $DEC --router teal --selection threshold --json $OUTDIR/decode_teal_threshold_7b_$TAG.json
+# The FFN with the design fixed to the predicated one (the rows above name the design each projection took).
+step ffn-teal-predicated env BRICKS_TRITON_ROWS=predicated $FFN --router teal --selection threshold --shape 4096x11008 \
+  --dtype bfloat16 --json $OUTDIR/ffn_teal_threshold_predicated_$TAG.json
 step ffn-teal-topk $FFN --router teal --shape 4096x11008 --dtype bfloat16 --json $OUTDIR/ffn_teal_topk_$TAG.json
 step decode-bricks $DEC --router centroid --json $OUTDIR/decode_centroid_7b_$TAG.json
 # The bricks' decode token on its triton kernel (the static path since the 2026-12-02 session), batches grouped;

@@ -1,12 +1,15 @@
 """Probe: where the time of the sparse decode kernel goes on a GPU (one token, bf16, Llama-2-7B's FFN shapes).
 
-For each projection (gate|up: 4096 -> 22016 rows; down: 11008 -> 4096): dense `F.linear`, the package kernel
-(`bricks.routing.kernels.sparse_rows`, autotuned) at several kept shares, and a stripped copy of its loop at
-fixed tiles, with the weight loads masked by the kept rows or not, and the column sums added atomically or
-stored as partial sums. A kept share of 0 reads no weights: what remains is the kernel's fixed cost.
+For each projection (gate|up: 4096 -> 22016 rows; down: 11008 -> 4096): dense `F.linear`, and the package
+kernel (`bricks.routing.kernels.sparse_rows`, autotuned) in each of its designs (`predicated`, `gathered`) at
+several kept shares; with `--variants`, also a stripped copy of the predicated loop at fixed tiles, with the
+weight loads masked by the kept rows or not, and the column sums added atomically or stored as partial sums. A
+kept share of 0 reads no weights: what remains is the kernel's fixed cost.
 
     PYTHONPATH=. python bench/kernel_probe.py     # on a CUDA machine; results: bench/results/kernel_probe_h200.txt
 """
+
+import sys
 
 import torch
 import triton
@@ -49,7 +52,7 @@ def _threshold(x: torch.Tensor, keep: float) -> float:
     return -1.0 if keep == 1.0 else float(x.float().abs().quantile(1 - keep))
 
 
-def main():
+def main(variants: bool = "--variants" in sys.argv):
     dev = "cuda"
     torch.manual_seed(0)
     for K, N in ((4096, 22016), (11008, 4096)):
@@ -59,10 +62,16 @@ def main():
         dense = do_bench(lambda: torch.nn.functional.linear(x[None], w_rows), warmup=50, rep=200)
         print(f"K={K} N={N}: dense F.linear {dense * 1e3:.1f} us  ({w.numel() * 2 / dense / 1e9:.2f} TB/s)", flush=True)
         counts = torch.zeros(3, dtype=torch.int64, device=dev)
-        for keep in (0.0, 0.25, 0.5, 1.0):
-            t = _threshold(x, keep)
-            ms = do_bench(lambda: kernels.sparse_rows(x, w, counts, 1, threshold=t), warmup=50, rep=200)
-            print(f"  package kernel keep {keep:.2f}: {ms * 1e3:.1f} us  best={kernels._tuned.best_config}", flush=True)
+        for design, tuner in zip(kernels.DESIGNS, (kernels._tuned, kernels._gathered_tuned)):
+            # The tiles are tuned at the first call of a shape: at a typical share, not at the first one timed.
+            kernels.sparse_rows(x, w, counts, 1, threshold=_threshold(x, 0.5), design=design)
+            for keep in (0.0, 0.25, 0.5, 1.0):
+                t = _threshold(x, keep)
+                ms = do_bench(lambda: kernels.sparse_rows(x, w, counts, 1, threshold=t, design=design), warmup=50,
+                              rep=200)
+                print(f"  {design} keep {keep:.2f}: {ms * 1e3:.1f} us  best={tuner.best_config}", flush=True)
+        if not variants:
+            continue
         for bn, bk, iters, warps in TILES:
             splits = triton.cdiv(K, bk * iters)
             for keep in (0.0, 0.5, 1.0):

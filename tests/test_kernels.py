@@ -30,8 +30,11 @@ def _needs_kernel(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_rows_reads_the_kept_rows(device, dtype):
+@pytest.mark.parametrize("design", kernels.DESIGNS)
+def test_sparse_rows_reads_the_kept_rows(device, dtype, design, monkeypatch):
+    """Either design (forced through BRICKS_TRITON_ROWS, as a user would) computes the product of the kept rows."""
     _needs_kernel(device)
+    monkeypatch.setenv("BRICKS_TRITON_ROWS", design)
     g = torch.Generator().manual_seed(0)
     K, N = 300, 200  # not multiples of the blocks: edges masked
     w = torch.randn(K, N, generator=g).to(device, dtype)
@@ -55,6 +58,55 @@ def test_sparse_rows_reads_the_kept_rows(device, dtype):
         kernels.sparse_rows(v, w, counts, 1)
     with pytest.raises(ValueError, match="do not match"):
         kernels.sparse_rows(v[:10], w, counts, 1, threshold=0.1)
+    with pytest.raises(ValueError, match="unknown sparse_rows design 'fast'"):
+        kernels.sparse_rows(v, w, counts, 1, threshold=0.1, design="fast")
+
+
+def test_the_faster_design_is_timed_once_per_shape(monkeypatch):
+    """On a GPU each shape's first call times both designs and keeps the faster; the timing calls' row counts are
+    undone. (The timer and the runs stand in for CUDA's here: the choice is what is tested.)"""
+    if kernels.triton is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    import triton.testing
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_designs", {})
+    ms, ran = {"predicated": 2.0, "gathered": 1.0}, []
+
+    def run_of(name):
+        def run(v, w_t, counts, *args):
+            counts[1] += 5
+            ran.append(name)
+        return run
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), ms[ran[-1]])[1])
+    runs = {name: run_of(name) for name in kernels.DESIGNS}
+    w, v, counts = torch.zeros(8, 4), torch.zeros(8), torch.zeros(3, dtype=torch.int64)
+    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, False) == "gathered"
+    assert counts.tolist() == [0, 0, 0] and set(ran) == set(kernels.DESIGNS)
+    ms["gathered"] = 3.0  # timed once: the choice stays
+    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, False) == "gathered"
+    assert kernels._tuned_design(runs, v, w.bfloat16(), counts, 1, 0.5, None, False) == "predicated"
+    assert kernels.designs_for(w) == {"8x4 float32 threshold": "gathered"}
+    assert kernels.designs_for() == {"8x4 float32 threshold": "gathered", "8x4 bfloat16 threshold": "predicated"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gathered_rows_lists_kept_rows_across_chunks(device):
+    """The gathered design's lists: chunks with none, some and all of their rows kept, a last chunk cut short, and
+    programs whose last chunks lie past the end; the product and the count are those of the kept rows."""
+    _needs_kernel(device)
+    g = torch.Generator().manual_seed(1)
+    K, N = 3 * kernels.CHUNK + 5, 70
+    w = torch.randn(K, N, generator=g).to(device)
+    keep = torch.zeros(K, dtype=torch.bool)
+    keep[kernels.CHUNK:2 * kernels.CHUNK] = True  # the second chunk whole, the first none
+    keep[2 * kernels.CHUNK::3] = True  # every third row of the third and the short fourth
+    v = torch.randn(K, generator=g).to(device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    y = kernels.sparse_rows(v, w, counts, 1, keep=keep.to(device), design="gathered")
+    torch.testing.assert_close(y, (v * keep.to(device)) @ w, atol=1e-3, rtol=1e-4)
+    assert counts.tolist() == [1, int(keep.sum()), 0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -202,11 +254,20 @@ def test_the_gpu_kernels_compile_for_a_hopper_gpu():
         assert "cubin" in _compile_for_hopper(kernels._brick_down, down_types, {"BLOCK_R": r, "BLOCK_N": n, "BRICKS": b}).asm
     teal_types = {"v_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "keep_ptr": "*i1", "counts_ptr": "*i64",
                   "threshold": "fp32", "K": "i32", "N": "i32", "stride_w": "i32"}
+    index_types = {"v_ptr": "*bf16", "keep_ptr": "*i1", "counts_ptr": "*i64", "idx_ptr": "*i32", "val_ptr": "*fp32",
+                   "n_ptr": "*i32", "threshold": "fp32", "K": "i32"}
     tile = dict(zip(("BLOCK_N", "BLOCK_K", "ITERS", "LOOPS"), kernels.CONFIGS[0][:4]))
     for use_keep, silu_gated, slot in ((True, False, 1), (False, False, 1), (False, True, 2)):
         types = {**teal_types, "v_ptr": "*fp32"} if silu_gated else teal_types
-        flags = {"USE_KEEP": use_keep, "SILU_GATED": silu_gated, "COUNT_SLOT": slot, **tile}
-        assert "cubin" in _compile_for_hopper(kernels._sparse_rows, types, flags).asm
+        flags = {"USE_KEEP": use_keep, "SILU_GATED": silu_gated, "COUNT_SLOT": slot}
+        assert "cubin" in _compile_for_hopper(kernels._sparse_rows, types, {**flags, **tile}).asm
+        types = {**index_types, "v_ptr": "*fp32"} if silu_gated else index_types
+        assert "cubin" in _compile_for_hopper(kernels._kept_index, types, {**flags, "CHUNK": kernels.CHUNK}).asm
+    gathered_types = {"idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32",
+                      "N": "i32", "stride_w": "i32", "N_CHUNKS": "i32"}
+    for n, k, chunks, _ in kernels.GATHERED_CONFIGS:
+        tile = {"CHUNK": kernels.CHUNK, "CHUNKS": chunks, "BLOCK_K": k, "BLOCK_N": n}
+        assert "cubin" in _compile_for_hopper(kernels._gathered_rows, gathered_types, tile).asm
 
 
 @pytest.mark.parametrize("device", DEVICES)

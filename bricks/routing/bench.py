@@ -226,12 +226,17 @@ def _bench(shapes, dtypes, batches, actives, n_bricks, router, reps, device, bus
                            "speedup": round(t_dense / t, 3),
                            "dense_mean_ms": round(1e3 * mean_dense, 3), "bricked_mean_ms": round(1e3 * mean, 3),
                            "speedup_mean": round(mean_dense / mean, 3)}
+                    if chosen == "triton" and router == "teal":  # which of its kernel's designs each projection took
+                        from . import kernels
+
+                        row["designs"] = kernels.designs_for(routed.w_in_t, routed.w_down_t)
                     rows.append(row)
                     if progress:
                         progress(f"{hidden}x{d_ff} {dtype_name:>8} batch {batch:>2} active {active:.2f}: dense {row['dense_ms']:8.3f} ms, "
                                  f"bricked {row['bricked_ms']:8.3f} ms, speedup x{row['speedup']:.2f} (mean x{row['speedup_mean']:.2f}; "
                                  f"compute {row['compute_fraction']:.3f}, "
-                                 f"path {row['path']}, executed {row['executed_fraction']:.3f})")
+                                 f"path {row['path']}, executed {row['executed_fraction']:.3f})"
+                                 + (f", designs {row['designs']}" if "designs" in row else ""))
                     del routed, copies
             del model, layers, dense
     return rows
