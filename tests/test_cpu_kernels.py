@@ -405,6 +405,24 @@ def test_linear_top_k_ranks_fp32_scores_of_a_linear_router(dtype):
         assert torch.equal(ffn.select(x), cpu_kernels.linear_top_k(x, ffn.router.centroids, ffn.k_active))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_centroid_router_ranks_alike_without_the_kernel(dtype, monkeypatch):
+    """Where the compiled call cannot run (a GPU, a CPU without a compiler) the router ranks the same fp32 sums: the
+    same bricks for every token (ranked after rounding the scores to bf16, 6 tokens of 256 took others)."""
+    from bricks.routing import BrickedFFN
+
+    g = torch.Generator().manual_seed(0)
+    f = ffns(random_ffn_model(576, 1024, dtype))[0]
+    ffn = BrickedFFN(f, torch.arange(1024) % 64, router="centroid", active=0.25)
+    x = torch.randn(256, 576, generator=g).to(dtype)
+    compiled = ffn.select(x)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert torch.equal(ffn.select(x), compiled)
+    with torch.no_grad():
+        ffn.router.centroids.mul_(-1)  # changed in place: the fp32 copy follows
+    assert not ffn.select(x)[compiled].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_top_magnitudes_keeps_the_largest_magnitudes_with_ties_to_the_lower_index(dtype):
     """The masked path's top-k: each row's k largest |v|, as a mask or as v with the rest zeroed; bf16's ties

@@ -123,12 +123,26 @@ class CentroidRouter(Router):
 
     def select(self, x: torch.Tensor, k: int) -> torch.Tensor:
         c = self.centroids
-        if x.device.type == "cpu" and x.dtype == c.dtype and x.dtype in HALVES and cpu_kernels.available():
-            # The scores and their top-k in one compiled call, summed in fp32 and ranked unrounded: torch's small
-            # bf16 matmul alone cost a fifth of the small FFN's routed call at one token (bench/README.md, "On an
-            # Intel Xeon with AMX"), and its bf16 scores tie often at the k-th. In fp32 torch's was as fast.
-            return cpu_kernels.linear_top_k(x.detach().contiguous(), c, k)
+        if x.dtype == c.dtype and x.dtype in HALVES:
+            if x.device.type == "cpu" and cpu_kernels.available():
+                # The scores and their top-k in one compiled call, summed in fp32 and ranked unrounded: torch's
+                # small bf16 matmul alone cost a fifth of the small FFN's routed call at one token (bench/README.md,
+                # "On an Intel Xeon with AMX"), and its bf16 scores tie often at the k-th. In fp32 torch's was as fast.
+                return cpu_kernels.linear_top_k(x.detach().contiguous(), c, k)
+            # Elsewhere (a GPU, a CPU without a compiler) the same ranking, of the half-precision products summed in
+            # fp32: ranked after rounding to bf16, a few tokens in a hundred took other bricks than on the CPU.
+            scores = F.linear(x.detach().float(), self._centroids_fp32())
+            return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=-1).indices, True)
         return super().select(x, k)
+
+    def _centroids_fp32(self) -> torch.Tensor:
+        """The centroids in fp32, kept while they stay as they are (a decode step would convert them per layer)."""
+        c = self.centroids
+        key = (c.data_ptr(), c._version, c.device)
+        cached = self.__dict__.get("_fp32")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_fp32"] = (key, c.float())
+        return cached[1]
 
     def macs_per_token(self) -> int:
         return self.centroids.numel()
