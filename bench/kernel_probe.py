@@ -2,7 +2,7 @@
 
 For each projection (gate|up: 4096 -> 22016 rows; down: 11008 -> 4096): dense `F.linear`, and the package
 kernel (`bricks.routing.kernels.sparse_rows`, autotuned) in each of its designs (`predicated`, `gathered`) at
-several kept shares; with `--variants`, also a stripped copy of the predicated loop at fixed tiles, with the
+several kept shares by a threshold, and with a top-k of half the rows; with `--variants`, also a stripped copy of the predicated loop at fixed tiles, with the
 weight loads masked by the kept rows or not, and the column sums added atomically or stored as partial sums. A
 kept share of 0 reads no weights: what remains is the kernel's fixed cost.
 
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from bricks.routing import kernels
+from bricks.routing import gathered_rows, kernels
 
 TILES = ((128, 64, 1, 4), (256, 64, 1, 4), (128, 128, 1, 4), (64, 64, 4, 4), (128, 32, 8, 4), (256, 16, 8, 4),
          (512, 8, 8, 4))  # BLOCK_N, BLOCK_K, ITERS, warps
@@ -62,14 +62,18 @@ def main(variants: bool = "--variants" in sys.argv):
         dense = do_bench(lambda: torch.nn.functional.linear(x[None], w_rows), warmup=50, rep=200)
         print(f"K={K} N={N}: dense F.linear {dense * 1e3:.1f} us  ({w.numel() * 2 / dense / 1e9:.2f} TB/s)", flush=True)
         counts = torch.zeros(3, dtype=torch.int64, device=dev)
-        for design, tuner in zip(kernels.DESIGNS, (kernels._tuned, kernels._gathered_tuned)):
+        for design, tuner in zip(kernels.DESIGNS, (kernels._tuned, gathered_rows._listed_rows_tuned)):
             # The tiles are tuned at the first call of a shape: at a typical share, not at the first one timed.
             kernels.sparse_rows(x, w, counts, 1, threshold=_threshold(x, 0.5), design=design)
             for keep in (0.0, 0.25, 0.5, 1.0):
                 t = _threshold(x, keep)
                 ms = do_bench(lambda: kernels.sparse_rows(x, w, counts, 1, threshold=t, design=design), warmup=50,
                               rep=200)
-                print(f"  {design} keep {keep:.2f}: {ms * 1e3:.1f} us  best={tuner.best_config}", flush=True)
+                print(f"  {design} keep {keep:.2f}: {ms * 1e3:.1f} us  best={getattr(tuner, 'best_config', None)}", flush=True)
+            # Per-token top-k instead of a threshold: the selection's own kernels (predicated: torch's topk and a
+            # mask; gathered: one listing program) on top of the product.
+            ms = do_bench(lambda: kernels.sparse_rows(x, w, counts, 1, top=K // 2, design=design), warmup=50, rep=200)
+            print(f"  {design} top-k of half: {ms * 1e3:.1f} us", flush=True)
         if not variants:
             continue
         for bn, bk, iters, warps in TILES:

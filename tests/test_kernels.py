@@ -13,7 +13,9 @@ import torch.nn.functional as F
 import bricks
 from bricks.arch import ffns
 from bricks.decoding import GreedyDecoder
-from bricks.routing import BrickedFFN, SparseFFN, kernels
+from bricks.routing import BrickedFFN, SparseFFN, cpu_kernels, kernels
+from bricks.routing import gathered_rows
+from bricks.routing.gathered_rows import CHUNK, kept_lists
 
 from .test_sparse_ffn import _reference, _threshold_reference
 
@@ -26,6 +28,10 @@ def _needs_kernel(device):
     if not kernels.available(torch.device(device)):
         pytest.skip(f"the triton kernel runs on CUDA, or on {device} only under TRITON_INTERPRET=1 (set in conftest.py "
                     "when no GPU is present)")
+
+
+def _top_mask(v: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(v, dtype=torch.bool).scatter_(0, v.abs().topk(k).indices, True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -54,8 +60,17 @@ def test_sparse_rows_reads_the_kept_rows(device, dtype, design, monkeypatch):
     torch.testing.assert_close(y, (a * (a.abs() > 0.2)) @ wf, **tol)
     # Rows read, counted on the device: inputs of the first call, neurons of the others, one token.
     assert counts.tolist() == [1, int((vf.abs() > 0.7).sum()), int(keep.sum() + (a.abs() > 0.2).sum())]
-    with pytest.raises(ValueError, match="one of threshold and keep"):
+    # Per-token top-k, of the inputs and of the activations (no ties among random floats).
+    counts.zero_()
+    y = kernels.sparse_rows(v, w, counts, 1, top=70)
+    torch.testing.assert_close(y, (vf * _top_mask(vf, 70)) @ wf, **tol)
+    y = kernels.sparse_rows(h, w, counts, 2, top=50, silu_gated=True)
+    torch.testing.assert_close(y, (a * _top_mask(a, 50)) @ wf, **tol)
+    assert counts.tolist() == [1, 70, 50]
+    with pytest.raises(ValueError, match="one of threshold, keep and top"):
         kernels.sparse_rows(v, w, counts, 1)
+    with pytest.raises(ValueError, match="one of threshold, keep and top"):
+        kernels.sparse_rows(v, w, counts, 1, threshold=0.1, top=3)
     with pytest.raises(ValueError, match="do not match"):
         kernels.sparse_rows(v[:10], w, counts, 1, threshold=0.1)
     with pytest.raises(ValueError, match="unknown sparse_rows design 'fast'"):
@@ -82,31 +97,64 @@ def test_the_faster_design_is_timed_once_per_shape(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), ms[ran[-1]])[1])
     runs = {name: run_of(name) for name in kernels.DESIGNS}
     w, v, counts = torch.zeros(8, 4), torch.zeros(8), torch.zeros(3, dtype=torch.int64)
-    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, False) == "gathered"
+    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, None, False) == "gathered"
     assert counts.tolist() == [0, 0, 0] and set(ran) == set(kernels.DESIGNS)
     ms["gathered"] = 3.0  # timed once: the choice stays
-    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, False) == "gathered"
-    assert kernels._tuned_design(runs, v, w.bfloat16(), counts, 1, 0.5, None, False) == "predicated"
+    assert kernels._tuned_design(runs, v, w, counts, 1, 0.5, None, None, False) == "gathered"
+    assert kernels._tuned_design(runs, v, w.bfloat16(), counts, 1, None, None, 3, True) == "predicated"
     assert kernels.designs_for(w) == {"8x4 float32 threshold": "gathered"}
-    assert kernels.designs_for() == {"8x4 float32 threshold": "gathered", "8x4 bfloat16 threshold": "predicated"}
+    assert kernels.designs_for() == {"8x4 float32 threshold": "gathered", "8x4 bfloat16 top silu": "predicated"}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gathered_rows_lists_kept_rows_across_chunks(device):
     """The gathered design's lists: chunks with none, some and all of their rows kept, a last chunk cut short, and
-    programs whose last chunks lie past the end; the product and the count are those of the kept rows."""
+    programs whose last chunks lie past the end; the product and the count are those of the kept rows. The top-k
+    listing (one program over the vector) makes the same lists from magnitudes alone."""
     _needs_kernel(device)
     g = torch.Generator().manual_seed(1)
-    K, N = 3 * kernels.CHUNK + 5, 70
+    K, N = 3 * CHUNK + 5, 70
     w = torch.randn(K, N, generator=g).to(device)
     keep = torch.zeros(K, dtype=torch.bool)
-    keep[kernels.CHUNK:2 * kernels.CHUNK] = True  # the second chunk whole, the first none
-    keep[2 * kernels.CHUNK::3] = True  # every third row of the third and the short fourth
-    v = torch.randn(K, generator=g).to(device)
+    keep[CHUNK:2 * CHUNK] = True  # the second chunk whole, the first none
+    keep[2 * CHUNK::3] = True  # every third row of the third and the short fourth
+    v = torch.randn(K, generator=g)
     counts = torch.zeros(3, dtype=torch.int64, device=device)
-    y = kernels.sparse_rows(v, w, counts, 1, keep=keep.to(device), design="gathered")
-    torch.testing.assert_close(y, (v * keep.to(device)) @ w, atol=1e-3, rtol=1e-4)
+    y = kernels.sparse_rows(v.to(device), w, counts, 1, keep=keep.to(device), design="gathered")
+    torch.testing.assert_close(y, (v.to(device) * keep.to(device)) @ w, atol=1e-3, rtol=1e-4)
     assert counts.tolist() == [1, int(keep.sum()), 0]
+    big = torch.where(keep, 10 + v.abs(), v.clamp(-1, 1))  # the kept rows the largest magnitudes
+    y = kernels.sparse_rows(big.to(device), w, counts, 2, top=int(keep.sum()), design="gathered")
+    torch.testing.assert_close(y, (big.to(device) * keep.to(device)) @ w, atol=1e-3, rtol=1e-4)
+    assert counts.tolist() == [1, int(keep.sum()), int(keep.sum())]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_listing_keeps_ties_in_index_order_as_the_cpu_kernel(device):
+    """Magnitudes tied at the k-th (bf16 has 8 bits of mantissa: ties are common) are kept first come first, across
+    chunks, as the CPU kernel keeps them; NaN ranks as infinity; k at least the width keeps every row."""
+    _needs_kernel(device)
+    K = 2 * CHUNK + 40
+    v = torch.full((K,), 0.5)
+    v[::7] = -2.0  # 43 clear winners, then the rest tied at 0.5
+    v[3] = float("nan")
+    for k in (1, 10, 44, 100, K, K + 5):
+        counts = torch.zeros(3, dtype=torch.int64, device=device)
+        idx, val, n = kept_lists(v.to(device), K, counts, 2, None, None, k, False)
+        kept = torch.zeros(K, dtype=torch.bool)
+        for c, m in enumerate(n.tolist()):
+            kept[idx[c * CHUNK:c * CHUNK + m].long().cpu()] = True
+            torch.testing.assert_close(val[c * CHUNK:c * CHUNK + m].cpu(), v[idx[c * CHUNK:c * CHUNK + m].long().cpu()],
+                                       equal_nan=True)
+        assert int(kept.sum()) == min(k, K) == counts[2] and kept[3]
+        want = torch.zeros(K, dtype=torch.bool)
+        want[3] = True
+        want[[i for i in range(0, K, 7) if i != 3][:min(k, K) - 1]] = True  # the clear winners
+        ties = [i for i in range(K) if not want[i]][:max(0, min(k, K) - int(want.sum()))]
+        want[ties] = True  # then the tied rows, first come first
+        assert torch.equal(kept, want), k
+        if cpu_kernels.available():
+            assert torch.equal(cpu_kernels.top_magnitudes(v[None].contiguous(), min(k, K), zero_dropped=False)[0], want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -218,7 +266,7 @@ def test_bricked_ffn_triton_path_is_the_routed_function(llama_dir, device):
     assert varying.static_path(1) != "triton" and "exactly k bricks" in varying._triton_refusal()
 
 
-def _compile_for_hopper(fn, types: dict, constants: dict):
+def _compile_for_hopper(fn, types: dict, constants: dict, num_warps: int = 4):
     """`fn` compiled by triton's own compiler (not the interpreter) to a cubin for sm_90 (H100, H200): the frontend
     and the ptxas that the triton wheel ships, no GPU needed."""
     from triton.backends.compiler import GPUTarget
@@ -227,7 +275,7 @@ def _compile_for_hopper(fn, types: dict, constants: dict):
     signature = {**types, **{name: "constexpr" for name in constants}}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()})
-    return kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    return kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def test_the_gpu_kernels_compile_for_a_hopper_gpu():
@@ -254,20 +302,24 @@ def test_the_gpu_kernels_compile_for_a_hopper_gpu():
         assert "cubin" in _compile_for_hopper(kernels._brick_down, down_types, {"BLOCK_R": r, "BLOCK_N": n, "BRICKS": b}).asm
     teal_types = {"v_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "keep_ptr": "*i1", "counts_ptr": "*i64",
                   "threshold": "fp32", "K": "i32", "N": "i32", "stride_w": "i32"}
-    index_types = {"v_ptr": "*bf16", "keep_ptr": "*i1", "counts_ptr": "*i64", "idx_ptr": "*i32", "val_ptr": "*fp32",
-                   "n_ptr": "*i32", "threshold": "fp32", "K": "i32"}
+    list_types = {"v_ptr": "*bf16", "keep_ptr": "*i1", "counts_ptr": "*i64", "idx_ptr": "*i32", "val_ptr": "*fp32",
+                  "n_ptr": "*i32", "threshold": "fp32", "K": "i32"}
+    top_types = {"v_ptr": "*bf16", "counts_ptr": "*i64", "idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32",
+                 "K": "i32", "KEEP": "i32", "N_CHUNKS": "i32"}
     tile = dict(zip(("BLOCK_N", "BLOCK_K", "ITERS", "LOOPS"), kernels.CONFIGS[0][:4]))
     for use_keep, silu_gated, slot in ((True, False, 1), (False, False, 1), (False, True, 2)):
-        types = {**teal_types, "v_ptr": "*fp32"} if silu_gated else teal_types
+        fp32 = {"v_ptr": "*fp32"} if silu_gated else {}
         flags = {"USE_KEEP": use_keep, "SILU_GATED": silu_gated, "COUNT_SLOT": slot}
-        assert "cubin" in _compile_for_hopper(kernels._sparse_rows, types, {**flags, **tile}).asm
-        types = {**index_types, "v_ptr": "*fp32"} if silu_gated else index_types
-        assert "cubin" in _compile_for_hopper(kernels._kept_index, types, {**flags, "CHUNK": kernels.CHUNK}).asm
-    gathered_types = {"idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32",
-                      "N": "i32", "stride_w": "i32", "N_CHUNKS": "i32"}
-    for n, k, chunks, _ in kernels.GATHERED_CONFIGS:
-        tile = {"CHUNK": kernels.CHUNK, "CHUNKS": chunks, "BLOCK_K": k, "BLOCK_N": n}
-        assert "cubin" in _compile_for_hopper(kernels._gathered_rows, gathered_types, tile).asm
+        assert "cubin" in _compile_for_hopper(kernels._sparse_rows, {**teal_types, **fp32}, {**flags, **tile}).asm
+        assert "cubin" in _compile_for_hopper(gathered_rows._list_kept, {**list_types, **fp32}, {**flags, "CHUNK": CHUNK}).asm
+        flags = {"SILU_GATED": silu_gated, "COUNT_SLOT": slot, "CHUNK": CHUNK, "CHUNKS_P2": 128}  # 11008 rows
+        assert "cubin" in _compile_for_hopper(gathered_rows._list_top_k, {**top_types, **fp32}, flags,
+                                              num_warps=gathered_rows.top_k_warps(86)).asm
+    listed_types = {"idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32",
+                    "N": "i32", "stride_w": "i32", "N_CHUNKS": "i32"}
+    for n, k, chunks, warps in gathered_rows.CONFIGS:
+        tile = {"CHUNK": CHUNK, "CHUNKS": chunks, "BLOCK_K": k, "BLOCK_N": n}
+        assert "cubin" in _compile_for_hopper(gathered_rows._listed_rows, listed_types, tile, num_warps=warps).asm
 
 
 @pytest.mark.parametrize("device", DEVICES)

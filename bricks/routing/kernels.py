@@ -26,12 +26,14 @@ the listed rows alone: a dropped row costs nothing but its place in the
 listing. Which of the two runs is timed at a shape's first call on the GPU
 (`sparse_rows`); neither change has been measured on a GPU yet.
 
-Kept inputs are chosen either by a calibrated magnitude (`threshold`, TEAL's
-choice: a comparison inside the kernel, nothing else launched) or by a mask
-(`keep`, for per-token top-k: the top-k itself runs before the kernel, as
-torch ops). For a gated FFN's down projection the kernel also computes the
-activation `silu(gate) * up` from the fp32 gate/up outputs as it loads them,
-so the activations are never written out. Each call counts the rows it read
+Kept inputs are chosen by a calibrated magnitude (`threshold`, TEAL's
+choice: a comparison inside the kernel, nothing else launched), by a mask
+(`keep`), or as each token's top-k (`top`): in the gathered design one
+listing program selects them (`bricks.routing.gathered_rows`), in the
+predicated one torch's `topk` makes the mask first. For a gated FFN's down
+projection the kernels also compute the activation `silu(gate) * up` from
+the fp32 gate/up outputs as they load them, so the activations are never
+written out. Each call counts the rows it read
 (and, for the gate/up call, the token) into a device buffer: the executed
 fraction stays honest without a host sync, also under CUDA-graph replay.
 
@@ -50,6 +52,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
+
+from .gathered_rows import gathered_rows
 
 try:
     import triton
@@ -71,13 +76,6 @@ INTERPRETED = {"BLOCK_N": 128, "BLOCK_K": 32, "ITERS": 2, "LOOPS": 2}
 # The two designs of the sparse product (`sparse_rows`): `predicated` (one kernel, every row's instructions, the kept
 # rows' loads only) and `gathered` (the kept rows listed first, then a loop over them alone).
 DESIGNS = ("predicated", "gathered")
-# Rows per list of kept rows (`gathered`): one program of the listing kernel each.
-CHUNK = 128
-# Tiles of the gathered kernel: (BLOCK_N, BLOCK_K, CHUNKS, warps). A program sums CHUNKS lists' rows, BLOCK_K at a
-# time, over BLOCK_N columns; none measured on a GPU yet.
-GATHERED_CONFIGS = [(128, 32, 1, 4), (128, 32, 4, 4), (256, 16, 2, 4), (64, 64, 2, 4), (128, 64, 2, 8),
-                    (512, 8, 4, 4), (256, 32, 4, 8), (64, 32, 8, 4), (256, 32, 2, 4), (128, 64, 2, 4)]
-INTERPRETED_GATHERED = {"BLOCK_N": 128, "BLOCK_K": 32, "CHUNKS": 2}
 
 
 def interpreting() -> bool:
@@ -136,90 +134,41 @@ if triton is not None:
         key=["K", "N", "USE_KEEP", "SILU_GATED"], reset_to_zero=["out_ptr"], restore_value=["counts_ptr"])(_sparse_rows)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _kept_index(v_ptr, keep_ptr, counts_ptr, idx_ptr, val_ptr, n_ptr, threshold, K,
-                    USE_KEEP: tl.constexpr, SILU_GATED: tl.constexpr, COUNT_SLOT: tl.constexpr, CHUNK: tl.constexpr):
-        """The kept rows of one chunk of CHUNK inputs, listed at the chunk's start: their indices (`idx`), their
-        fp32 input values (`val`, the activations when SILU_GATED) and their count (`n`)."""
-        chunk = tl.program_id(0)
-        rows = chunk * CHUNK + tl.arange(0, CHUNK)
-        row_ok = rows < K
-        if SILU_GATED:
-            g = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            u = tl.load(v_ptr + K + rows, mask=row_ok, other=0.0).to(tl.float32)
-            v = g * tl.sigmoid(g) * u
-        else:
-            v = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if USE_KEEP:
-            kept = (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-        else:
-            kept = (tl.abs(v) > threshold) & row_ok
-        at = chunk * CHUNK + tl.cumsum(kept.to(tl.int32), 0) - 1  # a kept row's place in its chunk's list
-        tl.store(idx_ptr + at, rows, mask=kept)
-        tl.store(val_ptr + at, v, mask=kept)
-        n = tl.sum(kept.to(tl.int32))
-        tl.store(n_ptr + chunk, n)
-        tl.atomic_add(counts_ptr + COUNT_SLOT, n.to(tl.int64))
-        if COUNT_SLOT == 1:
-            if chunk == 0:
-                tl.atomic_add(counts_ptr, 1)  # the token
-
-    @triton.jit
-    def _gathered_rows(idx_ptr, val_ptr, n_ptr, w_ptr, out_ptr, N, stride_w, N_CHUNKS,
-                       CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out[cols] += the listed rows of w times their values, for CHUNKS chunks' lists: a loop over the kept
-        rows only, so a dropped row costs no instruction at all (the predicated kernel spends the same
-        instructions on every row, and the GPU's issue rate, not its memory, then sets a floor)."""
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for c in range(CHUNKS):
-            chunk = tl.program_id(1) * CHUNKS + c
-            n = tl.load(n_ptr + chunk, mask=chunk < N_CHUNKS, other=0)
-            for r0 in range(0, n, BLOCK_K):
-                r = r0 + tl.arange(0, BLOCK_K)
-                ok = r < n
-                rows = tl.load(idx_ptr + chunk * CHUNK + r, mask=ok, other=0)
-                v = tl.load(val_ptr + chunk * CHUNK + r, mask=ok, other=0.0)
-                w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
-                            mask=ok[:, None] & col_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * v[:, None]
-        tl.atomic_add(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
-
-    _gathered_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "CHUNKS": c}, num_warps=w) for n, k, c, w in GATHERED_CONFIGS],
-        key=["N", "N_CHUNKS"], reset_to_zero=["out_ptr"])(_gathered_rows)
-
-
 def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: int, *, threshold: float | None = None,
-                keep: torch.Tensor | None = None, silu_gated: bool = False, design: str | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, top: int | None = None, silu_gated: bool = False,
+                design: str | None = None) -> torch.Tensor:
     """`sum over kept c of v[c] * w_t[c]` for one token, reading only the kept rows of `w_t` `[K, N]`; fp32 `[N]`.
 
     Args:
-        v: the token's inputs `[K]` (or `[2K]` gate|up pre-activations when `silu_gated`).
+        v: the token's inputs `[K]` (or `[2K]` gate|up pre-activations when `silu_gated`: the inputs are then the
+            activations `silu(gate) * up`, computed in fp32 inside).
         counts: int64 device buffer; `counts[slot]` += rows read, and `counts[0]` += 1 (the token) when slot == 1.
         threshold: keep inputs with |v| above it (TEAL's selection), or
-        keep: a bool mask `[K]` of the inputs to keep (a top-k chosen beforehand).
+        keep: a bool mask `[K]` of the inputs to keep, or
+        top: keep the `top` inputs of largest |v| (ties in index order in the gathered design).
         design: `"predicated"` or `"gathered"` (see `DESIGNS`); by default the faster of the two for this
             shape, timed at its first call on a GPU (`gathered` under the interpreter), or `BRICKS_TRITON_ROWS`.
     """
-    if (threshold is None) == (keep is None):
-        raise ValueError("give one of threshold and keep")
+    if sum(x is not None for x in (threshold, keep, top)) != 1:
+        raise ValueError("give one of threshold, keep and top")
     K, N = w_t.shape
     if w_t.stride(1) != 1 or v.shape[-1] != (2 * K if silu_gated else K):
         raise ValueError(f"sparse_rows: inputs {tuple(v.shape)} do not match rows of {tuple(w_t.shape)}")
     runs = {"predicated": _predicated, "gathered": _gathered}
+    v = v.contiguous()
     design = design or os.environ.get("BRICKS_TRITON_ROWS") or _tuned_design(runs, v, w_t, counts, slot, threshold,
-                                                                               keep, silu_gated)
+                                                                               keep, top, silu_gated)
     if design not in runs:
         raise ValueError(f"unknown sparse_rows design {design!r}: use one of {', '.join(DESIGNS)}")
-    return runs[design](v.contiguous(), w_t, counts, slot, threshold, keep, silu_gated)
+    return runs[design](v, w_t, counts, slot, threshold, keep, top, silu_gated)
 
 
-def _predicated(v, w_t, counts, slot, threshold, keep, silu_gated):
+def _predicated(v, w_t, counts, slot, threshold, keep, top, silu_gated):
     K, N = w_t.shape
+    if top is not None:  # the mask first, from torch's top-k of the inputs' magnitudes
+        inputs = F.silu(v[:K]) * v[K:] if silu_gated else v
+        keep = torch.zeros(K, device=v.device, dtype=torch.bool).scatter_(0, inputs.abs().topk(min(top, K)).indices,
+                                                                          True)
     out = torch.zeros(N, device=w_t.device, dtype=torch.float32)
     args = (v, w_t, out, keep if keep is not None else counts,  # an unused pointer under a threshold
             counts, 0.0 if threshold is None else float(threshold), K, N, w_t.stride(0))
@@ -231,25 +180,8 @@ def _predicated(v, w_t, counts, slot, threshold, keep, silu_gated):
     return out
 
 
-def _gathered(v, w_t, counts, slot, threshold, keep, silu_gated):
-    K, N = w_t.shape
-    n_chunks = triton.cdiv(K, CHUNK)
-    idx = torch.empty(n_chunks * CHUNK, device=w_t.device, dtype=torch.int32)
-    val = torch.empty(n_chunks * CHUNK, device=w_t.device, dtype=torch.float32)
-    n = torch.empty(n_chunks, device=w_t.device, dtype=torch.int32)
-    _kept_index[(n_chunks,)](v, keep if keep is not None else counts, counts, idx, val, n,
-                             0.0 if threshold is None else float(threshold), K, USE_KEEP=keep is not None,
-                             SILU_GATED=silu_gated, COUNT_SLOT=slot, CHUNK=CHUNK)
-    out = torch.zeros(N, device=w_t.device, dtype=torch.float32)
-    args = (idx, val, n, w_t, out, N, w_t.stride(0), n_chunks)
-    if interpreting():
-        tile = INTERPRETED_GATHERED
-        _gathered_rows[(triton.cdiv(N, tile["BLOCK_N"]), triton.cdiv(n_chunks, tile["CHUNKS"]))](*args, CHUNK=CHUNK,
-                                                                                                 **tile)
-    else:
-        _gathered_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(n_chunks, meta["CHUNKS"]))](
-            *args, CHUNK=CHUNK)
-    return out
+def _gathered(v, w_t, counts, slot, threshold, keep, top, silu_gated):
+    return gathered_rows(v, w_t, counts, slot, threshold, keep, top, silu_gated, interpreting())
 
 
 # The design each (shape, dtype, selection) took: timed once, at its first call on a GPU (before any graph capture,
@@ -257,17 +189,18 @@ def _gathered(v, w_t, counts, slot, threshold, keep, silu_gated):
 _designs: dict[tuple, str] = {}
 
 
-def _tuned_design(runs: dict, v, w_t, counts, slot, threshold, keep, silu_gated) -> str:
+def _tuned_design(runs: dict, v, w_t, counts, slot, threshold, keep, top, silu_gated) -> str:
     if interpreting():
         return "gathered"
-    key = (tuple(w_t.shape), w_t.dtype, v.dtype, keep is None, silu_gated)
+    key = (tuple(w_t.shape), w_t.dtype, v.dtype, "threshold" if threshold is not None else
+           "keep" if keep is not None else "top", silu_gated)
     if key not in _designs:
         from triton.testing import do_bench
 
         saved = counts.clone()  # the timing calls count rows too
         times = {}
         for name, run in runs.items():
-            call = lambda run=run: run(v.contiguous(), w_t, counts, slot, threshold, keep, silu_gated)  # noqa: E731
+            call = lambda run=run: run(v, w_t, counts, slot, threshold, keep, top, silu_gated)  # noqa: E731
             call()  # its tiles' autotuning first: do_bench sizes its loop from the first calls' time
             times[name] = do_bench(call, warmup=10, rep=50)
         counts.copy_(saved)
@@ -279,8 +212,8 @@ def designs_for(*weights: torch.Tensor) -> dict[str, str]:
     """The design the projections of these weights (of every weight, given none) took so far, for reports, keyed
     by weight shape, dtype and selection: `{"4096x22016 bfloat16 threshold": "gathered", ...}`."""
     of = {(tuple(w.shape), w.dtype) for w in weights}
-    return {f"{k[0][0]}x{k[0][1]} {str(k[1]).removeprefix('torch.')} {'threshold' if k[3] else 'keep'}"
-            f"{' silu' if k[4] else ''}": d for k, d in _designs.items() if not of or (k[0], k[1]) in of}
+    return {f"{k[0][0]}x{k[0][1]} {str(k[1]).removeprefix('torch.')} {k[3]}{' silu' if k[4] else ''}": d
+            for k, d in _designs.items() if not of or (k[0], k[1]) in of}
 
 
 if triton is not None:

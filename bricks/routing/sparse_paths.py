@@ -170,21 +170,21 @@ class SparsePaths:
         return y if self.b_down is None else y + self.b_down
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
-        """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows. Under threshold
-        selection a gated SiLU FFN computes its activations inside the down projection's kernel."""
+        """One token `[1, hidden]` on the GPU kernels: each projection loads only its kept rows, chosen by the
+        kernels (a calibrated threshold, or the top-k). A gated SiLU FFN computes its activations inside the down
+        projection's kernel."""
         from . import kernels
 
         if not kernels.available(x.device):
             raise BricksError("the triton path needs a CUDA device with triton installed (or TRITON_INTERPRET=1)")
         counts = self._counts_on(x.device)
         t_in, t_act = self._threshold(0), self._threshold(1)
-        keep = None if t_in is not None else self._top(x, self.n_in)[0]
-        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, keep=keep), x[0])
+        top_in, top_act = (None, None) if t_in is not None else (self.n_in, self.n_act)
+        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, top=top_in), x[0])
         a = None
-        if t_act is not None and self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
-            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, silu_gated=True)
+        if self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
+            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, top=top_act, silu_gated=True)
         else:
             a = self._activation(h)
-            keep = None if t_act is not None else self._top(a[None], self.n_act)[0]
-            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, keep=keep)
+            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, top=top_act)
         return self._post(y.to(x.dtype)[None], a)
