@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from bricks.routing import gathered_rows, kernels
+from bricks.routing import kept_rows, kernels
 
 TILES = ((128, 64, 1, 4), (256, 64, 1, 4), (128, 128, 1, 4), (64, 64, 4, 4), (128, 32, 8, 4), (256, 16, 8, 4),
          (512, 8, 8, 4))  # BLOCK_N, BLOCK_K, ITERS, warps
@@ -62,7 +62,7 @@ def main(variants: bool = "--variants" in sys.argv):
         dense = do_bench(lambda: torch.nn.functional.linear(x[None], w_rows), warmup=50, rep=200)
         print(f"K={K} N={N}: dense F.linear {dense * 1e3:.1f} us  ({w.numel() * 2 / dense / 1e9:.2f} TB/s)", flush=True)
         counts = torch.zeros(3, dtype=torch.int64, device=dev)
-        for design, tuner in zip(kernels.DESIGNS, (kernels._tuned, gathered_rows._listed_rows_tuned)):
+        for design, tuner in zip(kernels.DESIGNS, (kernels._tuned, kept_rows._listed_rows_tuned)):
             # The tiles are tuned at the first call of a shape: at a typical share, not at the first one timed.
             kernels.sparse_rows(x, w, counts, 1, threshold=_threshold(x, 0.5), design=design)
             for keep in (0.0, 0.25, 0.5, 1.0):

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bricks.routing import gathered_rows, kernels  # noqa: E402
+from bricks.routing import kept_rows, kernels  # noqa: E402
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -74,8 +74,8 @@ def main():
                n * k * iters // (32 * warps))
     types = {"idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32",
              "stride_w": "i32", "N_CHUNKS": "i32"}
-    for n, k, chunks, warps in gathered_rows.CONFIGS:
-        sass = machine_code(gathered_rows._listed_rows, types, {"CHUNK": gathered_rows.CHUNK, "CHUNKS": chunks, "BLOCK_K": k,
+    for n, k, chunks, warps in kept_rows.CONFIGS:
+        sass = machine_code(kept_rows._listed_rows, types, {"CHUNK": kept_rows.CHUNK, "CHUNKS": chunks, "BLOCK_K": k,
                             "BLOCK_N": n}, warps)
         report(f"gathered {n}x{k}, {chunks} chunks ({warps} warps), kept rows only", innermost_loop(sass),
                n * k // (32 * warps))

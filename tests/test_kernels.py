@@ -14,8 +14,8 @@ import bricks
 from bricks.arch import ffns
 from bricks.decoding import GreedyDecoder
 from bricks.routing import BrickedFFN, SparseFFN, cpu_kernels, kernels
-from bricks.routing import gathered_rows
-from bricks.routing.gathered_rows import CHUNK, kept_lists
+from bricks.routing import kept_rows
+from bricks.routing.kept_rows import CHUNK, kept_lists
 
 from .test_sparse_ffn import _reference, _threshold_reference
 
@@ -185,6 +185,54 @@ def test_sparse_ffn_triton_path_is_the_routed_function(llama_dir, device, select
         assert routed == pytest.approx(sparse.compute_fraction())
 
 
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_masked_batches_fuse_their_selections_on_the_gpu(llama_dir, selection):
+    """Several tokens on a GPU take `masked` with each projection's selection, zeroing and count in one kernel
+    (`kept_rows.zero_dropped`): the function and the fractions of torch's masked path. (On the CPU, under the
+    interpreter, the fused variant is called directly: the path takes it on CUDA only.)"""
+    _needs_kernel("cpu")
+    model, _ = bricks.load_model(llama_dir)
+    sparse = SparseFFN(ffns(model)[0], compute=0.5, selection=selection)
+    x = torch.randn(6, sparse.hidden)
+    with torch.no_grad():
+        if selection == "threshold":
+            sparse.fit_thresholds(torch.randn(256, sparse.hidden))
+        ref = sparse._masked(x)
+        fractions = sparse.routed_fraction(), sparse.executed_fraction()
+        sparse.reset_counts()
+        torch.testing.assert_close(sparse._masked_fused(x), ref, atol=1e-5, rtol=1e-4)
+    assert (sparse.routed_fraction(), sparse.executed_fraction()) == pytest.approx(fractions)
+    assert fractions[1] == pytest.approx(1.0)  # the dense matmuls multiply every row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_dropped_keeps_each_tokens_rows(dtype):
+    """Each token's own selection (threshold or top-k, of its inputs or of its activations), zeroed in place of the
+    dropped rows, in the inputs' dtype; counted."""
+    _needs_kernel("cpu")
+    g = torch.Generator().manual_seed(2)
+    K = 300
+    v = torch.randn(4, K, generator=g).to(dtype)
+    counts = torch.zeros(5, dtype=torch.int64)
+    out = kept_rows.zero_dropped(v, K, counts, 1, threshold=0.8)
+    vf = v.float()
+    assert out.dtype == dtype and torch.equal(out.float(), vf * (vf.abs() > 0.8))
+    out = kept_rows.zero_dropped(v, K, counts, 1, top=37)
+    if cpu_kernels.available():  # bf16 ties at the k-th: kept in index order, as the CPU kernel keeps them
+        assert torch.equal(out, cpu_kernels.top_magnitudes(v, 37, zero_dropped=True))
+    if dtype == torch.float32:
+        assert torch.equal(out, vf * torch.stack([_top_mask(row, 37) for row in vf]))
+    kept = int((vf.abs() > 0.8).sum()) + 4 * 37
+    assert counts.tolist() == [8, kept, 0, 8 * K - kept, 0]
+    h = torch.randn(4, 2 * K, generator=g).to(dtype)
+    a = F.silu(h[:, :K].float()) * h[:, K:].float()
+    out = kept_rows.zero_dropped(h, K, counts, 2, top=20, silu_gated=True, dtype=torch.float32)
+    torch.testing.assert_close(out, a * torch.stack([_top_mask(row, 20) for row in a]), atol=1e-6, rtol=1e-5)
+    assert counts[2] == 4 * 20 and counts[4] == 4 * (K - 20)
+    with pytest.raises(ValueError, match="not rows of 300 inputs"):
+        kept_rows.zero_dropped(v[:, :10], K, counts, 1, top=3)
+
+
 def test_triton_path_refuses_where_it_cannot_run(llama_dir, monkeypatch):
     model, _ = bricks.load_model(llama_dir)
     sparse = SparseFFN(ffns(model)[0], compute=0.5)
@@ -311,15 +359,23 @@ def test_the_gpu_kernels_compile_for_a_hopper_gpu():
         fp32 = {"v_ptr": "*fp32"} if silu_gated else {}
         flags = {"USE_KEEP": use_keep, "SILU_GATED": silu_gated, "COUNT_SLOT": slot}
         assert "cubin" in _compile_for_hopper(kernels._sparse_rows, {**teal_types, **fp32}, {**flags, **tile}).asm
-        assert "cubin" in _compile_for_hopper(gathered_rows._list_kept, {**list_types, **fp32}, {**flags, "CHUNK": CHUNK}).asm
+        assert "cubin" in _compile_for_hopper(kept_rows._list_kept, {**list_types, **fp32}, {**flags, "CHUNK": CHUNK}).asm
         flags = {"SILU_GATED": silu_gated, "COUNT_SLOT": slot, "CHUNK": CHUNK, "CHUNKS_P2": 128}  # 11008 rows
-        assert "cubin" in _compile_for_hopper(gathered_rows._list_top_k, {**top_types, **fp32}, flags,
-                                              num_warps=gathered_rows.top_k_warps(86)).asm
+        assert "cubin" in _compile_for_hopper(kept_rows._list_top_k, {**top_types, **fp32}, flags,
+                                              num_warps=kept_rows.top_k_warps(86)).asm
+    zero_types = {"v_ptr": "*bf16", "out_ptr": "*bf16", "counts_ptr": "*i64", "threshold": "fp32", "K": "i32",
+                  "KEEP": "i32", "stride_v": "i32", "stride_out": "i32"}
+    for use_top in (False, True):
+        for silu_gated in (False, True):
+            flags = {"USE_TOP": use_top, "SILU_GATED": silu_gated, "COUNT_SLOT": 1 + silu_gated, "CHUNK": CHUNK,
+                     "CHUNKS_P2": 128}
+            assert "cubin" in _compile_for_hopper(kept_rows._zero_dropped, zero_types, flags,
+                                                  num_warps=kept_rows.top_k_warps(86)).asm
     listed_types = {"idx_ptr": "*i32", "val_ptr": "*fp32", "n_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32",
                     "N": "i32", "stride_w": "i32", "N_CHUNKS": "i32"}
-    for n, k, chunks, warps in gathered_rows.CONFIGS:
+    for n, k, chunks, warps in kept_rows.CONFIGS:
         tile = {"CHUNK": CHUNK, "CHUNKS": chunks, "BLOCK_K": k, "BLOCK_N": n}
-        assert "cubin" in _compile_for_hopper(gathered_rows._listed_rows, listed_types, tile, num_warps=warps).asm
+        assert "cubin" in _compile_for_hopper(kept_rows._listed_rows, listed_types, tile, num_warps=warps).asm
 
 
 @pytest.mark.parametrize("device", DEVICES)

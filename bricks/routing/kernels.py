@@ -29,7 +29,7 @@ listing. Which of the two runs is timed at a shape's first call on the GPU
 Kept inputs are chosen by a calibrated magnitude (`threshold`, TEAL's
 choice: a comparison inside the kernel, nothing else launched), by a mask
 (`keep`), or as each token's top-k (`top`): in the gathered design one
-listing program selects them (`bricks.routing.gathered_rows`), in the
+listing program selects them (`bricks.routing.kept_rows`), in the
 predicated one torch's `topk` makes the mask first. For a gated FFN's down
 projection the kernels also compute the activation `silu(gate) * up` from
 the fp32 gate/up outputs as they load them, so the activations are never
@@ -54,7 +54,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .gathered_rows import gathered_rows
+from .kept_rows import gathered_rows
 
 try:
     import triton

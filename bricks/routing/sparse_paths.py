@@ -43,6 +43,8 @@ class SparsePaths:
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """The function of `_sparse` as dense matmuls on zeroed entries (the masks are constants: in training,
         gradients flow through the kept entries only). Executed: the whole FFN."""
+        if x.device.type == "cuda" and not torch.is_grad_enabled() and self._fused_masks():
+            return self._masked_fused(x)
         n = x.shape[0]
         xm, kept_in = self._zero_dropped(x, 0)
         a = self._activation(self._pre(xm @ self.w_in_t, x))
@@ -50,6 +52,29 @@ class SparsePaths:
         y = am @ self.w_down_t
         self._count(n, kept_in, kept_act, n * self.hidden, n * self.d_ff)
         return self._post(y, a)
+
+    def _fused_masks(self) -> bool:
+        from . import kernels  # imports triton: only off the CPU
+
+        return kernels.available(self.w_in_t.device)
+
+    def _masked_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """`_masked` with each projection's selection, zeroing and count in one GPU kernel (`kept_rows.zero_dropped`)
+        where torch takes several; a gated SiLU FFN's activations computed in the same kernel, in fp32."""
+        from .kept_rows import zero_dropped
+
+        counts = self._counts_on(x.device)
+        t_in, t_act = self._threshold(0), self._threshold(1)
+        top_in, top_act = (None, None) if t_in is not None else (self.n_in, self.n_act)
+        xm = zero_dropped(x.contiguous(), self.hidden, counts, 1, threshold=t_in, top=top_in)
+        h = self._pre(xm @ self.w_in_t, x)
+        a = None
+        if self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
+            am = zero_dropped(h, self.d_ff, counts, 2, threshold=t_act, top=top_act, silu_gated=True)
+        else:
+            a = self._activation(h)
+            am = zero_dropped(a.contiguous(), self.d_ff, counts, 2, threshold=t_act, top=top_act)
+        return self._post(am @ self.w_down_t, a)
 
     def _zero_dropped(self, v: torch.Tensor, which: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """`v` with the entries each token drops zeroed (inputs: 0, neurons: 1), and how many were kept. Under a
