@@ -1439,6 +1439,8 @@ PROBE_OUTPUTS = [
     ("bench/README.md", "zen4_probes/output_pair_blocks.txt",
      ("0.305", "0.359", "35.214", "37.515", "37.734", "44.163", "45.438", "46.570")),
     ("bench/README.md", "kernel_probe_h200.txt", ("27.5", "45.8", "59.1")),
+    ("bench/README.md", "zen4_probes/output_prefill_parts.txt", ("19.63", "8.42", "27.53", "0.96", "2.86")),
+    ("bench/README.md", "zen4_probes/output_top_magnitudes.txt", ("5.43", "5.8", "4.116", "4.387", "6.608")),
     ("bench/README.md", "kernel_sass_sm90.txt", ("4.05", "5.15", "4.78", "5.06")),
     ("bench/README.md", "zen4_probes/output_unit_major_gemm.txt",
      ("26.85", "19.54", "14.33", "10.49", "17.83", "12.35", "223.01", "214.13", "114.33", "107.74", "26.20", "0.37",
