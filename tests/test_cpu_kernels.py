@@ -320,7 +320,8 @@ def test_brick_kernel_is_offered_only_where_it_computes_the_routed_function(tiny
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
-@pytest.mark.parametrize("size", [1, 23, 24, 40])  # shorter than a vector, partial vectors, whole ones
+@pytest.mark.parametrize("size", [1, 23, 24, 40, 1536])  # shorter than a vector, partial vectors, whole ones; a
+# thread's rows in many pieces (1536: 2 rows a piece)
 def test_gated_silu_is_silu_of_each_gate_times_its_up(dtype, tol, size):
     torch.manual_seed(0)
     h = (3 * torch.randn(70, 5, 2 * size)).to(dtype)  # 70 tokens x 5 bricks: rows split over the threads unevenly
