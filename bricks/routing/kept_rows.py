@@ -50,7 +50,8 @@ INTERPRETED = {"BLOCK_N": 128, "BLOCK_K": 32, "CHUNKS": 2}
 
 
 # Warps of the one program that chooses a top-k, by chunks of the vector (its values stay in registers through the
-# four counts): fewer values a thread on long vectors (11008 inputs: 16 warps, 21 a thread), fewer barriers on short.
+# four counts): fewer values a thread on long vectors (11008 inputs, padded to 16384: 16 warps, 32 a thread), fewer
+# barriers on short ones.
 def top_k_warps(chunks: int) -> int:
     return 16 if chunks > 32 else 8
 

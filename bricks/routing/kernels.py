@@ -154,13 +154,12 @@ def sparse_rows(v: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, slot: 
     K, N = w_t.shape
     if w_t.stride(1) != 1 or v.shape[-1] != (2 * K if silu_gated else K):
         raise ValueError(f"sparse_rows: inputs {tuple(v.shape)} do not match rows of {tuple(w_t.shape)}")
-    runs = {"predicated": _predicated, "gathered": _gathered}
     v = v.contiguous()
-    design = design or os.environ.get("BRICKS_TRITON_ROWS") or _tuned_design(runs, v, w_t, counts, slot, threshold,
+    design = design or os.environ.get("BRICKS_TRITON_ROWS") or _tuned_design(_RUNS, v, w_t, counts, slot, threshold,
                                                                                keep, top, silu_gated)
-    if design not in runs:
+    if design not in _RUNS:
         raise ValueError(f"unknown sparse_rows design {design!r}: use one of {', '.join(DESIGNS)}")
-    return runs[design](v, w_t, counts, slot, threshold, keep, top, silu_gated)
+    return _RUNS[design](v, w_t, counts, slot, threshold, keep, top, silu_gated)
 
 
 def _predicated(v, w_t, counts, slot, threshold, keep, top, silu_gated):
@@ -183,6 +182,8 @@ def _predicated(v, w_t, counts, slot, threshold, keep, top, silu_gated):
 def _gathered(v, w_t, counts, slot, threshold, keep, top, silu_gated):
     return gathered_rows(v, w_t, counts, slot, threshold, keep, top, silu_gated, interpreting())
 
+
+_RUNS = {"predicated": _predicated, "gathered": _gathered}  # each of DESIGNS
 
 # The design each (shape, dtype, selection) took: timed once, at its first call on a GPU (before any graph capture,
 # as the tiles' autotuning is).

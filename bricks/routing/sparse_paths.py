@@ -64,17 +64,26 @@ class SparsePaths:
         from .kept_rows import zero_dropped
 
         counts = self._counts_on(x.device)
-        t_in, t_act = self._threshold(0), self._threshold(1)
-        top_in, top_act = (None, None) if t_in is not None else (self.n_in, self.n_act)
-        xm = zero_dropped(x.contiguous(), self.hidden, counts, 1, threshold=t_in, top=top_in)
+        inputs, neurons = self._gpu_selection()
+        xm = zero_dropped(x.contiguous(), self.hidden, counts, 1, **inputs)
         h = self._pre(xm @ self.w_in_t, x)
         a = None
-        if self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
-            am = zero_dropped(h, self.d_ff, counts, 2, threshold=t_act, top=top_act, silu_gated=True)
+        if self._activations_inside():
+            am = zero_dropped(h, self.d_ff, counts, 2, silu_gated=True, **neurons)
         else:
             a = self._activation(h)
-            am = zero_dropped(a.contiguous(), self.d_ff, counts, 2, threshold=t_act, top=top_act)
+            am = zero_dropped(a.contiguous(), self.d_ff, counts, 2, **neurons)
         return self._post(am @ self.w_down_t, a)
+
+    def _gpu_selection(self) -> tuple[dict, dict]:
+        """How the GPU kernels choose the inputs and the neurons kept: the calibrated thresholds, or the top-k."""
+        if self.selection == "topk":
+            return {"top": self.n_in}, {"top": self.n_act}
+        return {"threshold": self._threshold(0)}, {"threshold": self._threshold(1)}
+
+    def _activations_inside(self) -> bool:
+        """Whether the GPU kernels compute the activations from gate|up themselves: a gated SiLU, nothing beside."""
+        return self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU)
 
     def _zero_dropped(self, v: torch.Tensor, which: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """`v` with the entries each token drops zeroed (inputs: 0, neurons: 1), and how many were kept. Under a
@@ -203,13 +212,12 @@ class SparsePaths:
         if not kernels.available(x.device):
             raise BricksError("the triton path needs a CUDA device with triton installed (or TRITON_INTERPRET=1)")
         counts = self._counts_on(x.device)
-        t_in, t_act = self._threshold(0), self._threshold(1)
-        top_in, top_act = (None, None) if t_in is not None else (self.n_in, self.n_act)
-        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, threshold=t_in, top=top_in), x[0])
+        inputs, neurons = self._gpu_selection()
+        h = self._pre(kernels.sparse_rows(x[0], self.w_in_t, counts, 1, **inputs), x[0])
         a = None
-        if self.gated and self.b_in is None and self.beside is None and isinstance(self.act, SILU):
-            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, threshold=t_act, top=top_act, silu_gated=True)
+        if self._activations_inside():
+            y = kernels.sparse_rows(h, self.w_down_t, counts, 2, silu_gated=True, **neurons)
         else:
             a = self._activation(h)
-            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, threshold=t_act, top=top_act)
+            y = kernels.sparse_rows(a, self.w_down_t, counts, 2, **neurons)
         return self._post(y.to(x.dtype)[None], a)
