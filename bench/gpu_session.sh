@@ -13,6 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # packages the machine lacks, carried as
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUTDIR/gpu_session_${TAG}_$PART.log") 2>&1  # the steps' output and times, kept with the results
 step() { echo "=== $1"; shift; local t=$SECONDS; "$@"; echo "=== rc $? in $((SECONDS - t)) s"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
