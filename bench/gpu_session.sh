@@ -1,8 +1,9 @@
 #!/bin/bash
 # One GPU session's checks (device time is scarce): the kernels' tests on CUDA, then the FFN and decode benches with
 # CUDA graphs. Results go to $OUT (the device tool's folder) or bench/results/. A step that fails is reported and
-# the next one runs. In two parts, each well inside a device command's 10 minutes (teal's about 7, the bricks'
-# about 2, by the H200 session's step times); no argument runs both.
+# the next one runs. In two parts, each inside a device command's 10 minutes (teal's about 7, the bricks' about 2:
+# estimates from the H200 session's step times, the probe and the predicated A/B not timed there); no argument runs
+# both.
 #
 #     bash bench/gpu_session.sh [teal|bricks]    # from the repository root, on a machine with a CUDA GPU
 PART=${1:-all}

@@ -844,8 +844,8 @@ void amx_block(float* s, int64_t s_stride, const __m512i* block, int64_t np16, c
 }
 
 // The block's pairs over a whole tile of columns [c0, c1), a chunk after another: packed[(k * AMX_PAIRS + j) *
-// (CHUNK / 16) + v] is pair j's vector v of chunk k, pair by pair as pack_pairs lays out its chunk (0 for the pairs
-// [np, np16)).
+// (CHUNK / 16) + v] is pair j's vector v of chunk k: pair by pair, each pair's two rows side by side, as pack_pairs
+// lays out its shorter chunk (PAIR_CHUNK columns) for the dot products (0 for the pairs [np, np16)).
 // Each pair's two rows are read from c0 to c1 in one go. Chunk by chunk, as pack_pairs copies, the copy read a short
 // piece of each of the block's 64 rows in turn and a tile product waited on each chunk: slower on the Xeon of
 // bench/README.md's "On an Intel Xeon with AMX" (its figures and results files).
